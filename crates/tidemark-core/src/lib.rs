@@ -1,0 +1,21 @@
+//! tidemark-core: the pure routing core of tidemark — WAL positions (`Lsn`), consistency levels,
+//! the cluster view, the routing decision, the lag gate, the time-lag clock and the key store.
+//! No I/O, no threads, no clock reads: time is always passed in.
+
+pub mod consistency;
+pub mod gate;
+pub mod keys;
+pub mod lagclock;
+pub mod lsn;
+pub mod route;
+pub mod view;
+
+pub use consistency::{Consistency, ConsistencyParseError};
+pub use gate::{GateConfig, LagGate};
+pub use keys::{KeyStore, MemoryKeyStore};
+pub use lagclock::LagClock;
+pub use lsn::{Lsn, LsnParseError};
+pub use route::{
+    caught_up, fallback_after_wait, route, Reason, Route, RouteRequest, TargetHint, Unavailable,
+};
+pub use view::{decide_primary, ClusterView, NodeId, NodeStatus, PrimaryState, Role};

@@ -1,0 +1,230 @@
+//! Cluster view types: what the monitor knows about each node (role, health, replay LSN, lag,
+//! rotation) and which node is the primary. The monitor publishes snapshots; sessions read them.
+
+use std::time::Duration;
+
+use crate::lsn::Lsn;
+
+/// Index of a node in the configured node list.
+pub type NodeId = usize;
+
+/// What a node reported at its last poll.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// `pg_is_in_recovery() = false`.
+    Primary,
+    /// `pg_is_in_recovery() = true`.
+    Replica,
+    /// Not polled successfully yet.
+    Unknown,
+}
+
+impl Role {
+    /// Lower-case label for metrics and the admin console.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Role::Primary => "primary",
+            Role::Replica => "replica",
+            Role::Unknown => "unknown",
+        }
+    }
+}
+
+/// The monitor's knowledge of one node.
+#[derive(Clone, Debug)]
+pub struct NodeStatus {
+    pub id: NodeId,
+    pub name: String,
+    pub role: Role,
+    /// Reachable at last poll and not banned.
+    pub healthy: bool,
+    /// Lag gate state (replicas); primaries: true.
+    pub in_rotation: bool,
+    /// Replicas: last sampled `pg_last_wal_replay_lsn()`; primary: current insert LSN.
+    pub replay_lsn: Lsn,
+    pub lag_bytes: u64,
+    /// Time lag (see [`crate::LagClock`]).
+    pub lag: Duration,
+    /// Replica is a `remote_apply` synchronous standby (reads never need to wait).
+    pub synchronous_apply: bool,
+}
+
+impl NodeStatus {
+    /// A node nothing is known about yet: unhealthy, role unknown.
+    pub fn new(id: NodeId, name: impl Into<String>) -> Self {
+        NodeStatus {
+            id,
+            name: name.into(),
+            role: Role::Unknown,
+            healthy: false,
+            in_rotation: true,
+            replay_lsn: Lsn::ZERO,
+            lag_bytes: 0,
+            lag: Duration::ZERO,
+            synchronous_apply: false,
+        }
+    }
+
+    /// Healthy and reporting `Role::Replica`.
+    pub fn is_healthy_replica(&self) -> bool {
+        self.healthy && self.role == Role::Replica
+    }
+}
+
+/// Which node takes writes.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum PrimaryState {
+    /// No healthy node reports being a primary (or the configured one does not).
+    #[default]
+    Unknown,
+    /// Exactly one primary.
+    One(NodeId),
+    /// Two or more healthy nodes report being primary: writes are refused.
+    SplitBrain(Vec<NodeId>),
+}
+
+/// A snapshot of the cluster as published by the monitor.
+#[derive(Clone, Debug, Default)]
+pub struct ClusterView {
+    pub nodes: Vec<NodeStatus>,
+    pub primary: PrimaryState,
+    pub primary_lsn: Lsn,
+    /// Incremented by the monitor on every publish.
+    pub generation: u64,
+}
+
+impl ClusterView {
+    /// The node with this id (looked up by `id`, not by position).
+    pub fn node(&self, id: NodeId) -> Option<&NodeStatus> {
+        match self.nodes.get(id) {
+            Some(n) if n.id == id => Some(n),
+            _ => self.nodes.iter().find(|n| n.id == id),
+        }
+    }
+
+    /// The primary's id if exactly one primary is known.
+    pub fn primary_id(&self) -> Option<NodeId> {
+        match self.primary {
+            PrimaryState::One(id) => Some(id),
+            _ => None,
+        }
+    }
+
+    /// Nodes reporting `Role::Replica` (healthy or not).
+    pub fn replicas(&self) -> impl Iterator<Item = &NodeStatus> {
+        self.nodes.iter().filter(|n| n.role == Role::Replica)
+    }
+
+    /// The lowest sampled replay LSN over healthy replicas; `None` if there are none.
+    /// Anything at or below it has been replayed by every healthy replica.
+    pub fn min_replica_replay_lsn(&self) -> Option<Lsn> {
+        self.replicas()
+            .filter(|n| n.healthy)
+            .map(|n| n.replay_lsn)
+            .min()
+    }
+}
+
+/// Decide the primary from the roles reported: exactly one healthy `Role::Primary` => `One`;
+/// two or more => `SplitBrain` (ids ascending); none => `Unknown`. If `configured` is `Some`, it
+/// overrides discovery, but only if that node is healthy and reports `Primary` (never route
+/// writes to a node in recovery); otherwise `Unknown`.
+pub fn decide_primary(nodes: &[NodeStatus], configured: Option<NodeId>) -> PrimaryState {
+    if let Some(id) = configured {
+        return match nodes.iter().find(|n| n.id == id) {
+            Some(n) if n.healthy && n.role == Role::Primary => PrimaryState::One(id),
+            _ => PrimaryState::Unknown,
+        };
+    }
+    let mut primaries: Vec<NodeId> = nodes
+        .iter()
+        .filter(|n| n.healthy && n.role == Role::Primary)
+        .map(|n| n.id)
+        .collect();
+    primaries.sort_unstable();
+    match primaries.len() {
+        0 => PrimaryState::Unknown,
+        1 => PrimaryState::One(primaries[0]),
+        _ => PrimaryState::SplitBrain(primaries),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(id: NodeId, role: Role, healthy: bool, lsn: u64) -> NodeStatus {
+        NodeStatus {
+            role,
+            healthy,
+            replay_lsn: Lsn(lsn),
+            ..NodeStatus::new(id, format!("n{id}"))
+        }
+    }
+
+    #[test]
+    fn decide_primary_discovery() {
+        let nodes = vec![
+            node(0, Role::Primary, true, 0),
+            node(1, Role::Replica, true, 0),
+            node(2, Role::Replica, true, 0),
+        ];
+        assert_eq!(decide_primary(&nodes, None), PrimaryState::One(0));
+
+        let mut none = nodes.clone();
+        none[0].healthy = false;
+        assert_eq!(decide_primary(&none, None), PrimaryState::Unknown);
+
+        let mut two = nodes.clone();
+        two[2].role = Role::Primary;
+        assert_eq!(
+            decide_primary(&two, None),
+            PrimaryState::SplitBrain(vec![0, 2])
+        );
+
+        // An unhealthy old primary does not cause split brain after promotion.
+        let mut failover = nodes.clone();
+        failover[0].healthy = false;
+        failover[1].role = Role::Primary;
+        assert_eq!(decide_primary(&failover, None), PrimaryState::One(1));
+    }
+
+    #[test]
+    fn decide_primary_configured() {
+        let nodes = vec![
+            node(0, Role::Primary, true, 0),
+            node(1, Role::Replica, true, 0),
+            node(2, Role::Primary, true, 0),
+        ];
+        assert_eq!(decide_primary(&nodes, Some(0)), PrimaryState::One(0));
+        assert_eq!(decide_primary(&nodes, Some(2)), PrimaryState::One(2));
+        // Configured node in recovery: never route writes there.
+        assert_eq!(decide_primary(&nodes, Some(1)), PrimaryState::Unknown);
+        assert_eq!(decide_primary(&nodes, Some(9)), PrimaryState::Unknown);
+        let mut down = nodes.clone();
+        down[0].healthy = false;
+        assert_eq!(decide_primary(&down, Some(0)), PrimaryState::Unknown);
+    }
+
+    #[test]
+    fn view_helpers() {
+        let view = ClusterView {
+            nodes: vec![
+                node(0, Role::Primary, true, 500),
+                node(1, Role::Replica, true, 300),
+                node(2, Role::Replica, true, 200),
+                node(3, Role::Replica, false, 100),
+            ],
+            primary: PrimaryState::One(0),
+            primary_lsn: Lsn(500),
+            generation: 1,
+        };
+        assert_eq!(view.primary_id(), Some(0));
+        assert_eq!(view.node(2).unwrap().name, "n2");
+        assert!(view.node(7).is_none());
+        assert_eq!(view.replicas().count(), 3);
+        assert_eq!(view.min_replica_replay_lsn(), Some(Lsn(200)));
+        assert_eq!(ClusterView::default().min_replica_replay_lsn(), None);
+        assert_eq!(ClusterView::default().primary_id(), None);
+    }
+}

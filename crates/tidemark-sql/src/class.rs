@@ -1,0 +1,200 @@
+//! The result types of classification (`Class`, `TxControl`, `SessionKind`, `TidemarkCommand`,
+//! `Analysis`) and the rule that combines the classes of several statements sent in one text.
+
+use crate::hints::Hints;
+
+/// What a statement (or a whole query text) does, as far as routing is concerned.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Class {
+    /// Only reads; may go to a replica.
+    Read,
+    /// May write or otherwise change the primary: always the primary.
+    Write,
+    /// Transaction control (`BEGIN`, `COMMIT`, `SAVEPOINT`, `SET TRANSACTION` …).
+    Transaction(TxControl),
+    /// Changes per-connection state the proxy must track or re-establish.
+    SessionState(SessionKind),
+    /// `SET tidemark.x = v`, `RESET tidemark.x`, `SHOW tidemark.x` — handled by the proxy, never
+    /// sent to a server.
+    Tidemark(TidemarkCommand),
+    /// Unparsable or not recognised; route as if it wrote.
+    Unknown,
+}
+
+/// Transaction control statements.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TxControl {
+    /// `BEGIN` / `START TRANSACTION` with its options. `isolation` is lowercase, e.g.
+    /// `"repeatable read"`.
+    Begin {
+        read_only: bool,
+        isolation: Option<String>,
+        deferrable: bool,
+    },
+    /// `COMMIT` / `END` (also `COMMIT AND CHAIN`).
+    Commit,
+    /// `ROLLBACK` / `ABORT`.
+    Rollback,
+    /// `SAVEPOINT x`.
+    Savepoint,
+    /// `RELEASE [SAVEPOINT] x`.
+    Release,
+    /// `ROLLBACK TO [SAVEPOINT] x`.
+    RollbackTo,
+    /// `PREPARE TRANSACTION 'gid'`.
+    PrepareTransaction,
+    /// `COMMIT PREPARED 'gid'`.
+    CommitPrepared,
+    /// `ROLLBACK PREPARED 'gid'`.
+    RollbackPrepared,
+    /// `SET TRANSACTION …` inside a transaction.
+    SetTransaction { read_only: bool },
+}
+
+/// Statements that change per-connection state.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SessionKind {
+    /// `SET [SESSION|LOCAL] name = value`. `name` is lowercase (`SET TIME ZONE` is `timezone`,
+    /// `SET NAMES` is `client_encoding`, `SET SCHEMA` is `search_path`, `SET ROLE` is `role`,
+    /// `SET SESSION AUTHORIZATION` is `session_authorization`). `value_sql` is SQL that can follow
+    /// `SET name TO ` to re-establish the value on another connection (string constants quoted,
+    /// identifiers and numbers bare); `None` means `SET name TO DEFAULT`.
+    ///
+    /// `SET SESSION CHARACTERISTICS AS TRANSACTION <one option>` is reported as the equivalent
+    /// `default_transaction_read_only` / `default_transaction_isolation` /
+    /// `default_transaction_deferrable` setting; with several options it is `Other`.
+    Set {
+        local: bool,
+        name: String,
+        value_sql: Option<String>,
+    },
+    /// `RESET name` (`Some`, lowercase) or `RESET ALL` (`None`).
+    Reset { name: Option<String> },
+    /// `LISTEN channel` (pins the session).
+    Listen,
+    /// `UNLISTEN channel` / `UNLISTEN *`.
+    Unlisten,
+    /// SQL-level `PREPARE name AS …` (pins the session).
+    Prepare,
+    /// `DEALLOCATE [PREPARE] name|ALL`.
+    Deallocate,
+    /// `DECLARE … CURSOR WITH HOLD FOR …` (pins the session).
+    DeclareWithHold,
+    /// `DECLARE … CURSOR FOR …` without HOLD (lives in the transaction).
+    Declare,
+    /// `DISCARD ALL|PLANS|SEQUENCES|TEMP`.
+    Discard,
+    /// Creates a temporary relation: `CREATE TEMP TABLE`, `CREATE TEMP TABLE … AS`,
+    /// `SELECT … INTO TEMP`, `CREATE TEMP VIEW`, `CREATE TEMP SEQUENCE` (pins the session).
+    CreateTempTable,
+    /// Anything else tied to the connection or the current transaction: `FETCH`, `MOVE`,
+    /// `CLOSE`, `SET CONSTRAINTS`, `LOAD`, `SET … FROM CURRENT`.
+    Other,
+}
+
+/// A statement addressed to tidemark itself. `name` is lowercase without the `tidemark.` prefix.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TidemarkCommand {
+    /// `SET tidemark.name = value` (`value` unquoted; several values joined with `,`).
+    Set { name: String, value: String },
+    /// `RESET tidemark.name` or `SET tidemark.name TO DEFAULT`.
+    Reset { name: String },
+    /// `SHOW tidemark.name`.
+    Show { name: String },
+}
+
+/// Everything tidemark needs to know about one query text.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Analysis {
+    /// The combined class of the whole text; see [`combine`].
+    pub class: Class,
+    /// The class of each statement, in order. Empty for an empty text (whose class is `Read`)
+    /// and for unparsable text (whose class is `Unknown`).
+    pub statements: Vec<Class>,
+    /// The client must stay on one primary connection from now on: `LISTEN`, session-level
+    /// advisory locks (`pg_advisory_lock`, not `pg_advisory_xact_lock`), temporary relations,
+    /// `DECLARE … WITH HOLD`, SQL-level `PREPARE`.
+    pub pins_session: bool,
+    /// `tidemark:` hints from the leading comments.
+    pub hints: Hints,
+}
+
+impl Class {
+    /// True for classes that must run on the primary when outside a transaction: `Write` and
+    /// `Unknown`.
+    pub fn may_write(&self) -> bool {
+        matches!(self, Class::Write | Class::Unknown)
+    }
+
+    fn rank(&self) -> u8 {
+        match self {
+            Class::Read => 0,
+            Class::Transaction(_) | Class::SessionState(_) => 1,
+            Class::Unknown => 2,
+            Class::Write => 3,
+            Class::Tidemark(_) => 4,
+        }
+    }
+}
+
+/// The class of a text made of `statements`:
+///
+/// - no statement: `Read` (an empty query is harmless);
+/// - one statement: its class;
+/// - several statements and any of them is a `Tidemark` command: `Unknown` — tidemark commands
+///   must be sent alone, the proxy rejects the mix with an error;
+/// - otherwise the strongest class by the precedence `Write > Unknown > SessionState /
+///   Transaction > Read`; among several `SessionState`/`Transaction` statements of the strongest
+///   rank, the first one. A multi-statement text that is not all `Read` goes to the primary as
+///   a whole.
+pub fn combine(statements: &[Class]) -> Class {
+    match statements {
+        [] => Class::Read,
+        [one] => one.clone(),
+        many => {
+            if many.iter().any(|c| matches!(c, Class::Tidemark(_))) {
+                return Class::Unknown;
+            }
+            let mut best = &many[0];
+            for c in &many[1..] {
+                if c.rank() > best.rank() {
+                    best = c;
+                }
+            }
+            best.clone()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set() -> Class {
+        Class::SessionState(SessionKind::Set {
+            local: false,
+            name: "a".into(),
+            value_sql: Some("1".into()),
+        })
+    }
+
+    #[test]
+    fn precedence() {
+        let begin = Class::Transaction(TxControl::Begin {
+            read_only: false,
+            isolation: None,
+            deferrable: false,
+        });
+        assert_eq!(combine(&[]), Class::Read);
+        assert_eq!(combine(&[Class::Read, Class::Read]), Class::Read);
+        assert_eq!(combine(&[Class::Read, Class::Write]), Class::Write);
+        assert_eq!(combine(&[Class::Unknown, Class::Write]), Class::Write);
+        assert_eq!(combine(&[Class::Read, Class::Unknown]), Class::Unknown);
+        assert_eq!(combine(&[set(), Class::Unknown]), Class::Unknown);
+        assert_eq!(combine(&[Class::Read, set(), begin.clone()]), set());
+        assert_eq!(combine(&[begin.clone(), Class::Read, set()]), begin);
+        let show = Class::Tidemark(TidemarkCommand::Show { name: "x".into() });
+        assert_eq!(combine(std::slice::from_ref(&show)), show);
+        assert_eq!(combine(&[show, Class::Read]), Class::Unknown);
+    }
+}

@@ -1,0 +1,238 @@
+//! `Classifier`: the shared, thread-safe entry point. Holds the function rules (policy + catalog)
+//! and a bounded LRU cache of analyses keyed by a 64-bit hash of the full query text; a hit is
+//! only served after comparing the stored text, so a hash collision costs a parse, never a wrong
+//! answer.
+
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash, Hasher};
+use std::num::NonZeroUsize;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use lru::LruCache;
+use parking_lot::Mutex;
+
+use crate::analyze::analyze;
+use crate::class::Analysis;
+use crate::functions::{FunctionCatalog, FunctionPolicy, FunctionRules};
+
+/// Texts longer than this are classified but not cached (typically one-off bulk statements).
+pub const MAX_CACHED_TEXT: usize = 64 * 1024;
+
+struct Entry {
+    text: Box<str>,
+    analysis: Arc<Analysis>,
+}
+
+struct Inner {
+    /// Bumped by `set_catalog`; an analysis computed with older rules is not cached.
+    generation: u64,
+    rules: Arc<FunctionRules>,
+    cache: Option<LruCache<u64, Entry>>,
+}
+
+/// Classifies query texts. `Send + Sync`; share one per process behind an `Arc`.
+pub struct Classifier {
+    policy: FunctionPolicy,
+    inner: Mutex<Inner>,
+    hits: AtomicU64,
+    misses: AtomicU64,
+}
+
+impl std::fmt::Debug for Classifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (hits, misses) = self.cache_stats();
+        f.debug_struct("Classifier")
+            .field("policy", &self.policy)
+            .field("cached", &self.cached_len())
+            .field("hits", &hits)
+            .field("misses", &misses)
+            .finish()
+    }
+}
+
+fn text_hash(sql: &str) -> u64 {
+    let mut h = DefaultHasher::new();
+    sql.hash(&mut h);
+    h.finish()
+}
+
+impl Classifier {
+    /// A classifier caching up to `cache_capacity` texts (0 disables the cache), with the
+    /// operator's function policy and an empty catalog (see [`Classifier::set_catalog`]).
+    pub fn new(cache_capacity: usize, policy: FunctionPolicy) -> Self {
+        let rules = Arc::new(FunctionRules::new(&policy, FunctionCatalog::new()));
+        Classifier {
+            policy,
+            inner: Mutex::new(Inner {
+                generation: 0,
+                rules,
+                cache: NonZeroUsize::new(cache_capacity).map(LruCache::new),
+            }),
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+        }
+    }
+
+    /// Replaces the function catalog (loaded from the primary with
+    /// [`FunctionCatalog::LOAD_SQL`]) and empties the cache, whose entries were judged with the
+    /// old catalog.
+    pub fn set_catalog(&self, catalog: FunctionCatalog) {
+        let rules = Arc::new(FunctionRules::new(&self.policy, catalog));
+        let mut inner = self.inner.lock();
+        inner.generation += 1;
+        inner.rules = rules;
+        if let Some(c) = inner.cache.as_mut() {
+            c.clear();
+        }
+    }
+
+    /// The analysis of `sql`: its class, per-statement classes, whether it pins the session, and
+    /// its hints. Cached; never fails and never panics (unparsable text is `Class::Unknown`).
+    pub fn classify(&self, sql: &str) -> Arc<Analysis> {
+        let key = text_hash(sql);
+        let (generation, rules) = {
+            let mut inner = self.inner.lock();
+            if let Some(cache) = inner.cache.as_mut() {
+                if let Some(e) = cache.get(&key) {
+                    if &*e.text == sql {
+                        self.hits.fetch_add(1, Ordering::Relaxed);
+                        return e.analysis.clone();
+                    }
+                }
+            }
+            (inner.generation, inner.rules.clone())
+        };
+        self.misses.fetch_add(1, Ordering::Relaxed);
+        let analysis = Arc::new(analyze(sql, &rules));
+        if sql.len() <= MAX_CACHED_TEXT {
+            let mut inner = self.inner.lock();
+            if inner.generation == generation {
+                if let Some(cache) = inner.cache.as_mut() {
+                    cache.put(
+                        key,
+                        Entry {
+                            text: sql.into(),
+                            analysis: analysis.clone(),
+                        },
+                    );
+                }
+            }
+        }
+        analysis
+    }
+
+    /// Classifies without touching the cache or the counters.
+    pub fn classify_uncached(&self, sql: &str) -> Analysis {
+        let rules = self.inner.lock().rules.clone();
+        analyze(sql, &rules)
+    }
+
+    /// `(hits, misses)` of [`Classifier::classify`] since creation.
+    pub fn cache_stats(&self) -> (u64, u64) {
+        (
+            self.hits.load(Ordering::Relaxed),
+            self.misses.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Number of texts currently cached.
+    pub fn cached_len(&self) -> usize {
+        self.inner.lock().cache.as_ref().map_or(0, |c| c.len())
+    }
+
+    /// Test hook: store `analysis` for `sql` under the cache key of `under` (simulates a hash
+    /// collision between two texts).
+    #[cfg(test)]
+    pub(crate) fn force_entry(&self, under: &str, sql: &str, analysis: Analysis) {
+        let mut inner = self.inner.lock();
+        if let Some(c) = inner.cache.as_mut() {
+            c.put(
+                text_hash(under),
+                Entry {
+                    text: sql.into(),
+                    analysis: Arc::new(analysis),
+                },
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::class::Class;
+    use crate::functions::Volatility;
+
+    #[test]
+    fn counts_hits_and_misses() {
+        let c = Classifier::new(10, FunctionPolicy::default());
+        let a = c.classify("SELECT 1");
+        let b = c.classify("SELECT 1");
+        assert!(Arc::ptr_eq(&a, &b));
+        c.classify("SELECT 2");
+        assert_eq!(c.cache_stats(), (1, 2));
+    }
+
+    #[test]
+    fn eviction_keeps_the_bound() {
+        let c = Classifier::new(3, FunctionPolicy::default());
+        for i in 0..10 {
+            c.classify(&format!("SELECT {i}"));
+        }
+        assert_eq!(c.cached_len(), 3);
+        // Most recent three are hits, the oldest was evicted.
+        c.classify("SELECT 9");
+        c.classify("SELECT 0");
+        assert_eq!(c.cache_stats(), (1, 11));
+    }
+
+    #[test]
+    fn zero_capacity_disables_cache() {
+        let c = Classifier::new(0, FunctionPolicy::default());
+        c.classify("SELECT 1");
+        c.classify("SELECT 1");
+        assert_eq!(c.cache_stats(), (0, 2));
+        assert_eq!(c.cached_len(), 0);
+    }
+
+    #[test]
+    fn colliding_hash_with_different_text_is_a_miss() {
+        let c = Classifier::new(10, FunctionPolicy::default());
+        // Pretend "DELETE FROM t" collides with a cached read.
+        let read = c.classify_uncached("SELECT 1");
+        assert_eq!(read.class, Class::Read);
+        c.force_entry("DELETE FROM t", "SELECT 1", read);
+        let a = c.classify("DELETE FROM t");
+        assert_eq!(a.class, Class::Write);
+        assert_eq!(c.cache_stats(), (0, 1));
+        // The real entry replaced the colliding one.
+        assert_eq!(c.classify("DELETE FROM t").class, Class::Write);
+        assert_eq!(c.cache_stats(), (1, 1));
+    }
+
+    #[test]
+    fn set_catalog_clears_cache_and_changes_answers() {
+        let c = Classifier::new(10, FunctionPolicy::default());
+        assert_eq!(c.classify("SELECT my_read()").class, Class::Write);
+        let mut cat = FunctionCatalog::new();
+        cat.insert("public", "my_read", Volatility::Stable);
+        c.set_catalog(cat);
+        assert_eq!(c.cached_len(), 0);
+        assert_eq!(c.classify("SELECT my_read()").class, Class::Read);
+    }
+
+    #[test]
+    fn huge_text_not_cached() {
+        let c = Classifier::new(10, FunctionPolicy::default());
+        let sql = format!("SELECT '{}'", "x".repeat(MAX_CACHED_TEXT));
+        assert_eq!(c.classify(&sql).class, Class::Read);
+        assert_eq!(c.cached_len(), 0);
+    }
+
+    #[test]
+    fn is_send_sync() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<Classifier>();
+    }
+}

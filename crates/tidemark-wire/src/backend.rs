@@ -1,0 +1,266 @@
+//! Backend (server → client) messages: builders for what tidemark itself says to clients,
+//! and small parsers for the server messages the proxy must read (ReadyForQuery status,
+//! ErrorResponse fields, ParameterStatus, single-column DataRows).
+
+use bytes::{BufMut, BytesMut};
+
+use crate::frame::{read_cstr, read_i16, read_i32, Frame};
+use crate::frontend::put_cstr;
+use crate::WireError;
+
+pub const PARSE_COMPLETE: u8 = b'1';
+pub const BIND_COMPLETE: u8 = b'2';
+pub const CLOSE_COMPLETE: u8 = b'3';
+
+/// Severity and SQLSTATE plus message parts of an ErrorResponse / NoticeResponse.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ErrorFields {
+    pub severity: String,
+    pub code: String,
+    pub message: String,
+    pub detail: Option<String>,
+    pub hint: Option<String>,
+}
+
+impl ErrorFields {
+    pub fn error(code: &str, message: impl Into<String>) -> ErrorFields {
+        ErrorFields {
+            severity: "ERROR".into(),
+            code: code.into(),
+            message: message.into(),
+            detail: None,
+            hint: None,
+        }
+    }
+
+    pub fn fatal(code: &str, message: impl Into<String>) -> ErrorFields {
+        ErrorFields {
+            severity: "FATAL".into(),
+            ..ErrorFields::error(code, message)
+        }
+    }
+
+    pub fn with_hint(mut self, hint: impl Into<String>) -> ErrorFields {
+        self.hint = Some(hint.into());
+        self
+    }
+
+    pub fn with_detail(mut self, detail: impl Into<String>) -> ErrorFields {
+        self.detail = Some(detail.into());
+        self
+    }
+
+    fn encode(&self, tag: u8) -> Frame {
+        let mut b = BytesMut::new();
+        for (field, value) in [
+            (b'S', Some(self.severity.as_str())),
+            (b'V', Some(self.severity.as_str())),
+            (b'C', Some(self.code.as_str())),
+            (b'M', Some(self.message.as_str())),
+            (b'D', self.detail.as_deref()),
+            (b'H', self.hint.as_deref()),
+        ] {
+            if let Some(v) = value {
+                b.put_u8(field);
+                put_cstr(&mut b, v);
+            }
+        }
+        b.put_u8(0);
+        Frame::new(tag, &b)
+    }
+
+    /// Encodes an ErrorResponse.
+    pub fn to_error(&self) -> Frame {
+        self.encode(b'E')
+    }
+
+    /// Encodes a NoticeResponse.
+    pub fn to_notice(&self) -> Frame {
+        self.encode(b'N')
+    }
+
+    /// Parses the body of an ErrorResponse or NoticeResponse.
+    pub fn parse(frame: &Frame) -> Result<ErrorFields, WireError> {
+        let tag = frame.tag();
+        let mut b = frame.body();
+        let mut f = ErrorFields::default();
+        loop {
+            let Some((&kind, rest)) = b.split_first() else {
+                return Err(WireError::Malformed {
+                    tag: tag as char,
+                    what: "missing terminator",
+                });
+            };
+            b = rest;
+            if kind == 0 {
+                break;
+            }
+            let v = read_cstr(&mut b, tag)?;
+            match kind {
+                b'S' => f.severity = v.to_string(),
+                b'C' => f.code = v.to_string(),
+                b'M' => f.message = v.to_string(),
+                b'D' => f.detail = Some(v.to_string()),
+                b'H' => f.hint = Some(v.to_string()),
+                _ => {}
+            }
+        }
+        Ok(f)
+    }
+}
+
+pub fn ready_for_query(status: u8) -> Frame {
+    Frame::new(b'Z', &[status])
+}
+
+/// The transaction status byte of a ReadyForQuery: `I`, `T` or `E`.
+pub fn ready_status(frame: &Frame) -> Result<u8, WireError> {
+    match frame.body() {
+        [s @ (b'I' | b'T' | b'E')] => Ok(*s),
+        _ => Err(WireError::Malformed {
+            tag: 'Z',
+            what: "bad transaction status",
+        }),
+    }
+}
+
+pub fn authentication(code: i32, extra: &[u8]) -> Frame {
+    let mut b = BytesMut::with_capacity(4 + extra.len());
+    b.put_i32(code);
+    b.extend_from_slice(extra);
+    Frame::new(b'R', &b)
+}
+
+pub fn auth_ok() -> Frame {
+    authentication(0, &[])
+}
+
+pub fn parameter_status(name: &str, value: &str) -> Frame {
+    let mut b = BytesMut::new();
+    put_cstr(&mut b, name);
+    put_cstr(&mut b, value);
+    Frame::new(b'S', &b)
+}
+
+pub fn parse_parameter_status(frame: &Frame) -> Result<(String, String), WireError> {
+    let mut b = frame.body();
+    let k = read_cstr(&mut b, b'S')?;
+    let v = read_cstr(&mut b, b'S')?;
+    Ok((k.to_string(), v.to_string()))
+}
+
+pub fn backend_key_data(pid: i32, secret: i32) -> Frame {
+    let mut b = BytesMut::with_capacity(8);
+    b.put_i32(pid);
+    b.put_i32(secret);
+    Frame::new(b'K', &b)
+}
+
+pub fn parse_backend_key_data(frame: &Frame) -> Result<(i32, i32), WireError> {
+    let mut b = frame.body();
+    Ok((read_i32(&mut b, b'K')?, read_i32(&mut b, b'K')?))
+}
+
+/// RowDescription for text columns (type `text`, oid 25).
+pub fn row_description(columns: &[&str]) -> Frame {
+    let mut b = BytesMut::new();
+    b.put_i16(columns.len() as i16);
+    for c in columns {
+        put_cstr(&mut b, c);
+        b.put_i32(0); // table oid
+        b.put_i16(0); // column number
+        b.put_u32(25); // text
+        b.put_i16(-1);
+        b.put_i32(-1);
+        b.put_i16(0); // text format
+    }
+    Frame::new(b'T', &b)
+}
+
+/// DataRow of text values (`None` = NULL).
+pub fn data_row<S: AsRef<str>>(values: &[Option<S>]) -> Frame {
+    let mut b = BytesMut::new();
+    b.put_i16(values.len() as i16);
+    for v in values {
+        match v {
+            Some(s) => {
+                b.put_i32(s.as_ref().len() as i32);
+                b.extend_from_slice(s.as_ref().as_bytes());
+            }
+            None => b.put_i32(-1),
+        }
+    }
+    Frame::new(b'D', &b)
+}
+
+/// The first column of a DataRow as text (`None` = NULL).
+pub fn data_row_first(frame: &Frame) -> Result<Option<String>, WireError> {
+    let mut b = frame.body();
+    let n = read_i16(&mut b, b'D')?;
+    if n < 1 {
+        return Err(WireError::Malformed {
+            tag: 'D',
+            what: "no columns",
+        });
+    }
+    let len = read_i32(&mut b, b'D')?;
+    if len < 0 {
+        return Ok(None);
+    }
+    let v = b.get(..len as usize).ok_or(WireError::Malformed {
+        tag: 'D',
+        what: "truncated column",
+    })?;
+    Ok(Some(String::from_utf8_lossy(v).into_owned()))
+}
+
+pub fn command_complete(tag: &str) -> Frame {
+    let mut b = BytesMut::new();
+    put_cstr(&mut b, tag);
+    Frame::new(b'C', &b)
+}
+
+pub fn empty_query() -> Frame {
+    Frame::new(b'I', b"")
+}
+
+pub fn no_data() -> Frame {
+    Frame::new(b'n', b"")
+}
+
+pub fn simple(tag: u8) -> Frame {
+    Frame::new(tag, b"")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_round_trip() {
+        let e = ErrorFields::error("53300", "pool full").with_hint("raise max_size");
+        let f = e.to_error();
+        assert_eq!(f.tag(), b'E');
+        let back = ErrorFields::parse(&f).unwrap();
+        assert_eq!(back.code, "53300");
+        assert_eq!(back.message, "pool full");
+        assert_eq!(back.hint.as_deref(), Some("raise max_size"));
+        assert!(ErrorFields::parse(&Frame::new(b'E', b"Cabc")).is_err());
+    }
+
+    #[test]
+    fn data_row_round_trip() {
+        let f = data_row(&[Some("0/3000060"), None]);
+        assert_eq!(data_row_first(&f).unwrap().as_deref(), Some("0/3000060"));
+        let f = data_row::<&str>(&[None]);
+        assert_eq!(data_row_first(&f).unwrap(), None);
+        assert!(data_row_first(&Frame::new(b'D', &[0, 1, 0, 0, 0, 9, b'x'])).is_err());
+    }
+
+    #[test]
+    fn ready_status_checks_byte() {
+        assert_eq!(ready_status(&ready_for_query(b'T')).unwrap(), b'T');
+        assert!(ready_status(&Frame::new(b'Z', b"")).is_err());
+        assert!(ready_status(&Frame::new(b'Z', b"Q")).is_err());
+    }
+}

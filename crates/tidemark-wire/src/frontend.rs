@@ -1,0 +1,215 @@
+//! Borrowed, typed views of the frontend (client → server) messages tidemark inspects.
+//! Anything else is relayed as an opaque [`Frame`].
+
+use crate::frame::{read_cstr, read_i16, read_i32, Frame};
+use crate::WireError;
+use bytes::{BufMut, BytesMut};
+
+/// A parsed frontend message. Strings borrow from the frame.
+#[derive(Debug, PartialEq, Eq)]
+pub enum FrontendMessage<'a> {
+    Query(&'a str),
+    Parse {
+        name: &'a str,
+        query: &'a str,
+        param_types: Vec<u32>,
+    },
+    Bind {
+        portal: &'a str,
+        statement: &'a str,
+    },
+    Describe {
+        kind: u8,
+        name: &'a str,
+    },
+    Execute {
+        portal: &'a str,
+        max_rows: i32,
+    },
+    Close {
+        kind: u8,
+        name: &'a str,
+    },
+    Sync,
+    Flush,
+    Terminate,
+    CopyData,
+    CopyDone,
+    CopyFail,
+    /// PasswordMessage / SASLInitialResponse / SASLResponse (all tagged 'p').
+    Password,
+    FunctionCall,
+}
+
+impl<'a> FrontendMessage<'a> {
+    pub fn parse(frame: &'a Frame) -> Result<FrontendMessage<'a>, WireError> {
+        let tag = frame.tag();
+        let mut b = frame.body();
+        let msg = match tag {
+            b'Q' => FrontendMessage::Query(read_cstr(&mut b, tag)?),
+            b'P' => {
+                let name = read_cstr(&mut b, tag)?;
+                let query = read_cstr(&mut b, tag)?;
+                let n = read_i16(&mut b, tag)?;
+                if n < 0 || b.len() < n as usize * 4 {
+                    return Err(WireError::Malformed {
+                        tag: 'P',
+                        what: "bad parameter type count",
+                    });
+                }
+                let mut param_types = Vec::with_capacity(n as usize);
+                for _ in 0..n {
+                    param_types.push(read_i32(&mut b, tag)? as u32);
+                }
+                FrontendMessage::Parse {
+                    name,
+                    query,
+                    param_types,
+                }
+            }
+            b'B' => {
+                let portal = read_cstr(&mut b, tag)?;
+                let statement = read_cstr(&mut b, tag)?;
+                FrontendMessage::Bind { portal, statement }
+            }
+            b'D' | b'C' => {
+                let kind = *b.first().ok_or(WireError::Malformed {
+                    tag: tag as char,
+                    what: "missing kind byte",
+                })?;
+                if kind != b'S' && kind != b'P' {
+                    return Err(WireError::Malformed {
+                        tag: tag as char,
+                        what: "kind must be 'S' or 'P'",
+                    });
+                }
+                b = &b[1..];
+                let name = read_cstr(&mut b, tag)?;
+                if tag == b'D' {
+                    FrontendMessage::Describe { kind, name }
+                } else {
+                    FrontendMessage::Close { kind, name }
+                }
+            }
+            b'E' => {
+                let portal = read_cstr(&mut b, tag)?;
+                let max_rows = read_i32(&mut b, tag)?;
+                FrontendMessage::Execute { portal, max_rows }
+            }
+            b'S' => FrontendMessage::Sync,
+            b'H' => FrontendMessage::Flush,
+            b'X' => FrontendMessage::Terminate,
+            b'd' => FrontendMessage::CopyData,
+            b'c' => FrontendMessage::CopyDone,
+            b'f' => FrontendMessage::CopyFail,
+            b'p' => FrontendMessage::Password,
+            b'F' => FrontendMessage::FunctionCall,
+            other => {
+                return Err(WireError::Malformed {
+                    tag: other as char,
+                    what: "unknown frontend message type",
+                })
+            }
+        };
+        Ok(msg)
+    }
+}
+
+/// Encodes a Parse message.
+pub fn parse(name: &str, query: &str, param_types: &[u32]) -> Frame {
+    let mut b = BytesMut::with_capacity(name.len() + query.len() + 8 + param_types.len() * 4);
+    put_cstr(&mut b, name);
+    put_cstr(&mut b, query);
+    b.put_i16(param_types.len() as i16);
+    for t in param_types {
+        b.put_u32(*t);
+    }
+    Frame::new(b'P', &b)
+}
+
+/// Encodes a simple Query message.
+pub fn query(sql: &str) -> Frame {
+    let mut b = BytesMut::with_capacity(sql.len() + 1);
+    put_cstr(&mut b, sql);
+    Frame::new(b'Q', &b)
+}
+
+/// Encodes Describe/Close of a statement or portal.
+pub fn describe_or_close(tag: u8, kind: u8, name: &str) -> Frame {
+    let mut b = BytesMut::with_capacity(name.len() + 2);
+    b.put_u8(kind);
+    put_cstr(&mut b, name);
+    Frame::new(tag, &b)
+}
+
+pub fn sync() -> Frame {
+    Frame::new(b'S', b"")
+}
+
+/// Returns a copy of a Bind frame with its statement name replaced.
+pub fn rename_bind(frame: &Frame, new_statement: &str) -> Result<Frame, WireError> {
+    let mut rest = frame.body();
+    let portal = read_cstr(&mut rest, b'B')?;
+    let _old = read_cstr(&mut rest, b'B')?;
+    let mut b = BytesMut::with_capacity(frame.len() + new_statement.len());
+    put_cstr(&mut b, portal);
+    put_cstr(&mut b, new_statement);
+    b.extend_from_slice(rest);
+    Ok(Frame::new(b'B', &b))
+}
+
+pub(crate) fn put_cstr(b: &mut BytesMut, s: &str) {
+    b.extend_from_slice(s.as_bytes());
+    b.put_u8(0);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_round_trip() {
+        let f = parse("s1", "SELECT $1", &[23]);
+        assert_eq!(
+            FrontendMessage::parse(&f).unwrap(),
+            FrontendMessage::Parse {
+                name: "s1",
+                query: "SELECT $1",
+                param_types: vec![23]
+            }
+        );
+    }
+
+    #[test]
+    fn bind_rename_keeps_parameters() {
+        let mut body = BytesMut::new();
+        put_cstr(&mut body, "");
+        put_cstr(&mut body, "s1");
+        body.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 1, b'7', 0, 0]);
+        let f = Frame::new(b'B', &body);
+        let r = rename_bind(&f, "tm_abc").unwrap();
+        assert_eq!(
+            FrontendMessage::parse(&r).unwrap(),
+            FrontendMessage::Bind {
+                portal: "",
+                statement: "tm_abc"
+            }
+        );
+        assert!(r.body().ends_with(&[0, 0, 0, 1, 0, 0, 0, 1, b'7', 0, 0]));
+    }
+
+    #[test]
+    fn malformed_messages_are_errors() {
+        for (tag, body) in [
+            (b'Q', &b"no terminator"[..]),
+            (b'P', &b"s\0q\0\xff\xff"[..]),
+            (b'P', &b"s\0q\0\0\x05"[..]),
+            (b'D', &b"Xname\0"[..]),
+            (b'E', &b"\0\0"[..]),
+            (b'?', &b""[..]),
+        ] {
+            let f = Frame::new(tag, body);
+            assert!(FrontendMessage::parse(&f).is_err(), "{}", tag as char);
+        }
+    }
+}

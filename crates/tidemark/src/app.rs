@@ -1,0 +1,222 @@
+//! Process-wide state shared by every session: the config, the published cluster view,
+//! the statement classifier, the key store, the pools and the cancel registry. Sessions
+//! only read the cluster view; the monitor is its only writer.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use parking_lot::Mutex;
+use tidemark_core::{ClusterView, KeyStore, MemoryKeyStore, NodeId};
+use tidemark_sql::{Classifier, FunctionPolicy};
+use tokio::sync::Notify;
+
+use crate::auth::ScramSecret;
+use crate::config::Config;
+use crate::pool::{Pool, PoolKey, Pools};
+use crate::server::ServerTarget;
+
+/// Where to send a cancel for the statement a client is running right now.
+#[derive(Clone, Debug)]
+pub struct CancelTarget {
+    pub host: String,
+    pub port: u16,
+    pub pid: i32,
+    pub secret: i32,
+}
+
+pub struct ClientEntry {
+    pub secret: i32,
+    pub slot: Arc<Mutex<Option<CancelTarget>>>,
+    pub info: Arc<Mutex<ClientInfo>>,
+}
+
+/// What the admin console shows of a client.
+#[derive(Clone, Debug, Default)]
+pub struct ClientInfo {
+    pub user: String,
+    pub database: String,
+    pub addr: String,
+    pub state: &'static str,
+    pub node: Option<NodeId>,
+    pub consistency: String,
+}
+
+pub struct App {
+    pub config: ArcSwap<Config>,
+    pub view: ArcSwap<ClusterView>,
+    /// Woken whenever the monitor publishes a new view.
+    pub view_changed: Notify,
+    pub classifier: Classifier,
+    pub keys: Arc<dyn KeyStore>,
+    pub pools: Pools,
+    scram: Mutex<HashMap<String, Arc<ScramSecret>>>,
+    clients: Mutex<HashMap<i32, ClientEntry>>,
+    next_pid: AtomicI32,
+    pub balance: AtomicU64,
+    pub paused: tokio::sync::watch::Sender<bool>,
+    pub shutting_down: tokio::sync::watch::Sender<bool>,
+}
+
+impl App {
+    pub fn new(config: Config) -> Arc<App> {
+        let classifier = Classifier::new(
+            config.routing.classify_cache,
+            FunctionPolicy {
+                write_functions: config.routing.write_functions.clone(),
+                read_only_functions: config.routing.read_only_functions.clone(),
+            },
+        );
+        let keys = Arc::new(MemoryKeyStore::new(config.routing.key_store_capacity));
+        let view = initial_view(&config);
+        let app = App {
+            config: ArcSwap::from_pointee(config),
+            view: ArcSwap::from_pointee(view),
+            view_changed: Notify::new(),
+            classifier,
+            keys,
+            pools: Pools::default(),
+            scram: Mutex::new(HashMap::new()),
+            clients: Mutex::new(HashMap::new()),
+            next_pid: AtomicI32::new(1),
+            balance: AtomicU64::new(0),
+            paused: tokio::sync::watch::channel(false).0,
+            shutting_down: tokio::sync::watch::channel(false).0,
+        };
+        app.refresh_secrets();
+        Arc::new(app)
+    }
+
+    /// Recomputes SCRAM secrets of configured users (at start and on RELOAD).
+    pub fn refresh_secrets(&self) {
+        let cfg = self.config.load();
+        let mut m = self.scram.lock();
+        m.retain(|name, _| cfg.user(name).is_some());
+        for u in &cfg.users {
+            if let Some(s) = ScramSecret::for_user(u) {
+                m.insert(u.name.clone(), Arc::new(s));
+            }
+        }
+    }
+
+    pub fn scram_secret(&self, user: &str) -> Option<Arc<ScramSecret>> {
+        self.scram.lock().get(user).cloned()
+    }
+
+    pub fn pool(&self, node: NodeId, database: &str, user: &str) -> Option<Arc<Pool>> {
+        let cfg = self.config.load();
+        let n = cfg.nodes.get(node)?;
+        let key = PoolKey {
+            node,
+            database: database.to_string(),
+            user: user.to_string(),
+        };
+        let password = cfg.user(user).and_then(|u| {
+            u.server_password.clone().or_else(|| {
+                u.password
+                    .clone()
+                    .filter(|p| !p.starts_with("SCRAM-SHA-256$"))
+            })
+        });
+        Some(self.pools.get_or_create(key.clone(), || {
+            Pool::new(
+                key,
+                &n.name,
+                ServerTarget {
+                    node,
+                    host: n.host.clone(),
+                    port: n.port,
+                    user: user.to_string(),
+                    password,
+                    database: database.to_string(),
+                },
+                cfg.pool.clone(),
+            )
+        }))
+    }
+
+    pub fn node_name(&self, node: NodeId) -> String {
+        self.config
+            .load()
+            .nodes
+            .get(node)
+            .map(|n| n.name.clone())
+            .unwrap_or_else(|| format!("node{node}"))
+    }
+
+    /// Registers a client for cancel requests; returns its (pid, secret).
+    pub fn register_client(
+        &self,
+        slot: Arc<Mutex<Option<CancelTarget>>>,
+        info: Arc<Mutex<ClientInfo>>,
+    ) -> (i32, i32) {
+        let pid = self.next_pid.fetch_add(1, Ordering::Relaxed);
+        let secret = rand::random::<i32>();
+        self.clients
+            .lock()
+            .insert(pid, ClientEntry { secret, slot, info });
+        crate::metrics::clients(1.0);
+        (pid, secret)
+    }
+
+    pub fn unregister_client(&self, pid: i32) {
+        if self.clients.lock().remove(&pid).is_some() {
+            crate::metrics::clients(-1.0);
+        }
+    }
+
+    pub fn client_infos(&self) -> Vec<(i32, ClientInfo)> {
+        let mut v: Vec<_> = self
+            .clients
+            .lock()
+            .iter()
+            .map(|(pid, e)| (*pid, e.info.lock().clone()))
+            .collect();
+        v.sort_by_key(|(p, _)| *p);
+        v
+    }
+
+    pub fn client_count(&self) -> usize {
+        self.clients.lock().len()
+    }
+
+    /// Forwards a CancelRequest to the server connection serving that client now, if any.
+    pub async fn cancel(&self, pid: i32, secret: i32) {
+        let target = {
+            let clients = self.clients.lock();
+            match clients.get(&pid) {
+                Some(e) if e.secret == secret => e.slot.lock().clone(),
+                _ => None,
+            }
+        };
+        if let Some(t) = target {
+            if let Err(e) = crate::server::cancel(&t.host, t.port, t.pid, t.secret).await {
+                tracing::warn!(error = %e, "forwarding cancel request failed");
+            }
+        }
+    }
+}
+
+fn initial_view(cfg: &Config) -> ClusterView {
+    ClusterView {
+        nodes: cfg
+            .nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| tidemark_core::NodeStatus::new(i, n.name.clone()))
+            .collect(),
+        ..Default::default()
+    }
+}
+
+static CONFIG_PATH: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+
+/// Remembers the config file for RELOAD.
+pub fn set_config_path(p: std::path::PathBuf) {
+    let _ = CONFIG_PATH.set(p);
+}
+
+pub fn config_path() -> Option<std::path::PathBuf> {
+    CONFIG_PATH.get().cloned()
+}

@@ -1,0 +1,416 @@
+//! Configuration: the TOML file, its defaults and its validation. Every error names the
+//! field that is wrong and what to write instead.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+use tidemark_core::{Consistency, GateConfig};
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Address clients connect to.
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    pub nodes: Vec<NodeConfig>,
+    #[serde(default)]
+    pub users: Vec<UserConfig>,
+    /// Users allowed to use the admin console (database `tidemark`).
+    #[serde(default)]
+    pub admin_users: Vec<String>,
+    #[serde(default)]
+    pub pool: PoolConfig,
+    #[serde(default)]
+    pub routing: RoutingConfig,
+    #[serde(default)]
+    pub monitor: MonitorConfig,
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    pub name: String,
+    #[serde(default = "default_host")]
+    pub host: String,
+    pub port: u16,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum AuthMethod {
+    ScramSha256,
+    Md5,
+    Trust,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserConfig {
+    pub name: String,
+    /// Plain password, or a PostgreSQL SCRAM verifier (`SCRAM-SHA-256$4096:salt$stored:server`).
+    #[serde(default)]
+    pub password: Option<String>,
+    /// How clients authenticate to tidemark.
+    #[serde(default = "default_auth")]
+    pub auth: AuthMethod,
+    /// Password tidemark uses towards the servers; defaults to `password` when that is plain.
+    #[serde(default)]
+    pub server_password: Option<String>,
+    /// Default consistency for this user's sessions (overrides `routing.consistency`).
+    #[serde(default)]
+    pub consistency: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum PoolMode {
+    #[default]
+    Transaction,
+    Session,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PoolConfig {
+    pub mode: PoolMode,
+    pub min_size: usize,
+    pub max_size: usize,
+    #[serde(with = "humantime_serde_compat")]
+    pub idle_timeout: Duration,
+    #[serde(with = "humantime_serde_compat")]
+    pub server_lifetime: Duration,
+    #[serde(with = "humantime_serde_compat")]
+    pub checkout_timeout: Duration,
+    #[serde(with = "humantime_serde_compat")]
+    pub connect_timeout: Duration,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig {
+            mode: PoolMode::Transaction,
+            min_size: 0,
+            max_size: 40,
+            idle_timeout: Duration::from_secs(600),
+            server_lifetime: Duration::from_secs(3600),
+            checkout_timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(3),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RoutingConfig {
+    /// Default consistency level: strong, session, bounded(200ms), eventual.
+    pub consistency: String,
+    /// How long a read waits for a replica to replay what it depends on before going to the primary.
+    #[serde(with = "humantime_serde_compat")]
+    pub max_wait: Duration,
+    /// Name of the node that is the primary; overrides discovery (never routes writes to a node in recovery).
+    pub primary: Option<String>,
+    /// Track commit LSNs after writes (read-your-writes). Turning it off is for benchmarks only.
+    pub track_writes: bool,
+    /// Capacity of the cross-connection key store.
+    pub key_store_capacity: usize,
+    /// Capacity of the statement classification cache.
+    pub classify_cache: usize,
+    pub write_functions: Vec<String>,
+    pub read_only_functions: Vec<String>,
+}
+
+impl Default for RoutingConfig {
+    fn default() -> Self {
+        RoutingConfig {
+            consistency: "session".into(),
+            max_wait: Duration::from_millis(20),
+            primary: None,
+            track_writes: true,
+            key_store_capacity: 100_000,
+            classify_cache: 10_000,
+            write_functions: vec![],
+            read_only_functions: vec![],
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MonitorConfig {
+    #[serde(with = "humantime_serde_compat")]
+    pub interval: Duration,
+    pub user: String,
+    pub password: Option<String>,
+    pub database: String,
+    #[serde(with = "humantime_serde_compat")]
+    pub max_lag: Duration,
+    #[serde(with = "humantime_serde_compat")]
+    pub return_below: Duration,
+    pub max_lag_bytes: Option<u64>,
+    pub samples: u32,
+    #[serde(with = "humantime_serde_compat")]
+    pub timeout: Duration,
+}
+
+impl Default for MonitorConfig {
+    fn default() -> Self {
+        MonitorConfig {
+            interval: Duration::from_millis(5),
+            user: "postgres".into(),
+            password: None,
+            database: "postgres".into(),
+            max_lag: Duration::from_secs(5),
+            return_below: Duration::from_secs(1),
+            max_lag_bytes: None,
+            samples: 3,
+            timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Largest single protocol message accepted from a client, e.g. "256MB".
+    pub max_message_size: String,
+    /// Named prepared statements remembered per client.
+    pub max_prepared_per_client: usize,
+    pub max_clients: usize,
+    /// How long shutdown waits for running transactions.
+    #[serde(with = "humantime_serde_compat")]
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_message_size: "256MB".into(),
+            max_prepared_per_client: 2000,
+            max_clients: 10_000,
+            shutdown_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Address of the Prometheus endpoint; off when unset.
+    pub listen: Option<String>,
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:6432".into()
+}
+fn default_host() -> String {
+    "127.0.0.1".into()
+}
+fn default_auth() -> AuthMethod {
+    AuthMethod::ScramSha256
+}
+
+/// Durations written as `200ms`, `2s`, `1m`.
+mod humantime_serde_compat {
+    use serde::{Deserialize, Deserializer};
+    use std::time::Duration;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s).map_err(|e| {
+            serde::de::Error::custom(format!(
+                "invalid duration '{s}': {e} (write e.g. \"200ms\", \"2s\", \"1m\")"
+            ))
+        })
+    }
+}
+
+/// Parses sizes such as `16MB`, `512kB`, `1GB` or a plain number of bytes.
+pub fn parse_size(s: &str) -> Result<usize, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: usize = num
+        .parse()
+        .map_err(|_| format!("invalid size '{s}' (write e.g. \"16MB\")"))?;
+    let mul = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kb" | "k" => 1024,
+        "mb" | "m" => 1024 * 1024,
+        "gb" | "g" => 1024 * 1024 * 1024,
+        _ => return Err(format!("invalid size unit in '{s}' (use B, kB, MB or GB)")),
+    };
+    n.checked_mul(mul)
+        .ok_or_else(|| format!("size '{s}' is too large"))
+}
+
+impl Config {
+    pub fn load(path: &Path) -> anyhow::Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("cannot read config file {}: {e}", path.display()))?;
+        Config::parse(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+    }
+
+    pub fn parse(text: &str) -> anyhow::Result<Config> {
+        let cfg: Config = toml::from_str(text).map_err(|e| anyhow::anyhow!("{e}"))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> anyhow::Result<()> {
+        use anyhow::bail;
+        self.listen
+            .parse::<SocketAddr>()
+            .map_err(|e| anyhow::anyhow!("listen: '{}' is not host:port ({e})", self.listen))?;
+        if self.nodes.is_empty() {
+            bail!("nodes: at least one node is needed ([[nodes]] name, host, port)");
+        }
+        let mut names = std::collections::HashSet::new();
+        for n in &self.nodes {
+            if !names.insert(n.name.as_str()) {
+                bail!("nodes: the name '{}' is used twice", n.name);
+            }
+            if n.port == 0 {
+                bail!("nodes.{}: port 0 is not a valid port", n.name);
+            }
+        }
+        if let Some(p) = &self.routing.primary {
+            if !names.contains(p.as_str()) {
+                bail!("routing.primary: '{p}' is not one of the [[nodes]] names");
+            }
+        }
+        self.routing
+            .consistency
+            .parse::<Consistency>()
+            .map_err(|e| anyhow::anyhow!("routing.consistency: {e}"))?;
+        for u in &self.users {
+            if let Some(c) = &u.consistency {
+                c.parse::<Consistency>()
+                    .map_err(|e| anyhow::anyhow!("users.{}.consistency: {e}", u.name))?;
+            }
+            if u.auth != AuthMethod::Trust && u.password.is_none() {
+                bail!(
+                    "users.{}: auth = {:?} needs a password (or set auth = \"trust\")",
+                    u.name,
+                    u.auth
+                );
+            }
+            if u.auth == AuthMethod::Md5
+                && u.password
+                    .as_deref()
+                    .is_some_and(|p| p.starts_with("SCRAM-SHA-256$"))
+            {
+                bail!(
+                    "users.{}: md5 authentication needs the plain password, not a SCRAM verifier",
+                    u.name
+                );
+            }
+        }
+        if self.pool.max_size == 0 {
+            bail!("pool.max_size: must be at least 1");
+        }
+        if self.pool.min_size > self.pool.max_size {
+            bail!("pool.min_size: must not exceed pool.max_size");
+        }
+        parse_size(&self.limits.max_message_size)
+            .map_err(|e| anyhow::anyhow!("limits.max_message_size: {e}"))?;
+        self.gate()
+            .validate()
+            .map_err(|e| anyhow::anyhow!("monitor: {e}"))?;
+        if let Some(m) = &self.metrics.listen {
+            m.parse::<SocketAddr>()
+                .map_err(|e| anyhow::anyhow!("metrics.listen: '{m}' is not host:port ({e})"))?;
+        }
+        Ok(())
+    }
+
+    pub fn gate(&self) -> GateConfig {
+        GateConfig {
+            max_lag: self.monitor.max_lag,
+            return_below: self.monitor.return_below,
+            max_lag_bytes: self.monitor.max_lag_bytes,
+            samples: self.monitor.samples,
+        }
+    }
+
+    pub fn user(&self, name: &str) -> Option<&UserConfig> {
+        self.users.iter().find(|u| u.name == name)
+    }
+
+    pub fn default_consistency(&self, user: &str) -> Consistency {
+        self.user(user)
+            .and_then(|u| u.consistency.as_deref())
+            .unwrap_or(&self.routing.consistency)
+            .parse()
+            .unwrap_or_default()
+    }
+
+    pub fn max_message_size(&self) -> usize {
+        parse_size(&self.limits.max_message_size).unwrap_or(256 * 1024 * 1024)
+    }
+
+    pub fn primary_index(&self) -> Option<usize> {
+        let p = self.routing.primary.as_ref()?;
+        self.nodes.iter().position(|n| &n.name == p)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIN: &str = r#"
+[[nodes]]
+name = "p"
+port = 5432
+"#;
+
+    #[test]
+    fn minimal_config_has_defaults() {
+        let c = Config::parse(MIN).unwrap();
+        assert_eq!(c.listen, "127.0.0.1:6432");
+        assert_eq!(c.pool.mode, PoolMode::Transaction);
+        assert_eq!(c.routing.max_wait, Duration::from_millis(20));
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let bad = [
+            ("listen = \"nope\"\n[[nodes]]\nname=\"p\"\nport=1", "listen"),
+            ("nodes = []", "nodes"),
+            (
+                "[[nodes]]\nname=\"p\"\nport=1\n[routing]\nconsistency=\"sometimes\"",
+                "routing.consistency",
+            ),
+            (
+                "[[nodes]]\nname=\"p\"\nport=1\n[pool]\nidle_timeout=\"soon\"",
+                "invalid duration",
+            ),
+            ("[[nodes]]\nname=\"p\"\nport=1\nbogus=1", "bogus"),
+            (
+                "[[nodes]]\nname=\"p\"\nport=1\n[[users]]\nname=\"a\"",
+                "needs a password",
+            ),
+            (
+                "[[nodes]]\nname=\"p\"\nport=1\n[routing]\nprimary=\"q\"",
+                "routing.primary",
+            ),
+        ];
+        for (text, needle) in bad {
+            let e = Config::parse(text).unwrap_err().to_string();
+            assert!(e.contains(needle), "{e} should mention {needle}");
+        }
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("16MB").unwrap(), 16 << 20);
+        assert_eq!(parse_size("100").unwrap(), 100);
+        assert!(parse_size("12 parsecs").is_err());
+    }
+}

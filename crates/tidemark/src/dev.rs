@@ -1,0 +1,132 @@
+//! `tidemark dev`: boots a local primary and replicas with tidemark-cluster and runs the
+//! proxy in front of them until Ctrl-C.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use tidemark_cluster::{Cluster, ClusterConfig, ReplicaConfig};
+
+use crate::config::{AuthMethod, Config, NodeConfig, UserConfig};
+use crate::listener::Proxy;
+
+pub struct DevOptions {
+    pub listen: String,
+    pub replicas: usize,
+    pub replica_delay: Duration,
+    pub data_dir: Option<PathBuf>,
+    pub keep: bool,
+    pub metrics_listen: Option<String>,
+}
+
+/// A proxy config for a cluster started by tidemark-cluster: superuser `postgres`, trust.
+pub fn config_for(cluster: &Cluster, listen: &str) -> Config {
+    let nodes = (0..cluster.node_count())
+        .map(|i| NodeConfig {
+            name: cluster.node_name(i).to_string(),
+            host: cluster.host().to_string(),
+            port: cluster.port(i),
+        })
+        .collect();
+    let mut cfg =
+        Config::parse("nodes = [{ name = \"x\", port = 1 }]").unwrap_or_else(|_| unreachable!());
+    cfg.listen = listen.to_string();
+    cfg.nodes = nodes;
+    cfg.users = vec![UserConfig {
+        name: cluster.superuser().to_string(),
+        password: None,
+        auth: AuthMethod::Trust,
+        server_password: None,
+        consistency: None,
+    }];
+    cfg.admin_users = vec![cluster.superuser().to_string()];
+    cfg
+}
+
+pub async fn run(opts: DevOptions) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let mut replicas = vec![ReplicaConfig::default(); opts.replicas];
+    if opts.replicas >= 2 && !opts.replica_delay.is_zero() {
+        replicas[1].apply_delay = Some(opts.replica_delay);
+    }
+    let ccfg = ClusterConfig {
+        replicas,
+        data_dir: opts.data_dir.clone(),
+        keep: opts.keep,
+        ..ClusterConfig::default()
+    };
+    eprintln!(
+        "tidemark dev: starting a primary and {} replica(s)...",
+        opts.replicas
+    );
+    let cluster = tokio::task::spawn_blocking(move || Cluster::start(ccfg)).await??;
+    let mut cfg = config_for(&cluster, &opts.listen);
+    cfg.metrics.listen = opts.metrics_listen.clone();
+    cfg.validate()?;
+    let proxy = Proxy::start(cfg).await?;
+    proxy.wait_ready(Duration::from_secs(10)).await;
+    println!(
+        "tidemark dev is ready in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    println!();
+    println!(
+        "  proxy:    psql \"host={} port={} user=postgres dbname=postgres\"",
+        proxy.addr.ip(),
+        proxy.addr.port()
+    );
+    println!(
+        "  console:  psql \"host={} port={} user=postgres dbname=tidemark\"   (SHOW NODES)",
+        proxy.addr.ip(),
+        proxy.addr.port()
+    );
+    for i in 0..cluster.node_count() {
+        let extra = if i >= 1 && i == 2 && !opts.replica_delay.is_zero() {
+            format!(
+                "   (apply delay {})",
+                humantime::format_duration(opts.replica_delay)
+            )
+        } else {
+            String::new()
+        };
+        println!(
+            "  {:<9} psql \"{}\"{extra}",
+            format!("{}:", cluster.node_name(i)),
+            cluster.dsn(i)
+        );
+    }
+    if let Some(m) = proxy.metrics_addr {
+        println!("  metrics:  http://{m}/metrics   status page: http://{m}/");
+    }
+    println!(
+        "  data:     {}{}",
+        cluster.base_dir().display(),
+        if opts.keep {
+            " (kept on exit)"
+        } else {
+            " (removed on exit)"
+        }
+    );
+    println!();
+    println!("Press Ctrl-C to stop.");
+    wait_for_signal().await;
+    eprintln!("tidemark dev: shutting down...");
+    proxy.shutdown().await;
+    tokio::task::spawn_blocking(move || drop(cluster)).await?;
+    eprintln!("tidemark dev: stopped.");
+    Ok(())
+}
+
+pub async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = term.recv() => {},
+    }
+}

@@ -1,0 +1,28 @@
+//! tidemark: a PostgreSQL proxy that sends a read to a replica only once that replica has
+//! replayed the WAL the reader depends on.
+//!
+//! Module map (one concern each):
+//! - [`config`]: the TOML config and its validation
+//! - [`app`]: process-wide shared state
+//! - [`listener`]: accepting clients, startup, authentication hand-off, shutdown
+//! - [`session`]: one client's routing units, relaying, LSN capture
+//! - [`client`] / [`server`]: the two sockets of a session
+//! - [`pool`]: server connection pools
+//! - [`auth`]: client authentication (SCRAM, md5, trust)
+//! - [`monitor`]: node polling and the published cluster view
+//! - [`metrics`]: Prometheus metrics
+//! - [`dev`]: `tidemark dev`, the embedded local cluster
+
+pub mod admin;
+pub mod app;
+pub mod auth;
+pub mod client;
+pub mod config;
+pub mod dev;
+pub mod http;
+pub mod listener;
+pub mod metrics;
+pub mod monitor;
+pub mod pool;
+pub mod server;
+pub mod session;

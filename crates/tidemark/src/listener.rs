@@ -1,0 +1,273 @@
+//! Accepting clients: the startup packet (SSL/GSSENC refused with 'N', CancelRequest
+//! forwarded), authentication, hand-off to a [`Session`]; graceful shutdown; the
+//! Prometheus endpoint.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tidemark_wire::backend::ErrorFields;
+use tidemark_wire::StartupPacket;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::app::App;
+use crate::client::ClientIo;
+use crate::config::Config;
+use crate::monitor::Monitor;
+use crate::session::Session;
+
+/// A running proxy.
+pub struct Proxy {
+    pub app: Arc<App>,
+    pub addr: SocketAddr,
+    pub metrics_addr: Option<SocketAddr>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl Proxy {
+    /// Binds, starts the monitor and accepts clients in the background.
+    pub async fn start(config: Config) -> anyhow::Result<Proxy> {
+        let listener = TcpListener::bind(&config.listen)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
+        let addr = listener.local_addr()?;
+        let metrics_listen = config.metrics.listen.clone();
+        let app = App::new(config);
+        Monitor::start(app.clone());
+        let metrics_addr = match metrics_listen {
+            Some(m) => Some(crate::http::start(app.clone(), &m).await?),
+            None => None,
+        };
+        let a2 = app.clone();
+        tokio::spawn(catalog_loader(app.clone()));
+        tokio::spawn(reaper(app.clone()));
+        let accept = tokio::spawn(async move {
+            let mut shutdown = a2.shutting_down.subscribe();
+            loop {
+                tokio::select! {
+                    r = listener.accept() => match r {
+                        Ok((stream, peer)) => {
+                            let app = a2.clone();
+                            tokio::spawn(async move { handle(app, stream, peer).await });
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "accept failed");
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                        }
+                    },
+                    _ = shutdown.changed() => return,
+                }
+            }
+        });
+        Ok(Proxy {
+            app,
+            addr,
+            metrics_addr,
+            accept,
+        })
+    }
+
+    /// Waits until the monitor has seen a primary (or `timeout` passes).
+    pub async fn wait_ready(&self, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let v = self.app.view.load();
+            if v.primary_id().is_some() && v.nodes.iter().all(|n| n.healthy) {
+                return true;
+            }
+            if tokio::time::Instant::now() > deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Stops accepting, tells idle clients 57P01, waits for running transactions up to
+    /// `limits.shutdown_timeout`.
+    pub async fn shutdown(self) {
+        let _ = self.app.shutting_down.send(true);
+        self.accept.abort();
+        let limit = self.app.config.load().limits.shutdown_timeout;
+        let deadline = tokio::time::Instant::now() + limit;
+        while self.app.client_count() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+async fn reaper(app: Arc<App>) {
+    let mut t = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        t.tick().await;
+        for p in app.pools.all() {
+            p.reap();
+        }
+    }
+}
+
+/// Loads function volatility from the primary (at start and every 5 minutes).
+async fn catalog_loader(app: Arc<App>) {
+    loop {
+        let view = app.view.load_full();
+        if let Some(p) = view.primary_id() {
+            match load_catalog(&app, p).await {
+                Ok(n) => {
+                    tracing::info!(functions = n, "function catalog loaded");
+                    tokio::time::sleep(Duration::from_secs(300)).await;
+                    continue;
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot load the function catalog yet"),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+pub async fn load_catalog(app: &App, node: usize) -> anyhow::Result<usize> {
+    let cfg = app.config.load_full();
+    let n = cfg
+        .nodes
+        .get(node)
+        .ok_or_else(|| anyhow::anyhow!("no node {node}"))?;
+    let mut pg = tokio_postgres::Config::new();
+    pg.host(&n.host)
+        .port(n.port)
+        .user(&cfg.monitor.user)
+        .dbname(&cfg.monitor.database)
+        .application_name("tidemark-catalog")
+        .connect_timeout(cfg.monitor.timeout);
+    if let Some(p) = &cfg.monitor.password {
+        pg.password(p);
+    }
+    let (client, conn) = pg.connect(tokio_postgres::NoTls).await?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let rows = client
+        .simple_query(tidemark_sql::FunctionCatalog::LOAD_SQL)
+        .await?;
+    let mut cat = tidemark_sql::FunctionCatalog::new();
+    for m in rows {
+        if let tokio_postgres::SimpleQueryMessage::Row(r) = m {
+            let (Some(s), Some(f), Some(v)) = (r.get(0), r.get(1), r.get(2)) else {
+                continue;
+            };
+            if let Some(v) = tidemark_sql::Volatility::from_provolatile(v) {
+                cat.insert(s, f, v);
+            }
+        }
+    }
+    let len = cat.len();
+    app.classifier.set_catalog(cat);
+    Ok(len)
+}
+
+async fn reject(mut stream: TcpStream, e: ErrorFields) {
+    crate::metrics::error(&e.code);
+    let _ = stream.write_all(e.to_error().raw()).await;
+}
+
+async fn handle(app: Arc<App>, mut stream: TcpStream, peer: SocketAddr) {
+    let _ = stream.set_nodelay(true);
+    let mut buf = BytesMut::with_capacity(1024);
+    let params = loop {
+        match StartupPacket::decode(&mut buf) {
+            Ok(Some(StartupPacket::Ssl)) | Ok(Some(StartupPacket::GssEnc)) => {
+                if stream.write_all(b"N").await.is_err() {
+                    return;
+                }
+            }
+            Ok(Some(StartupPacket::Cancel { pid, secret })) => {
+                app.cancel(pid, secret).await;
+                return;
+            }
+            Ok(Some(StartupPacket::Startup(p))) => break p,
+            Ok(None) => {
+                let r =
+                    tokio::time::timeout(Duration::from_secs(10), stream.read_buf(&mut buf)).await;
+                match r {
+                    Ok(Ok(n)) if n > 0 => {}
+                    Ok(_) => return,
+                    Err(_) => {
+                        return reject(
+                            stream,
+                            ErrorFields::fatal("08P01", "timeout waiting for the startup packet"),
+                        )
+                        .await
+                    }
+                }
+            }
+            Err(e) => return reject(stream, ErrorFields::fatal("08P01", e.to_string())).await,
+        }
+    };
+    let cfg = app.config.load_full();
+    if app.client_count() >= cfg.limits.max_clients {
+        return reject(
+            stream,
+            ErrorFields::fatal(
+                "53300",
+                format!(
+                    "sorry, too many clients already (limits.max_clients = {})",
+                    cfg.limits.max_clients
+                ),
+            ),
+        )
+        .await;
+    }
+    let Some(user) = params.get("user").map(str::to_string) else {
+        return reject(
+            stream,
+            ErrorFields::fatal(
+                "28000",
+                "no PostgreSQL user name specified in startup packet",
+            ),
+        )
+        .await;
+    };
+    if params
+        .get("replication")
+        .is_some_and(|v| v != "false" && v != "0" && v != "off")
+    {
+        return reject(stream, ErrorFields::fatal("0A000", "replication connections are not supported through tidemark; connect to the primary directly")).await;
+    }
+    let database = params.get("database").unwrap_or(&user).to_string();
+    let Some(ucfg) = cfg.user(&user).cloned() else {
+        return reject(
+            stream,
+            ErrorFields::fatal(
+                "28000",
+                format!("user \"{user}\" is not configured in tidemark"),
+            )
+            .with_hint("add it under [[users]] in the tidemark config"),
+        )
+        .await;
+    };
+    let startup = match crate::session::startup_to_sets(&params) {
+        Ok(s) => s,
+        Err(e) => return reject(stream, ErrorFields::fatal("08P01", e)).await,
+    };
+    let (rd, wr) = stream.into_split();
+    let mut io = ClientIo::new(rd, wr, buf, cfg.max_message_size());
+    let secret = app.scram_secret(&user);
+    match crate::auth::authenticate(&mut io, &ucfg, secret.as_deref()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            crate::metrics::error(&e.code);
+            let _ = io.send(&e.to_error()).await;
+            return;
+        }
+        Err(_) => return,
+    }
+    io.push(&tidemark_wire::backend::auth_ok());
+    if database == "tidemark" {
+        crate::admin::run(app, io, user).await;
+        return;
+    }
+    let mut session = Session::new(app.clone(), io, user, database, startup, peer.to_string());
+    match session.start().await {
+        Ok(true) => session.run().await,
+        _ => app.unregister_client(session.backend_key()),
+    }
+}

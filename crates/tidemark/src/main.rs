@@ -1,0 +1,120 @@
+//! The `tidemark` command line: `tidemark --config FILE` (or `tidemark run`) serves,
+//! `tidemark dev` runs the embedded local cluster with the proxy in front.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use tidemark::config::Config;
+
+#[derive(Parser)]
+#[command(
+    name = "tidemark",
+    version,
+    about = "PostgreSQL proxy: reads go to replicas only once they have replayed what the reader depends on"
+)]
+struct Cli {
+    /// Config file (TOML).
+    #[arg(long, short, global = true)]
+    config: Option<PathBuf>,
+    /// Override the listen address (host:port).
+    #[arg(long, global = true)]
+    listen: Option<String>,
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Serve with the config file (the default).
+    Run,
+    /// Start a local primary + replicas and tidemark in front of them, until Ctrl-C.
+    Dev {
+        /// Number of replicas.
+        #[arg(long, default_value_t = 2)]
+        replicas: usize,
+        /// recovery_min_apply_delay of the second replica, e.g. 500ms, 2s (0 for none).
+        #[arg(long, default_value = "500ms", value_parser = parse_duration)]
+        replica_delay: Duration,
+        /// Keep the cluster in this directory (a new temporary one by default).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Keep the data directory on exit.
+        #[arg(long)]
+        keep: bool,
+        /// Prometheus endpoint and status page address.
+        #[arg(long, default_value = "127.0.0.1:9187")]
+        metrics_listen: String,
+    },
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    if s == "0" {
+        return Ok(Duration::ZERO);
+    }
+    humantime::parse_duration(s).map_err(|e| format!("{e} (write e.g. 200ms, 2s, 1m)"))
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("tidemark: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let r = rt.block_on(async move {
+        match cli.cmd {
+            Some(Cmd::Dev {
+                replicas,
+                replica_delay,
+                data_dir,
+                keep,
+                metrics_listen,
+            }) => {
+                tidemark::dev::run(tidemark::dev::DevOptions {
+                    listen: cli.listen.unwrap_or_else(|| "127.0.0.1:6432".into()),
+                    replicas,
+                    replica_delay,
+                    data_dir,
+                    keep,
+                    metrics_listen: Some(metrics_listen),
+                })
+                .await
+            }
+            Some(Cmd::Run) | None => {
+                let Some(path) = cli.config else {
+                    anyhow::bail!("no config file given: run `tidemark --config tidemark.toml`, or `tidemark dev` for a local cluster");
+                };
+                let mut cfg = Config::load(&path)?;
+                if let Some(l) = cli.listen {
+                    cfg.listen = l;
+                    cfg.validate()?;
+                }
+                tidemark::app::set_config_path(path);
+                let proxy = tidemark::listener::Proxy::start(cfg).await?;
+                tracing::info!(addr = %proxy.addr, "tidemark is listening");
+                tidemark::dev::wait_for_signal().await;
+                tracing::info!("shutting down");
+                proxy.shutdown().await;
+                Ok(())
+            }
+        }
+    });
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tidemark: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,298 @@
+//! The node monitor: one task per node polls role and WAL positions on a dedicated
+//! connection, and every sample republishes the immutable cluster view (lag in bytes and
+//! time, lag gate with hysteresis, primary discovery, split brain). The monitor is the
+//! only writer of `App::view`; sessions read snapshots and never block on it.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use tidemark_core::{
+    decide_primary, ClusterView, LagClock, LagGate, Lsn, NodeId, NodeStatus, PrimaryState, Role,
+};
+use tokio_postgres::NoTls;
+
+use crate::app::App;
+
+const POLL_SQL: &str = "SELECT pg_is_in_recovery(), \
+     (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_insert_lsn() END)::text, \
+     (SELECT system_identifier::text FROM pg_control_system())";
+
+#[derive(Clone, Debug)]
+struct Sample {
+    ok: bool,
+    role: Role,
+    lsn: Lsn,
+    system_id: String,
+    at: Instant,
+}
+
+struct NodeTrack {
+    sample: Option<Sample>,
+    gate: LagGate,
+    failures: u32,
+    banned_until: Option<Instant>,
+    system_id: Option<String>,
+}
+
+pub struct Monitor {
+    app: Arc<App>,
+    nodes: Mutex<Vec<NodeTrack>>,
+    clock: Mutex<LagClock>,
+    generation: std::sync::atomic::AtomicU64,
+}
+
+impl Monitor {
+    pub fn start(app: Arc<App>) -> Arc<Monitor> {
+        let cfg = app.config.load_full();
+        let m = Arc::new(Monitor {
+            nodes: Mutex::new(
+                cfg.nodes
+                    .iter()
+                    .map(|_| NodeTrack {
+                        sample: None,
+                        gate: LagGate::new(cfg.gate()),
+                        failures: 0,
+                        banned_until: None,
+                        system_id: None,
+                    })
+                    .collect(),
+            ),
+            clock: Mutex::new(LagClock::new(tidemark_core::lagclock::DEFAULT_CAPACITY)),
+            generation: Default::default(),
+            app,
+        });
+        for i in 0..cfg.nodes.len() {
+            let m2 = m.clone();
+            tokio::spawn(async move { m2.run_node(i).await });
+        }
+        m
+    }
+
+    async fn run_node(self: Arc<Self>, i: NodeId) {
+        loop {
+            let cfg = self.app.config.load_full();
+            let Some(node) = cfg.nodes.get(i).cloned() else {
+                return;
+            };
+            let mut pg = tokio_postgres::Config::new();
+            pg.host(&node.host)
+                .port(node.port)
+                .user(&cfg.monitor.user)
+                .dbname(&cfg.monitor.database)
+                .application_name("tidemark-monitor")
+                .connect_timeout(cfg.monitor.timeout);
+            if let Some(p) = &cfg.monitor.password {
+                pg.password(p);
+            }
+            let conn = tokio::time::timeout(cfg.monitor.timeout, pg.connect(NoTls)).await;
+            let client = match conn {
+                Ok(Ok((client, connection))) => {
+                    tokio::spawn(async move {
+                        let _ = connection.await;
+                    });
+                    client
+                }
+                Ok(Err(e)) => {
+                    self.failed(i, &e.to_string());
+                    self.backoff(i).await;
+                    continue;
+                }
+                Err(_) => {
+                    self.failed(i, "connect timed out");
+                    self.backoff(i).await;
+                    continue;
+                }
+            };
+            let stmt = match client.prepare(POLL_SQL).await {
+                Ok(s) => s,
+                Err(e) => {
+                    self.failed(i, &e.to_string());
+                    self.backoff(i).await;
+                    continue;
+                }
+            };
+            let mut ticker = tokio::time::interval(cfg.monitor.interval);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                ticker.tick().await;
+                let timeout = self.app.config.load().monitor.timeout;
+                let r = tokio::time::timeout(timeout, client.query_one(&stmt, &[])).await;
+                let row = match r {
+                    Ok(Ok(row)) => row,
+                    Ok(Err(e)) => {
+                        self.failed(i, &e.to_string());
+                        break;
+                    }
+                    Err(_) => {
+                        self.failed(i, "poll timed out");
+                        break;
+                    }
+                };
+                let in_recovery: bool = row.get(0);
+                let lsn: Option<String> = row.get(1);
+                let system_id: Option<String> = row.get(2);
+                let lsn = lsn.and_then(|s| s.parse::<Lsn>().ok()).unwrap_or(Lsn::ZERO);
+                let role = if in_recovery {
+                    Role::Replica
+                } else {
+                    Role::Primary
+                };
+                let lsn = if role == Role::Primary {
+                    lsn.normalize_insert_position()
+                } else {
+                    lsn
+                };
+                self.sampled(
+                    i,
+                    Sample {
+                        ok: true,
+                        role,
+                        lsn,
+                        system_id: system_id.unwrap_or_default(),
+                        at: Instant::now(),
+                    },
+                );
+            }
+            self.backoff(i).await;
+        }
+    }
+
+    async fn backoff(&self, i: NodeId) {
+        let failures = self.nodes.lock()[i].failures.min(6);
+        // 50 ms, 100 ms, ... up to 3.2 s between re-probes of a dead node.
+        let d = Duration::from_millis(50 << failures);
+        let until = Instant::now() + d;
+        self.nodes.lock()[i].banned_until = Some(until);
+        tokio::time::sleep(d).await;
+    }
+
+    fn failed(&self, i: NodeId, why: &str) {
+        {
+            let mut nodes = self.nodes.lock();
+            let t = &mut nodes[i];
+            t.failures = t.failures.saturating_add(1);
+            if t.failures == 1 {
+                tracing::warn!(node = %self.app.node_name(i), error = %why, "node unreachable; banned and re-probed with back-off");
+            }
+            if let Some(s) = &mut t.sample {
+                s.ok = false;
+            }
+        }
+        self.publish(None);
+    }
+
+    fn sampled(&self, i: NodeId, s: Sample) {
+        {
+            let mut nodes = self.nodes.lock();
+            let t = &mut nodes[i];
+            if t.failures > 0 {
+                tracing::info!(node = %self.app.node_name(i), "node reachable again");
+            }
+            t.failures = 0;
+            t.banned_until = None;
+            if t.system_id.as_deref() != Some(s.system_id.as_str()) {
+                // A different cluster behind the same address: its LSN history means nothing.
+                t.system_id = Some(s.system_id.clone());
+                t.gate.reset();
+            }
+            let was_primary = t.sample.as_ref().map(|p| p.role) == Some(Role::Primary);
+            if s.role == Role::Primary {
+                let mut clock = self.clock.lock();
+                if !was_primary {
+                    clock.reset();
+                }
+                clock.record(s.at, s.lsn);
+            }
+            t.sample = Some(s);
+        }
+        self.publish(Some(i));
+    }
+
+    /// Builds and publishes a new view from the latest samples.
+    fn publish(&self, fresh: Option<NodeId>) {
+        let cfg = self.app.config.load();
+        let now = Instant::now();
+        let stale_after = cfg.monitor.timeout;
+        let mut nodes = self.nodes.lock();
+        let clock = self.clock.lock();
+        let mut statuses: Vec<NodeStatus> = Vec::with_capacity(nodes.len());
+        for (i, t) in nodes.iter().enumerate() {
+            let name = cfg.nodes.get(i).map(|n| n.name.clone()).unwrap_or_default();
+            let mut st = NodeStatus::new(i, name);
+            if let Some(s) = &t.sample {
+                st.role = s.role;
+                st.healthy = s.ok && now.duration_since(s.at) <= stale_after;
+                st.replay_lsn = s.lsn;
+            }
+            statuses.push(st);
+        }
+        let primary = decide_primary(&statuses, cfg.primary_index());
+        let primary_lsn = match &primary {
+            PrimaryState::One(p) => statuses[*p].replay_lsn,
+            _ => statuses
+                .iter()
+                .filter(|s| s.healthy)
+                .map(|s| s.replay_lsn)
+                .max()
+                .unwrap_or(Lsn::ZERO),
+        };
+        for (st, t) in statuses.iter_mut().zip(nodes.iter_mut()) {
+            if st.role == Role::Replica && st.healthy {
+                st.lag_bytes = primary_lsn.saturating_sub(st.replay_lsn);
+                st.lag = clock.lag(st.replay_lsn, now);
+                // The gate moves only on fresh samples of this node.
+                st.in_rotation = if fresh == Some(st.id) {
+                    t.gate.observe(st.lag, st.lag_bytes)
+                } else {
+                    t.gate.in_rotation()
+                };
+                if fresh == Some(st.id) {
+                    metrics_node(st);
+                }
+            } else {
+                st.in_rotation = st.role == Role::Primary || t.gate.in_rotation();
+                if fresh == Some(st.id) || fresh.is_none() {
+                    metrics_node(st);
+                }
+            }
+        }
+        crate::metrics::split_brain(matches!(primary, PrimaryState::SplitBrain(_)));
+        let generation = self
+            .generation
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let prev = self.app.view.load();
+        if prev.primary != primary {
+            match &primary {
+                PrimaryState::One(p) => {
+                    tracing::info!(primary = %statuses[*p].name, "primary is now known")
+                }
+                PrimaryState::SplitBrain(ids) => {
+                    tracing::error!(nodes = ?ids, "split brain: several nodes accept writes; writes are refused until one is gone")
+                }
+                PrimaryState::Unknown => tracing::warn!("no primary is known; writes are refused"),
+            }
+        }
+        drop(clock);
+        drop(nodes);
+        let view = ClusterView {
+            nodes: statuses,
+            primary,
+            primary_lsn,
+            generation,
+        };
+        let min = view.min_replica_replay_lsn();
+        self.app.view.store(Arc::new(view));
+        self.app.view_changed.notify_waiters();
+        if let Some(min) = min {
+            self.app.keys.prune_replayed(min);
+        }
+    }
+}
+
+fn metrics_node(st: &NodeStatus) {
+    crate::metrics::node_state(&st.name, st.role.as_str(), st.healthy, st.in_rotation);
+    if st.role == Role::Replica && st.healthy {
+        crate::metrics::replica_lag(&st.name, st.lag, st.lag_bytes);
+    }
+}

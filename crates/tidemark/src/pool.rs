@@ -1,0 +1,249 @@
+//! Server connection pools, one per (node, database, user): bounded size, checkout
+//! timeout (53300 naming the pool), idle timeout and server lifetime.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use tidemark_core::NodeId;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::config::PoolConfig;
+use crate::server::{ServerConn, ServerError, ServerTarget};
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct PoolKey {
+    pub node: NodeId,
+    pub database: String,
+    pub user: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    #[error("no server connection available in pool {pool} within {waited:?} (all {max} in use)")]
+    Exhausted {
+        pool: String,
+        waited: Duration,
+        max: usize,
+    },
+    #[error("{0}")]
+    Server(#[from] ServerError),
+}
+
+#[derive(Default, Debug)]
+pub struct PoolStats {
+    pub open: AtomicUsize,
+    pub in_use: AtomicUsize,
+    pub waiting: AtomicUsize,
+    pub checkouts: AtomicU64,
+    pub wait_micros: AtomicU64,
+    pub timeouts: AtomicU64,
+}
+
+pub struct Pool {
+    pub key: PoolKey,
+    pub name: String,
+    target: ServerTarget,
+    settings: Mutex<PoolConfig>,
+    idle: Mutex<Vec<ServerConn>>,
+    sem: Arc<Semaphore>,
+    max: AtomicUsize,
+    pub stats: PoolStats,
+}
+
+/// A checked-out server connection. Dropping it without [`Pool::release`] closes the
+/// connection (the safe default after an error).
+pub struct Checked {
+    pub conn: ServerConn,
+    _permit: OwnedSemaphorePermit,
+    guard: InUse,
+}
+
+/// Counts a connection as in use for as long as it is checked out, and as closed when it
+/// is dropped without going back to the pool.
+struct InUse(Arc<Pool>, bool);
+
+impl InUse {
+    fn new(pool: &Arc<Pool>) -> InUse {
+        pool.stats.in_use.fetch_add(1, Ordering::Relaxed);
+        InUse(pool.clone(), false)
+    }
+}
+
+impl Drop for InUse {
+    fn drop(&mut self) {
+        self.0.stats.in_use.fetch_sub(1, Ordering::Relaxed);
+        if !self.1 {
+            self.0.stats.open.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Checked {
+    pub fn pool(&self) -> &Arc<Pool> {
+        &self.guard.0
+    }
+
+    /// Gives the connection back to its pool (a broken one is closed instead).
+    pub fn release(self) {
+        let Checked {
+            conn, mut guard, ..
+        } = self;
+        guard.1 = true;
+        guard.0.clone().put_back(conn);
+    }
+}
+
+impl Pool {
+    pub fn new(key: PoolKey, node_name: &str, target: ServerTarget, settings: PoolConfig) -> Pool {
+        let max = settings.max_size;
+        Pool {
+            name: format!("{}/{}@{}", key.database, key.user, node_name),
+            key,
+            target,
+            settings: Mutex::new(settings),
+            idle: Mutex::new(Vec::new()),
+            sem: Arc::new(Semaphore::new(max)),
+            max: AtomicUsize::new(max),
+            stats: PoolStats::default(),
+        }
+    }
+
+    pub fn max_size(&self) -> usize {
+        self.max.load(Ordering::Relaxed)
+    }
+
+    pub fn idle_count(&self) -> usize {
+        self.idle.lock().len()
+    }
+
+    /// Applies new settings (RELOAD); a larger max takes effect at once, a smaller one as
+    /// connections come back.
+    pub fn update_settings(&self, s: PoolConfig) {
+        let old = self.max.swap(s.max_size, Ordering::Relaxed);
+        if s.max_size > old {
+            self.sem.add_permits(s.max_size - old);
+        } else if s.max_size < old {
+            let sem = self.sem.clone();
+            let n = (old - s.max_size) as u32;
+            tokio::spawn(async move {
+                if let Ok(p) = sem.acquire_many(n).await {
+                    p.forget();
+                }
+            });
+        }
+        *self.settings.lock() = s;
+    }
+
+    pub async fn checkout(self: &Arc<Self>) -> Result<Checked, PoolError> {
+        let (timeout, lifetime, idle_timeout, connect_timeout) = {
+            let s = self.settings.lock();
+            (
+                s.checkout_timeout,
+                s.server_lifetime,
+                s.idle_timeout,
+                s.connect_timeout,
+            )
+        };
+        let start = Instant::now();
+        self.stats.waiting.fetch_add(1, Ordering::Relaxed);
+        let permit = tokio::time::timeout(timeout, self.sem.clone().acquire_owned()).await;
+        self.stats.waiting.fetch_sub(1, Ordering::Relaxed);
+        let permit = match permit {
+            Ok(Ok(p)) => p,
+            _ => {
+                self.stats.timeouts.fetch_add(1, Ordering::Relaxed);
+                return Err(PoolError::Exhausted {
+                    pool: self.name.clone(),
+                    waited: timeout,
+                    max: self.max_size(),
+                });
+            }
+        };
+        let waited = start.elapsed();
+        self.stats
+            .wait_micros
+            .fetch_add(waited.as_micros() as u64, Ordering::Relaxed);
+        self.stats.checkouts.fetch_add(1, Ordering::Relaxed);
+        crate::metrics::pool_wait(&self.name, waited);
+        loop {
+            let candidate = self.idle.lock().pop();
+            let Some(mut conn) = candidate else { break };
+            let now = Instant::now();
+            if now.duration_since(conn.created) > lifetime
+                || now.duration_since(conn.last_used) > idle_timeout
+                || conn.has_unexpected_input()
+            {
+                self.stats.open.fetch_sub(1, Ordering::Relaxed);
+                continue;
+            }
+            conn.last_used = now;
+            return Ok(Checked {
+                conn,
+                _permit: permit,
+                guard: InUse::new(self),
+            });
+        }
+        let conn = ServerConn::connect(&self.target, connect_timeout).await?;
+        self.stats.open.fetch_add(1, Ordering::Relaxed);
+        Ok(Checked {
+            conn,
+            _permit: permit,
+            guard: InUse::new(self),
+        })
+    }
+
+    fn put_back(&self, mut conn: ServerConn) {
+        if conn.broken || conn.buffered() > 0 || conn.has_unexpected_input() {
+            self.stats.open.fetch_sub(1, Ordering::Relaxed);
+            return;
+        }
+        conn.last_used = Instant::now();
+        self.idle.lock().push(conn);
+    }
+
+    /// Closes idle connections past their idle timeout or lifetime.
+    pub fn reap(&self) {
+        let (lifetime, idle_timeout) = {
+            let s = self.settings.lock();
+            (s.server_lifetime, s.idle_timeout)
+        };
+        let now = Instant::now();
+        let mut idle = self.idle.lock();
+        let before = idle.len();
+        idle.retain(|c| {
+            now.duration_since(c.created) <= lifetime
+                && now.duration_since(c.last_used) <= idle_timeout
+        });
+        let closed = before - idle.len();
+        self.stats.open.fetch_sub(closed, Ordering::Relaxed);
+    }
+
+    /// Closes every idle connection (e.g. after a failover).
+    pub fn drain_idle(&self) {
+        let mut idle = self.idle.lock();
+        self.stats.open.fetch_sub(idle.len(), Ordering::Relaxed);
+        idle.clear();
+    }
+}
+
+/// All pools, created on first use.
+#[derive(Default)]
+pub struct Pools {
+    map: Mutex<HashMap<PoolKey, Arc<Pool>>>,
+}
+
+impl Pools {
+    pub fn get_or_create(&self, key: PoolKey, make: impl FnOnce() -> Pool) -> Arc<Pool> {
+        let mut m = self.map.lock();
+        m.entry(key).or_insert_with(|| Arc::new(make())).clone()
+    }
+
+    pub fn all(&self) -> Vec<Arc<Pool>> {
+        let mut v: Vec<_> = self.map.lock().values().cloned().collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+}

@@ -1,0 +1,343 @@
+//! A connection from tidemark to one PostgreSQL server: connecting, authenticating
+//! (trust, cleartext, md5, SCRAM-SHA-256 via postgres-protocol's client side), reading and
+//! writing frames, and running tidemark's own small internal queries on it.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, BytesMut};
+use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256, SCRAM_SHA_256};
+use postgres_protocol::message::{backend, frontend as pgfe};
+use tidemark_core::NodeId;
+use tidemark_wire::backend::{data_row_first, parse_parameter_status, ErrorFields};
+use tidemark_wire::{Frame, FrameCodec};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Where and as whom to connect.
+#[derive(Clone, Debug)]
+pub struct ServerTarget {
+    pub node: NodeId,
+    pub host: String,
+    pub port: u16,
+    pub user: String,
+    pub password: Option<String>,
+    pub database: String,
+}
+
+/// What went wrong talking to a server.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("cannot connect to {addr}: {source}")]
+    Connect {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("connecting to {0} timed out")]
+    ConnectTimeout(String),
+    #[error("server connection lost: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("server closed the connection")]
+    Closed,
+    #[error("protocol error from server: {0}")]
+    Protocol(String),
+    #[error("server authentication failed: {0}")]
+    Auth(String),
+    /// The server answered with an ErrorResponse.
+    #[error("server error {}: {}", .0.code, .0.message)]
+    Server(ErrorFields),
+}
+
+impl ServerError {
+    /// SQLSTATE to give a client when this error ends its statement.
+    pub fn sqlstate(&self) -> &str {
+        match self {
+            ServerError::Server(f) => &f.code,
+            ServerError::Auth(_) => "28000",
+            _ => "08006",
+        }
+    }
+}
+
+pub struct ServerConn {
+    pub node: NodeId,
+    stream: TcpStream,
+    rbuf: BytesMut,
+    codec: FrameCodec,
+    /// ParameterStatus values reported at startup.
+    pub params: Vec<(String, String)>,
+    pub backend_pid: i32,
+    pub backend_secret: i32,
+    /// Statement names (tidemark's global names) prepared on this connection.
+    pub prepared: HashSet<String>,
+    /// Hash of the session state (SETs) last applied; 0 = pristine.
+    pub state_key: u64,
+    pub created: Instant,
+    pub last_used: Instant,
+    /// Set when the connection must not go back to a pool.
+    pub broken: bool,
+}
+
+impl ServerConn {
+    pub async fn connect(t: &ServerTarget, timeout: Duration) -> Result<ServerConn, ServerError> {
+        let addr = format!("{}:{}", t.host, t.port);
+        match tokio::time::timeout(timeout, Self::connect_inner(t, &addr)).await {
+            Ok(r) => r,
+            Err(_) => Err(ServerError::ConnectTimeout(addr)),
+        }
+    }
+
+    async fn connect_inner(t: &ServerTarget, addr: &str) -> Result<ServerConn, ServerError> {
+        let stream = TcpStream::connect(addr)
+            .await
+            .map_err(|source| ServerError::Connect {
+                addr: addr.to_string(),
+                source,
+            })?;
+        stream.set_nodelay(true)?;
+        let now = Instant::now();
+        let mut c = ServerConn {
+            node: t.node,
+            stream,
+            rbuf: BytesMut::with_capacity(16 * 1024),
+            codec: FrameCodec::new(1 << 30),
+            params: Vec::new(),
+            backend_pid: 0,
+            backend_secret: 0,
+            prepared: HashSet::new(),
+            state_key: 0,
+            created: now,
+            last_used: now,
+            broken: false,
+        };
+        let mut buf = BytesMut::new();
+        pgfe::startup_message(
+            [
+                ("user", t.user.as_str()),
+                ("database", t.database.as_str()),
+                ("client_encoding", "UTF8"),
+                ("application_name", "tidemark"),
+            ],
+            &mut buf,
+        )?;
+        c.stream.write_all(&buf).await?;
+        c.authenticate(t).await?;
+        loop {
+            let f = c.recv().await?;
+            match f.tag() {
+                b'S' => {
+                    let kv = parse_parameter_status(&f)
+                        .map_err(|e| ServerError::Protocol(e.to_string()))?;
+                    c.params.push(kv);
+                }
+                b'K' => {
+                    let (pid, secret) = tidemark_wire::backend::parse_backend_key_data(&f)
+                        .map_err(|e| ServerError::Protocol(e.to_string()))?;
+                    c.backend_pid = pid;
+                    c.backend_secret = secret;
+                }
+                b'Z' => return Ok(c),
+                b'E' => return Err(server_error(&f)),
+                b'N' => {}
+                other => {
+                    return Err(ServerError::Protocol(format!(
+                        "unexpected message '{}' during startup",
+                        other as char
+                    )))
+                }
+            }
+        }
+    }
+
+    async fn authenticate(&mut self, t: &ServerTarget) -> Result<(), ServerError> {
+        let mut scram: Option<ScramSha256> = None;
+        loop {
+            let f = self.recv().await?;
+            if f.tag() == b'E' {
+                return Err(match server_error(&f) {
+                    ServerError::Server(e) => {
+                        ServerError::Auth(format!("{} ({})", e.message, e.code))
+                    }
+                    other => other,
+                });
+            }
+            let mut raw = BytesMut::from(&f.raw()[..]);
+            let msg = backend::Message::parse(&mut raw)
+                .map_err(|e| ServerError::Protocol(e.to_string()))?
+                .ok_or_else(|| ServerError::Protocol("truncated authentication message".into()))?;
+            let password = || {
+                t.password.as_deref().ok_or_else(|| {
+                    ServerError::Auth(format!(
+                        "server {}:{} asks for a password for user '{}' but none is configured (set users.server_password)",
+                        t.host, t.port, t.user
+                    ))
+                })
+            };
+            let mut out = BytesMut::new();
+            match msg {
+                backend::Message::AuthenticationOk => return Ok(()),
+                backend::Message::AuthenticationCleartextPassword => {
+                    pgfe::password_message(password()?.as_bytes(), &mut out)?;
+                }
+                backend::Message::AuthenticationMd5Password(body) => {
+                    let hash = postgres_protocol::authentication::md5_hash(
+                        t.user.as_bytes(),
+                        password()?.as_bytes(),
+                        body.salt(),
+                    );
+                    pgfe::password_message(hash.as_bytes(), &mut out)?;
+                }
+                backend::Message::AuthenticationSasl(body) => {
+                    let mut mechs = body.mechanisms();
+                    let mut ok = false;
+                    while let Some(m) = fallible_next(&mut mechs)? {
+                        ok |= m == SCRAM_SHA_256;
+                    }
+                    if !ok {
+                        return Err(ServerError::Auth(
+                            "server offers no SASL mechanism tidemark supports".into(),
+                        ));
+                    }
+                    let s = ScramSha256::new(password()?.as_bytes(), ChannelBinding::unsupported());
+                    pgfe::sasl_initial_response(SCRAM_SHA_256, s.message(), &mut out)?;
+                    scram = Some(s);
+                }
+                backend::Message::AuthenticationSaslContinue(body) => {
+                    let s = scram
+                        .as_mut()
+                        .ok_or_else(|| ServerError::Protocol("unexpected SASL continue".into()))?;
+                    s.update(body.data())?;
+                    pgfe::sasl_response(s.message(), &mut out)?;
+                }
+                backend::Message::AuthenticationSaslFinal(body) => {
+                    let mut s = scram
+                        .take()
+                        .ok_or_else(|| ServerError::Protocol("unexpected SASL final".into()))?;
+                    s.finish(body.data())
+                        .map_err(|e| ServerError::Auth(format!("SCRAM server signature: {e}")))?;
+                    continue;
+                }
+                _ => {
+                    return Err(ServerError::Auth(
+                        "server asks for an authentication method tidemark does not support".into(),
+                    ))
+                }
+            }
+            self.stream.write_all(&out).await?;
+        }
+    }
+
+    /// Reads one frame.
+    pub async fn recv(&mut self) -> Result<Frame, ServerError> {
+        loop {
+            if let Some(f) = self
+                .codec
+                .decode(&mut self.rbuf)
+                .map_err(|e| ServerError::Protocol(e.to_string()))?
+            {
+                return Ok(f);
+            }
+            let n = self.stream.read_buf(&mut self.rbuf).await?;
+            if n == 0 {
+                return Err(ServerError::Closed);
+            }
+        }
+    }
+
+    /// Takes a frame that is already buffered, without reading.
+    pub fn try_buffered(&mut self) -> Result<Option<Frame>, ServerError> {
+        self.codec
+            .decode(&mut self.rbuf)
+            .map_err(|e| ServerError::Protocol(e.to_string()))
+    }
+
+    pub async fn send(&mut self, bytes: &[u8]) -> Result<(), ServerError> {
+        self.stream.write_all(bytes).await?;
+        Ok(())
+    }
+
+    /// True when the server sent something while the connection was idle (e.g. it is
+    /// closing after `pg_terminate_backend`), or the socket is closed.
+    pub fn has_unexpected_input(&mut self) -> bool {
+        if !self.rbuf.is_empty() {
+            return true;
+        }
+        let mut probe = [0u8; 1];
+        match self.stream.try_read(&mut probe) {
+            Ok(0) => true,
+            Ok(_) => true,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => false,
+            Err(_) => true,
+        }
+    }
+
+    /// Runs an internal simple query and returns the first column of each row, swallowing
+    /// every response. Fails on an ErrorResponse (after reading up to ReadyForQuery).
+    pub async fn simple_query(&mut self, sql: &str) -> Result<Vec<Option<String>>, ServerError> {
+        let q = tidemark_wire::frontend::query(sql);
+        self.send(q.raw()).await?;
+        let mut rows = Vec::new();
+        let mut err = None;
+        loop {
+            let f = self.recv().await?;
+            match f.tag() {
+                b'D' => {
+                    rows.push(data_row_first(&f).map_err(|e| ServerError::Protocol(e.to_string()))?)
+                }
+                b'E' => err = Some(server_error(&f)),
+                b'Z' => {
+                    if tidemark_wire::backend::ready_status(&f) != Ok(b'I') {
+                        self.broken = true;
+                    }
+                    return match err {
+                        Some(e) => Err(e),
+                        None => Ok(rows),
+                    };
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Bytes buffered from the server and not yet consumed.
+    pub fn buffered(&self) -> usize {
+        self.rbuf.len()
+    }
+
+    pub fn discard_buffer(&mut self) {
+        self.rbuf.advance(self.rbuf.len());
+    }
+
+    pub async fn terminate(mut self) {
+        let _ = self.stream.write_all(&[b'X', 0, 0, 0, 4]).await;
+    }
+
+    pub fn stream_mut(&mut self) -> &mut TcpStream {
+        &mut self.stream
+    }
+}
+
+fn fallible_next<'a>(
+    it: &mut postgres_protocol::message::backend::SaslMechanisms<'a>,
+) -> Result<Option<&'a str>, ServerError> {
+    use fallible_iterator::FallibleIterator;
+    it.next().map_err(|e| ServerError::Protocol(e.to_string()))
+}
+
+pub fn server_error(f: &Frame) -> ServerError {
+    match ErrorFields::parse(f) {
+        Ok(e) => ServerError::Server(e),
+        Err(e) => ServerError::Protocol(e.to_string()),
+    }
+}
+
+/// Sends a CancelRequest for a backend.
+pub async fn cancel(host: &str, port: u16, pid: i32, secret: i32) -> std::io::Result<()> {
+    let mut s = TcpStream::connect((host, port)).await?;
+    let mut b = BytesMut::new();
+    pgfe::cancel_request(pid, secret, &mut b);
+    s.write_all(&b).await?;
+    let mut sink = [0u8; 1];
+    let _ = tokio::time::timeout(Duration::from_secs(2), s.read(&mut sink)).await;
+    Ok(())
+}

@@ -1,0 +1,1827 @@
+//! One client session: reads routing units from the client (a simple Query, or extended
+//! protocol messages up to Sync/Flush), asks `tidemark-sql` what they are and
+//! `tidemark-core` where they may go, checks out a server connection, re-establishes the
+//! client's session state and prepared statements on it, relays the responses, and after
+//! a write captures the commit LSN the client's later reads depend on.
+//!
+//! Routing rules live in `tidemark_core::route`; this file only carries them out.
+
+use std::collections::hash_map::DefaultHasher;
+use std::collections::{HashMap, VecDeque};
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use tidemark_core::{
+    caught_up, fallback_after_wait, route, Consistency, Lsn, NodeId, Reason, Role, Route,
+    RouteRequest, TargetHint, Unavailable,
+};
+use tidemark_sql::{Analysis, Class, HintTarget, SessionKind, TidemarkCommand, TxControl};
+use tidemark_wire::backend::{self as be, ErrorFields};
+use tidemark_wire::frontend::{self as fe, FrontendMessage};
+use tidemark_wire::{Frame, StartupParams};
+
+use crate::app::{App, CancelTarget, ClientInfo};
+use crate::client::{ClientError, ClientIo};
+use crate::config::PoolMode;
+use crate::pool::{Checked, PoolError};
+use crate::server::{server_error, ServerError};
+
+/// Most prepared statements one server connection keeps before tidemark deallocates them.
+const MAX_PREPARED_PER_SERVER: usize = 5000;
+/// A unit without Sync/Flush larger than this is sent on without waiting for its end.
+const MAX_UNIT_BYTES: usize = 1 << 20;
+/// Client messages read ahead while a unit runs.
+const MAX_PENDING_BYTES: usize = 4 << 20;
+/// Output held back from a replica (so a failed read can be retried invisibly).
+const MAX_HELD_OUTPUT: usize = 256 * 1024;
+
+/// A client's named prepared statement.
+#[derive(Debug)]
+struct Stmt {
+    query: String,
+    param_types: Vec<u32>,
+    /// Name used on server connections (shared by every client with the same text).
+    global: String,
+    analysis: Arc<Analysis>,
+}
+
+/// What one message sent to the server will produce, in order.
+#[derive(Debug)]
+enum Exp {
+    Parse {
+        visible: bool,
+        register: Option<String>,
+    },
+    Bind,
+    Describe,
+    Execute,
+    Close,
+    Sync,
+    Query,
+    Func,
+    /// A response tidemark makes itself (e.g. ParseComplete for a statement the server
+    /// connection already has), emitted in its place in the stream.
+    Synth(Frame),
+}
+
+#[derive(Debug, PartialEq, Eq, Clone, Copy)]
+enum UnitEnd {
+    Sync,
+    Query,
+    Func,
+    Flush,
+    Size,
+}
+
+struct Unit {
+    frames: Vec<Frame>,
+    end: UnitEnd,
+}
+
+/// The server connection a session holds across units (transaction, pinned session, or a
+/// unit left open by Flush).
+struct Attached {
+    conn: Checked,
+    node: NodeId,
+    role: Role,
+}
+
+/// How a relay ended.
+enum RelayEnd {
+    /// ReadyForQuery with this status.
+    Ready(u8),
+    /// Flushed unit: all responses so far are relayed, the unit stays open.
+    Open,
+}
+
+enum RelayError {
+    Client(ClientError),
+    Server(ServerError),
+}
+
+impl From<ClientError> for RelayError {
+    fn from(e: ClientError) -> Self {
+        RelayError::Client(e)
+    }
+}
+impl From<ServerError> for RelayError {
+    fn from(e: ServerError) -> Self {
+        RelayError::Server(e)
+    }
+}
+
+type SResult<T> = Result<T, ClientError>;
+
+pub struct Session {
+    app: Arc<App>,
+    io: ClientIo,
+    user: String,
+    database: String,
+    pid: i32,
+    secret: i32,
+    cancel_slot: Arc<Mutex<Option<CancelTarget>>>,
+    info: Arc<Mutex<ClientInfo>>,
+    /// SET statements from the startup packet, then from the client, by parameter name.
+    startup_sets: Vec<String>,
+    sets: Vec<(String, String)>,
+    state_key: u64,
+    consistency: Consistency,
+    key: Option<String>,
+    token: Lsn,
+    report_lsn: bool,
+    last_write_lsn: Lsn,
+    statements: HashMap<String, Arc<Stmt>>,
+    unnamed: Option<Arc<Stmt>>,
+    attached: Option<Attached>,
+    /// The client must stay on one primary connection (LISTEN, temp tables, ...).
+    pinned: bool,
+    tx_status: u8,
+    tx_wrote: bool,
+    /// A Flush-ended unit is open on `attached` until its Sync.
+    unit_open: bool,
+    /// After an error inside an open unit, the server skips until Sync.
+    server_skipping: bool,
+    pending: VecDeque<Frame>,
+    pending_bytes: usize,
+    copy_in: bool,
+    /// After tidemark itself failed a Flush-ended unit: ignore messages until Sync.
+    skip_until_sync: bool,
+    /// Params reported to the client.
+    params: HashMap<String, String>,
+    max_prepared: usize,
+}
+
+fn quote_literal(v: &str) -> String {
+    format!("'{}'", v.replace('\'', "''"))
+}
+
+fn is_ident(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.')
+}
+
+/// Turns startup parameters (including `options=-c a=b`) into SET statements.
+pub fn startup_to_sets(params: &StartupParams) -> Result<Vec<(String, String)>, String> {
+    let mut out: Vec<(String, String)> = Vec::new();
+    let mut put = |name: &str, value: &str| -> Result<(), String> {
+        if !is_ident(name) {
+            return Err(format!(
+                "invalid parameter name \"{name}\" in startup packet"
+            ));
+        }
+        let name = name.to_ascii_lowercase();
+        out.retain(|(n, _)| *n != name);
+        out.push((
+            name.clone(),
+            format!("SET {name} TO {}", quote_literal(value)),
+        ));
+        Ok(())
+    };
+    for (k, v) in &params.0 {
+        match k.as_str() {
+            "user" | "database" | "replication" => {}
+            "options" => {
+                let mut words = v.split_whitespace();
+                while let Some(w) = words.next() {
+                    let kv = if w == "-c" {
+                        words.next().unwrap_or_default()
+                    } else if let Some(r) = w.strip_prefix("-c") {
+                        r
+                    } else if let Some(r) = w.strip_prefix("--") {
+                        r
+                    } else {
+                        return Err(format!(
+                            "unsupported startup option \"{w}\" (use -c name=value)"
+                        ));
+                    };
+                    let Some((n, val)) = kv.split_once('=') else {
+                        return Err(format!("startup option \"{kv}\" is not name=value"));
+                    };
+                    put(&n.replace('-', "_"), val)?;
+                }
+            }
+            _ => put(k, v)?,
+        }
+    }
+    Ok(out)
+}
+
+fn hash_of<T: Hash>(t: &T) -> u64 {
+    let mut h = DefaultHasher::new();
+    t.hash(&mut h);
+    h.finish()
+}
+
+fn class_label(c: &Class) -> &'static str {
+    match c {
+        Class::Read => "read",
+        Class::Write => "write",
+        Class::Transaction(_) => "transaction",
+        Class::SessionState(_) => "session_state",
+        Class::Tidemark(_) => "tidemark",
+        Class::Unknown => "unknown",
+    }
+}
+
+impl Session {
+    /// `startup` comes from [`startup_to_sets`] of the client's startup parameters.
+    pub fn new(
+        app: Arc<App>,
+        io: ClientIo,
+        user: String,
+        database: String,
+        startup: Vec<(String, String)>,
+        addr: String,
+    ) -> Session {
+        let cfg = app.config.load();
+        let consistency = cfg.default_consistency(&user);
+        let max_prepared = cfg.limits.max_prepared_per_client;
+        let pinned = cfg.pool.mode == PoolMode::Session;
+        drop(cfg);
+        let cancel_slot = Arc::new(Mutex::new(None));
+        let info = Arc::new(Mutex::new(ClientInfo {
+            user: user.clone(),
+            database: database.clone(),
+            addr,
+            state: "idle",
+            node: None,
+            consistency: consistency.to_string(),
+        }));
+        let (pid, secret) = app.register_client(cancel_slot.clone(), info.clone());
+        let mut s = Session {
+            app,
+            io,
+            user,
+            database,
+            pid,
+            secret,
+            cancel_slot,
+            info,
+            startup_sets: startup.into_iter().map(|(_, s)| s).collect(),
+            sets: Vec::new(),
+            state_key: 0,
+            consistency,
+            key: None,
+            token: Lsn::ZERO,
+            report_lsn: false,
+            last_write_lsn: Lsn::ZERO,
+            statements: HashMap::new(),
+            unnamed: None,
+            attached: None,
+            pinned,
+            tx_status: b'I',
+            tx_wrote: false,
+            unit_open: false,
+            server_skipping: false,
+            pending: VecDeque::new(),
+            pending_bytes: 0,
+            copy_in: false,
+            skip_until_sync: false,
+            params: HashMap::new(),
+            max_prepared,
+        };
+        s.recompute_state_key();
+        s
+    }
+
+    pub fn backend_key(&self) -> i32 {
+        self.pid
+    }
+
+    fn state_sql(&self) -> String {
+        let mut sql = String::from("RESET ALL");
+        for s in self
+            .startup_sets
+            .iter()
+            .chain(self.sets.iter().map(|(_, s)| s))
+        {
+            sql.push_str("; ");
+            sql.push_str(s);
+        }
+        sql
+    }
+
+    fn recompute_state_key(&mut self) {
+        self.state_key = if self.startup_sets.is_empty() && self.sets.is_empty() {
+            0
+        } else {
+            hash_of(&self.state_sql()) | 1
+        };
+    }
+
+    /// Finishes the login: reports server parameters, BackendKeyData and ReadyForQuery.
+    pub async fn start(&mut self) -> SResult<bool> {
+        let secret = self.secret;
+        // Any healthy node can tell us the server parameters.
+        let req = RouteRequest {
+            read_only: true,
+            pinned: None,
+            consistency: Consistency::Eventual,
+            required_lsn: Lsn::ZERO,
+            hint: TargetHint::Any,
+            balance: self.app.balance.fetch_add(1, Ordering::Relaxed),
+        };
+        let view = self.app.view.load_full();
+        let node = match route(&req, &view) {
+            Route::Node { node, .. } => Some(node),
+            _ => view
+                .primary_id()
+                .or_else(|| view.nodes.iter().find(|n| n.healthy).map(|n| n.id)),
+        };
+        let node = node.unwrap_or(0);
+        let mut conn = match self.checkout(node).await {
+            Ok(c) => c,
+            Err(e) => {
+                let mut f = e;
+                f.severity = "FATAL".into();
+                self.io.send(&f.to_error()).await?;
+                return Ok(false);
+            }
+        };
+        if let Err(e) = self.sync_state(&mut conn).await {
+            let f = match e {
+                ServerError::Server(f) => ErrorFields::fatal(&f.code, f.message),
+                other => ErrorFields::fatal("08006", other.to_string()),
+            };
+            self.io.send(&f.to_error()).await?;
+            return Ok(false);
+        }
+        for (k, v) in &conn.conn.params {
+            self.params.insert(k.clone(), v.clone());
+            self.io.push(&be::parameter_status(k, v));
+        }
+        conn.release();
+        self.io.push(&be::backend_key_data(self.pid, secret));
+        self.io.push(&be::ready_for_query(b'I'));
+        self.io.flush().await?;
+        Ok(true)
+    }
+
+    /// The session loop. Returns when the client leaves or must be disconnected.
+    pub async fn run(&mut self) {
+        let r = self.run_inner().await;
+        match r {
+            Ok(()) | Err(ClientError::Closed) => {}
+            Err(ClientError::Protocol(e)) => {
+                let f = ErrorFields::fatal("08P01", e.to_string());
+                crate::metrics::error("08P01");
+                let _ = self.io.send(&f.to_error()).await;
+            }
+            Err(ClientError::Io(e)) => tracing::debug!(error = %e, "client connection ended"),
+        }
+        self.detach_close().await;
+        self.app.unregister_client(self.pid);
+    }
+
+    async fn run_inner(&mut self) -> SResult<()> {
+        let mut shutdown = self.app.shutting_down.subscribe();
+        loop {
+            let unit = match self.next_unit(&mut shutdown).await? {
+                Some(u) => u,
+                None => return Ok(()),
+            };
+            self.run_unit(unit).await?;
+        }
+    }
+
+    fn push_pending(&mut self, f: Frame) {
+        self.pending_bytes += f.len();
+        self.pending.push_back(f);
+    }
+
+    async fn next_frame(
+        &mut self,
+        shutdown: &mut tokio::sync::watch::Receiver<bool>,
+    ) -> SResult<Option<Frame>> {
+        if let Some(f) = self.pending.pop_front() {
+            self.pending_bytes -= f.len();
+            return Ok(Some(f));
+        }
+        loop {
+            if let Some(f) = self.io.try_frame()? {
+                return Ok(Some(f));
+            }
+            let idle = self.attached.is_none() && self.tx_status == b'I';
+            tokio::select! {
+                r = self.io.fill() => r?,
+                _ = shutdown.changed(), if idle => {
+                    let f = ErrorFields::fatal("57P01", "terminating connection: tidemark is shutting down");
+                    self.io.send(&f.to_error()).await?;
+                    return Ok(None);
+                }
+            }
+        }
+    }
+
+    /// Collects the next routing unit.
+    async fn next_unit(
+        &mut self,
+        shutdown: &mut tokio::sync::watch::Receiver<bool>,
+    ) -> SResult<Option<Unit>> {
+        let mut frames = Vec::new();
+        let mut bytes = 0;
+        loop {
+            let Some(f) = self.next_frame(shutdown).await? else {
+                return Ok(None);
+            };
+            // Validate every message up front: malformed input ends this client only.
+            FrontendMessage::parse(&f)?;
+            bytes += f.len();
+            let end = match f.tag() {
+                b'X' => {
+                    if frames.is_empty() {
+                        return Ok(None);
+                    }
+                    // Run what came before, then stop.
+                    self.push_pending(f);
+                    return Ok(Some(Unit {
+                        frames,
+                        end: UnitEnd::Size,
+                    }));
+                }
+                b'Q' if frames.is_empty() => Some(UnitEnd::Query),
+                b'F' if frames.is_empty() => Some(UnitEnd::Func),
+                b'Q' | b'F' => {
+                    // A simple query after unsynced extended messages: finish those first.
+                    self.push_pending(f);
+                    return Ok(Some(Unit {
+                        frames,
+                        end: UnitEnd::Size,
+                    }));
+                }
+                b'S' => Some(UnitEnd::Sync),
+                b'H' => Some(UnitEnd::Flush),
+                b'p' => {
+                    return Err(ClientError::Protocol(tidemark_wire::WireError::Malformed {
+                        tag: 'p',
+                        what: "password message outside authentication",
+                    }))
+                }
+                _ => None,
+            };
+            frames.push(f);
+            if let Some(end) = end {
+                return Ok(Some(Unit { frames, end }));
+            }
+            if bytes > MAX_UNIT_BYTES {
+                return Ok(Some(Unit {
+                    frames,
+                    end: UnitEnd::Size,
+                }));
+            }
+        }
+    }
+
+    async fn send_error_ready(&mut self, e: ErrorFields, end: UnitEnd) -> SResult<()> {
+        crate::metrics::error(&e.code);
+        self.io.push(&e.to_error());
+        match end {
+            UnitEnd::Sync | UnitEnd::Query | UnitEnd::Func => {
+                self.io.push(&be::ready_for_query(self.tx_status));
+            }
+            UnitEnd::Flush | UnitEnd::Size => {
+                // Like PostgreSQL after an error: ignore messages until Sync.
+                self.skip_until_sync = true;
+            }
+        }
+        self.io.flush().await
+    }
+
+    async fn run_unit(&mut self, unit: Unit) -> SResult<()> {
+        if self.skip_until_sync {
+            if unit.end == UnitEnd::Sync {
+                self.skip_until_sync = false;
+                self.io.push(&be::ready_for_query(self.tx_status));
+                self.io.flush().await?;
+            }
+            return Ok(());
+        }
+        // What is this unit?
+        let (analysis, stmt_updates) = match self.analyse(&unit) {
+            Ok(a) => a,
+            Err(e) => return self.send_error_ready(e, unit.end).await,
+        };
+        if let Class::Tidemark(cmd) = &analysis.class {
+            if unit.end == UnitEnd::Query {
+                return self.tidemark_command(cmd.clone()).await;
+            }
+            let e = ErrorFields::error(
+                "0A000",
+                "tidemark commands (SET/SHOW tidemark.*) must be sent with the simple query protocol",
+            );
+            return self.send_error_ready(e, unit.end).await;
+        }
+        if analysis.statements.len() > 1
+            && analysis
+                .statements
+                .iter()
+                .any(|c| matches!(c, Class::Tidemark(_)))
+        {
+            let e = ErrorFields::error(
+                "0A000",
+                "tidemark commands (SET/SHOW tidemark.*) must be sent alone, not with other statements",
+            );
+            return self.send_error_ready(e, unit.end).await;
+        }
+        for (name, stmt) in stmt_updates {
+            match stmt {
+                Some(s) if name.is_empty() => self.unnamed = Some(s),
+                Some(s) => {
+                    self.statements.insert(name, s);
+                }
+                None => {
+                    self.statements.remove(&name);
+                }
+            }
+        }
+        for err in &analysis.hints.errors {
+            let n = ErrorFields {
+                severity: "WARNING".into(),
+                ..ErrorFields::error("01000", format!("{err}; the statement goes to the primary"))
+            };
+            self.io.push(&n.to_notice());
+        }
+        if analysis.pins_session && !self.pinned {
+            self.pinned = true;
+            tracing::debug!(
+                client = self.pid,
+                "session pinned to one primary connection"
+            );
+        }
+        self.execute(unit, analysis).await
+    }
+
+    /// Classifies a unit; returns its combined analysis and the prepared statements it
+    /// defines (`Some`) or closes (`None`).
+    #[allow(clippy::type_complexity)]
+    fn analyse(
+        &mut self,
+        unit: &Unit,
+    ) -> Result<(Arc<Analysis>, Vec<(String, Option<Arc<Stmt>>)>), ErrorFields> {
+        let mut parts: Vec<Arc<Analysis>> = Vec::new();
+        let mut updates: Vec<(String, Option<Arc<Stmt>>)> = Vec::new();
+        let mut new_named = 0usize;
+        for f in &unit.frames {
+            let msg = FrontendMessage::parse(f)
+                .map_err(|e| ErrorFields::error("08P01", e.to_string()))?;
+            match msg {
+                FrontendMessage::Query(sql) => parts.push(self.app.classifier.classify(sql)),
+                FrontendMessage::Parse {
+                    name,
+                    query,
+                    param_types,
+                } => {
+                    let analysis = self.app.classifier.classify(query);
+                    let global = format!(
+                        "tm_{:016x}",
+                        hash_of(&(query, &param_types, self.state_key))
+                    );
+                    parts.push(analysis.clone());
+                    if !name.is_empty() {
+                        new_named += 1;
+                        if self.statements.len() + new_named > self.max_prepared {
+                            return Err(ErrorFields::error(
+                                "53400",
+                                format!(
+                                    "too many prepared statements on this connection (limit {}, limits.max_prepared_per_client)",
+                                    self.max_prepared
+                                ),
+                            ).with_hint("Close (DEALLOCATE) statements you no longer use"));
+                        }
+                    }
+                    updates.push((
+                        name.to_string(),
+                        Some(Arc::new(Stmt {
+                            query: query.to_string(),
+                            param_types,
+                            global,
+                            analysis,
+                        })),
+                    ));
+                }
+                FrontendMessage::Bind { statement, .. } => {
+                    if let Some(s) = self.lookup_stmt(statement, &updates) {
+                        parts.push(s.analysis.clone());
+                    }
+                }
+                FrontendMessage::Describe { kind: b'S', name } => {
+                    if let Some(s) = self.lookup_stmt(name, &updates) {
+                        parts.push(s.analysis.clone());
+                    }
+                }
+                FrontendMessage::Close { kind: b'S', name } if !name.is_empty() => {
+                    updates.push((name.to_string(), None));
+                }
+                FrontendMessage::FunctionCall => parts.push(Arc::new(Analysis {
+                    class: Class::Unknown,
+                    statements: vec![Class::Unknown],
+                    pins_session: false,
+                    hints: Default::default(),
+                })),
+                _ => {}
+            }
+        }
+        Ok((combine_analyses(parts), updates))
+    }
+
+    fn lookup_stmt(
+        &self,
+        name: &str,
+        updates: &[(String, Option<Arc<Stmt>>)],
+    ) -> Option<Arc<Stmt>> {
+        if let Some((_, s)) = updates.iter().rev().find(|(n, _)| n == name) {
+            return s.clone();
+        }
+        if name.is_empty() {
+            self.unnamed.clone()
+        } else {
+            self.statements.get(name).cloned()
+        }
+    }
+
+    async fn tidemark_command(&mut self, cmd: TidemarkCommand) -> SResult<()> {
+        let invalid = |name: &str, value: &str, what: &str| {
+            ErrorFields::error(
+                "22023",
+                format!("invalid value for parameter \"tidemark.{name}\": \"{value}\""),
+            )
+            .with_hint(what.to_string())
+        };
+        match cmd {
+            TidemarkCommand::Set { name, value } => {
+                let r: Result<(), ErrorFields> = match name.as_str() {
+                    "consistency" => match value.parse::<Consistency>() {
+                        Ok(c) => {
+                            self.consistency = c;
+                            self.info.lock().consistency = c.to_string();
+                            Ok(())
+                        }
+                        Err(e) => Err(invalid(&name, &value, &e.to_string())),
+                    },
+                    "key" => {
+                        self.key = if value.is_empty() {
+                            None
+                        } else {
+                            Some(value.clone())
+                        };
+                        Ok(())
+                    }
+                    "min_lsn" => match value.parse::<Lsn>() {
+                        Ok(l) => {
+                            self.token = l;
+                            Ok(())
+                        }
+                        Err(e) => Err(invalid(&name, &value, &e.to_string())),
+                    },
+                    "report_lsn" => match value.to_ascii_lowercase().as_str() {
+                        "on" | "true" | "1" | "yes" => {
+                            self.report_lsn = true;
+                            Ok(())
+                        }
+                        "off" | "false" | "0" | "no" => {
+                            self.report_lsn = false;
+                            Ok(())
+                        }
+                        _ => Err(invalid(&name, &value, "use on or off")),
+                    },
+                    _ => Err(unknown_setting(&name)),
+                };
+                match r {
+                    Ok(()) => {
+                        self.io.push(&be::command_complete("SET"));
+                        self.io.push(&be::ready_for_query(self.tx_status));
+                        self.io.flush().await
+                    }
+                    Err(e) => self.send_error_ready(e, UnitEnd::Query).await,
+                }
+            }
+            TidemarkCommand::Reset { name } => {
+                match name.as_str() {
+                    "consistency" => {
+                        self.consistency = self.app.config.load().default_consistency(&self.user);
+                        self.info.lock().consistency = self.consistency.to_string();
+                    }
+                    "key" => self.key = None,
+                    "min_lsn" => self.token = Lsn::ZERO,
+                    "report_lsn" => self.report_lsn = false,
+                    "all" => {
+                        self.consistency = self.app.config.load().default_consistency(&self.user);
+                        self.key = None;
+                        self.token = Lsn::ZERO;
+                        self.report_lsn = false;
+                    }
+                    _ => {
+                        return self
+                            .send_error_ready(unknown_setting(&name), UnitEnd::Query)
+                            .await
+                    }
+                }
+                self.io.push(&be::command_complete("RESET"));
+                self.io.push(&be::ready_for_query(self.tx_status));
+                self.io.flush().await
+            }
+            TidemarkCommand::Show { name } => {
+                let value = match name.as_str() {
+                    "commit_lsn" => self.last_write_lsn.to_string(),
+                    "consistency" => self.consistency.to_string(),
+                    "key" => self.key.clone().unwrap_or_default(),
+                    "min_lsn" => self.token.to_string(),
+                    "report_lsn" => if self.report_lsn { "on" } else { "off" }.to_string(),
+                    _ => {
+                        return self
+                            .send_error_ready(unknown_setting(&name), UnitEnd::Query)
+                            .await
+                    }
+                };
+                let col = format!("tidemark.{name}");
+                self.io.push(&be::row_description(&[col.as_str()]));
+                self.io.push(&be::data_row(&[Some(value)]));
+                self.io.push(&be::command_complete("SHOW"));
+                self.io.push(&be::ready_for_query(self.tx_status));
+                self.io.flush().await
+            }
+        }
+    }
+
+    /// The LSN this read depends on.
+    fn required_lsn(&self, analysis: &Analysis) -> Lsn {
+        let mut l = self.last_write_lsn.max(self.token);
+        if let Some(m) = analysis.hints.min_lsn {
+            l = l.max(m);
+        }
+        let key = analysis.hints.key.as_ref().or(self.key.as_ref());
+        if let Some(k) = key {
+            if let Some(kl) = self.app.keys.get(k) {
+                l = l.max(kl);
+            }
+        }
+        l
+    }
+
+    async fn checkout(&mut self, node: NodeId) -> Result<Checked, ErrorFields> {
+        let Some(pool) = self.app.pool(node, &self.database, &self.user) else {
+            return Err(ErrorFields::error(
+                "08006",
+                format!("node {node} is not configured"),
+            ));
+        };
+        match pool.checkout().await {
+            Ok(c) => Ok(c),
+            Err(PoolError::Exhausted { pool, waited, max }) => Err(ErrorFields::error(
+                "53300",
+                format!("no server connection available in pool {pool} after {waited:?} (all {max} in use)"),
+            )
+            .with_hint("raise pool.max_size or pool.checkout_timeout, or make transactions shorter")),
+            Err(PoolError::Server(ServerError::Server(f))) => Err(f),
+            Err(PoolError::Server(e)) => Err(ErrorFields::error(
+                "08006",
+                format!("cannot connect to node {}: {e}", self.app.node_name(node)),
+            )),
+        }
+    }
+
+    /// Brings a server connection to this session's SET state.
+    async fn sync_state(&mut self, c: &mut Checked) -> Result<(), ServerError> {
+        if c.conn.prepared.len() > MAX_PREPARED_PER_SERVER {
+            c.conn.simple_query("DEALLOCATE ALL").await?;
+            c.conn.prepared.clear();
+        }
+        if c.conn.state_key == self.state_key {
+            return Ok(());
+        }
+        let sql = if self.state_key == 0 {
+            "RESET ALL".to_string()
+        } else {
+            self.state_sql()
+        };
+        c.conn.simple_query(&sql).await?;
+        c.conn.state_key = self.state_key;
+        Ok(())
+    }
+
+    /// Decides where the unit goes and runs it there.
+    async fn execute(&mut self, unit: Unit, analysis: Arc<Analysis>) -> SResult<()> {
+        let read_only = self.unit_read_only(&analysis);
+        if self.attached.is_none() {
+            let decision = self.decide(&analysis, read_only).await;
+            let (mut conn, node, role, reason) = match decision {
+                Ok(d) => d,
+                Err(e) => return self.send_error_ready(e, unit.end).await,
+            };
+            if let Err(e) = self.sync_state(&mut conn).await {
+                let f = match e {
+                    ServerError::Server(f) => f,
+                    other => ErrorFields::error("08006", other.to_string()),
+                };
+                return self.send_error_ready(f, unit.end).await;
+            }
+            let target = if role == Role::Primary {
+                "primary"
+            } else {
+                "replica"
+            };
+            crate::metrics::statement(class_label(&analysis.class), target);
+            if read_only {
+                crate::metrics::read_routed(target, reason.as_str());
+            }
+            self.attached = Some(Attached { conn, node, role });
+        } else {
+            crate::metrics::statement(class_label(&analysis.class), "pinned");
+        }
+        let may_write = analysis.class.may_write()
+            || matches!(
+                analysis.class,
+                Class::Transaction(TxControl::CommitPrepared | TxControl::RollbackPrepared)
+            );
+        let retryable = read_only && self.tx_status == b'I' && !self.unit_open && !self.pinned;
+        let frames_for_retry = if retryable {
+            Some(unit.frames.clone())
+        } else {
+            None
+        };
+        let outcome = self.send_and_relay(&unit, retryable).await;
+        match outcome {
+            Ok(RelayOutcome::Done(status)) => {
+                self.after_ready(status, may_write, &analysis).await?;
+            }
+            Ok(RelayOutcome::Open) => {
+                self.unit_open = true;
+                if may_write {
+                    self.tx_wrote = true;
+                }
+            }
+            Ok(RelayOutcome::RetryOnPrimary(why)) => {
+                // Nothing reached the client: run the unit again on the primary.
+                tracing::info!(client = self.pid, reason = %why, "read retried on the primary");
+                crate::metrics::fallback("replica_error");
+                let Some(frames) = frames_for_retry else {
+                    return Ok(());
+                };
+                let view = self.app.view.load_full();
+                let retry = match view.primary_id() {
+                    Some(p) => self.checkout(p).await.map(|c| (c, p)),
+                    None => Err(ErrorFields::error(
+                        "08006",
+                        format!("{why}; no primary is available to retry on"),
+                    )),
+                };
+                match retry {
+                    Ok((mut conn, p)) => {
+                        if let Err(e) = self.sync_state(&mut conn).await {
+                            return self
+                                .send_error_ready(
+                                    ErrorFields::error("08006", e.to_string()),
+                                    unit.end,
+                                )
+                                .await;
+                        }
+                        self.attached = Some(Attached {
+                            conn,
+                            node: p,
+                            role: Role::Primary,
+                        });
+                        let unit = Unit {
+                            frames,
+                            end: unit.end,
+                        };
+                        match self.send_and_relay(&unit, false).await {
+                            Ok(RelayOutcome::Done(status)) => {
+                                self.after_ready(status, may_write, &analysis).await?
+                            }
+                            Ok(RelayOutcome::Open) => self.unit_open = true,
+                            Ok(RelayOutcome::RetryOnPrimary(_)) => {}
+                            Err(RelayError::Client(e)) => return Err(e),
+                            Err(RelayError::Server(e)) => self.server_failed(e, unit.end).await?,
+                        }
+                    }
+                    Err(e) => return self.send_error_ready(e, unit.end).await,
+                }
+            }
+            Err(RelayError::Client(e)) => return Err(e),
+            Err(RelayError::Server(e)) => self.server_failed(e, unit.end).await?,
+        }
+        Ok(())
+    }
+
+    /// The server connection broke mid-unit: tell the client, drop the connection.
+    async fn server_failed(&mut self, e: ServerError, end: UnitEnd) -> SResult<()> {
+        let node = self.attached.as_ref().map(|a| a.node);
+        self.attached = None; // dropping closes it
+        self.unit_open = false;
+        self.copy_in = false;
+        self.server_skipping = false;
+        self.tx_wrote = false;
+        *self.cancel_slot.lock() = None;
+        let name = node.map(|n| self.app.node_name(n)).unwrap_or_default();
+        let was_in_tx = self.tx_status != b'I';
+        self.tx_status = b'I';
+        let (code, msg) = match &e {
+            ServerError::Server(f) => (f.code.clone(), f.message.clone()),
+            other => (
+                "08006".to_string(),
+                format!("connection to node {name} was lost: {other}"),
+            ),
+        };
+        let mut f = ErrorFields::error(&code, msg);
+        if was_in_tx {
+            f = f.with_detail("the transaction was rolled back by the server; start it again");
+        }
+        if self.pinned {
+            // Session state that lived on that connection is gone.
+            f.severity = "FATAL".into();
+            crate::metrics::error(&f.code);
+            self.io.send(&f.to_error()).await?;
+            return Err(ClientError::Closed);
+        }
+        let _ = end;
+        crate::metrics::error(&f.code);
+        self.io.push(&f.to_error());
+        self.io.push(&be::ready_for_query(b'I'));
+        self.io.flush().await
+    }
+
+    fn unit_read_only(&self, analysis: &Analysis) -> bool {
+        if analysis.hints.target == Some(HintTarget::Primary) || !analysis.hints.errors.is_empty() {
+            return false;
+        }
+        match &analysis.class {
+            Class::Read => true,
+            Class::Transaction(TxControl::Begin { read_only, .. }) => *read_only,
+            _ => false,
+        }
+    }
+
+    /// Routes a unit that is not bound to a connection yet, waiting for a replica to
+    /// catch up when needed. Returns the checked-out connection.
+    async fn decide(
+        &mut self,
+        analysis: &Analysis,
+        read_only: bool,
+    ) -> Result<(Checked, NodeId, Role, Reason), ErrorFields> {
+        let consistency = analysis.hints.consistency.unwrap_or(self.consistency);
+        let required = if read_only {
+            self.required_lsn(analysis)
+        } else {
+            Lsn::ZERO
+        };
+        let hint = match analysis.hints.target {
+            Some(HintTarget::Primary) => TargetHint::Primary,
+            Some(HintTarget::Replica) => TargetHint::Replica,
+            None => TargetHint::Any,
+        };
+        let req = RouteRequest {
+            read_only: read_only && !self.pinned,
+            pinned: None,
+            consistency,
+            required_lsn: required,
+            hint,
+            balance: self.app.balance.fetch_add(1, Ordering::Relaxed),
+        };
+        let view = self.app.view.load_full();
+        match route(&req, &view) {
+            Route::Node { node, role, reason } => {
+                if read_only && role == Role::Primary {
+                    crate::metrics::fallback(reason.as_str());
+                }
+                let c = self.checkout(node).await?;
+                Ok((c, node, role, reason))
+            }
+            Route::CheckReplicas {
+                candidates,
+                required_lsn,
+                fallback,
+            } => {
+                self.wait_for_replica(candidates, required_lsn, fallback)
+                    .await
+            }
+            Route::Unavailable(u) => Err(unavailable_error(&u, &self.app)),
+        }
+    }
+
+    /// Asks the most advanced replica for its replay position with a separate statement
+    /// before the read, polling until it reaches `required` or `max_wait` passes.
+    async fn wait_for_replica(
+        &mut self,
+        candidates: Vec<NodeId>,
+        required: Lsn,
+        fallback: Option<NodeId>,
+    ) -> Result<(Checked, NodeId, Role, Reason), ErrorFields> {
+        let start = Instant::now();
+        let max_wait = self.app.config.load().routing.max_wait;
+        let deadline = start + max_wait;
+        let mut conns: Vec<(NodeId, Checked)> = Vec::new();
+        'outer: loop {
+            for &cand in &candidates {
+                let idx = conns.iter().position(|(n, _)| *n == cand);
+                let idx = match idx {
+                    Some(i) => i,
+                    None => match self.checkout(cand).await {
+                        Ok(c) => {
+                            conns.push((cand, c));
+                            conns.len() - 1
+                        }
+                        Err(_) => continue,
+                    },
+                };
+                let r = conns[idx]
+                    .1
+                    .conn
+                    .simple_query("SELECT pg_last_wal_replay_lsn()")
+                    .await;
+                let reported = match r {
+                    Ok(rows) => rows
+                        .first()
+                        .cloned()
+                        .flatten()
+                        .and_then(|s| s.parse::<Lsn>().ok())
+                        .unwrap_or(Lsn::ZERO),
+                    Err(_) => {
+                        conns.remove(idx);
+                        continue;
+                    }
+                };
+                if let Some(Route::Node { node, role, reason }) =
+                    caught_up(cand, reported, required)
+                {
+                    let (_, c) = conns.remove(idx);
+                    for (_, other) in conns {
+                        other.release();
+                    }
+                    crate::metrics::lsn_wait(start.elapsed(), "replica");
+                    return Ok((c, node, role, reason));
+                }
+            }
+            if Instant::now() >= deadline || conns.is_empty() {
+                break 'outer;
+            }
+            // Wait for the next monitor sample or a millisecond, whichever comes first.
+            let notified = self.app.view_changed.notified();
+            let _ = tokio::time::timeout(Duration::from_millis(1), notified).await;
+            if Instant::now() >= deadline {
+                break 'outer;
+            }
+        }
+        for (_, c) in conns {
+            c.release();
+        }
+        crate::metrics::lsn_wait(start.elapsed(), "fallback");
+        match fallback_after_wait(fallback) {
+            Route::Node { node, role, reason } => {
+                crate::metrics::fallback(reason.as_str());
+                let c = self.checkout(node).await?;
+                Ok((c, node, role, reason))
+            }
+            Route::Unavailable(u) => Err(unavailable_error(&u, &self.app)),
+            Route::CheckReplicas { .. } => {
+                Err(ErrorFields::error("XX000", "internal routing error"))
+            }
+        }
+    }
+
+    /// Rewrites the unit for the attached server connection, sends it and relays responses.
+    async fn send_and_relay(
+        &mut self,
+        unit: &Unit,
+        retryable: bool,
+    ) -> Result<RelayOutcome, RelayError> {
+        let Some(att) = self.attached.as_mut() else {
+            return Err(RelayError::Server(ServerError::Closed));
+        };
+        let mut out = bytes::BytesMut::new();
+        let mut exp: VecDeque<Exp> = VecDeque::new();
+        let skipping = self.server_skipping;
+        let conn = &mut att.conn.conn;
+        for f in &unit.frames {
+            let msg = FrontendMessage::parse(f).map_err(|e| RelayError::Client(e.into()))?;
+            let push_exp = |e: Exp, exp: &mut VecDeque<Exp>| {
+                if !skipping || matches!(e, Exp::Sync) {
+                    exp.push_back(e);
+                }
+            };
+            match msg {
+                FrontendMessage::Parse { name, .. } if !name.is_empty() => {
+                    let Some(stmt) = self.statements.get(name).cloned() else {
+                        out.extend_from_slice(f.raw());
+                        push_exp(
+                            Exp::Parse {
+                                visible: true,
+                                register: None,
+                            },
+                            &mut exp,
+                        );
+                        continue;
+                    };
+                    if conn.prepared.contains(&stmt.global) {
+                        push_exp(Exp::Synth(be::simple(be::PARSE_COMPLETE)), &mut exp);
+                    } else {
+                        out.extend_from_slice(
+                            fe::parse(&stmt.global, &stmt.query, &stmt.param_types).raw(),
+                        );
+                        push_exp(
+                            Exp::Parse {
+                                visible: true,
+                                register: Some(stmt.global.clone()),
+                            },
+                            &mut exp,
+                        );
+                    }
+                }
+                FrontendMessage::Bind { statement, .. } => {
+                    let stmt = if statement.is_empty() {
+                        None
+                    } else {
+                        self.statements.get(statement).cloned()
+                    };
+                    match stmt {
+                        Some(stmt) => {
+                            if !conn.prepared.contains(&stmt.global)
+                                && !exp_registers(&exp, &stmt.global)
+                            {
+                                out.extend_from_slice(
+                                    fe::parse(&stmt.global, &stmt.query, &stmt.param_types).raw(),
+                                );
+                                push_exp(
+                                    Exp::Parse {
+                                        visible: false,
+                                        register: Some(stmt.global.clone()),
+                                    },
+                                    &mut exp,
+                                );
+                            }
+                            let renamed = fe::rename_bind(f, &stmt.global)
+                                .map_err(|e| RelayError::Client(e.into()))?;
+                            out.extend_from_slice(renamed.raw());
+                        }
+                        None => {
+                            if statement.is_empty() && !unit_parses_unnamed(&unit.frames) {
+                                // The unnamed statement was parsed in an earlier unit, maybe on
+                                // another connection: parse it again here.
+                                if let Some(u) = &self.unnamed {
+                                    out.extend_from_slice(
+                                        fe::parse("", &u.query, &u.param_types).raw(),
+                                    );
+                                    push_exp(
+                                        Exp::Parse {
+                                            visible: false,
+                                            register: None,
+                                        },
+                                        &mut exp,
+                                    );
+                                }
+                            }
+                            out.extend_from_slice(f.raw());
+                        }
+                    }
+                    push_exp(Exp::Bind, &mut exp);
+                }
+                FrontendMessage::Describe { kind: b'S', name } if !name.is_empty() => {
+                    match self.statements.get(name).cloned() {
+                        Some(stmt) => {
+                            if !conn.prepared.contains(&stmt.global)
+                                && !exp_registers(&exp, &stmt.global)
+                            {
+                                out.extend_from_slice(
+                                    fe::parse(&stmt.global, &stmt.query, &stmt.param_types).raw(),
+                                );
+                                push_exp(
+                                    Exp::Parse {
+                                        visible: false,
+                                        register: Some(stmt.global.clone()),
+                                    },
+                                    &mut exp,
+                                );
+                            }
+                            out.extend_from_slice(
+                                fe::describe_or_close(b'D', b'S', &stmt.global).raw(),
+                            );
+                        }
+                        None => out.extend_from_slice(f.raw()),
+                    }
+                    push_exp(Exp::Describe, &mut exp);
+                }
+                FrontendMessage::Close { kind: b'S', name } if !name.is_empty() => {
+                    // The server keeps the statement for other clients with the same text.
+                    push_exp(Exp::Synth(be::simple(be::CLOSE_COMPLETE)), &mut exp);
+                }
+                FrontendMessage::Parse { .. } => {
+                    out.extend_from_slice(f.raw());
+                    push_exp(
+                        Exp::Parse {
+                            visible: true,
+                            register: None,
+                        },
+                        &mut exp,
+                    );
+                }
+                FrontendMessage::Describe { .. } => {
+                    out.extend_from_slice(f.raw());
+                    push_exp(Exp::Describe, &mut exp);
+                }
+                FrontendMessage::Close { .. } => {
+                    out.extend_from_slice(f.raw());
+                    push_exp(Exp::Close, &mut exp);
+                }
+                FrontendMessage::Execute { .. } => {
+                    out.extend_from_slice(f.raw());
+                    push_exp(Exp::Execute, &mut exp);
+                }
+                FrontendMessage::Sync => {
+                    out.extend_from_slice(f.raw());
+                    push_exp(Exp::Sync, &mut exp);
+                }
+                FrontendMessage::Query(_) => {
+                    out.extend_from_slice(f.raw());
+                    push_exp(Exp::Query, &mut exp);
+                }
+                FrontendMessage::FunctionCall => {
+                    out.extend_from_slice(f.raw());
+                    push_exp(Exp::Func, &mut exp);
+                }
+                FrontendMessage::Flush
+                | FrontendMessage::CopyData
+                | FrontendMessage::CopyDone
+                | FrontendMessage::CopyFail => out.extend_from_slice(f.raw()),
+                FrontendMessage::Terminate | FrontendMessage::Password => {}
+            }
+        }
+        *self.cancel_slot.lock() = Some(CancelTarget {
+            host: self
+                .app
+                .config
+                .load()
+                .nodes
+                .get(att.node)
+                .map(|n| n.host.clone())
+                .unwrap_or_default(),
+            port: self
+                .app
+                .config
+                .load()
+                .nodes
+                .get(att.node)
+                .map(|n| n.port)
+                .unwrap_or_default(),
+            pid: conn.backend_pid,
+            secret: conn.backend_secret,
+        });
+        {
+            let mut info = self.info.lock();
+            info.state = "active";
+            info.node = Some(att.node);
+        }
+        if !out.is_empty() {
+            conn.send(&out).await?;
+        }
+        let hold = retryable && att.role == Role::Replica;
+        let r = relay(
+            &mut self.io,
+            conn,
+            &mut exp,
+            &mut self.pending,
+            &mut self.pending_bytes,
+            &mut self.copy_in,
+            &mut self.server_skipping,
+            &mut self.params,
+            hold,
+        )
+        .await;
+        *self.cancel_slot.lock() = None;
+        self.info.lock().state = "idle";
+        match r {
+            Ok(RelayEnd::Ready(s)) => Ok(RelayOutcome::Done(s)),
+            Ok(RelayEnd::Open) => Ok(RelayOutcome::Open),
+            Err(RelayFail::Retry(why)) => {
+                // Drop the replica connection (it may be mid-response) and retry.
+                if let Some(a) = self.attached.take() {
+                    if a.conn.conn.buffered() == 0 && why.starts_with("25006") {
+                        // Drain is not worth it; just close.
+                    }
+                }
+                self.server_skipping = false;
+                self.copy_in = false;
+                Ok(RelayOutcome::RetryOnPrimary(why))
+            }
+            Err(RelayFail::Client(e)) => Err(RelayError::Client(e)),
+            Err(RelayFail::Server(e)) => Err(RelayError::Server(e)),
+        }
+    }
+
+    /// After ReadyForQuery: track transaction state, capture the commit LSN after writes,
+    /// record session state, and release the connection when the client is idle.
+    async fn after_ready(
+        &mut self,
+        status: u8,
+        may_write: bool,
+        analysis: &Analysis,
+    ) -> SResult<()> {
+        let prev = self.tx_status;
+        self.tx_status = status;
+        self.unit_open = false;
+        if may_write {
+            self.tx_wrote = true;
+        }
+        let errored = false;
+        if !errored {
+            self.record_session_state(analysis);
+        }
+        let Some(att) = self.attached.as_mut() else {
+            return self.io.flush().await;
+        };
+        if matches!(
+            analysis.class,
+            Class::SessionState(SessionKind::Discard | SessionKind::Deallocate)
+        ) || analysis.statements.iter().any(|c| {
+            matches!(
+                c,
+                Class::SessionState(SessionKind::Discard | SessionKind::Deallocate)
+            )
+        }) {
+            att.conn.conn.prepared.clear();
+        }
+        att.conn.conn.state_key = self.state_key;
+        let capture = status == b'I'
+            && att.role == Role::Primary
+            && self.tx_wrote
+            && self.app.config.load().routing.track_writes;
+        let _ = prev;
+        if capture {
+            if self.report_lsn {
+                // The client asked for the token with the result: capture before ReadyForQuery.
+                let z = self.hold_ready();
+                self.capture_lsn(analysis).await;
+                if let Some(z) = z {
+                    self.io.push(&be::parameter_status(
+                        "tidemark.commit_lsn",
+                        &self.last_write_lsn.to_string(),
+                    ));
+                    self.io.push(&z);
+                }
+                self.io.flush().await?;
+            } else {
+                // Let the client go on; the session's next routing decision waits for this.
+                self.io.flush().await?;
+                self.capture_lsn(analysis).await;
+            }
+        } else {
+            self.io.flush().await?;
+        }
+        if status == b'I' {
+            self.tx_wrote = false;
+            if !self.pinned {
+                if let Some(att) = self.attached.take() {
+                    att.conn.release();
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes the trailing ReadyForQuery from the output buffer.
+    fn hold_ready(&mut self) -> Option<Frame> {
+        self.io.take_trailing_ready()
+    }
+
+    async fn capture_lsn(&mut self, analysis: &Analysis) {
+        let Some(att) = self.attached.as_mut() else {
+            return;
+        };
+        match att
+            .conn
+            .conn
+            .simple_query("SELECT pg_current_wal_insert_lsn()")
+            .await
+        {
+            Ok(rows) => {
+                if let Some(l) = rows
+                    .first()
+                    .cloned()
+                    .flatten()
+                    .and_then(|s| s.parse::<Lsn>().ok())
+                {
+                    let l = l.normalize_insert_position();
+                    crate::metrics::lsn_captured();
+                    if l > self.last_write_lsn {
+                        self.last_write_lsn = l;
+                    }
+                    if let Some(k) = analysis.hints.key.as_ref().or(self.key.as_ref()) {
+                        self.app.keys.record(k, l);
+                    }
+                }
+            }
+            Err(e) => {
+                // Without the position we cannot prove any replica has this write:
+                // read from the primary until a later capture succeeds.
+                tracing::warn!(error = %e, "could not read the commit LSN; this session reads from the primary until the next write");
+                self.last_write_lsn = Lsn(u64::MAX);
+                att.conn.conn.broken = true;
+            }
+        }
+    }
+
+    fn record_session_state(&mut self, analysis: &Analysis) {
+        let mut changed = false;
+        for c in analysis.statements.iter() {
+            match c {
+                Class::SessionState(SessionKind::Set {
+                    local: false,
+                    name,
+                    value_sql,
+                }) => {
+                    if self.tx_status != b'I' && self.tx_status != b'T' {
+                        continue;
+                    }
+                    self.sets.retain(|(n, _)| n != name);
+                    let stmt = match value_sql {
+                        Some(v) => format!("SET {name} TO {v}"),
+                        None => format!("SET {name} TO DEFAULT"),
+                    };
+                    self.sets.push((name.clone(), stmt));
+                    changed = true;
+                }
+                Class::SessionState(SessionKind::Reset { name: Some(name) }) => {
+                    self.sets.retain(|(n, _)| n != name);
+                    self.startup_sets
+                        .retain(|s| !s.starts_with(&format!("SET {name} TO ")));
+                    changed = true;
+                }
+                Class::SessionState(SessionKind::Reset { name: None })
+                | Class::SessionState(SessionKind::Discard) => {
+                    self.sets.clear();
+                    self.startup_sets.clear();
+                    changed = true;
+                }
+                _ => {}
+            }
+        }
+        if changed {
+            self.recompute_state_key();
+        }
+    }
+
+    async fn detach_close(&mut self) {
+        if let Some(mut att) = self.attached.take() {
+            if self.tx_status != b'I' || self.unit_open || self.pinned {
+                // Never hand a connection with an open transaction or session state to
+                // another client: close it (the server rolls back).
+                att.conn.conn.broken = true;
+                drop(att);
+            } else {
+                att.conn.release();
+            }
+        }
+    }
+}
+
+enum RelayOutcome {
+    Done(u8),
+    Open,
+    RetryOnPrimary(String),
+}
+
+enum RelayFail {
+    Client(ClientError),
+    Server(ServerError),
+    Retry(String),
+}
+
+fn exp_registers(exp: &VecDeque<Exp>, global: &str) -> bool {
+    exp.iter()
+        .any(|e| matches!(e, Exp::Parse { register: Some(g), .. } if g == global))
+}
+
+fn unit_parses_unnamed(frames: &[Frame]) -> bool {
+    frames.iter().any(|f| {
+        matches!(
+            FrontendMessage::parse(f),
+            Ok(FrontendMessage::Parse { name: "", .. })
+        )
+    })
+}
+
+fn unknown_setting(name: &str) -> ErrorFields {
+    ErrorFields::error(
+        "42704",
+        format!("unrecognized configuration parameter \"tidemark.{name}\""),
+    )
+    .with_hint("tidemark settings: consistency, key, min_lsn, report_lsn (SET), commit_lsn (SHOW)")
+}
+
+fn unavailable_error(u: &Unavailable, app: &App) -> ErrorFields {
+    match u {
+        Unavailable::SplitBrain(ids) => {
+            let names: Vec<String> = ids.iter().map(|i| app.node_name(*i)).collect();
+            ErrorFields::error(
+                "25006",
+                format!(
+                    "writes are refused: several nodes accept writes ({}) — split brain",
+                    names.join(", ")
+                ),
+            )
+            .with_hint("demote or stop all but one primary, or name it in routing.primary")
+        }
+        Unavailable::NoPrimary => {
+            ErrorFields::error("08006", "no primary is available for this statement").with_hint(
+                "the primary is down or in recovery; reads that replicas can serve still work",
+            )
+        }
+        Unavailable::NoHealthyNode => ErrorFields::error("08006", "no database node is reachable"),
+        Unavailable::PinnedNodeDown(n) => ErrorFields::error(
+            "08006",
+            format!(
+                "the node this session is bound to ({}) is down",
+                app.node_name(*n)
+            ),
+        ),
+    }
+}
+
+/// Combines the analyses of the statements of one unit: the strongest class wins, hints
+/// come from the first statement that has any.
+fn combine_analyses(parts: Vec<Arc<Analysis>>) -> Arc<Analysis> {
+    if parts.len() == 1 {
+        return parts.into_iter().next().unwrap_or_else(|| unreachable!());
+    }
+    if parts.is_empty() {
+        return Arc::new(Analysis {
+            class: Class::Read,
+            statements: vec![],
+            pins_session: false,
+            hints: Default::default(),
+        });
+    }
+    let statements: Vec<Class> = parts
+        .iter()
+        .flat_map(|a| a.statements.iter().cloned())
+        .collect();
+    let classes: Vec<Class> = parts.iter().map(|a| a.class.clone()).collect();
+    let class = tidemark_sql::combine(&classes);
+    let hints = parts
+        .iter()
+        .find(|a| a.hints != Default::default())
+        .map(|a| a.hints.clone())
+        .unwrap_or_default();
+    Arc::new(Analysis {
+        class,
+        statements,
+        pins_session: parts.iter().any(|a| a.pins_session),
+        hints,
+    })
+}
+
+/// Relays server responses to the client for the messages in `exp`, reading client
+/// input (COPY data, pipelined messages) at the same time.
+#[allow(clippy::too_many_arguments)]
+async fn relay(
+    io: &mut ClientIo,
+    conn: &mut crate::server::ServerConn,
+    exp: &mut VecDeque<Exp>,
+    pending: &mut VecDeque<Frame>,
+    pending_bytes: &mut usize,
+    copy_in: &mut bool,
+    skipping: &mut bool,
+    params: &mut HashMap<String, String>,
+    hold: bool,
+) -> Result<RelayEnd, RelayFail> {
+    let start_out = io.pending_out();
+    let mut flushed = false;
+    let mut copy = CopyState::default();
+    loop {
+        // Emit leading synthesized responses.
+        while let Some(front) = exp.front() {
+            match front {
+                Exp::Synth(_) => {
+                    if let Some(Exp::Synth(f)) = exp.pop_front() {
+                        io.push(&f);
+                    }
+                }
+                _ => break,
+            }
+        }
+        if exp.is_empty() {
+            io.flush().await.map_err(RelayFail::Client)?;
+            return Ok(RelayEnd::Open);
+        }
+        // Process everything already buffered before waiting.
+        let frame = match conn.try_buffered() {
+            Ok(Some(f)) => f,
+            Ok(None) => {
+                if io.pending_out() > 0 && (!hold || io.pending_out() - start_out > MAX_HELD_OUTPUT)
+                {
+                    io.flush().await.map_err(RelayFail::Client)?;
+                    flushed = true;
+                }
+                let read_client = *copy_in || *pending_bytes < MAX_PENDING_BYTES;
+                tokio::select! {
+                    biased;
+                    r = conn.recv() => match r {
+                        Ok(f) => f,
+                        Err(e) => {
+                            if hold && !flushed {
+                                io.truncate_out(start_out);
+                                return Err(RelayFail::Retry(e.to_string()));
+                            }
+                            return Err(RelayFail::Server(e));
+                        }
+                    },
+                    r = io.fill(), if read_client => {
+                        r.map_err(RelayFail::Client)?;
+                        while let Some(f) = io.try_frame().map_err(RelayFail::Client)? {
+                            if copy.takes(&f, *copy_in) {
+                                conn.send(f.raw()).await.map_err(RelayFail::Server)?;
+                                if copy.done_by(&f) {
+                                    *copy_in = false;
+                                }
+                            } else {
+                                *pending_bytes += f.len();
+                                pending.push_back(f);
+                            }
+                        }
+                        continue;
+                    }
+                }
+            }
+            Err(e) => return Err(RelayFail::Server(e)),
+        };
+        let tag = frame.tag();
+        tracing::trace!(tag = %(tag as char), front = ?exp.front().map(|e| format!("{e:?}").chars().take(20).collect::<String>()), "server frame");
+        match tag {
+            b'N' | b'A' => {
+                io.push(&frame);
+                continue;
+            }
+            b'S' => {
+                if let Ok((k, v)) = be::parse_parameter_status(&frame) {
+                    params.insert(k.clone(), v.clone());
+                    upsert(&mut conn.params, k, v);
+                }
+                io.push(&frame);
+                continue;
+            }
+            _ => {}
+        }
+        if tag == b'E' {
+            if hold && !flushed {
+                if let Ok(f) = ErrorFields::parse(&frame) {
+                    if f.code == "25006" {
+                        // A replica refused a write it was sent: retry on the primary.
+                        io.truncate_out(start_out);
+                        drain_to_ready(conn, exp).await.map_err(RelayFail::Server)?;
+                        return Err(RelayFail::Retry(format!("25006 {}", f.message)));
+                    }
+                }
+            }
+            io.push(&frame);
+            *copy_in = false;
+            match exp.front() {
+                Some(Exp::Query) | Some(Exp::Func) => {}
+                _ => {
+                    void_until_sync(exp);
+                    *skipping = true;
+                }
+            }
+            continue;
+        }
+        let Some(front) = exp.front() else {
+            return Err(RelayFail::Server(ServerError::Protocol(format!(
+                "unexpected message '{}' from server",
+                tag as char
+            ))));
+        };
+        let mut pop = false;
+        match (front, tag) {
+            (Exp::Parse { visible, register }, b'1') => {
+                if *visible {
+                    io.push(&frame);
+                }
+                if let Some(g) = register {
+                    conn.prepared.insert(g.clone());
+                }
+                pop = true;
+            }
+            (Exp::Bind, b'2') | (Exp::Close, b'3') => {
+                io.push(&frame);
+                pop = true;
+            }
+            (Exp::Describe, b'T' | b'n') => {
+                io.push(&frame);
+                pop = true;
+            }
+            (Exp::Execute, b'C' | b'I' | b's') => {
+                io.push(&frame);
+                pop = true;
+            }
+            (Exp::Sync | Exp::Query | Exp::Func, b'Z') => {
+                io.push(&frame);
+                exp.pop_front();
+                *skipping = false;
+                *copy_in = false;
+                let status = be::ready_status(&frame)
+                    .map_err(|e| RelayFail::Server(ServerError::Protocol(e.to_string())))?;
+                if exp.is_empty() {
+                    return Ok(RelayEnd::Ready(status));
+                }
+                continue;
+            }
+            (front, b'G') => {
+                io.push(&frame);
+                *copy_in = true;
+                copy.extended = matches!(front, Exp::Execute);
+                // Copy data the client sent ahead goes to the server now.
+                while let Some(f) = pending.front() {
+                    if !copy.takes(f, *copy_in) {
+                        break;
+                    }
+                    let f = pending.pop_front().unwrap_or_else(|| unreachable!());
+                    *pending_bytes -= f.len();
+                    conn.send(f.raw()).await.map_err(RelayFail::Server)?;
+                    if copy.done_by(&f) {
+                        *copy_in = false;
+                    }
+                }
+                io.flush().await.map_err(RelayFail::Client)?;
+                flushed = true;
+            }
+            _ => io.push(&frame),
+        }
+        if pop {
+            exp.pop_front();
+        }
+    }
+}
+
+/// COPY FROM STDIN in progress: which client messages go straight to the server.
+#[derive(Default)]
+struct CopyState {
+    /// Started by Execute (extended protocol): the server ignored the unit's Sync while
+    /// copying, so the Sync the client sends after CopyDone/CopyFail goes to it as well.
+    extended: bool,
+    sync_follows: bool,
+}
+
+impl CopyState {
+    fn takes(&mut self, f: &Frame, copy_in: bool) -> bool {
+        match f.tag() {
+            b'd' | b'c' | b'f' if copy_in => true,
+            b'S' if self.sync_follows => {
+                self.sync_follows = false;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    fn done_by(&mut self, f: &Frame) -> bool {
+        let done = matches!(f.tag(), b'c' | b'f');
+        if done && self.extended {
+            self.sync_follows = true;
+        }
+        done
+    }
+}
+
+fn upsert(v: &mut Vec<(String, String)>, k: String, val: String) {
+    if let Some(e) = v.iter_mut().find(|(n, _)| *n == k) {
+        e.1 = val;
+    } else {
+        v.push((k, val));
+    }
+}
+
+/// After an error, the server skips everything up to Sync: so do the expectations.
+fn void_until_sync(exp: &mut VecDeque<Exp>) {
+    while let Some(e) = exp.front() {
+        if matches!(e, Exp::Sync) {
+            break;
+        }
+        exp.pop_front();
+    }
+}
+
+/// Reads and drops server output up to the ReadyForQuery that ends `exp`.
+async fn drain_to_ready(
+    conn: &mut crate::server::ServerConn,
+    exp: &mut VecDeque<Exp>,
+) -> Result<(), ServerError> {
+    let needs = exp
+        .iter()
+        .any(|e| matches!(e, Exp::Sync | Exp::Query | Exp::Func));
+    if !needs {
+        conn.broken = true;
+        return Ok(());
+    }
+    loop {
+        let f = conn.recv().await?;
+        if f.tag() == b'Z' {
+            exp.clear();
+            return Ok(());
+        }
+        if f.tag() == b'E' {
+            let _ = server_error(&f);
+        }
+    }
+}

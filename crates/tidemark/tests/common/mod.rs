@@ -1,0 +1,84 @@
+//! Test support: a real local cluster (tidemark-cluster) with tidemark in front of it,
+//! running in the test's own runtime.
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use tidemark::config::Config;
+use tidemark::listener::Proxy;
+use tidemark_cluster::{Cluster, ClusterConfig, ReplicaConfig};
+use tokio_postgres::{Client, NoTls};
+
+pub struct Env {
+    pub proxy: Proxy,
+    pub cluster: Cluster,
+}
+
+pub async fn start_cluster(cfg: ClusterConfig) -> Cluster {
+    tokio::task::spawn_blocking(move || Cluster::start(cfg))
+        .await
+        .expect("cluster thread")
+        .expect("cluster start")
+}
+
+pub async fn proxy_for(cluster: &Cluster, tweak: impl FnOnce(&mut Config)) -> Proxy {
+    let mut cfg = tidemark::dev::config_for(cluster, "127.0.0.1:0");
+    tweak(&mut cfg);
+    cfg.validate().expect("valid test config");
+    let p = Proxy::start(cfg).await.expect("proxy start");
+    assert!(
+        p.wait_ready(Duration::from_secs(10)).await,
+        "proxy never saw the cluster"
+    );
+    p
+}
+
+/// Primary + replicas with the given apply delays (None = undelayed).
+pub async fn start(delays: &[Option<Duration>], tweak: impl FnOnce(&mut Config)) -> Env {
+    let replicas = delays
+        .iter()
+        .map(|d| ReplicaConfig {
+            apply_delay: *d,
+            ..Default::default()
+        })
+        .collect();
+    let cluster = start_cluster(ClusterConfig {
+        replicas,
+        ..Default::default()
+    })
+    .await;
+    let proxy = proxy_for(&cluster, tweak).await;
+    Env { proxy, cluster }
+}
+
+pub async fn connect(dsn: &str) -> Client {
+    let (client, conn) = tokio_postgres::connect(dsn, NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("connect {dsn}: {e}"));
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    client
+}
+
+pub fn proxy_dsn_of(p: &Proxy, user: &str) -> String {
+    format!(
+        "host={} port={} user={user} dbname=postgres",
+        p.addr.ip(),
+        p.addr.port()
+    )
+}
+
+impl Env {
+    pub fn proxy_dsn(&self) -> String {
+        proxy_dsn_of(&self.proxy, "postgres")
+    }
+
+    pub async fn client(&self) -> Client {
+        connect(&self.proxy_dsn()).await
+    }
+
+    pub async fn node(&self, i: usize) -> Client {
+        connect(&self.cluster.dsn(i)).await
+    }
+}

@@ -1,0 +1,302 @@
+//! The proxy core against a real primary + replica: protocol coverage, routing of writes
+//! and transactions, prepared statements in transaction pooling, session state, errors.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn rows(msgs: &[tokio_postgres::SimpleQueryMessage]) -> Vec<Vec<Option<String>>> {
+    msgs.iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => {
+                Some((0..r.len()).map(|i| r.get(i).map(str::to_string)).collect())
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routing_protocols_and_session_state() {
+    let env = start(&[None], |c| c.pool.max_size = 4).await;
+    let c = env.client().await;
+
+    // A read with no prior write goes to the replica; writes and transactions to the primary.
+    let r = rows(&c.simple_query("SELECT pg_is_in_recovery()").await.unwrap());
+    assert_eq!(
+        r[0][0].as_deref(),
+        Some("t"),
+        "a plain read should run on the replica"
+    );
+    c.batch_execute("CREATE TABLE items (id int PRIMARY KEY, name text)")
+        .await
+        .unwrap();
+    let r = rows(
+        &c.simple_query("BEGIN; INSERT INTO items VALUES (1, 'a'); SELECT pg_is_in_recovery(), count(*) FROM items; COMMIT")
+            .await
+            .unwrap(),
+    );
+    assert_eq!(r[0], vec![Some("f".into()), Some("1".into())]);
+    // An explicit transaction stays on the primary across statements.
+    c.batch_execute("BEGIN").await.unwrap();
+    c.execute("INSERT INTO items VALUES (2, 'b')", &[])
+        .await
+        .unwrap();
+    let row = c
+        .query_one("SELECT pg_is_in_recovery(), count(*) FROM items", &[])
+        .await
+        .unwrap();
+    assert!(!row.get::<_, bool>(0));
+    assert_eq!(row.get::<_, i64>(1), 2);
+    c.batch_execute("COMMIT").await.unwrap();
+
+    // Named prepared statements survive transaction pooling across server connections:
+    // several clients, more statements than pool connections.
+    // Other sessions do not depend on this one's writes unless told: pass the token.
+    let token = rows(&c.simple_query("SHOW tidemark.commit_lsn").await.unwrap())[0][0]
+        .clone()
+        .unwrap();
+    let mut handles = Vec::new();
+    for k in 0..6 {
+        let dsn = env.proxy_dsn();
+        let token = token.clone();
+        handles.push(tokio::spawn(async move {
+            let c = connect(&dsn).await;
+            c.batch_execute(&format!("SET tidemark.min_lsn = '{token}'"))
+                .await
+                .unwrap();
+            let sel = c
+                .prepare("SELECT name FROM items WHERE id = $1")
+                .await
+                .unwrap();
+            let ins = c
+                .prepare("INSERT INTO items VALUES ($1, $2)")
+                .await
+                .unwrap();
+            for i in 0..50 {
+                let id = 1000 + k * 100 + i;
+                c.execute(&ins, &[&id, &format!("n{id}")]).await.unwrap();
+                let r = c.query_one(&sel, &[&id]).await.unwrap();
+                assert_eq!(r.get::<_, String>(0), format!("n{id}"));
+            }
+        }));
+    }
+    for h in handles {
+        h.await.unwrap();
+    }
+
+    // Pipelined extended-protocol queries (tokio-postgres pipelines concurrent futures).
+    let ins = c
+        .prepare("INSERT INTO items VALUES ($1, 'p')")
+        .await
+        .unwrap();
+    let ids: Vec<i32> = (5000..5020).collect();
+    let params: Vec<[&(dyn tokio_postgres::types::ToSql + Sync); 1]> = ids
+        .iter()
+        .map(|i| [i as &(dyn tokio_postgres::types::ToSql + Sync)])
+        .collect();
+    let futs: Vec<_> = params.iter().map(|p| c.execute(&ins, p)).collect();
+    for f in futures_util::future::join_all(futs).await {
+        assert_eq!(f.unwrap(), 1);
+    }
+    let n: i64 = c
+        .query_one("SELECT count(*) FROM items WHERE name = 'p'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 20, "every pipelined insert is visible to the next read");
+
+    // Session SETs follow the client to whichever connection serves it.
+    c.batch_execute("SET application_name = 'tm-test'; SET statement_timeout = '12s'")
+        .await
+        .unwrap();
+    for _ in 0..5 {
+        let r = rows(&c.simple_query("SHOW statement_timeout").await.unwrap());
+        assert_eq!(r[0][0].as_deref(), Some("12s"));
+        let r = rows(
+            &c.simple_query("SELECT current_setting('application_name')")
+                .await
+                .unwrap(),
+        );
+        assert_eq!(r[0][0].as_deref(), Some("tm-test"));
+    }
+    // ... and do not leak to other clients.
+    let other = env.client().await;
+    for _ in 0..5 {
+        let r = rows(&other.simple_query("SHOW statement_timeout").await.unwrap());
+        assert_eq!(r[0][0].as_deref(), Some("0"));
+    }
+
+    // COPY in and out.
+    let sink = c
+        .copy_in::<_, bytes::Bytes>("COPY items (id, name) FROM STDIN")
+        .await
+        .unwrap();
+    let mut sink = Box::pin(sink);
+    use futures_util::SinkExt;
+    sink.send(bytes::Bytes::from_static(b"9001\tc1\n9002\tc2\n"))
+        .await
+        .unwrap();
+    sink.as_mut().finish().await.unwrap();
+    let n: i64 = c
+        .query_one("SELECT count(*) FROM items WHERE id > 9000", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 2);
+
+    // tidemark settings are answered by tidemark.
+    let r = rows(&c.simple_query("SHOW tidemark.consistency").await.unwrap());
+    assert_eq!(r[0][0].as_deref(), Some("session"));
+    let e = c
+        .simple_query("SET tidemark.consistency = 'sometimes'")
+        .await
+        .unwrap_err();
+    assert_eq!(e.code().map(|c| c.code()), Some("22023"));
+    let e = c.simple_query("SHOW tidemark.nope").await.unwrap_err();
+    assert_eq!(e.code().map(|c| c.code()), Some("42704"));
+
+    // A SQL error keeps the session usable.
+    let e = c.simple_query("SELEC 1").await.unwrap_err();
+    assert_eq!(e.code().map(|c| c.code()), Some("42601"));
+    assert_eq!(
+        rows(&c.simple_query("SELECT 1").await.unwrap())[0][0].as_deref(),
+        Some("1")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_are_reported_not_dropped() {
+    let env = start(&[None], |c| {
+        c.pool.max_size = 1;
+        c.pool.checkout_timeout = Duration::from_millis(300);
+    })
+    .await;
+    // Pool exhaustion: one client holds the only primary connection in a transaction.
+    let a = env.client().await;
+    a.batch_execute("BEGIN; CREATE TABLE x (i int)")
+        .await
+        .unwrap();
+    let b = env.client().await;
+    let t = Instant::now();
+    let e = b.batch_execute("CREATE TABLE y (i int)").await.unwrap_err();
+    assert_eq!(e.code().map(|c| c.code()), Some("53300"), "{e}");
+    assert!(t.elapsed() < Duration::from_secs(3));
+    a.batch_execute("COMMIT").await.unwrap();
+    b.batch_execute("CREATE TABLE y (i int)").await.unwrap();
+
+    // Cancel of a running statement reaches the right server connection.
+    let token = a.cancel_token();
+    let t = Instant::now();
+    let sleeper = tokio::spawn(async move { a.batch_execute("SELECT pg_sleep(20)").await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    token.cancel_query(tokio_postgres::NoTls).await.unwrap();
+    let e = sleeper.await.unwrap().unwrap_err();
+    assert_eq!(e.code().map(|c| c.code()), Some("57014"), "{e}");
+    assert!(t.elapsed() < Duration::from_secs(5));
+
+    // The server backend is terminated mid-session: the client gets an error, then works again.
+    let c = env.client().await;
+    c.batch_execute("BEGIN").await.unwrap();
+    let pid: i32 = c
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let admin = env.node(0).await;
+    admin
+        .execute("SELECT pg_terminate_backend($1)", &[&pid])
+        .await
+        .unwrap();
+    let e = tokio::time::timeout(Duration::from_secs(5), c.query("SELECT 1", &[]))
+        .await
+        .expect("no hang after the server connection died")
+        .unwrap_err();
+    let code = e.code().map(|c| c.code().to_string());
+    assert!(
+        matches!(code.as_deref(), Some("57P01") | Some("08006")),
+        "got {e:?}"
+    );
+    c.batch_execute("SELECT 1").await.unwrap();
+
+    // Unknown user and wrong password.
+    let e = tokio_postgres::connect(&proxy_dsn_of(&env.proxy, "nobody"), tokio_postgres::NoTls)
+        .await
+        .err()
+        .expect("unknown user refused");
+    assert_eq!(e.code().map(|c| c.code()), Some("28000"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passwords_and_bad_input() {
+    let cluster = start_cluster(tidemark_cluster::ClusterConfig::with_replicas(1)).await;
+    cluster
+        .psql(0, "CREATE ROLE app LOGIN PASSWORD 'app-secret'; CREATE ROLE app5 LOGIN PASSWORD 'md5-secret'")
+        .unwrap();
+    let proxy = proxy_for(&cluster, |c| {
+        use tidemark::config::{AuthMethod, UserConfig};
+        c.users.push(UserConfig {
+            name: "app".into(),
+            password: Some("app-secret".into()),
+            auth: AuthMethod::ScramSha256,
+            server_password: None,
+            consistency: None,
+        });
+        c.users.push(UserConfig {
+            name: "app5".into(),
+            password: Some("md5-secret".into()),
+            auth: AuthMethod::Md5,
+            server_password: None,
+            consistency: None,
+        });
+    })
+    .await;
+    let dsn = |u: &str, p: &str| format!("{} password={p}", proxy_dsn_of(&proxy, u));
+    let ok = connect(&dsn("app", "app-secret")).await;
+    ok.batch_execute("SELECT 1").await.unwrap();
+    let ok5 = connect(&dsn("app5", "md5-secret")).await;
+    ok5.batch_execute("SELECT 1").await.unwrap();
+    for (u, p) in [("app", "wrong"), ("app5", "wrong")] {
+        let e = tokio_postgres::connect(&dsn(u, p), tokio_postgres::NoTls)
+            .await
+            .err()
+            .expect("wrong password refused");
+        assert_eq!(e.code().map(|c| c.code()), Some("28P01"), "{u}: {e}");
+    }
+
+    // Malformed frames get 08P01 and end that client only; another keeps working.
+    let bystander = connect(&dsn("app", "app-secret")).await;
+    for garbage in [
+        &b"Q\x00\x00\x00\x02"[..],           // length below 4
+        &b"Q\x7f\xff\xff\xff"[..],           // huge length
+        &b"?\x00\x00\x00\x04"[..],           // unknown message type
+        &b"P\x00\x00\x00\x08s\x00q\x00"[..], // truncated Parse
+    ] {
+        let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        let mut startup = Vec::new();
+        let body = b"\x00\x03\x00\x00user\x00postgres\x00database\x00postgres\x00\x00";
+        startup.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
+        startup.extend_from_slice(body);
+        s.write_all(&startup).await.unwrap();
+        let mut buf = vec![0u8; 8192];
+        // Read until ReadyForQuery.
+        let mut got = Vec::new();
+        while !got.windows(6).any(|w| w == b"Z\x00\x00\x00\x05I") {
+            let n = s.read(&mut buf).await.unwrap();
+            assert!(n > 0);
+            got.extend_from_slice(&buf[..n]);
+        }
+        s.write_all(garbage).await.unwrap();
+        let mut reply = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut reply)).await;
+        assert_eq!(reply.first(), Some(&b'E'), "error response for {garbage:?}");
+        assert!(
+            reply.windows(6).any(|w| w == b"C08P01"),
+            "SQLSTATE 08P01 for {garbage:?}"
+        );
+        bystander.batch_execute("SELECT 1").await.unwrap();
+    }
+}
