@@ -17,13 +17,14 @@
 //!
 //! Modules: `config` (what to build), `bindir` (finding PostgreSQL), `cluster` (the running
 //! cluster), `env` (running PostgreSQL programs), `pgconf` (config file text), `os` (accounts,
-//! ports, processes), `error`.
+//! ports, processes), `fault` (a TCP fault proxy for network faults), `error`.
 
 mod bindir;
 mod cluster;
 mod config;
 mod env;
 mod error;
+mod fault;
 mod os;
 mod pgconf;
 
@@ -31,4 +32,5 @@ pub use bindir::{find_bindir, find_bindir_from};
 pub use cluster::{Cluster, MARKER_FILE};
 pub use config::{ClusterConfig, ReplicaConfig};
 pub use error::ClusterError;
+pub use fault::{Fault, FaultProxy};
 pub use os::{pid_alive, processes_mentioning};

@@ -246,10 +246,24 @@ fn killed_replica_restarts_and_catches_up() {
 fn promoted_replica_accepts_writes() {
     let c = boot(ClusterConfig::with_replicas(1));
     assert_eq!(c.node_count(), 2);
+    let timeline = |i: usize| -> u32 {
+        c.psql(i, "SELECT timeline_id FROM pg_control_checkpoint()")
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let before = timeline(1);
     let t = Instant::now();
     c.promote(1).unwrap();
     eprintln!("promotion took {:?}", t.elapsed());
     assert_eq!(c.psql(1, "SELECT pg_is_in_recovery()").unwrap(), "f");
+    // Promotion starts a new timeline (the end-of-recovery checkpoint records it).
+    c.psql(1, "CHECKPOINT").unwrap();
+    assert_eq!(
+        timeline(1),
+        before + 1,
+        "a promoted replica is on a new timeline"
+    );
     c.psql(1, "CREATE TABLE w (v int); INSERT INTO w VALUES (9)")
         .unwrap();
     assert_eq!(count(&c, 1, "w", 9), "1");

@@ -42,8 +42,18 @@ impl FunctionCatalog {
     /// The query the proxy runs on the primary to fill the catalog. Its rows are
     /// `(nspname text, proname text, provolatile text)`; feed each to [`FunctionCatalog::insert`]
     /// with [`Volatility::from_provolatile`].
-    pub const LOAD_SQL: &'static str =
-        "SELECT n.nspname::text, p.proname::text, p.provolatile::text \
+    ///
+    /// An aggregate's own `provolatile` means nothing (`CREATE AGGREGATE` always records
+    /// immutable); what it does is what its support functions do, so an aggregate gets the most
+    /// volatile of its own and their volatilities (`'i' < 's' < 'v'`).
+    pub const LOAD_SQL: &'static str = "SELECT n.nspname::text, p.proname::text, \
+         CASE WHEN p.prokind = 'a' THEN \
+           (SELECT max(f.provolatile::text) FROM pg_catalog.pg_aggregate a \
+            JOIN pg_catalog.pg_proc f ON f.oid IN (a.aggfnoid, a.aggtransfn, a.aggfinalfn, \
+              a.aggcombinefn, a.aggserialfn, a.aggdeserialfn, a.aggmtransfn, a.aggminvtransfn, \
+              a.aggmfinalfn) \
+            WHERE a.aggfnoid = p.oid) \
+         ELSE p.provolatile::text END \
          FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace";
 
     /// An empty catalog (the state before the first load).
@@ -105,8 +115,9 @@ pub(crate) struct Effect {
     pub pins_session: bool,
 }
 
-/// Built-in functions that write, change server state, or assign a transaction id. Checked before
-/// the catalog (several are STABLE in `pg_proc`, e.g. `txid_current`).
+/// Built-in functions that write, change server state, assign a transaction id, or only work on a
+/// primary (they fail during recovery). Checked before the catalog (several are STABLE or IMMUTABLE
+/// in `pg_proc`, e.g. `txid_current`, `pg_walfile_name`).
 const WRITING_BUILTINS: &[&str] = &[
     "nextval",
     "setval",
@@ -149,6 +160,12 @@ const WRITING_BUILTINS: &[&str] = &[
     "pg_file_rename",
     "pg_file_unlink",
     "pg_prewarm",
+    // Primary-only: "recovery is in progress" on a hot standby.
+    "pg_current_wal_lsn",
+    "pg_current_wal_insert_lsn",
+    "pg_current_wal_flush_lsn",
+    "pg_walfile_name",
+    "pg_walfile_name_offset",
 ];
 
 /// Name prefixes of built-in writing function families: all advisory lock functions (session
@@ -184,9 +201,6 @@ const VOLATILE_READ_ONLY: &[&str] = &[
     "pg_is_in_recovery",
     "pg_is_wal_replay_paused",
     "pg_get_wal_replay_pause_state",
-    "pg_current_wal_lsn",
-    "pg_current_wal_insert_lsn",
-    "pg_current_wal_flush_lsn",
     "pg_stat_get_activity",
     "pg_stat_get_backend_idset",
     "pg_stat_clear_snapshot",
@@ -481,8 +495,6 @@ const COMMON_READ: &[&str] = &[
     "pg_last_wal_replay_lsn",
     "pg_last_wal_receive_lsn",
     "pg_last_xact_replay_timestamp",
-    "pg_current_wal_lsn",
-    "pg_current_wal_insert_lsn",
     "pg_postmaster_start_time",
     "pg_size_pretty",
     "pg_size_bytes",

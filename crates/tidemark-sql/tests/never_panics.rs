@@ -1,4 +1,7 @@
-//! Property tests: classification and hint scanning never panic, whatever the input.
+//! Property tests: classification and hint scanning never panic, whatever the input, and a text
+//! is never `Read` unless PostgreSQL's parser accepts it.
+
+mod corpus;
 
 use proptest::prelude::*;
 use tidemark_sql::{scan_hints, Class, Classifier, FunctionPolicy};
@@ -68,6 +71,45 @@ const TOKENS: &[&str] = &[
     "CREATE",
 ];
 
+/// A `Read` must be a text PostgreSQL's parser accepts (`pg_query::parse`, the same grammar).
+fn read_only_if_it_parses(s: &str, class: &Class) -> Result<(), TestCaseError> {
+    if *class == Class::Read {
+        prop_assert!(
+            pg_query::parse(s).is_ok(),
+            "classified Read but does not parse: {:?}",
+            s
+        );
+    }
+    Ok(())
+}
+
+/// A corpus statement with one random edit: a cut, a deletion or an inserted character —
+/// texts close to valid SQL, where "parses or not" is decided by a single character.
+fn edited_corpus() -> impl Strategy<Value = String> {
+    let sqls: Vec<&'static str> = corpus::corpus().iter().map(|c| c.sql).collect();
+    (
+        prop::sample::select(sqls),
+        any::<prop::sample::Index>(),
+        any::<prop::sample::Index>(),
+        prop::char::any(),
+        0..3u8,
+    )
+        .prop_map(|(sql, at, len, ch, op)| {
+            let chars: Vec<char> = sql.chars().collect();
+            let at = at.index(chars.len() + 1);
+            let mut out = chars.clone();
+            match op {
+                0 => out.truncate(at),
+                1 => {
+                    let end = (at + 1 + len.index(8)).min(chars.len());
+                    out.drain(at.min(end)..end);
+                }
+                _ => out.insert(at, ch),
+            }
+            out.into_iter().collect()
+        })
+}
+
 fn token_soup() -> impl Strategy<Value = String> {
     prop::collection::vec(prop::sample::select(TOKENS), 0..40).prop_map(|v| v.join(" "))
 }
@@ -86,12 +128,14 @@ proptest! {
         let a = c.classify(&s);
         // Determinism through the cache.
         prop_assert_eq!(&*c.classify(&s), &*a);
+        read_only_if_it_parses(&s, &a.class)?;
     }
 
     #[test]
     fn classify_lossy_bytes(s in bytes_lossy()) {
         let c = Classifier::new(16, FunctionPolicy::default());
-        let _ = c.classify(&s);
+        let a = c.classify(&s);
+        read_only_if_it_parses(&s, &a.class)?;
         let _ = scan_hints(&s);
     }
 
@@ -102,13 +146,37 @@ proptest! {
         if s.contains('\0') {
             prop_assert_eq!(&a.class, &Class::Unknown);
         }
+        read_only_if_it_parses(&s, &a.class)?;
         let _ = scan_hints(&s);
+    }
+
+    #[test]
+    fn classify_edited_corpus(s in edited_corpus()) {
+        let c = Classifier::new(16, FunctionPolicy::default());
+        let a = c.classify(&s);
+        read_only_if_it_parses(&s, &a.class)?;
     }
 
     #[test]
     fn hints_any_comment(body in ".{0,80}") {
         let _ = scan_hints(&format!("/* tidemark: {body} */ SELECT 1"));
         let _ = scan_hints(&format!("-- tidemark: {body}"));
+    }
+}
+
+#[test]
+fn truncated_corpus_is_never_read_unless_it_parses() {
+    let c = Classifier::new(16, FunctionPolicy::default());
+    for case in corpus::corpus() {
+        for (at, _) in case.sql.char_indices().chain([(case.sql.len(), ' ')]) {
+            let s = &case.sql[..at];
+            if c.classify(s).class == Class::Read {
+                assert!(
+                    pg_query::parse(s).is_ok(),
+                    "classified Read but does not parse: {s:?}"
+                );
+            }
+        }
     }
 }
 
