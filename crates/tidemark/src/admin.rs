@@ -1,9 +1,13 @@
 //! The admin console: clients connecting to the virtual database `tidemark` as an admin
-//! user get `SHOW NODES|POOLS|CLIENTS|STATS|LAG|CONFIG|VERSION`, `RELOAD`, `PAUSE`,
-//! `RESUME` over the wire protocol, so psql works. Each command is one function.
+//! user get `SHOW NODES|POOLS|SERVERS|CLIENTS|STATS|LAG|CONFIG|VERSION`, `RELOAD`, `PAUSE`,
+//! `RESUME` over the wire protocol, so psql works.
+//!
+//! Every command is one function registered in [`COMMANDS`]: adding `SHOW X` is one row
+//! there and one function. The error for an unknown command lists the table.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Instant;
 
 use tidemark_wire::backend::{self as be, ErrorFields};
 use tidemark_wire::frontend::FrontendMessage;
@@ -11,10 +15,96 @@ use tidemark_wire::frontend::FrontendMessage;
 use crate::app::App;
 use crate::client::ClientIo;
 
-const COMMANDS: &str =
-    "SHOW NODES, SHOW POOLS, SHOW CLIENTS, SHOW STATS, SHOW LAG, SHOW CONFIG, SHOW VERSION, RELOAD";
+type Row = Vec<Option<String>>;
 
-type Table = (Vec<&'static str>, Vec<Vec<Option<String>>>);
+/// What a command answers: a result set, or just a command tag.
+pub enum Output {
+    Rows(Vec<&'static str>, Vec<Row>),
+    Done(&'static str),
+}
+
+/// One console command.
+pub struct Command {
+    /// The command as typed (upper case, single spaces), e.g. `SHOW NODES`.
+    pub name: &'static str,
+    pub help: &'static str,
+    pub run: fn(&App) -> Result<Output, ErrorFields>,
+}
+
+/// Every console command, in the order the help lists them.
+pub const COMMANDS: &[Command] = &[
+    Command {
+        name: "SHOW NODES",
+        help: "role, health, gate, replay LSN and lag of every node",
+        run: show_nodes,
+    },
+    Command {
+        name: "SHOW LAG",
+        help: "replica lag in ms and bytes",
+        run: show_lag,
+    },
+    Command {
+        name: "SHOW POOLS",
+        help: "one row per pool: clients waiting, server connections, checkouts",
+        run: show_pools,
+    },
+    Command {
+        name: "SHOW SERVERS",
+        help: "one row per server connection",
+        run: show_servers,
+    },
+    Command {
+        name: "SHOW CLIENTS",
+        help: "one row per client connection",
+        run: show_clients,
+    },
+    Command {
+        name: "SHOW STATS",
+        help: "counters of the last minute and process state",
+        run: show_stats,
+    },
+    Command {
+        name: "SHOW CONFIG",
+        help: "the effective configuration",
+        run: show_config,
+    },
+    Command {
+        name: "SHOW VERSION",
+        help: "tidemark's version",
+        run: show_version,
+    },
+    Command {
+        name: "RELOAD",
+        help: "re-read the config file",
+        run: reload,
+    },
+    Command {
+        name: "PAUSE",
+        help: "hold new transactions until RESUME",
+        run: pause,
+    },
+    Command {
+        name: "RESUME",
+        help: "let held transactions run",
+        run: resume,
+    },
+];
+
+fn command_list() -> String {
+    COMMANDS
+        .iter()
+        .map(|c| c.name)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Finds a command by what the client typed (case and spacing do not matter).
+pub fn lookup(q: &str) -> Option<&'static Command> {
+    let words = q.split_whitespace().collect::<Vec<_>>().join(" ");
+    COMMANDS
+        .iter()
+        .find(|c| c.name.eq_ignore_ascii_case(&words))
+}
 
 pub async fn run(app: Arc<App>, mut io: ClientIo, user: String) {
     if !app.config.load().admin_users.contains(&user) {
@@ -23,6 +113,7 @@ pub async fn run(app: Arc<App>, mut io: ClientIo, user: String) {
             format!("user \"{user}\" is not an admin of the tidemark console"),
         )
         .with_hint("add the user to admin_users in the tidemark config");
+        crate::metrics::error(&e.code);
         let _ = io.send(&e.to_error()).await;
         return;
     }
@@ -45,23 +136,23 @@ pub async fn run(app: Arc<App>, mut io: ClientIo, user: String) {
         };
         match FrontendMessage::parse(&f) {
             Ok(FrontendMessage::Query(q)) => {
-                let q = q.trim().trim_end_matches(';').trim().to_ascii_uppercase();
+                let q = q.trim().trim_end_matches(';').trim().to_string();
                 if q.is_empty() {
                     io.push(&be::empty_query());
                 } else {
-                    match command(&app, &q).await {
-                        Ok((cols, rows)) => {
-                            if cols.is_empty() {
-                                io.push(&be::command_complete(&q));
-                            } else {
-                                io.push(&be::row_description(&cols));
-                                for r in &rows {
-                                    io.push(&be::data_row(r));
-                                }
-                                io.push(&be::command_complete(&format!("SHOW {}", rows.len())));
+                    match command(&app, &q) {
+                        Ok(Output::Done(tag)) => io.push(&be::command_complete(tag)),
+                        Ok(Output::Rows(cols, rows)) => {
+                            io.push(&be::row_description(&cols));
+                            for r in &rows {
+                                io.push(&be::data_row(r));
                             }
+                            io.push(&be::command_complete(&format!("SHOW {}", rows.len())));
                         }
-                        Err(e) => io.push(&e.to_error()),
+                        Err(e) => {
+                            crate::metrics::error(&e.code);
+                            io.push(&e.to_error());
+                        }
                     }
                 }
                 io.push(&be::ready_for_query(b'I'));
@@ -85,48 +176,43 @@ pub async fn run(app: Arc<App>, mut io: ClientIo, user: String) {
     }
 }
 
-async fn command(app: &Arc<App>, q: &str) -> Result<Table, ErrorFields> {
-    let words: Vec<&str> = q.split_whitespace().collect();
-    match words.as_slice() {
-        ["SHOW", "NODES"] => Ok(show_nodes(app)),
-        ["SHOW", "LAG"] => Ok(show_lag(app)),
-        ["SHOW", "POOLS"] => Ok(show_pools(app)),
-        ["SHOW", "CLIENTS"] => Ok(show_clients(app)),
-        ["SHOW", "STATS"] => Ok(show_stats(app)),
-        ["SHOW", "CONFIG"] => Ok(show_config(app)),
-        ["SHOW", "VERSION"] => Ok((
-            vec!["version"],
-            vec![vec![Some(format!(
-                "tidemark {}",
-                env!("CARGO_PKG_VERSION")
-            ))]],
-        )),
-        ["RELOAD"] => reload(app).map(|_| (vec![], vec![])),
-        _ => Err(
-            ErrorFields::error("42601", format!("unknown tidemark console command \"{q}\""))
-                .with_hint(format!("valid commands: {COMMANDS}")),
-        ),
+fn command(app: &App, q: &str) -> Result<Output, ErrorFields> {
+    match lookup(q) {
+        Some(c) => (c.run)(app),
+        None => Err(ErrorFields::error(
+            "42601",
+            format!("unknown tidemark console command \"{q}\""),
+        )
+        .with_hint(format!("valid commands: {}", command_list()))),
     }
 }
 
-fn show_nodes(app: &App) -> Table {
+fn s(v: impl ToString) -> Option<String> {
+    Some(v.to_string())
+}
+
+fn ms(d: std::time::Duration) -> String {
+    format!("{:.3}", d.as_secs_f64() * 1000.0)
+}
+
+fn show_nodes(app: &App) -> Result<Output, ErrorFields> {
     let v = app.view.load();
     let rows = v
         .nodes
         .iter()
         .map(|n| {
             vec![
-                Some(n.name.clone()),
-                Some(n.role.as_str().to_string()),
-                Some(if n.healthy { "up" } else { "down" }.to_string()),
-                Some(if n.in_rotation { "in" } else { "out" }.to_string()),
-                Some(n.replay_lsn.to_string()),
-                Some(format!("{:.3}", n.lag.as_secs_f64() * 1000.0)),
-                Some(n.lag_bytes.to_string()),
+                s(&n.name),
+                s(n.role.as_str()),
+                s(if n.healthy { "up" } else { "down" }),
+                s(if n.in_rotation { "in" } else { "out" }),
+                s(n.replay_lsn),
+                s(ms(n.lag)),
+                s(n.lag_bytes),
             ]
         })
         .collect();
-    (
+    Ok(Output::Rows(
         vec![
             "node",
             "role",
@@ -137,52 +223,53 @@ fn show_nodes(app: &App) -> Table {
             "lag_bytes",
         ],
         rows,
-    )
+    ))
 }
 
-fn show_lag(app: &App) -> Table {
+fn show_lag(app: &App) -> Result<Output, ErrorFields> {
     let v = app.view.load();
     let rows = v
         .replicas()
         .map(|n| {
             vec![
-                Some(n.name.clone()),
-                Some(format!("{:.3}", n.lag.as_secs_f64() * 1000.0)),
-                Some(n.lag_bytes.to_string()),
-                Some(n.replay_lsn.to_string()),
-                Some(v.primary_lsn.to_string()),
+                s(&n.name),
+                s(ms(n.lag)),
+                s(n.lag_bytes),
+                s(n.replay_lsn),
+                s(v.primary_lsn),
             ]
         })
         .collect();
-    (
+    Ok(Output::Rows(
         vec!["node", "lag_ms", "lag_bytes", "replay_lsn", "primary_lsn"],
         rows,
-    )
+    ))
 }
 
-fn show_pools(app: &App) -> Table {
+fn show_pools(app: &App) -> Result<Output, ErrorFields> {
     let rows = app
         .pools
         .all()
         .iter()
         .map(|p| {
-            let s = &p.stats;
-            let in_use = s.in_use.load(Ordering::Relaxed);
-            let idle = p.idle_count();
+            let st = &p.stats;
+            let checkouts = st.checkouts.load(Ordering::Relaxed);
+            let wait_us = st.wait_micros.load(Ordering::Relaxed);
             vec![
-                Some(p.key.database.clone()),
-                Some(p.key.user.clone()),
-                Some(app.node_name(p.key.node)),
-                Some(s.waiting.load(Ordering::Relaxed).to_string()),
-                Some(in_use.to_string()),
-                Some(idle.to_string()),
-                Some(p.max_size().to_string()),
-                Some(s.checkouts.load(Ordering::Relaxed).to_string()),
-                Some(s.timeouts.load(Ordering::Relaxed).to_string()),
+                s(&p.key.database),
+                s(&p.key.user),
+                s(app.node_name(p.key.node)),
+                s(st.waiting.load(Ordering::Relaxed)),
+                s(st.in_use.load(Ordering::Relaxed)),
+                s(p.idle_count()),
+                s(p.max_size()),
+                s(checkouts),
+                s(wait_us.checked_div(checkouts).unwrap_or(0)),
+                s(st.timeouts.load(Ordering::Relaxed)),
             ]
         })
         .collect();
-    (
+    Ok(Output::Rows(
         vec![
             "database",
             "user",
@@ -192,29 +279,79 @@ fn show_pools(app: &App) -> Table {
             "sv_idle",
             "pool_size",
             "checkouts",
+            "avg_wait_us",
             "timeouts",
         ],
         rows,
-    )
+    ))
 }
 
-fn show_clients(app: &App) -> Table {
+/// PgBouncer's SHOW SERVERS columns where they mean something here; times are ages in
+/// seconds rather than timestamps.
+fn show_servers(app: &App) -> Result<Output, ErrorFields> {
+    let cfg = app.config.load();
+    let now = Instant::now();
+    let mut rows = Vec::new();
+    for p in app.pools.all() {
+        let (host, port) = cfg
+            .nodes
+            .get(p.key.node)
+            .map(|n| (n.host.clone(), n.port.to_string()))
+            .unwrap_or_default();
+        for sv in p.servers() {
+            rows.push(vec![
+                s("S"),
+                s(&p.key.user),
+                s(&p.key.database),
+                s(app.node_name(p.key.node)),
+                s(if sv.active { "active" } else { "idle" }),
+                s(&host),
+                s(&port),
+                s(format!(
+                    "{:.1}",
+                    now.duration_since(sv.created).as_secs_f64()
+                )),
+                s(format!("{:.1}", now.duration_since(sv.since).as_secs_f64())),
+                s(sv.pid),
+                s(&p.name),
+            ]);
+        }
+    }
+    Ok(Output::Rows(
+        vec![
+            "type",
+            "user",
+            "database",
+            "node",
+            "state",
+            "addr",
+            "port",
+            "connect_age_s",
+            "state_age_s",
+            "remote_pid",
+            "pool",
+        ],
+        rows,
+    ))
+}
+
+fn show_clients(app: &App) -> Result<Output, ErrorFields> {
     let rows = app
         .client_infos()
         .into_iter()
         .map(|(pid, c)| {
             vec![
-                Some(pid.to_string()),
+                s(pid),
                 Some(c.user),
                 Some(c.database),
                 Some(c.addr),
-                Some(c.state.to_string()),
+                s(c.state),
                 c.node.map(|n| app.node_name(n)),
                 Some(c.consistency),
             ]
         })
         .collect();
-    (
+    Ok(Output::Rows(
         vec![
             "id",
             "user",
@@ -225,31 +362,50 @@ fn show_clients(app: &App) -> Table {
             "consistency",
         ],
         rows,
-    )
+    ))
 }
 
-fn show_stats(app: &App) -> Table {
+fn show_stats(app: &App) -> Result<Output, ErrorFields> {
     let (hits, misses) = app.classifier.cache_stats();
-    let rows = vec![
-        vec![Some("clients".into()), Some(app.client_count().to_string())],
-        vec![Some("classify_cache_hits".into()), Some(hits.to_string())],
-        vec![
-            Some("classify_cache_misses".into()),
-            Some(misses.to_string()),
-        ],
-        vec![
-            Some("key_store_entries".into()),
-            Some(app.keys.len().to_string()),
-        ],
-        vec![
-            Some("view_generation".into()),
-            Some(app.view.load().generation.to_string()),
-        ],
-    ];
-    (vec!["stat", "value"], rows)
+    let m = crate::metrics::recent::summary(60);
+    let reads = m.replica_reads + m.primary_reads;
+    let share = if reads == 0 {
+        "-".to_string()
+    } else {
+        format!("{:.1}%", 100.0 * m.replica_reads as f64 / reads as f64)
+    };
+    let fallbacks = m.fallbacks.iter().map(|(_, n)| n).sum::<u64>();
+    let mut rows: Vec<(String, Option<String>)> = [
+        ("paused", s(*app.paused.borrow())),
+        ("clients", s(app.client_count())),
+        ("statements_last_minute", s(m.statements)),
+        ("replica_reads_last_minute", s(m.replica_reads)),
+        ("primary_reads_last_minute", s(m.primary_reads)),
+        ("replica_read_share_last_minute", s(share)),
+        ("fallbacks_last_minute", s(fallbacks)),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    for (reason, n) in &m.fallbacks {
+        rows.push((format!("fallbacks_last_minute.{reason}"), s(n)));
+    }
+    rows.extend(
+        [
+            ("errors_last_minute", s(m.errors)),
+            ("classify_cache_hits", s(hits)),
+            ("classify_cache_misses", s(misses)),
+            ("key_store_entries", s(app.keys.len())),
+            ("view_generation", s(app.view.load().generation)),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v)),
+    );
+    let rows = rows.into_iter().map(|(k, v)| vec![Some(k), v]).collect();
+    Ok(Output::Rows(vec!["stat", "value"], rows))
 }
 
-fn show_config(app: &App) -> Table {
+fn show_config(app: &App) -> Result<Output, ErrorFields> {
     let c = app.config.load();
     let rows = vec![
         ("listen", c.listen.clone()),
@@ -260,6 +416,10 @@ fn show_config(app: &App) -> Table {
         ("monitor.interval", format!("{:?}", c.monitor.interval)),
         ("monitor.max_lag", format!("{:?}", c.monitor.max_lag)),
         (
+            "metrics.listen",
+            c.metrics.listen.clone().unwrap_or_else(|| "off".into()),
+        ),
+        (
             "nodes",
             c.nodes
                 .iter()
@@ -269,12 +429,39 @@ fn show_config(app: &App) -> Table {
         ),
     ]
     .into_iter()
-    .map(|(k, v)| vec![Some(k.to_string()), Some(v)])
+    .map(|(k, v)| vec![s(k), Some(v)])
     .collect();
-    (vec!["key", "value"], rows)
+    Ok(Output::Rows(vec!["key", "value"], rows))
 }
 
-fn reload(app: &App) -> Result<(), ErrorFields> {
+fn show_version(_app: &App) -> Result<Output, ErrorFields> {
+    Ok(Output::Rows(
+        vec!["version"],
+        vec![vec![s(format!("tidemark {}", env!("CARGO_PKG_VERSION")))]],
+    ))
+}
+
+/// Holds new transactions (sessions wait while `app.paused` is true); running ones finish.
+fn pause(app: &App) -> Result<Output, ErrorFields> {
+    if app.paused.send_replace(true) {
+        return Err(ErrorFields::error("55000", "tidemark is already paused")
+            .with_hint("RESUME lets held transactions run"));
+    }
+    crate::metrics::paused(true);
+    tracing::info!("paused from the console: new transactions are held");
+    Ok(Output::Done("PAUSE"))
+}
+
+fn resume(app: &App) -> Result<Output, ErrorFields> {
+    if !app.paused.send_replace(false) {
+        return Err(ErrorFields::error("55000", "tidemark is not paused"));
+    }
+    crate::metrics::paused(false);
+    tracing::info!("resumed from the console");
+    Ok(Output::Done("RESUME"))
+}
+
+fn reload(app: &App) -> Result<Output, ErrorFields> {
     let Some(path) = crate::app::config_path() else {
         return Err(ErrorFields::error(
             "55000",
@@ -302,5 +489,5 @@ fn reload(app: &App) -> Result<(), ErrorFields> {
     app.config.store(Arc::new(new));
     app.refresh_secrets();
     tracing::info!("config reloaded");
-    Ok(())
+    Ok(Output::Done("RELOAD"))
 }

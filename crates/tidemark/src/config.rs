@@ -30,6 +30,9 @@ pub struct Config {
     pub limits: LimitsConfig,
     #[serde(default)]
     pub metrics: MetricsConfig,
+    /// Log filter (`info`, `debug`, `tidemark=debug,warn`, ...); `RUST_LOG` overrides it.
+    #[serde(default)]
+    pub log_level: Option<String>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -322,6 +325,11 @@ impl Config {
         self.gate()
             .validate()
             .map_err(|e| anyhow::anyhow!("monitor: {e}"))?;
+        if let Some(l) = &self.log_level {
+            tracing_subscriber::EnvFilter::try_new(l).map_err(|e| {
+                anyhow::anyhow!("log_level: '{l}' is not a log filter ({e}); write e.g. \"info\" or \"tidemark=debug\"")
+            })?;
+        }
         if let Some(m) = &self.metrics.listen {
             m.parse::<SocketAddr>()
                 .map_err(|e| anyhow::anyhow!("metrics.listen: '{m}' is not host:port ({e})"))?;

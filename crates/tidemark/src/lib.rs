@@ -10,7 +10,10 @@
 //! - [`pool`]: server connection pools
 //! - [`auth`]: client authentication (SCRAM, md5, trust)
 //! - [`monitor`]: node polling and the published cluster view
-//! - [`metrics`]: Prometheus metrics
+//! - [`metrics`]: Prometheus metrics and the last minute's per-second counters
+//! - [`http`] / [`status`]: `/metrics`, the status page and its JSON
+//! - [`admin`]: the admin console (database `tidemark`)
+//! - [`slots`]: replication slot retained-WAL polling
 //! - [`dev`]: `tidemark dev`, the embedded local cluster
 
 pub mod admin;
@@ -26,3 +29,5 @@ pub mod monitor;
 pub mod pool;
 pub mod server;
 pub mod session;
+pub mod slots;
+pub mod status;

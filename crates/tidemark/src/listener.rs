@@ -97,12 +97,18 @@ impl Proxy {
     }
 }
 
+/// Closes idle connections past their timeouts and keeps `pool.min_size` connections
+/// open in every pool in use.
 async fn reaper(app: Arc<App>) {
-    let mut t = tokio::time::interval(Duration::from_secs(5));
+    let mut t = tokio::time::interval(Duration::from_secs(1));
     loop {
         t.tick().await;
+        let min = app.config.load().pool.min_size;
         for p in app.pools.all() {
             p.reap();
+            if app.view.load().node(p.key.node).is_some_and(|n| n.healthy) {
+                p.top_up(min).await;
+            }
         }
     }
 }

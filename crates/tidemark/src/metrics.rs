@@ -1,33 +1,213 @@
 //! Prometheus metrics: names, labels and the recording helpers every other module calls.
-//! Labels are bounded sets (class, target role, reason, node name, pool name, SQLSTATE) —
-//! never a client, statement or key.
+//! Labels are bounded sets (class, target role, reason, node name, pool name, slot name,
+//! SQLSTATE) — never a client, statement or key.
+//!
+//! The helpers also feed [`recent`], an in-process ring of per-second counters that the
+//! status page reads ("the last minute"), so callers record once and both stay in step.
+//! Without a recorder (no `metrics.listen`) the `metrics` macros are no-ops and only the
+//! ring is kept.
 
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use metrics::{counter, gauge, histogram};
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tidemark_core::route::Reason;
 
-/// Installs the global recorder; returns the handle that renders `/metrics`.
+use crate::app::App;
+
+/// Fallback reasons that do not come from [`Reason`].
+pub const EXTRA_FALLBACK_REASONS: [&str; 1] = ["replica_error"];
+
+const LAG_SECONDS_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+];
+const LAG_BYTES_BUCKETS: &[f64] = &[
+    0.0,
+    128.0,
+    1024.0,
+    8192.0,
+    65536.0,
+    262144.0,
+    1048576.0,
+    4194304.0,
+    16777216.0,
+    67108864.0,
+    268435456.0,
+    1073741824.0,
+    4294967296.0,
+];
+
+/// Installs the global recorder and its upkeep thread; returns the handle that renders
+/// `/metrics`.
 pub fn install() -> Option<PrometheusHandle> {
     let b = PrometheusBuilder::new()
         .set_buckets(&[
             0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
             2.5, 5.0, 10.0,
         ])
+        .ok()?
+        .set_buckets_for_metric(
+            Matcher::Full("tidemark_replica_lag_sample_seconds".into()),
+            LAG_SECONDS_BUCKETS,
+        )
+        .ok()?
+        .set_buckets_for_metric(
+            Matcher::Full("tidemark_replica_lag_sample_bytes".into()),
+            LAG_BYTES_BUCKETS,
+        )
         .ok()?;
-    b.install_recorder().ok()
+    let handle = b.install_recorder().ok()?;
+    // Histogram samples are buffered until upkeep (or a render) folds them in: without a
+    // scraper they would grow without bound.
+    let h2 = handle.clone();
+    let _ = std::thread::Builder::new()
+        .name("tidemark-metrics-upkeep".into())
+        .spawn(move || loop {
+            std::thread::sleep(Duration::from_secs(5));
+            h2.run_upkeep();
+        });
+    describe();
+    preregister();
+    Some(handle)
+}
+
+fn describe() {
+    describe_counter!(
+        "tidemark_statements_total",
+        "Statements (routing units) by class and target role"
+    );
+    describe_counter!(
+        "tidemark_reads_total",
+        "Read-only statements by target role (replica|primary) and routing reason"
+    );
+    describe_counter!(
+        "tidemark_fallbacks_total",
+        "Reads that went to the primary instead of a replica, by reason"
+    );
+    describe_gauge!(
+        "tidemark_reads_replica_ratio",
+        "Share of reads sent to replicas over the last 60 seconds (0..1; 0 when no reads)"
+    );
+    describe_histogram!(
+        "tidemark_lsn_wait_seconds",
+        "Time a read waited for a replica to replay its required LSN, by outcome"
+    );
+    describe_histogram!(
+        "tidemark_pool_checkout_wait_seconds",
+        "Time waiting for a server connection from a pool"
+    );
+    describe_counter!(
+        "tidemark_errors_total",
+        "Errors tidemark sent to clients, by SQLSTATE"
+    );
+    describe_gauge!("tidemark_client_connections", "Connected clients");
+    describe_counter!(
+        "tidemark_commit_lsn_captures_total",
+        "Commit LSNs captured after writes"
+    );
+    describe_gauge!(
+        "tidemark_replica_lag_seconds",
+        "Replica replay lag in seconds (latest sample)"
+    );
+    describe_gauge!(
+        "tidemark_replica_lag_bytes",
+        "Replica replay lag in bytes of WAL (latest sample)"
+    );
+    describe_histogram!(
+        "tidemark_replica_lag_sample_seconds",
+        "Replica replay lag samples in seconds"
+    );
+    describe_histogram!(
+        "tidemark_replica_lag_sample_bytes",
+        "Replica replay lag samples in bytes of WAL"
+    );
+    describe_gauge!(
+        "tidemark_node_role",
+        "1 for the node's current role (primary|replica|unknown)"
+    );
+    describe_gauge!(
+        "tidemark_node_healthy",
+        "1 when the node answers the monitor"
+    );
+    describe_gauge!(
+        "tidemark_node_in_rotation",
+        "1 when the node may serve reads (lag gate open)"
+    );
+    describe_gauge!(
+        "tidemark_split_brain",
+        "1 while several nodes accept writes"
+    );
+    describe_gauge!(
+        "tidemark_pool_server_connections",
+        "Server connections of a pool by state (active|idle)"
+    );
+    describe_gauge!(
+        "tidemark_pool_max_connections",
+        "Configured maximum size of a pool"
+    );
+    describe_gauge!(
+        "tidemark_pool_clients_waiting",
+        "Clients waiting for a server connection from a pool"
+    );
+    describe_counter!(
+        "tidemark_pool_checkout_timeouts_total",
+        "Checkouts that gave up after pool.checkout_timeout"
+    );
+    describe_gauge!(
+        "tidemark_replication_slot_retained_bytes",
+        "WAL retained on the primary by a replication slot (pg_current_wal_lsn - restart_lsn)"
+    );
+    describe_gauge!(
+        "tidemark_replication_slot_active",
+        "1 when a replication slot has a connected consumer"
+    );
+    describe_gauge!(
+        "tidemark_paused",
+        "1 while the console PAUSE holds new transactions"
+    );
+}
+
+/// Registers label sets known in advance so dashboards show zeros rather than "no data".
+fn preregister() {
+    // Reasons a read can end up on the primary for (not `eligible`, `write`, ...).
+    for r in Reason::ALL.iter().filter(|r| {
+        !matches!(
+            r,
+            Reason::Write | Reason::Pinned | Reason::Eligible | Reason::ReplicaCaughtUp
+        )
+    }) {
+        counter!("tidemark_fallbacks_total", "reason" => r.as_str()).absolute(0);
+    }
+    for r in EXTRA_FALLBACK_REASONS {
+        counter!("tidemark_fallbacks_total", "reason" => r).absolute(0);
+    }
+    for o in ["replica", "fallback"] {
+        let _ = histogram!("tidemark_lsn_wait_seconds", "outcome" => o);
+    }
+    gauge!("tidemark_client_connections").increment(0.0);
+    gauge!("tidemark_split_brain").increment(0.0);
+    gauge!("tidemark_paused").set(0.0);
+    gauge!("tidemark_reads_replica_ratio").set(0.0);
 }
 
 pub fn statement(class: &'static str, target: &'static str) {
     counter!("tidemark_statements_total", "class" => class, "target" => target).increment(1);
+    recent::add(recent::Event::Statement);
 }
 
 pub fn read_routed(target: &'static str, reason: &'static str) {
     counter!("tidemark_reads_total", "target" => target, "reason" => reason).increment(1);
+    recent::add(if target == "replica" {
+        recent::Event::ReplicaRead
+    } else {
+        recent::Event::PrimaryRead
+    });
 }
 
 pub fn fallback(reason: &'static str) {
     counter!("tidemark_fallbacks_total", "reason" => reason).increment(1);
+    recent::add(recent::Event::Fallback(reason));
 }
 
 pub fn lsn_wait(d: Duration, outcome: &'static str) {
@@ -40,7 +220,15 @@ pub fn pool_wait(pool: &str, d: Duration) {
 }
 
 pub fn error(sqlstate: &str) {
-    counter!("tidemark_errors_total", "sqlstate" => sqlstate.to_string()).increment(1);
+    // SQLSTATEs are five characters from a fixed alphabet; anything else is folded so a
+    // misbehaving server cannot mint label values.
+    let code = if sqlstate.len() == 5 && sqlstate.bytes().all(|b| b.is_ascii_alphanumeric()) {
+        sqlstate.to_string()
+    } else {
+        "XXXXX".to_string()
+    };
+    counter!("tidemark_errors_total", "sqlstate" => code).increment(1);
+    recent::add(recent::Event::Error);
 }
 
 pub fn clients(delta: f64) {
@@ -54,9 +242,9 @@ pub fn lsn_captured() {
 pub fn replica_lag(node: &str, lag: Duration, bytes: u64) {
     gauge!("tidemark_replica_lag_seconds", "node" => node.to_string()).set(lag.as_secs_f64());
     gauge!("tidemark_replica_lag_bytes", "node" => node.to_string()).set(bytes as f64);
-    histogram!("tidemark_replica_lag_seconds_histogram", "node" => node.to_string())
+    histogram!("tidemark_replica_lag_sample_seconds", "node" => node.to_string())
         .record(lag.as_secs_f64());
-    histogram!("tidemark_replica_lag_bytes_histogram", "node" => node.to_string())
+    histogram!("tidemark_replica_lag_sample_bytes", "node" => node.to_string())
         .record(bytes as f64);
 }
 
@@ -74,4 +262,202 @@ pub fn node_state(node: &str, role: &'static str, healthy: bool, in_rotation: bo
 
 pub fn split_brain(active: bool) {
     gauge!("tidemark_split_brain").set(active as u8 as f64);
+}
+
+pub fn paused(on: bool) {
+    gauge!("tidemark_paused").set(on as u8 as f64);
+}
+
+pub fn replication_slot(slot: &str, retained_bytes: f64, active: bool) {
+    gauge!("tidemark_replication_slot_retained_bytes", "slot" => slot.to_string())
+        .set(retained_bytes);
+    gauge!("tidemark_replication_slot_active", "slot" => slot.to_string()).set(active as u8 as f64);
+}
+
+/// Refreshes the gauges that are read off shared state rather than recorded as events:
+/// per-pool connection counts and the last minute's routing split. Called before each
+/// `/metrics` render.
+pub fn refresh_from(app: &App) {
+    for p in app.pools.all() {
+        let s = &p.stats;
+        let active = s.in_use.load(Ordering::Relaxed);
+        let idle = p.idle_count();
+        let name = p.name.clone();
+        gauge!("tidemark_pool_server_connections", "pool" => name.clone(), "state" => "active")
+            .set(active as f64);
+        gauge!("tidemark_pool_server_connections", "pool" => name.clone(), "state" => "idle")
+            .set(idle as f64);
+        gauge!("tidemark_pool_max_connections", "pool" => name.clone()).set(p.max_size() as f64);
+        gauge!("tidemark_pool_clients_waiting", "pool" => name.clone())
+            .set(s.waiting.load(Ordering::Relaxed) as f64);
+        counter!("tidemark_pool_checkout_timeouts_total", "pool" => name)
+            .absolute(s.timeouts.load(Ordering::Relaxed));
+    }
+    let m = recent::summary(60);
+    let reads = m.replica_reads + m.primary_reads;
+    gauge!("tidemark_reads_replica_ratio").set(if reads == 0 {
+        0.0
+    } else {
+        m.replica_reads as f64 / reads as f64
+    });
+    paused(*app.paused.borrow());
+}
+
+/// The last minute, second by second, for the status page.
+pub mod recent {
+    use std::sync::OnceLock;
+    use std::time::Instant;
+
+    use parking_lot::Mutex;
+
+    /// Seconds kept (one more than the window, so the current partial second is extra).
+    const SLOTS: usize = 61;
+
+    pub enum Event {
+        Statement,
+        ReplicaRead,
+        PrimaryRead,
+        Fallback(&'static str),
+        Error,
+    }
+
+    #[derive(Clone, Default)]
+    struct Slot {
+        sec: u64,
+        statements: u64,
+        replica_reads: u64,
+        primary_reads: u64,
+        errors: u64,
+        /// Reasons are `&'static str` from a fixed set, so this stays small.
+        fallbacks: Vec<(&'static str, u64)>,
+    }
+
+    impl Slot {
+        fn reset(&mut self, sec: u64) {
+            *self = Slot {
+                sec,
+                fallbacks: std::mem::take(&mut self.fallbacks),
+                ..Slot::default()
+            };
+            self.fallbacks.clear();
+        }
+    }
+
+    struct Ring {
+        slots: Vec<Slot>,
+    }
+
+    fn start() -> Instant {
+        static START: OnceLock<Instant> = OnceLock::new();
+        *START.get_or_init(Instant::now)
+    }
+
+    fn ring() -> &'static Mutex<Ring> {
+        static RING: OnceLock<Mutex<Ring>> = OnceLock::new();
+        RING.get_or_init(|| {
+            Mutex::new(Ring {
+                slots: vec![Slot::default(); SLOTS],
+            })
+        })
+    }
+
+    /// Seconds since the process first recorded anything (plus one, so 0 means "never").
+    fn now_sec() -> u64 {
+        start().elapsed().as_secs() + 1
+    }
+
+    pub fn add(e: Event) {
+        let sec = now_sec();
+        let mut r = ring().lock();
+        let s = &mut r.slots[(sec as usize) % SLOTS];
+        if s.sec != sec {
+            s.reset(sec);
+        }
+        match e {
+            Event::Statement => s.statements += 1,
+            Event::ReplicaRead => s.replica_reads += 1,
+            Event::PrimaryRead => s.primary_reads += 1,
+            Event::Error => s.errors += 1,
+            Event::Fallback(reason) => match s.fallbacks.iter_mut().find(|(r, _)| *r == reason) {
+                Some((_, n)) => *n += 1,
+                None => s.fallbacks.push((reason, 1)),
+            },
+        }
+    }
+
+    /// Totals and a per-second series over the last `window` completed seconds plus the
+    /// current one.
+    #[derive(Clone, Debug, Default)]
+    pub struct Summary {
+        pub window_seconds: u64,
+        pub statements: u64,
+        pub replica_reads: u64,
+        pub primary_reads: u64,
+        pub errors: u64,
+        pub fallbacks: Vec<(&'static str, u64)>,
+        /// Oldest first: (replica reads, primary reads, fallbacks) per second.
+        pub per_second: Vec<(u64, u64, u64)>,
+    }
+
+    pub fn summary(window: u64) -> Summary {
+        let window = window.min(SLOTS as u64 - 1);
+        let now = now_sec();
+        let r = ring().lock();
+        let mut out = Summary {
+            window_seconds: window,
+            ..Summary::default()
+        };
+        // Always `window` entries ending with the current second; seconds before the
+        // process started are empty.
+        for i in 0..window {
+            let Some(sec) = (now + 1 + i).checked_sub(window).filter(|s| *s > 0) else {
+                out.per_second.push((0, 0, 0));
+                continue;
+            };
+            let s = &r.slots[(sec as usize) % SLOTS];
+            if s.sec != sec {
+                out.per_second.push((0, 0, 0));
+                continue;
+            }
+            out.statements += s.statements;
+            out.replica_reads += s.replica_reads;
+            out.primary_reads += s.primary_reads;
+            out.errors += s.errors;
+            let mut fb = 0;
+            for (reason, n) in &s.fallbacks {
+                fb += n;
+                match out.fallbacks.iter_mut().find(|(r, _)| r == reason) {
+                    Some((_, t)) => *t += n,
+                    None => out.fallbacks.push((reason, *n)),
+                }
+            }
+            out.per_second.push((s.replica_reads, s.primary_reads, fb));
+        }
+        out.fallbacks
+            .sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+        out
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn counts_land_in_the_current_second() {
+            let before = summary(60);
+            add(Event::ReplicaRead);
+            add(Event::ReplicaRead);
+            add(Event::PrimaryRead);
+            add(Event::Fallback("replicas_behind"));
+            let after = summary(60);
+            // Other tests in this process may record too; ours are at least there.
+            assert!(after.replica_reads >= before.replica_reads + 2);
+            assert!(after.primary_reads > before.primary_reads);
+            assert!(after
+                .fallbacks
+                .iter()
+                .any(|(r, n)| *r == "replicas_behind" && *n >= 1));
+            assert_eq!(after.per_second.len(), 60);
+        }
+    }
 }

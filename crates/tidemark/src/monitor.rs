@@ -243,7 +243,18 @@ impl Monitor {
                 st.lag = clock.lag(st.replay_lsn, now);
                 // The gate moves only on fresh samples of this node.
                 st.in_rotation = if fresh == Some(st.id) {
-                    t.gate.observe(st.lag, st.lag_bytes)
+                    let before = t.gate.in_rotation();
+                    let after = t.gate.observe(st.lag, st.lag_bytes);
+                    if before != after {
+                        tracing::info!(
+                            node = %st.name,
+                            lag_ms = st.lag.as_millis() as u64,
+                            lag_bytes = st.lag_bytes,
+                            "replica {} rotation",
+                            if after { "returns to" } else { "leaves" }
+                        );
+                    }
+                    after
                 } else {
                     t.gate.in_rotation()
                 };

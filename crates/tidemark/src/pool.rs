@@ -42,12 +42,24 @@ pub struct PoolStats {
     pub timeouts: AtomicU64,
 }
 
+/// One server connection as SHOW SERVERS shows it.
+#[derive(Clone, Debug)]
+pub struct ServerInfo {
+    pub pid: i32,
+    pub active: bool,
+    pub created: Instant,
+    /// Checked out at (active) or last used at (idle).
+    pub since: Instant,
+}
+
 pub struct Pool {
     pub key: PoolKey,
     pub name: String,
     target: ServerTarget,
     settings: Mutex<PoolConfig>,
     idle: Mutex<Vec<ServerConn>>,
+    /// Checked-out connections by backend pid: (connected at, checked out at).
+    active: Mutex<HashMap<i32, (Instant, Instant)>>,
     sem: Arc<Semaphore>,
     max: AtomicUsize,
     pub stats: PoolStats,
@@ -63,18 +75,22 @@ pub struct Checked {
 
 /// Counts a connection as in use for as long as it is checked out, and as closed when it
 /// is dropped without going back to the pool.
-struct InUse(Arc<Pool>, bool);
+struct InUse(Arc<Pool>, bool, i32);
 
 impl InUse {
-    fn new(pool: &Arc<Pool>) -> InUse {
+    fn new(pool: &Arc<Pool>, conn: &ServerConn) -> InUse {
         pool.stats.in_use.fetch_add(1, Ordering::Relaxed);
-        InUse(pool.clone(), false)
+        pool.active
+            .lock()
+            .insert(conn.backend_pid, (conn.created, Instant::now()));
+        InUse(pool.clone(), false, conn.backend_pid)
     }
 }
 
 impl Drop for InUse {
     fn drop(&mut self) {
         self.0.stats.in_use.fetch_sub(1, Ordering::Relaxed);
+        self.0.active.lock().remove(&self.2);
         if !self.1 {
             self.0.stats.open.fetch_sub(1, Ordering::Relaxed);
         }
@@ -105,6 +121,7 @@ impl Pool {
             target,
             settings: Mutex::new(settings),
             idle: Mutex::new(Vec::new()),
+            active: Mutex::new(HashMap::new()),
             sem: Arc::new(Semaphore::new(max)),
             max: AtomicUsize::new(max),
             stats: PoolStats::default(),
@@ -117,6 +134,29 @@ impl Pool {
 
     pub fn idle_count(&self) -> usize {
         self.idle.lock().len()
+    }
+
+    /// The pool's server connections for SHOW SERVERS, active ones first.
+    pub fn servers(&self) -> Vec<ServerInfo> {
+        let mut v: Vec<ServerInfo> = self
+            .active
+            .lock()
+            .iter()
+            .map(|(pid, (created, since))| ServerInfo {
+                pid: *pid,
+                active: true,
+                created: *created,
+                since: *since,
+            })
+            .collect();
+        v.sort_by_key(|s| s.pid);
+        v.extend(self.idle.lock().iter().map(|c| ServerInfo {
+            pid: c.backend_pid,
+            active: false,
+            created: c.created,
+            since: c.last_used,
+        }));
+        v
     }
 
     /// Applies new settings (RELOAD); a larger max takes effect at once, a smaller one as
@@ -180,18 +220,20 @@ impl Pool {
                 continue;
             }
             conn.last_used = now;
+            let guard = InUse::new(self, &conn);
             return Ok(Checked {
                 conn,
                 _permit: permit,
-                guard: InUse::new(self),
+                guard,
             });
         }
         let conn = ServerConn::connect(&self.target, connect_timeout).await?;
         self.stats.open.fetch_add(1, Ordering::Relaxed);
+        let guard = InUse::new(self, &conn);
         Ok(Checked {
             conn,
             _permit: permit,
-            guard: InUse::new(self),
+            guard,
         })
     }
 
@@ -219,6 +261,27 @@ impl Pool {
         });
         let closed = before - idle.len();
         self.stats.open.fetch_sub(closed, Ordering::Relaxed);
+    }
+
+    /// Opens connections until `min` are open (best effort: failures wait for the next round).
+    pub async fn top_up(self: &Arc<Self>, min: usize) {
+        while self.stats.open.load(Ordering::Relaxed) < min.min(self.max_size()) {
+            let Ok(permit) = self.sem.clone().try_acquire_owned() else {
+                return;
+            };
+            let timeout = self.settings.lock().connect_timeout;
+            match ServerConn::connect(&self.target, timeout).await {
+                Ok(conn) => {
+                    self.stats.open.fetch_add(1, Ordering::Relaxed);
+                    self.put_back(conn);
+                    drop(permit);
+                }
+                Err(e) => {
+                    tracing::debug!(pool = %self.name, error = %e, "could not open a min_size connection");
+                    return;
+                }
+            }
+        }
     }
 
     /// Closes every idle connection (e.g. after a failover).

@@ -95,6 +95,12 @@ impl ServerConn {
                 source,
             })?;
         stream.set_nodelay(true)?;
+        // Detect a server that vanished without a FIN/RST (power loss, partition).
+        let ka = socket2::TcpKeepalive::new()
+            .with_time(Duration::from_secs(5))
+            .with_interval(Duration::from_secs(1))
+            .with_retries(3);
+        let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&ka);
         let now = Instant::now();
         let mut c = ServerConn {
             node: t.node,

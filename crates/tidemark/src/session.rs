@@ -91,8 +91,8 @@ struct Attached {
 
 /// How a relay ended.
 enum RelayEnd {
-    /// ReadyForQuery with this status.
-    Ready(u8),
+    /// ReadyForQuery with this status; `true` if the unit had an error.
+    Ready(u8, bool),
     /// Flushed unit: all responses so far are relayed, the unit stays open.
     Open,
 }
@@ -147,6 +147,10 @@ pub struct Session {
     pending: VecDeque<Frame>,
     pending_bytes: usize,
     copy_in: bool,
+    /// Key of a keyed write in the current transaction.
+    tx_key: Option<String>,
+    /// Session-state statements run inside the current transaction (applied at COMMIT).
+    tx_session_state: Vec<Class>,
     /// After tidemark itself failed a Flush-ended unit: ignore messages until Sync.
     skip_until_sync: bool,
     /// Params reported to the client.
@@ -281,6 +285,8 @@ impl Session {
             pending: VecDeque::new(),
             pending_bytes: 0,
             copy_in: false,
+            tx_key: None,
+            tx_session_state: Vec::new(),
             skip_until_sync: false,
             params: HashMap::new(),
             max_prepared,
@@ -479,6 +485,7 @@ impl Session {
 
     async fn send_error_ready(&mut self, e: ErrorFields, end: UnitEnd) -> SResult<()> {
         crate::metrics::error(&e.code);
+        tracing::warn!(client = self.pid, user = %self.user, sqlstate = %e.code, message = %e.message, "error sent to client");
         self.io.push(&e.to_error());
         match end {
             UnitEnd::Sync | UnitEnd::Query | UnitEnd::Func => {
@@ -808,6 +815,7 @@ impl Session {
     async fn execute(&mut self, unit: Unit, analysis: Arc<Analysis>) -> SResult<()> {
         let read_only = self.unit_read_only(&analysis);
         if self.attached.is_none() {
+            self.wait_while_paused().await;
             let decision = self.decide(&analysis, read_only).await;
             let (mut conn, node, role, reason) = match decision {
                 Ok(d) => d,
@@ -846,8 +854,9 @@ impl Session {
         };
         let outcome = self.send_and_relay(&unit, retryable).await;
         match outcome {
-            Ok(RelayOutcome::Done(status)) => {
-                self.after_ready(status, may_write, &analysis).await?;
+            Ok(RelayOutcome::Done(status, errored)) => {
+                self.after_ready(status, errored, may_write, &analysis)
+                    .await?;
             }
             Ok(RelayOutcome::Open) => {
                 self.unit_open = true;
@@ -890,8 +899,9 @@ impl Session {
                             end: unit.end,
                         };
                         match self.send_and_relay(&unit, false).await {
-                            Ok(RelayOutcome::Done(status)) => {
-                                self.after_ready(status, may_write, &analysis).await?
+                            Ok(RelayOutcome::Done(status, errored)) => {
+                                self.after_ready(status, errored, may_write, &analysis)
+                                    .await?
                             }
                             Ok(RelayOutcome::Open) => self.unit_open = true,
                             Ok(RelayOutcome::RetryOnPrimary(_)) => {}
@@ -940,6 +950,7 @@ impl Session {
         }
         let _ = end;
         crate::metrics::error(&f.code);
+        tracing::warn!(client = self.pid, user = %self.user, sqlstate = %f.code, message = %f.message, "server connection failed under a client");
         self.io.push(&f.to_error());
         self.io.push(&be::ready_for_query(b'I'));
         self.io.flush().await
@@ -953,6 +964,16 @@ impl Session {
             Class::Read => true,
             Class::Transaction(TxControl::Begin { read_only, .. }) => *read_only,
             _ => false,
+        }
+    }
+
+    /// While an operator has paused tidemark (admin `PAUSE`), new transactions wait.
+    async fn wait_while_paused(&self) {
+        let mut rx = self.app.paused.subscribe();
+        while *rx.borrow_and_update() {
+            if rx.changed().await.is_err() {
+                return;
+            }
         }
     }
 
@@ -987,9 +1008,23 @@ impl Session {
             Route::Node { node, role, reason } => {
                 if read_only && role == Role::Primary {
                     crate::metrics::fallback(reason.as_str());
+                    tracing::debug!(client = self.pid, reason = reason.as_str(), required_lsn = %required, "read routed to the primary");
                 }
-                let c = self.checkout(node).await?;
-                Ok((c, node, role, reason))
+                match self.checkout(node).await {
+                    Ok(c) => Ok((c, node, role, reason)),
+                    // A replica that cannot be reached: the read goes to the primary
+                    // (the monitor bans the replica on its next poll).
+                    Err(e) if role == Role::Replica && e.code != "53300" => {
+                        let Some(p) = view.primary_id() else {
+                            return Err(e);
+                        };
+                        crate::metrics::fallback("replica_error");
+                        tracing::info!(client = self.pid, node = %self.app.node_name(node), error = %e.message, "replica unreachable; read routed to the primary");
+                        let c = self.checkout(p).await?;
+                        Ok((c, p, Role::Primary, Reason::NoReplica))
+                    }
+                    Err(e) => Err(e),
+                }
             }
             Route::CheckReplicas {
                 candidates,
@@ -1073,6 +1108,7 @@ impl Session {
         match fallback_after_wait(fallback) {
             Route::Node { node, role, reason } => {
                 crate::metrics::fallback(reason.as_str());
+                tracing::debug!(client = self.pid, reason = reason.as_str(), required_lsn = %required, waited_ms = start.elapsed().as_millis() as u64, "no replica reached the required LSN in time; read routed to the primary");
                 let c = self.checkout(node).await?;
                 Ok((c, node, role, reason))
             }
@@ -1278,7 +1314,13 @@ impl Session {
             conn.send(&out).await?;
         }
         let hold = retryable && att.role == Role::Replica;
+        let watch = NodeWatch {
+            app: &self.app,
+            node: att.node,
+            timeout: self.app.config.load().monitor.timeout,
+        };
         let r = relay(
+            &watch,
             &mut self.io,
             conn,
             &mut exp,
@@ -1293,7 +1335,7 @@ impl Session {
         *self.cancel_slot.lock() = None;
         self.info.lock().state = "idle";
         match r {
-            Ok(RelayEnd::Ready(s)) => Ok(RelayOutcome::Done(s)),
+            Ok(RelayEnd::Ready(s, e)) => Ok(RelayOutcome::Done(s, e)),
             Ok(RelayEnd::Open) => Ok(RelayOutcome::Open),
             Err(RelayFail::Retry(why)) => {
                 // Drop the replica connection (it may be mid-response) and retry.
@@ -1316,19 +1358,20 @@ impl Session {
     async fn after_ready(
         &mut self,
         status: u8,
+        errored: bool,
         may_write: bool,
         analysis: &Analysis,
     ) -> SResult<()> {
-        let prev = self.tx_status;
-        self.tx_status = status;
+        let prev = std::mem::replace(&mut self.tx_status, status);
         self.unit_open = false;
         if may_write {
             self.tx_wrote = true;
+            if let Some(k) = &analysis.hints.key {
+                // A keyed write inside a transaction is recorded at its COMMIT.
+                self.tx_key = Some(k.clone());
+            }
         }
-        let errored = false;
-        if !errored {
-            self.record_session_state(analysis);
-        }
+        self.track_session_state(prev, status, errored, analysis);
         let Some(att) = self.attached.as_mut() else {
             return self.io.flush().await;
         };
@@ -1348,17 +1391,22 @@ impl Session {
             && att.role == Role::Primary
             && self.tx_wrote
             && self.app.config.load().routing.track_writes;
-        let _ = prev;
+        // A write under a key must be in the key store before the client learns it is
+        // done: readers on other connections only wait for what the store holds.
+        let keyed = self.tx_key.is_some() || self.key.is_some();
         if capture {
-            if self.report_lsn {
-                // The client asked for the token with the result: capture before ReadyForQuery.
+            if self.report_lsn || keyed {
+                // The client asked for the token with the result, or other connections
+                // depend on it through the key: capture before ReadyForQuery.
                 let z = self.hold_ready();
                 self.capture_lsn(analysis).await;
                 if let Some(z) = z {
-                    self.io.push(&be::parameter_status(
-                        "tidemark.commit_lsn",
-                        &self.last_write_lsn.to_string(),
-                    ));
+                    if self.report_lsn {
+                        self.io.push(&be::parameter_status(
+                            "tidemark.commit_lsn",
+                            &self.last_write_lsn.to_string(),
+                        ));
+                    }
                     self.io.push(&z);
                 }
                 self.io.flush().await?;
@@ -1372,6 +1420,7 @@ impl Session {
         }
         if status == b'I' {
             self.tx_wrote = false;
+            self.tx_key = None;
             if !self.pinned {
                 if let Some(att) = self.attached.take() {
                     att.conn.release();
@@ -1408,7 +1457,8 @@ impl Session {
                     if l > self.last_write_lsn {
                         self.last_write_lsn = l;
                     }
-                    if let Some(k) = analysis.hints.key.as_ref().or(self.key.as_ref()) {
+                    let _ = analysis;
+                    if let Some(k) = self.tx_key.as_ref().or(self.key.as_ref()) {
                         self.app.keys.record(k, l);
                     }
                 }
@@ -1423,18 +1473,49 @@ impl Session {
         }
     }
 
-    fn record_session_state(&mut self, analysis: &Analysis) {
+    /// Session SETs take effect when they succeed outside a transaction, or when the
+    /// transaction they ran in commits; a failed unit or a rollback records nothing.
+    /// Statements are walked in order, so `BEGIN; SET ...; ROLLBACK` in one query counts
+    /// as rolled back.
+    fn track_session_state(&mut self, prev: u8, status: u8, errored: bool, analysis: &Analysis) {
+        if errored {
+            if status == b'I' {
+                self.tx_session_state.clear();
+            }
+            return;
+        }
+        let mut in_tx = prev != b'I';
+        for c in &analysis.statements {
+            match c {
+                Class::Transaction(TxControl::Begin { .. }) => in_tx = true,
+                Class::Transaction(TxControl::Commit) => {
+                    let pending = std::mem::take(&mut self.tx_session_state);
+                    self.record_session_state(&pending);
+                    in_tx = false;
+                }
+                Class::Transaction(TxControl::Rollback) => {
+                    self.tx_session_state.clear();
+                    in_tx = false;
+                }
+                Class::SessionState(_) if in_tx => self.tx_session_state.push(c.clone()),
+                Class::SessionState(_) => self.record_session_state(std::slice::from_ref(c)),
+                _ => {}
+            }
+        }
+        if status == b'I' {
+            self.tx_session_state.clear();
+        }
+    }
+
+    fn record_session_state(&mut self, statements: &[Class]) {
         let mut changed = false;
-        for c in analysis.statements.iter() {
+        for c in statements.iter() {
             match c {
                 Class::SessionState(SessionKind::Set {
                     local: false,
                     name,
                     value_sql,
                 }) => {
-                    if self.tx_status != b'I' && self.tx_status != b'T' {
-                        continue;
-                    }
                     self.sets.retain(|(n, _)| n != name);
                     let stmt = match value_sql {
                         Some(v) => format!("SET {name} TO {v}"),
@@ -1478,7 +1559,7 @@ impl Session {
 }
 
 enum RelayOutcome {
-    Done(u8),
+    Done(u8, bool),
     Open,
     RetryOnPrimary(String),
 }
@@ -1577,6 +1658,7 @@ fn combine_analyses(parts: Vec<Arc<Analysis>>) -> Arc<Analysis> {
 /// input (COPY data, pipelined messages) at the same time.
 #[allow(clippy::too_many_arguments)]
 async fn relay(
+    watch: &NodeWatch<'_>,
     io: &mut ClientIo,
     conn: &mut crate::server::ServerConn,
     exp: &mut VecDeque<Exp>,
@@ -1590,6 +1672,10 @@ async fn relay(
     let start_out = io.pending_out();
     let mut flushed = false;
     let mut copy = CopyState::default();
+    let mut last_heard = Instant::now();
+    let mut errored = false;
+    let check = tokio::time::sleep(NODE_CHECK_INTERVAL);
+    tokio::pin!(check);
     loop {
         // Emit leading synthesized responses.
         while let Some(front) = exp.front() {
@@ -1628,6 +1714,23 @@ async fn relay(
                             return Err(RelayFail::Server(e));
                         }
                     },
+                    _ = &mut check => {
+                        check.as_mut().reset(tokio::time::Instant::now() + NODE_CHECK_INTERVAL);
+                        if watch.looks_dead(last_heard) {
+                            let e = ServerError::Protocol(format!(
+                                "node {} stopped answering (no response for {:?} and the monitor cannot reach it)",
+                                watch.app.node_name(watch.node),
+                                last_heard.elapsed()
+                            ));
+                            conn.broken = true;
+                            if hold && !flushed {
+                                io.truncate_out(start_out);
+                                return Err(RelayFail::Retry(e.to_string()));
+                            }
+                            return Err(RelayFail::Server(e));
+                        }
+                        continue;
+                    }
                     r = io.fill(), if read_client => {
                         r.map_err(RelayFail::Client)?;
                         while let Some(f) = io.try_frame().map_err(RelayFail::Client)? {
@@ -1647,6 +1750,7 @@ async fn relay(
             }
             Err(e) => return Err(RelayFail::Server(e)),
         };
+        last_heard = Instant::now();
         let tag = frame.tag();
         tracing::trace!(tag = %(tag as char), front = ?exp.front().map(|e| format!("{e:?}").chars().take(20).collect::<String>()), "server frame");
         match tag {
@@ -1665,6 +1769,18 @@ async fn relay(
             _ => {}
         }
         if tag == b'E' {
+            if let Ok(f) = ErrorFields::parse(&frame) {
+                if f.severity == "FATAL" || f.severity == "PANIC" {
+                    // The server connection is ending (terminated backend, shutdown): the
+                    // client's connection to tidemark is not. Report it once, as an ERROR.
+                    conn.broken = true;
+                    if hold && !flushed {
+                        io.truncate_out(start_out);
+                        return Err(RelayFail::Retry(format!("{} {}", f.code, f.message)));
+                    }
+                    return Err(RelayFail::Server(ServerError::Server(f)));
+                }
+            }
             if hold && !flushed {
                 if let Ok(f) = ErrorFields::parse(&frame) {
                     if f.code == "25006" {
@@ -1675,7 +1791,11 @@ async fn relay(
                     }
                 }
             }
+            if let Ok(f) = ErrorFields::parse(&frame) {
+                crate::metrics::error(&f.code);
+            }
             io.push(&frame);
+            errored = true;
             *copy_in = false;
             match exp.front() {
                 Some(Exp::Query) | Some(Exp::Func) => {}
@@ -1723,7 +1843,7 @@ async fn relay(
                 let status = be::ready_status(&frame)
                     .map_err(|e| RelayFail::Server(ServerError::Protocol(e.to_string())))?;
                 if exp.is_empty() {
-                    return Ok(RelayEnd::Ready(status));
+                    return Ok(RelayEnd::Ready(status, errored));
                 }
                 continue;
             }
@@ -1751,6 +1871,29 @@ async fn relay(
         if pop {
             exp.pop_front();
         }
+    }
+}
+
+const NODE_CHECK_INTERVAL: Duration = Duration::from_millis(250);
+
+/// Lets a relay notice that the node it waits on is gone (blackholed or dead without a
+/// TCP reset), so no client waits forever: the node must be silent for longer than the
+/// monitor timeout *and* reported unreachable by the monitor.
+struct NodeWatch<'a> {
+    app: &'a App,
+    node: NodeId,
+    timeout: Duration,
+}
+
+impl NodeWatch<'_> {
+    fn looks_dead(&self, last_heard: Instant) -> bool {
+        last_heard.elapsed() > self.timeout
+            && !self
+                .app
+                .view
+                .load()
+                .node(self.node)
+                .is_some_and(|n| n.healthy)
     }
 }
 

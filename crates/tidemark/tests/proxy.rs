@@ -130,6 +130,30 @@ async fn routing_protocols_and_session_state() {
         assert_eq!(r[0][0].as_deref(), Some("0"));
     }
 
+    // A SET that fails, or that runs in a transaction rolled back, is not replayed; one in
+    // a committed transaction is.
+    assert!(c
+        .batch_execute("SET statement_timeout = 'soon'")
+        .await
+        .is_err());
+    c.batch_execute("BEGIN; SET work_mem = '7MB'; ROLLBACK")
+        .await
+        .unwrap();
+    c.batch_execute("BEGIN; SET lock_timeout = '3s'; COMMIT")
+        .await
+        .unwrap();
+    for _ in 0..5 {
+        let r = rows(
+            &c.simple_query("SELECT current_setting('statement_timeout'), current_setting('work_mem'), current_setting('lock_timeout')")
+                .await
+                .unwrap(),
+        );
+        assert_eq!(
+            r[0],
+            vec![Some("12s".into()), Some("4MB".into()), Some("3s".into())]
+        );
+    }
+
     // COPY in and out.
     let sink = c
         .copy_in::<_, bytes::Bytes>("COPY items (id, name) FROM STDIN")
@@ -208,7 +232,8 @@ async fn errors_are_reported_not_dropped() {
         .get(0);
     let admin = env.node(0).await;
     admin
-        .execute("SELECT pg_terminate_backend($1)", &[&pid])
+        // The timeout makes the call wait until the backend is gone (PostgreSQL 14+).
+        .execute("SELECT pg_terminate_backend($1, 10000)", &[&pid])
         .await
         .unwrap();
     let e = tokio::time::timeout(Duration::from_secs(5), c.query("SELECT 1", &[]))
@@ -299,4 +324,115 @@ async fn passwords_and_bad_input() {
         );
         bystander.batch_execute("SELECT 1").await.unwrap();
     }
+}
+
+/// A statement classified as a read that writes after all gets 25006 on the replica; the
+/// client never sees it: tidemark retries it on the primary before any byte went out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_only_refusal_on_replica_is_retried_on_primary() {
+    let env = start(&[None], |c| {
+        c.routing.read_only_functions = vec!["bump".into()];
+    })
+    .await;
+    let c = env.client().await;
+    c.batch_execute(
+        "CREATE TABLE bumps (i int); CREATE FUNCTION bump() RETURNS int LANGUAGE sql AS 'INSERT INTO bumps VALUES (1) RETURNING 1'",
+    )
+    .await
+    .unwrap();
+    let lsn = env.cluster.current_lsn(0).unwrap();
+    env.cluster
+        .wait_replayed(1, &lsn, Duration::from_secs(10))
+        .unwrap();
+    // A fresh session has no writes of its own, so the "read" is sent to the replica.
+    let fresh = env.client().await;
+    for _ in 0..5 {
+        let r = rows(&fresh.simple_query("SELECT bump()").await.unwrap());
+        assert_eq!(r[0][0].as_deref(), Some("1"));
+    }
+    let n: i64 = env
+        .node(0)
+        .await
+        .query_one("SELECT count(*) FROM bumps", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 5, "each call ran exactly once, on the primary");
+}
+
+/// Shutdown tells idle clients 57P01 instead of dropping them silently.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_tells_idle_clients() {
+    let env = start(&[None], |_| {}).await;
+    let (client, conn) = tokio_postgres::connect(&env.proxy_dsn(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let conn = tokio::spawn(conn);
+    client.batch_execute("SELECT 1").await.unwrap();
+    let Env { proxy, cluster } = env;
+    tokio::time::timeout(Duration::from_secs(10), proxy.shutdown())
+        .await
+        .expect("shutdown finishes");
+    let r = tokio::time::timeout(Duration::from_secs(5), conn)
+        .await
+        .expect("connection ends")
+        .unwrap();
+    let e = r.expect_err("the connection reports an error");
+    assert_eq!(e.code().map(|c| c.code()), Some("57P01"), "{e}");
+    drop(cluster);
+}
+
+/// RELOAD re-reads the config file: a new pool size takes effect without dropping clients.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_applies_a_new_pool_size() {
+    let cluster = start_cluster(tidemark_cluster::ClusterConfig::with_replicas(1)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tidemark.toml");
+    let write = |size: usize| {
+        let text = format!(
+            "listen = \"127.0.0.1:0\"\nadmin_users = [\"postgres\"]\n\
+             [[nodes]]\nname = \"primary\"\nport = {}\n[[nodes]]\nname = \"replica_1\"\nport = {}\n\
+             [[users]]\nname = \"postgres\"\nauth = \"trust\"\n[pool]\nmax_size = {size}\n",
+            cluster.port(0),
+            cluster.port(1)
+        );
+        std::fs::write(&path, text).unwrap();
+    };
+    write(3);
+    tidemark::app::set_config_path(path.clone());
+    let cfg = tidemark::config::Config::load(&path).unwrap();
+    let proxy = tidemark::listener::Proxy::start(cfg).await.unwrap();
+    assert!(proxy.wait_ready(Duration::from_secs(10)).await);
+    let c = connect(&proxy_dsn_of(&proxy, "postgres")).await;
+    c.batch_execute("CREATE TABLE r (i int)").await.unwrap();
+    let admin_dsn = format!(
+        "host=127.0.0.1 port={} user=postgres dbname=tidemark",
+        proxy.addr.port()
+    );
+    let admin = connect(&admin_dsn).await;
+    let pool_size = |msgs: Vec<tokio_postgres::SimpleQueryMessage>| -> Vec<String> {
+        rows(&msgs)
+            .into_iter()
+            .filter(|r| r[2].as_deref() == Some("primary"))
+            .map(|r| r[6].clone().unwrap_or_default())
+            .collect()
+    };
+    let before = pool_size(admin.simple_query("SHOW POOLS").await.unwrap());
+    assert_eq!(before, vec!["3".to_string()]);
+    write(7);
+    admin.simple_query("RELOAD").await.unwrap();
+    let after = pool_size(admin.simple_query("SHOW POOLS").await.unwrap());
+    assert_eq!(after, vec!["7".to_string()]);
+    // The client connected before the reload keeps working.
+    c.batch_execute("INSERT INTO r VALUES (1)").await.unwrap();
+    // A broken config is refused with a clear error and changes nothing.
+    std::fs::write(&path, "nodes = 3").unwrap();
+    let e = admin.simple_query("RELOAD").await.unwrap_err();
+    assert!(
+        e.as_db_error()
+            .is_some_and(|d| d.message().contains("config not reloaded")),
+        "{e:?}"
+    );
+    let still = pool_size(admin.simple_query("SHOW POOLS").await.unwrap());
+    assert_eq!(still, vec!["7".to_string()]);
 }

@@ -22,6 +22,13 @@ pub async fn start_cluster(cfg: ClusterConfig) -> Cluster {
 }
 
 pub async fn proxy_for(cluster: &Cluster, tweak: impl FnOnce(&mut Config)) -> Proxy {
+    // RUST_LOG=tidemark=debug shows the proxy's logs in a failing test.
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
+    }
     let mut cfg = tidemark::dev::config_for(cluster, "127.0.0.1:0");
     tweak(&mut cfg);
     cfg.validate().expect("valid test config");

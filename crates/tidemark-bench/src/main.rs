@@ -1,0 +1,92 @@
+//! `tidemark-bench`: the benchmarks behind docs/benchmarks.md. Each subcommand starts its own
+//! local primary + 2 replicas (tidemark-cluster) and whatever proxies it compares, and stops
+//! all of them when it ends, also on error or Ctrl-C.
+//!
+//! - `ryw` ([`ryw`]): stale reads and replica offload of read-after-write traffic, per routing
+//!   mode and lag profile.
+//! - `pgbench` ([`pgbench`]): throughput and latency vs direct, PgBouncer and Pgpool-II, and
+//!   memory per idle client.
+//!
+//! Shared pieces: [`procs`] (the processes we start) and [`report`] (tables, files, chart).
+
+mod pgbench;
+mod procs;
+mod report;
+mod ryw;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "tidemark-bench",
+    about = "Benchmarks: stale reads and replica offload (ryw), throughput and latency vs direct and peer proxies (pgbench)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Read-after-write workload: stale reads and replica share per mode and lag profile.
+    Ryw(ryw::RywArgs),
+    /// pgbench through tidemark, PgBouncer and Pgpool-II vs direct; memory per idle client.
+    Pgbench(pgbench::PgbenchArgs),
+}
+
+/// Durations written as `200ms`, `2s`, `1m`; a bare `0` is zero.
+pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
+    if s.trim() == "0" {
+        return Ok(Duration::ZERO);
+    }
+    humantime::parse_duration(s.trim()).map_err(|e| format!("{e} (write e.g. 200ms, 2s, 1m)"))
+}
+
+/// A path inside the workspace this binary was built from (falls back to the current
+/// directory when the sources are not there).
+pub(crate) fn workspace_path(rel: &str) -> PathBuf {
+    let ws = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    if ws.join("Cargo.toml").is_file() {
+        ws.join(rel)
+    } else {
+        PathBuf::from(rel)
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("tidemark-bench: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let r = rt.block_on(async move {
+        let work = async move {
+            match cli.cmd {
+                Cmd::Ryw(a) => ryw::run(a).await,
+                Cmd::Pgbench(a) => pgbench::run(a).await,
+            }
+        };
+        // On Ctrl-C the benchmark future is dropped, which stops every process it started.
+        tokio::select! {
+            r = work => r,
+            _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+        }
+    });
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tidemark-bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,339 @@
+//! Failures on a real cluster: a replica killed under load, the primary killed and a
+//! replica promoted, split brain, synchronous replication across a failover, and a
+//! blackholed replica behind the fault proxy.
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+use tidemark_cluster::{ClusterConfig, Fault, FaultProxy, ReplicaConfig};
+
+/// Which node served a read, by its port.
+async fn served_by(c: &tokio_postgres::Client, sql: &str) -> Result<i32, tokio_postgres::Error> {
+    let r = c.query_one(sql, &[]).await?;
+    Ok(r.get(0))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replica_killed_and_restarted_under_pgbench() {
+    let mut env = start(&[None, None], |c| c.pool.max_size = 10).await;
+    let init = Command::new(env.cluster.bindir().join("pgbench"))
+        .args([
+            "-i",
+            "-s",
+            "1",
+            "-q",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &env.cluster.port(0).to_string(),
+            "-U",
+            "postgres",
+            "postgres",
+        ])
+        .output()
+        .unwrap();
+    assert!(init.status.success());
+    let lsn = env.cluster.current_lsn(0).unwrap();
+    for i in 1..=2 {
+        env.cluster
+            .wait_replayed(i, &lsn, Duration::from_secs(20))
+            .unwrap();
+    }
+    let port = env.proxy.addr.port().to_string();
+    let bin = env.cluster.bindir().join("pgbench");
+    let bench = std::thread::spawn(move || {
+        Command::new(bin)
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port,
+                "-U",
+                "postgres",
+                "-n",
+                "-S",
+                "-c",
+                "8",
+                "-j",
+                "2",
+                "-T",
+                "12",
+                "postgres",
+            ])
+            .output()
+            .unwrap()
+    });
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    env.cluster.kill(1).unwrap();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    tokio::task::block_in_place(|| env.cluster.start_node(1)).unwrap();
+    let out = tokio::task::spawn_blocking(move || bench.join().unwrap())
+        .await
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    println!("{text}");
+    assert!(
+        out.status.success(),
+        "pgbench failed while a replica was killed:\n{text}"
+    );
+    assert!(
+        !text.contains("aborted"),
+        "a pgbench client was aborted:\n{text}"
+    );
+    // The replica is back in rotation and serves reads again.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let c = env.client().await;
+    c.batch_execute("SET tidemark.consistency = 'eventual'")
+        .await
+        .unwrap();
+    let replica1 = env.cluster.port(1) as i32;
+    let mut seen = false;
+    while Instant::now() < deadline && !seen {
+        for _ in 0..10 {
+            if served_by(&c, "SELECT inet_server_port()").await.unwrap() == replica1 {
+                seen = true;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(seen, "the restarted replica never served reads again");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn primary_killed_promotion_split_brain_and_no_stale_reads() {
+    let mut env = start(&[None, None], |c| {
+        c.pool.connect_timeout = Duration::from_secs(2);
+    })
+    .await;
+    let c = env.client().await;
+    c.batch_execute("CREATE TABLE f (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    let lsn = env.cluster.current_lsn(0).unwrap();
+    env.cluster
+        .wait_replayed(1, &lsn, Duration::from_secs(10))
+        .unwrap();
+    for i in 0..50 {
+        c.execute("INSERT INTO f VALUES ($1)", &[&i]).await.unwrap();
+    }
+    let lsn = env.cluster.current_lsn(0).unwrap();
+    env.cluster
+        .wait_replayed(1, &lsn, Duration::from_secs(10))
+        .unwrap();
+
+    // The primary dies: writes fail quickly with an error, never hang.
+    env.cluster.kill(0).unwrap();
+    for i in 50..55 {
+        let t = Instant::now();
+        let r = tokio::time::timeout(
+            Duration::from_secs(10),
+            c.execute("INSERT INTO f VALUES ($1)", &[&i]),
+        )
+        .await
+        .expect("a write hung after the primary died");
+        let e = r.expect_err("no primary: the write must fail");
+        println!(
+            "write without a primary: {:?} after {:?}",
+            e.code(),
+            t.elapsed()
+        );
+        assert!(t.elapsed() < Duration::from_secs(5));
+    }
+    // Reads the replicas can serve keep working (this session's writes are replayed).
+    let n: i64 = c
+        .query_one("SELECT count(*) FROM f", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 50);
+
+    // Promote replica 1: writes follow it within 2 s, on the same client connection.
+    let promoted_at = Instant::now();
+    env.cluster.promote(1).unwrap();
+    let mut ok_after = None;
+    while promoted_at.elapsed() < Duration::from_secs(10) {
+        if c.execute("INSERT INTO f VALUES (1000)", &[]).await.is_ok() {
+            ok_after = Some(promoted_at.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let ok_after = ok_after.expect("writes never reached the promoted replica");
+    println!("first write on the new primary {ok_after:?} after promotion");
+    assert!(ok_after < Duration::from_secs(2));
+    let port: i32 = c
+        .query_one(
+            "INSERT INTO f VALUES (1001) RETURNING inet_server_port()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        port,
+        env.cluster.port(1) as i32,
+        "writes go to the promoted node"
+    );
+
+    // Read-your-writes across the failover: replica 2 still follows the dead primary.
+    let mut stale = 0;
+    for i in 2000..2200 {
+        c.execute("INSERT INTO f VALUES ($1)", &[&i]).await.unwrap();
+        let n: i64 = c
+            .query_one("SELECT count(*) FROM f WHERE id = $1", &[&i])
+            .await
+            .unwrap()
+            .get(0);
+        if n != 1 {
+            stale += 1;
+        }
+    }
+    assert_eq!(stale, 0, "stale reads after the failover");
+
+    // The old primary comes back as a primary: split brain, writes are refused.
+    tokio::task::block_in_place(|| env.cluster.start_node(0)).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut refused = None;
+    while Instant::now() < deadline {
+        match c.execute("INSERT INTO f VALUES (3000)", &[]).await {
+            Err(e)
+                if e.as_db_error()
+                    .is_some_and(|d| d.message().contains("split brain")) =>
+            {
+                refused = Some(e);
+                break;
+            }
+            Ok(_) => {
+                c.execute("DELETE FROM f WHERE id = 3000", &[]).await.ok();
+            }
+            Err(_) => {}
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let e = refused.expect("writes were not refused during split brain");
+    println!("split brain: {:?}", e.as_db_error().map(|d| d.message()));
+    // Once the old primary is gone again, writes resume.
+    env.cluster.kill(0).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut resumed = false;
+    while Instant::now() < deadline {
+        if c.execute("INSERT INTO f VALUES (3001)", &[]).await.is_ok() {
+            resumed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(resumed, "writes did not resume after the split brain ended");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn synchronous_replica_keeps_every_acknowledged_write() {
+    let mut cluster = start_cluster(ClusterConfig {
+        replicas: vec![
+            ReplicaConfig {
+                synchronous: true,
+                ..Default::default()
+            },
+            ReplicaConfig::default(),
+        ],
+        synchronous_commit: Some("on".into()),
+        ..Default::default()
+    })
+    .await;
+    let proxy = proxy_for(&cluster, |_| {}).await;
+    let c = connect(&proxy_dsn_of(&proxy, "postgres")).await;
+    c.batch_execute("CREATE TABLE s (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    let writer = {
+        let dsn = proxy_dsn_of(&proxy, "postgres");
+        tokio::spawn(async move {
+            let c = connect(&dsn).await;
+            let mut acked = 0i32;
+            for i in 0..100_000 {
+                match tokio::time::timeout(
+                    Duration::from_secs(5),
+                    c.execute("INSERT INTO s VALUES ($1)", &[&i]),
+                )
+                .await
+                {
+                    Ok(Ok(_)) => acked = i + 1,
+                    _ => break,
+                }
+            }
+            acked
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    cluster.kill(0).unwrap();
+    let acked = writer.await.unwrap();
+    cluster.promote(1).unwrap();
+    let n: i64 = cluster
+        .psql(1, "SELECT count(*) FROM s")
+        .unwrap()
+        .parse()
+        .unwrap();
+    println!("acknowledged {acked} writes; the promoted synchronous replica has {n}");
+    assert!(acked > 10);
+    assert!(
+        n >= acked as i64,
+        "an acknowledged write is missing on the synchronous replica"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blackholed_replica_is_routed_around() {
+    let cluster = start_cluster(ClusterConfig::with_replicas(2)).await;
+    let fault =
+        FaultProxy::start(format!("127.0.0.1:{}", cluster.port(1)).parse().unwrap()).unwrap();
+    let proxy = proxy_for(&cluster, |c| {
+        c.nodes[1].port = fault.port();
+        c.monitor.timeout = Duration::from_millis(500);
+        c.pool.connect_timeout = Duration::from_millis(500);
+    })
+    .await;
+    let c = connect(&proxy_dsn_of(&proxy, "postgres")).await;
+    c.batch_execute("SET tidemark.consistency = 'eventual'")
+        .await
+        .unwrap();
+    let r1 = cluster.port(1) as i32;
+    let mut before = 0;
+    for _ in 0..20 {
+        if served_by(&c, "SELECT inet_server_port()").await.unwrap() == r1 {
+            before += 1;
+        }
+    }
+    assert!(before > 0, "replica 1 served no reads before the fault");
+    fault.set(Fault::Blackhole);
+    let t = Instant::now();
+    let mut worst = Duration::ZERO;
+    let mut late_hits = 0;
+    while t.elapsed() < Duration::from_secs(4) {
+        let s = Instant::now();
+        let port = tokio::time::timeout(
+            Duration::from_secs(5),
+            served_by(&c, "SELECT inet_server_port()"),
+        )
+        .await
+        .expect("a read hung on the blackholed replica")
+        .expect("reads keep working");
+        worst = worst.max(s.elapsed());
+        if port == r1 && t.elapsed() > Duration::from_secs(2) {
+            late_hits += 1;
+        }
+    }
+    println!(
+        "blackhole: slowest read {worst:?}; reads on the blackholed replica after 2 s: {late_hits}"
+    );
+    assert!(worst < Duration::from_secs(3), "a read waited {worst:?}");
+    assert_eq!(late_hits, 0);
+    fault.set(Fault::Pass);
+    drop(proxy);
+}

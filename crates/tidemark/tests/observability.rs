@@ -1,0 +1,388 @@
+//! Observability against a real primary + replicas: `/metrics` after known traffic (and
+//! every metric the Grafana dashboard queries exists in it), the admin console, the status
+//! page and its JSON.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use common::*;
+use tidemark::config::{AuthMethod, UserConfig};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::{Client, SimpleQueryMessage, SimpleQueryRow};
+
+/// GET over plain HTTP/1.1; returns (status line, body).
+async fn get(addr: SocketAddr, path: &str) -> (String, String) {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.unwrap();
+    let text = String::from_utf8(buf).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    (head.lines().next().unwrap().to_string(), body.to_string())
+}
+
+async fn metrics(addr: SocketAddr) -> String {
+    let (status, body) = get(addr, "/metrics").await;
+    assert!(status.contains("200"), "{status}");
+    body
+}
+
+/// Sum of all samples of `name` whose label set contains every `k="v"` in `labels`.
+fn sample_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (n, lbls) = match series.split_once('{') {
+                Some((n, rest)) => (n, rest.trim_end_matches('}')),
+                None => (series, ""),
+            };
+            if n != name {
+                return None;
+            }
+            labels
+                .iter()
+                .all(|(k, v)| lbls.split(',').any(|p| p == format!("{k}=\"{v}\"")))
+                .then(|| value.parse::<f64>().ok())
+                .flatten()
+        })
+        .sum()
+}
+
+/// Sample names present in a Prometheus text exposition, and the declared types.
+fn exposition(text: &str) -> (BTreeSet<String>, Vec<(String, String)>) {
+    let mut names = BTreeSet::new();
+    let mut types = Vec::new();
+    for l in text.lines() {
+        if let Some(rest) = l.strip_prefix("# TYPE ") {
+            let mut it = rest.split_whitespace();
+            if let (Some(n), Some(t)) = (it.next(), it.next()) {
+                types.push((n.to_string(), t.to_string()));
+            }
+        } else if !l.starts_with('#') && !l.trim().is_empty() {
+            let end = l.find(['{', ' ']).unwrap_or(l.len());
+            names.insert(l[..end].to_string());
+        }
+    }
+    (names, types)
+}
+
+/// Every `tidemark_*` metric name in the dashboard's queries (panel `expr`s and the
+/// template variable queries).
+fn dashboard_metric_names() -> BTreeSet<String> {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../docs/grafana/tidemark.json"
+    );
+    let text = std::fs::read_to_string(path).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let mut exprs = Vec::new();
+    fn walk(v: &serde_json::Value, out: &mut Vec<String>) {
+        match v {
+            serde_json::Value::Object(m) => {
+                for (k, v) in m {
+                    match (k.as_str(), v) {
+                        ("expr" | "definition", serde_json::Value::String(s)) => {
+                            out.push(s.clone())
+                        }
+                        _ => walk(v, out),
+                    }
+                }
+            }
+            serde_json::Value::Array(a) => a.iter().for_each(|v| walk(v, out)),
+            _ => {}
+        }
+    }
+    walk(&json, &mut exprs);
+    assert!(exprs.len() >= 10, "the dashboard has queries: {exprs:?}");
+    let mut names = BTreeSet::new();
+    for e in &exprs {
+        let mut rest = e.as_str();
+        while let Some(i) = rest.find("tidemark_") {
+            let tail = &rest[i..];
+            let end = tail
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(tail.len());
+            names.insert(tail[..end].to_string());
+            rest = &tail[end..];
+        }
+    }
+    names
+}
+
+fn rows(msgs: &[SimpleQueryMessage]) -> Vec<&SimpleQueryRow> {
+    msgs.iter()
+        .filter_map(|m| match m {
+            SimpleQueryMessage::Row(r) => Some(r),
+            _ => None,
+        })
+        .collect()
+}
+
+async fn stat(console: &Client, key: &str) -> String {
+    let msgs = console.simple_query("SHOW STATS").await.unwrap();
+    rows(&msgs)
+        .into_iter()
+        .find(|r| r.get("stat") == Some(key))
+        .and_then(|r| r.get("value").map(str::to_string))
+        .unwrap_or_else(|| panic!("SHOW STATS has no {key}"))
+}
+
+async fn try_connect(dsn: &str) -> Result<Client, tokio_postgres::Error> {
+    let (c, conn) = tokio_postgres::connect(dsn, tokio_postgres::NoTls).await?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(c)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_console_and_status_page_against_a_real_cluster() {
+    let env = start(&[None, None], |cfg| {
+        cfg.metrics.listen = Some("127.0.0.1:0".into());
+        cfg.users.push(UserConfig {
+            name: "viewer".into(),
+            password: None,
+            auth: AuthMethod::Trust,
+            server_password: None,
+            consistency: None,
+        });
+    })
+    .await;
+    let maddr = env.proxy.metrics_addr.expect("metrics listen address");
+    let p = env.proxy.addr;
+    let names: Vec<String> = (0..env.cluster.node_count())
+        .map(|i| env.cluster.node_name(i).to_string())
+        .collect();
+
+    // --- traffic: writes, reads, a fallback, errors ---
+    let c = env.client().await;
+    c.batch_execute("CREATE TABLE obs (id int PRIMARY KEY, v text)")
+        .await
+        .unwrap();
+    for i in 0..20 {
+        c.simple_query(&format!("INSERT INTO obs VALUES ({i}, 'x')"))
+            .await
+            .unwrap();
+        c.simple_query(&format!("SELECT v FROM obs WHERE id = {i}"))
+            .await
+            .unwrap();
+    }
+    // A causality token no replica has reached: waits routing.max_wait, then the primary.
+    c.simple_query("/* tidemark: min_lsn=FF/0 */ SELECT 1")
+        .await
+        .unwrap();
+    // An unknown user is refused by tidemark itself (28000).
+    let Err(e) = try_connect(&format!(
+        "host={} port={} user=nobody dbname=postgres",
+        p.ip(),
+        p.port()
+    ))
+    .await
+    else {
+        panic!("unknown user refused");
+    };
+    assert_eq!(
+        e.code(),
+        Some(&SqlState::INVALID_AUTHORIZATION_SPECIFICATION)
+    );
+
+    // --- counters move by exactly the traffic: 50 eventual reads → 50 replica reads ---
+    let before = metrics(maddr).await;
+    let replica_before = sample_sum(&before, "tidemark_reads_total", &[("target", "replica")]);
+    let r = env.client().await;
+    for _ in 0..50 {
+        r.simple_query("/* tidemark: consistency=eventual */ SELECT 1")
+            .await
+            .unwrap();
+    }
+    let after = metrics(maddr).await;
+    let replica_after = sample_sum(&after, "tidemark_reads_total", &[("target", "replica")]);
+    assert_eq!(
+        replica_after - replica_before,
+        50.0,
+        "replica reads counter"
+    );
+    assert!(
+        sample_sum(
+            &after,
+            "tidemark_fallbacks_total",
+            &[("reason", "replicas_behind")]
+        ) >= 1.0,
+        "the unreachable token counts as a fallback"
+    );
+    assert!(
+        sample_sum(
+            &after,
+            "tidemark_lsn_wait_seconds_count",
+            &[("outcome", "fallback")]
+        ) >= 1.0
+    );
+    assert!(sample_sum(&after, "tidemark_errors_total", &[("sqlstate", "28000")]) >= 1.0);
+    assert!(sample_sum(&after, "tidemark_reads_replica_ratio", &[]) > 0.5);
+
+    // --- replication slots are polled from the primary (every 5 s, first at once) ---
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let text = loop {
+        let t = metrics(maddr).await;
+        if t.contains("tidemark_replication_slot_retained_bytes{") {
+            break t;
+        }
+        assert!(Instant::now() < deadline, "no slot metric in:\n{t}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+
+    // --- every metric the dashboard queries exists ---
+    let (present, types) = exposition(&text);
+    let mut missing = Vec::new();
+    for n in dashboard_metric_names() {
+        if !present.contains(&n) {
+            missing.push(n.clone());
+            continue;
+        }
+        for suffix in ["_bucket", "_sum", "_count"] {
+            if let Some(base) = n.strip_suffix(suffix) {
+                assert!(
+                    types.iter().any(|(t, k)| t == base && k == "histogram"),
+                    "{n}: the dashboard treats {base} as a histogram, /metrics does not"
+                );
+            }
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "the dashboard queries metrics /metrics does not have: {missing:?}\n{text}"
+    );
+    // Bounded labels: nothing per client, statement or key.
+    for l in text.lines().filter(|l| !l.starts_with('#')) {
+        for bad in ["client=", "query=", "statement=", "key=", "pid="] {
+            assert!(!l.contains(bad), "unbounded label in {l}");
+        }
+    }
+
+    // --- admin console ---
+    let console_dsn = format!(
+        "host={} port={} user=postgres dbname=tidemark",
+        p.ip(),
+        p.port()
+    );
+    let console = connect(&console_dsn).await;
+    let msgs = console.simple_query("SHOW NODES").await.unwrap();
+    let nodes = rows(&msgs);
+    assert_eq!(nodes.len(), names.len());
+    for (r, n) in nodes.iter().zip(&names) {
+        assert_eq!(r.get("node"), Some(n.as_str()));
+        assert_eq!(r.get("health"), Some("up"));
+    }
+    assert_eq!(nodes[0].get("role"), Some("primary"));
+    let msgs = console.simple_query("show   servers;").await.unwrap();
+    let servers = rows(&msgs);
+    assert!(
+        !servers.is_empty(),
+        "SHOW SERVERS lists the pooled connections"
+    );
+    assert!(servers.iter().all(|r| r.get("remote_pid").is_some()));
+    for cmd in [
+        "SHOW POOLS",
+        "SHOW CLIENTS",
+        "SHOW LAG",
+        "SHOW CONFIG",
+        "SHOW VERSION",
+    ] {
+        console.simple_query(cmd).await.unwrap();
+    }
+    let e = console.simple_query("SHOW BOGUS").await.unwrap_err();
+    assert_eq!(e.code(), Some(&SqlState::SYNTAX_ERROR));
+    let hint = e.as_db_error().and_then(|d| d.hint()).unwrap_or("");
+    assert!(
+        hint.contains("SHOW SERVERS") && hint.contains("PAUSE"),
+        "{hint}"
+    );
+    // PAUSE / RESUME flip the shared flag and show in SHOW STATS and the metrics.
+    assert_eq!(stat(&console, "paused").await, "false");
+    console.simple_query("PAUSE").await.unwrap();
+    assert!(*env.proxy.app.paused.borrow());
+    assert_eq!(stat(&console, "paused").await, "true");
+    assert_eq!(
+        sample_sum(&metrics(maddr).await, "tidemark_paused", &[]),
+        1.0
+    );
+    let e = console.simple_query("PAUSE").await.unwrap_err();
+    assert_eq!(e.code(), Some(&SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE));
+    console.simple_query("RESUME").await.unwrap();
+    assert!(!*env.proxy.app.paused.borrow());
+    assert_eq!(stat(&console, "paused").await, "false");
+    // A user that is not in admin_users gets 42501.
+    let Err(e) = try_connect(&format!(
+        "host={} port={} user=viewer dbname=tidemark",
+        p.ip(),
+        p.port()
+    ))
+    .await
+    else {
+        panic!("non-admin refused");
+    };
+    assert_eq!(e.code(), Some(&SqlState::INSUFFICIENT_PRIVILEGE));
+
+    // --- paused replay shows in SHOW NODES and in the lag gauge ---
+    env.cluster.pause_replay(1).unwrap();
+    c.simple_query("INSERT INTO obs SELECT g, 'y' FROM generate_series(100, 2000) g")
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let msgs = console.simple_query("SHOW NODES").await.unwrap();
+        let lag: u64 = rows(&msgs)[1].get("lag_bytes").unwrap().parse().unwrap();
+        let gauge = sample_sum(
+            &metrics(maddr).await,
+            "tidemark_replica_lag_bytes",
+            &[("node", &names[1])],
+        );
+        if lag > 0 && gauge > 0.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "paused replay never showed as lag"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    env.cluster.resume_replay(1).unwrap();
+
+    // --- status page and its JSON ---
+    let (status, html) = get(maddr, "/").await;
+    assert!(status.contains("200"));
+    assert!(html.starts_with("<!doctype html>"));
+    assert!(html.contains("/status.json"));
+    assert!(!html.contains("src=\"http"), "no external assets");
+    for n in &names {
+        assert!(html.contains(n.as_str()), "status page names {n}");
+    }
+    let (status, body) = get(maddr, "/status.json").await;
+    assert!(status.contains("200"));
+    let j: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(j["nodes"].as_array().unwrap().len(), names.len());
+    assert_eq!(j["primary"], names[0].as_str());
+    assert!(j["routing"]["replica_reads"].as_u64().unwrap() >= 50);
+    assert!(
+        j["routing"]["fallbacks"]["replicas_behind"]
+            .as_u64()
+            .unwrap()
+            >= 1
+    );
+    assert!(!j["pools"].as_array().unwrap().is_empty());
+    assert!(!j["slots"].as_array().unwrap().is_empty());
+    let (status, _) = get(maddr, "/nope").await;
+    assert!(status.contains("404"));
+
+    drop(console);
+    env.proxy.shutdown().await;
+}
