@@ -436,3 +436,30 @@ async fn reload_applies_a_new_pool_size() {
     let still = pool_size(admin.simple_query("SHOW POOLS").await.unwrap());
     assert_eq!(still, vec!["7".to_string()]);
 }
+
+/// PAUSE holds new transactions until RESUME; running ones finish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_holds_new_transactions_until_resume() {
+    let env = start(&[None], |_| {}).await;
+    let admin = connect(&format!(
+        "host=127.0.0.1 port={} user=postgres dbname=tidemark",
+        env.proxy.addr.port()
+    ))
+    .await;
+    let c = env.client().await;
+    c.batch_execute("SELECT 1").await.unwrap();
+    admin.simple_query("PAUSE").await.unwrap();
+    let q = tokio::spawn(async move {
+        let t = Instant::now();
+        c.batch_execute("SELECT 1").await.unwrap();
+        t.elapsed()
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!q.is_finished(), "a new statement ran while paused");
+    admin.simple_query("RESUME").await.unwrap();
+    let waited = tokio::time::timeout(Duration::from_secs(5), q)
+        .await
+        .expect("the held statement runs after RESUME")
+        .unwrap();
+    assert!(waited >= Duration::from_millis(500));
+}
