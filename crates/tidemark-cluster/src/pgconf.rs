@@ -37,7 +37,10 @@ pub(crate) fn shared_conf(cfg: &ClusterConfig, socket_dir: &Path) -> String {
         "hot_standby = on".to_string(),
         "fsync = off".to_string(),
         "synchronous_commit = on".to_string(),
-        "full_page_writes = off".to_string(),
+        // pg_rewind (Cluster::rejoin_as_replica) needs full_page_writes on the source and
+        // wal_log_hints (or data checksums) on the target.
+        "full_page_writes = on".to_string(),
+        "wal_log_hints = on".to_string(),
         "shared_buffers = 32MB".to_string(),
         "max_connections = 200".to_string(),
         "wal_keep_size = 256MB".to_string(),
@@ -113,6 +116,31 @@ pub(crate) fn rewrite_auto_conf(auto_conf: &str, primary_port: u16, name: &str) 
     out.join("\n")
 }
 
+/// `postgresql.auto.conf` of a node rejoining as a replica of `primary_port`: drops any
+/// `primary_conninfo` / `primary_slot_name` (e.g. copied from the source by pg_rewind) and
+/// appends ours.
+pub(crate) fn rejoin_auto_conf(
+    auto_conf: &str,
+    primary_port: u16,
+    name: &str,
+    slot: Option<&str>,
+) -> String {
+    let mut out: Vec<String> = auto_conf
+        .lines()
+        .filter(|l| {
+            let l = l.trim_start();
+            !l.starts_with("primary_conninfo") && !l.starts_with("primary_slot_name")
+        })
+        .map(str::to_string)
+        .collect();
+    out.push(primary_conninfo(primary_port, name));
+    if let Some(slot) = slot {
+        out.push(format!("primary_slot_name = {}", quote(slot)));
+    }
+    out.push(String::new());
+    out.join("\n")
+}
+
 /// `synchronous_standby_names` value naming the synchronous replicas, if any.
 pub(crate) fn sync_standby_names(names: &[String]) -> Option<String> {
     if names.is_empty() {
@@ -144,6 +172,20 @@ mod tests {
         assert!(after.contains("application_name=replica_1"));
         assert_eq!(after.matches("primary_conninfo").count(), 1);
         assert!(after.contains("port=5432"));
+    }
+
+    #[test]
+    fn rejoin_conf_replaces_conninfo_and_slot() {
+        let before = "# Do not edit\nprimary_conninfo = 'port=1 application_name=replica_1'\nprimary_slot_name = 'replica_1'\nwork_mem = '8MB'\n";
+        let after = rejoin_auto_conf(before, 6000, "primary", Some("primary"));
+        assert_eq!(after.matches("primary_conninfo").count(), 1);
+        assert!(after.contains("application_name=primary"));
+        assert!(after.contains("port=6000"));
+        assert!(after.contains("primary_slot_name = 'primary'"));
+        assert!(!after.contains("replica_1"));
+        assert!(after.contains("work_mem"));
+        let no_slot = rejoin_auto_conf(before, 6000, "primary", None);
+        assert!(!no_slot.contains("primary_slot_name"));
     }
 
     #[test]

@@ -273,6 +273,69 @@ fn promoted_replica_accepts_writes() {
 }
 
 #[test]
+fn rejoin_killed_primary_as_replica_with_pg_rewind() {
+    let mut c = boot(ClusterConfig::with_replicas(1));
+    c.psql(0, "CREATE TABLE r (v int); INSERT INTO r VALUES (1)")
+        .unwrap();
+    let lsn = c.current_lsn(0).unwrap();
+    c.wait_replayed(1, &lsn, WAIT).unwrap();
+    // A write the replica never sees: the old primary diverges before it dies.
+    c.stop(1).unwrap();
+    c.psql(0, "INSERT INTO r VALUES (99)").unwrap();
+    c.kill(0).unwrap();
+    c.start_node(1).unwrap();
+    c.promote(1).unwrap();
+    c.psql(1, "INSERT INTO r VALUES (2)").unwrap();
+
+    let t = Instant::now();
+    c.rejoin_as_replica(0, 1).unwrap();
+    eprintln!("rejoin took {:?}", t.elapsed());
+    assert!(c.is_running(0));
+    assert_eq!(c.psql(0, "SELECT pg_is_in_recovery()").unwrap(), "t");
+    assert_eq!(
+        c.psql(
+            1,
+            "SELECT state FROM pg_stat_replication WHERE application_name = 'primary'"
+        )
+        .unwrap(),
+        "streaming"
+    );
+    assert_eq!(
+        c.psql(
+            1,
+            "SELECT active FROM pg_replication_slots WHERE slot_name = 'primary'"
+        )
+        .unwrap(),
+        "t"
+    );
+
+    // Rows written on the new primary after the promotion reach the rejoined node.
+    let lsn = c.current_lsn(1).unwrap();
+    c.wait_replayed(0, &lsn, WAIT).unwrap();
+    assert_eq!(count(&c, 0, "r", 1), "1");
+    assert_eq!(count(&c, 0, "r", 2), "1");
+    assert_eq!(count(&c, 0, "r", 99), "0", "the diverged write was rewound");
+    c.psql(1, "INSERT INTO r VALUES (3)").unwrap();
+    let lsn = c.current_lsn(1).unwrap();
+    c.wait_replayed(0, &lsn, WAIT).unwrap();
+    assert_eq!(count(&c, 0, "r", 3), "1");
+    // current_lsn on the rejoined node is its replay position.
+    let replayed = c.current_lsn(0).unwrap();
+    assert_eq!(
+        c.psql(
+            0,
+            &format!("SELECT pg_last_wal_replay_lsn() >= '{replayed}'::pg_lsn")
+        )
+        .unwrap(),
+        "t"
+    );
+    assert!(
+        c.psql(0, "INSERT INTO r VALUES (4)").is_err(),
+        "a replica refuses writes"
+    );
+}
+
+#[test]
 fn synchronous_replica_is_named_on_primary() {
     let mut cfg = ClusterConfig::with_replicas(1);
     cfg.replicas[0].synchronous = true;

@@ -337,3 +337,93 @@ async fn blackholed_replica_is_routed_around() {
     fault.set(Fault::Pass);
     drop(proxy);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejoined_old_primary_serves_reads_as_replica() {
+    let mut env = start(&[None], |c| {
+        c.pool.connect_timeout = Duration::from_secs(2);
+    })
+    .await;
+    let c = env.client().await;
+    c.batch_execute("CREATE TABLE rj (id int PRIMARY KEY); INSERT INTO rj VALUES (1)")
+        .await
+        .unwrap();
+    let lsn = env.cluster.current_lsn(0).unwrap();
+    env.cluster
+        .wait_replayed(1, &lsn, Duration::from_secs(10))
+        .unwrap();
+
+    // Fail over to node 1, write there, then bring the old primary back as its replica.
+    tokio::task::block_in_place(|| {
+        env.cluster.kill(0)?;
+        env.cluster.promote(1)?;
+        env.cluster.psql(1, "INSERT INTO rj VALUES (2)")?;
+        let t = Instant::now();
+        env.cluster.rejoin_as_replica(0, 1)?;
+        println!("rejoin took {:?}", t.elapsed());
+        Ok::<_, tidemark_cluster::ClusterError>(())
+    })
+    .unwrap();
+
+    // tidemark sees node 0 as a healthy replica.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let view = env.proxy.app.view.load();
+        let n0 = &view.nodes[0];
+        if n0.role == tidemark_core::Role::Replica && n0.healthy {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "tidemark never saw node 0 as a healthy replica: {n0:?}"
+        );
+        drop(view);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Writes go to node 1 (retry briefly while the proxy settles on the new primary).
+    let c = env.client().await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let port: i32 = loop {
+        match c
+            .query_one(
+                "INSERT INTO rj VALUES (3) RETURNING inet_server_port()",
+                &[],
+            )
+            .await
+        {
+            Ok(r) => break r.get(0),
+            Err(e) => {
+                assert!(Instant::now() < deadline, "writes never succeeded: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    assert_eq!(port, env.cluster.port(1) as i32, "writes go to node 1");
+
+    // Eventual reads are spread over both nodes, including the rejoined one.
+    c.batch_execute("SET tidemark.consistency = 'eventual'")
+        .await
+        .unwrap();
+    let node0 = env.cluster.port(0) as i32;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut seen = false;
+    while Instant::now() < deadline && !seen {
+        for _ in 0..20 {
+            if served_by(&c, "SELECT inet_server_port()").await.unwrap() == node0 {
+                seen = true;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(seen, "the rejoined node never served a read");
+    // And it has the rows written on node 1, including those after the promotion.
+    let n: i64 = env
+        .node(0)
+        .await
+        .query_one("SELECT count(*) FROM rj WHERE id IN (1, 2)", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 2);
+}
