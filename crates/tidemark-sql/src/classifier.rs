@@ -13,8 +13,9 @@ use lru::LruCache;
 use parking_lot::Mutex;
 
 use crate::analyze::analyze;
-use crate::class::Analysis;
+use crate::class::{Analysis, Class, SessionKind};
 use crate::functions::{FunctionCatalog, FunctionPolicy, FunctionRules};
+use crate::normalize::normalize;
 
 /// Texts longer than this are classified but not cached (typically one-off bulk statements).
 pub const MAX_CACHED_TEXT: usize = 64 * 1024;
@@ -49,6 +50,20 @@ impl std::fmt::Debug for Classifier {
             .field("misses", &misses)
             .finish()
     }
+}
+
+/// Keeps shape keys and exact-text keys apart in the one cache.
+const SHAPE_SALT: u64 = 0x9e37_79b9_7f4a_7c15;
+
+/// True when no constant in the text can change the analysis: everything but `SET` (whose
+/// value is replayed on other connections) and tidemark commands (whose value is the point).
+fn constant_blind(a: &Analysis) -> bool {
+    !a.statements.iter().any(|c| {
+        matches!(
+            c,
+            Class::Tidemark(_) | Class::SessionState(SessionKind::Set { .. })
+        )
+    }) && !matches!(a.class, Class::Tidemark(_))
 }
 
 fn text_hash(sql: &str) -> u64 {
@@ -90,14 +105,24 @@ impl Classifier {
     /// The analysis of `sql`: its class, per-statement classes, whether it pins the session, and
     /// its hints. Cached; never fails and never panics (unparsable text is `Class::Unknown`).
     pub fn classify(&self, sql: &str) -> Arc<Analysis> {
-        let key = text_hash(sql);
+        // Two keys: the text with constants blanked (shared by every statement of the same
+        // shape, used only for analyses no constant can change) and the exact text.
+        let norm = if sql.len() <= MAX_CACHED_TEXT {
+            normalize(sql)
+        } else {
+            std::borrow::Cow::Borrowed(sql)
+        };
+        let shape_key = text_hash(&norm) ^ SHAPE_SALT;
+        let exact_key = text_hash(sql);
         let (generation, rules) = {
             let mut inner = self.inner.lock();
             if let Some(cache) = inner.cache.as_mut() {
-                if let Some(e) = cache.get(&key) {
-                    if &*e.text == sql {
-                        self.hits.fetch_add(1, Ordering::Relaxed);
-                        return e.analysis.clone();
+                for (key, text) in [(shape_key, &*norm), (exact_key, sql)] {
+                    if let Some(e) = cache.get(&key) {
+                        if &*e.text == text {
+                            self.hits.fetch_add(1, Ordering::Relaxed);
+                            return e.analysis.clone();
+                        }
                     }
                 }
             }
@@ -106,13 +131,18 @@ impl Classifier {
         self.misses.fetch_add(1, Ordering::Relaxed);
         let analysis = Arc::new(analyze(sql, &rules));
         if sql.len() <= MAX_CACHED_TEXT {
+            let (key, text) = if constant_blind(&analysis) {
+                (shape_key, &*norm)
+            } else {
+                (exact_key, sql)
+            };
             let mut inner = self.inner.lock();
             if inner.generation == generation {
                 if let Some(cache) = inner.cache.as_mut() {
                     cache.put(
                         key,
                         Entry {
-                            text: sql.into(),
+                            text: text.into(),
                             analysis: analysis.clone(),
                         },
                     );
@@ -170,20 +200,36 @@ mod tests {
         let a = c.classify("SELECT 1");
         let b = c.classify("SELECT 1");
         assert!(Arc::ptr_eq(&a, &b));
-        c.classify("SELECT 2");
+        c.classify("SELECT 2 AS two");
         assert_eq!(c.cache_stats(), (1, 2));
+    }
+
+    #[test]
+    fn statements_differing_in_constants_share_one_parse() {
+        let c = Classifier::new(10, FunctionPolicy::default());
+        let a = c.classify("SELECT v FROM t WHERE id = 1 AND name = 'x'");
+        let b = c.classify("SELECT v FROM t WHERE id = 2 AND name = 'y'");
+        assert!(Arc::ptr_eq(&a, &b));
+        assert_eq!(c.cache_stats(), (1, 1));
+        // SET values are replayed on other connections: never merged.
+        let s1 = c.classify("SET search_path = 'a'");
+        let s2 = c.classify("SET search_path = 'b'");
+        assert_ne!(s1.statements, s2.statements);
+        let t1 = c.classify("SET tidemark.key = 'user:1'");
+        let t2 = c.classify("SET tidemark.key = 'user:2'");
+        assert_ne!(t1.class, t2.class);
     }
 
     #[test]
     fn eviction_keeps_the_bound() {
         let c = Classifier::new(3, FunctionPolicy::default());
         for i in 0..10 {
-            c.classify(&format!("SELECT {i}"));
+            c.classify(&format!("SELECT {i} AS c{i}"));
         }
         assert_eq!(c.cached_len(), 3);
         // Most recent three are hits, the oldest was evicted.
-        c.classify("SELECT 9");
-        c.classify("SELECT 0");
+        c.classify("SELECT 9 AS c9");
+        c.classify("SELECT 0 AS c0");
         assert_eq!(c.cache_stats(), (1, 11));
     }
 

@@ -22,6 +22,7 @@ pub mod class;
 pub mod classifier;
 pub mod functions;
 pub mod hints;
+mod normalize;
 
 pub use analyze::{INLINE_PARSE_LIMIT, MAX_OPERATOR_RUN, MAX_PARSE_TEXT};
 pub use class::{combine, Analysis, Class, SessionKind, TidemarkCommand, TxControl};

@@ -78,7 +78,24 @@ fn main() -> ExitCode {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
-    let rt = match tokio::runtime::Runtime::new() {
+    // One event loop on one thread (like PgBouncer) costs fewer wake-ups and context
+    // switches per statement than a work-stealing pool; TIDEMARK_WORKER_THREADS=N > 1
+    // selects the multi-threaded runtime.
+    let threads: usize = std::env::var("TIDEMARK_WORKER_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    let rt = if threads <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .enable_all()
+            .build()
+    };
+    let rt = match rt {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("tidemark: cannot start the runtime: {e}");

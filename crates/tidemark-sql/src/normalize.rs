@@ -1,0 +1,194 @@
+//! Literal-blind cache keys: a fast lexical pass that replaces string, dollar-quoted and
+//! numeric constants with `?`, keeping comments (hints live there), quoted identifiers and
+//! `$n` parameters. `SELECT v FROM t WHERE id = 42` and `... id = 43` share one key, so an
+//! application that inlines values (pgbench -S, many ORMs in simple-protocol mode) pays
+//! PostgreSQL's parser once per statement shape instead of once per statement.
+//!
+//! Only analyses that cannot depend on a literal's value are cached under this key (see
+//! `Classifier::classify`): `SET` values and tidemark commands carry literals and are cached
+//! by exact text.
+
+use std::borrow::Cow;
+
+fn is_ident(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b == b'_' || b == b'$' || b >= 0x80
+}
+
+/// The text with constants replaced by `?`; borrowed when there is none.
+pub fn normalize(sql: &str) -> Cow<'_, str> {
+    let s = sql.as_bytes();
+    let n = s.len();
+    let mut out: Option<Vec<u8>> = None;
+    let mut copied = 0; // bytes of `s` already accounted for in `out`
+    let mut i = 0;
+    // Replaces s[start..end] by '?'.
+    let replace = |out: &mut Option<Vec<u8>>, copied: &mut usize, start: usize, end: usize| {
+        let o = out.get_or_insert_with(|| Vec::with_capacity(n));
+        o.extend_from_slice(&s[*copied..start]);
+        o.push(b'?');
+        *copied = end;
+    };
+    while i < n {
+        let b = s[i];
+        let prev_ident = i > 0 && is_ident(s[i - 1]);
+        match b {
+            b'-' if s.get(i + 1) == Some(&b'-') => {
+                while i < n && s[i] != b'\n' {
+                    i += 1;
+                }
+            }
+            b'/' if s.get(i + 1) == Some(&b'*') => {
+                let mut depth = 0usize;
+                while i < n {
+                    if s[i] == b'/' && s.get(i + 1) == Some(&b'*') {
+                        depth += 1;
+                        i += 2;
+                    } else if s[i] == b'*' && s.get(i + 1) == Some(&b'/') {
+                        depth -= 1;
+                        i += 2;
+                        if depth == 0 {
+                            break;
+                        }
+                    } else {
+                        i += 1;
+                    }
+                }
+            }
+            b'"' => {
+                i += 1;
+                while i < n {
+                    if s[i] == b'"' {
+                        if s.get(i + 1) == Some(&b'"') {
+                            i += 2;
+                            continue;
+                        }
+                        break;
+                    }
+                    i += 1;
+                }
+                i += 1;
+            }
+            b'\'' => {
+                // E'...' strings take backslash escapes.
+                let escapes =
+                    i > 0 && matches!(s[i - 1], b'e' | b'E') && (i < 2 || !is_ident(s[i - 2]));
+                let start = i;
+                i += 1;
+                while i < n {
+                    if escapes && s[i] == b'\\' {
+                        i += 2;
+                        continue;
+                    }
+                    if s[i] == b'\'' {
+                        if s.get(i + 1) == Some(&b'\'') {
+                            i += 2;
+                            continue;
+                        }
+                        break;
+                    }
+                    i += 1;
+                }
+                if i >= n {
+                    // Unterminated: not a constant of a valid statement; key by exact text.
+                    return Cow::Borrowed(sql);
+                }
+                i += 1;
+                replace(&mut out, &mut copied, start, i);
+            }
+            b'$' if !prev_ident => {
+                // $n parameter, or a dollar-quoted constant $tag$...$tag$.
+                let mut j = i + 1;
+                if s.get(j).is_some_and(|c| c.is_ascii_digit()) {
+                    while j < n && s[j].is_ascii_digit() {
+                        j += 1;
+                    }
+                    i = j;
+                    continue;
+                }
+                while j < n && (s[j].is_ascii_alphanumeric() || s[j] == b'_' || s[j] >= 0x80) {
+                    j += 1;
+                }
+                if s.get(j) == Some(&b'$') {
+                    let tag = &s[i..=j];
+                    let body = j + 1;
+                    let Some(end) = s[body..]
+                        .windows(tag.len())
+                        .position(|w| w == tag)
+                        .map(|p| body + p + tag.len())
+                    else {
+                        return Cow::Borrowed(sql);
+                    };
+                    replace(&mut out, &mut copied, i, end);
+                    i = end;
+                } else {
+                    i += 1;
+                }
+            }
+            b'0'..=b'9' if !prev_ident => {
+                let start = i;
+                while i < n && (is_ident(s[i]) || s[i] == b'.') {
+                    i += 1;
+                }
+                replace(&mut out, &mut copied, start, i);
+            }
+            b'.' if !prev_ident && s.get(i + 1).is_some_and(|c| c.is_ascii_digit()) => {
+                let start = i;
+                i += 1;
+                while i < n && (is_ident(s[i]) || s[i] == b'.') {
+                    i += 1;
+                }
+                replace(&mut out, &mut copied, start, i);
+            }
+            _ => i += 1,
+        }
+    }
+    match out {
+        None => Cow::Borrowed(sql),
+        Some(mut o) => {
+            o.extend_from_slice(&s[copied.min(n)..]);
+            // Only ASCII bytes were replaced by ASCII, at ASCII boundaries.
+            Cow::Owned(
+                String::from_utf8(o)
+                    .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()),
+            )
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::normalize;
+
+    #[test]
+    fn constants_become_placeholders() {
+        let cases = [
+            (
+                "SELECT v FROM t WHERE id = 42",
+                "SELECT v FROM t WHERE id = ?",
+            ),
+            ("SELECT 'a''b', E'x\\'y', 1.5e3, .5", "SELECT ?, E?, ?, ?"),
+            ("SELECT $1, $$body$$, $f$ a $f$", "SELECT $1, ?, ?"),
+            ("SELECT t1.c2 FROM t1", "SELECT t1.c2 FROM t1"),
+            ("SELECT \"x 1\" FROM a$1", "SELECT \"x 1\" FROM a$1"),
+            (
+                "/* tidemark: min_lsn=0/3000060 */ SELECT 7",
+                "/* tidemark: min_lsn=0/3000060 */ SELECT ?",
+            ),
+            ("SELECT 1 -- 22\n", "SELECT ? -- 22\n"),
+            ("SELECT 'unterminated", "SELECT 'unterminated"),
+            ("SELECT $q$ open", "SELECT $q$ open"),
+            ("SELECT 'é', 3", "SELECT ?, ?"),
+        ];
+        for (input, want) in cases {
+            assert_eq!(normalize(input), want, "{input}");
+        }
+    }
+
+    #[test]
+    fn no_constants_borrows() {
+        assert!(matches!(
+            normalize("SELECT a FROM t"),
+            std::borrow::Cow::Borrowed(_)
+        ));
+    }
+}
