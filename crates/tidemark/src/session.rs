@@ -62,6 +62,9 @@ enum Exp {
     Sync,
     Query,
     Func,
+    /// tidemark's own `SELECT pg_current_wal_insert_lsn()`, pipelined after a unit that
+    /// ends a writing transaction; its responses are read, never relayed.
+    Capture,
     /// A response tidemark makes itself (e.g. ParseComplete for a statement the server
     /// connection already has), emitted in its place in the stream.
     Synth(Frame),
@@ -91,8 +94,9 @@ struct Attached {
 
 /// How a relay ended.
 enum RelayEnd {
-    /// ReadyForQuery with this status; `true` if the unit had an error.
-    Ready(u8, bool),
+    /// ReadyForQuery with this status; `true` if the unit had an error; the commit LSN if
+    /// it was captured in the same pipeline.
+    Ready(u8, bool, Option<Lsn>),
     /// Flushed unit: all responses so far are relayed, the unit stays open.
     Open,
 }
@@ -847,15 +851,16 @@ impl Session {
                 Class::Transaction(TxControl::CommitPrepared | TxControl::RollbackPrepared)
             );
         let retryable = read_only && self.tx_status == b'I' && !self.unit_open && !self.pinned;
+        let pipeline = self.pipeline_capture(&analysis, may_write) && !self.unit_may_copy(&unit);
         let frames_for_retry = if retryable {
             Some(unit.frames.clone())
         } else {
             None
         };
-        let outcome = self.send_and_relay(&unit, retryable).await;
+        let outcome = self.send_and_relay(&unit, retryable, pipeline).await;
         match outcome {
-            Ok(RelayOutcome::Done(status, errored)) => {
-                self.after_ready(status, errored, may_write, &analysis)
+            Ok(RelayOutcome::Done(status, errored, lsn)) => {
+                self.after_ready(status, errored, may_write, &analysis, lsn)
                     .await?;
             }
             Ok(RelayOutcome::Open) => {
@@ -898,9 +903,9 @@ impl Session {
                             frames,
                             end: unit.end,
                         };
-                        match self.send_and_relay(&unit, false).await {
-                            Ok(RelayOutcome::Done(status, errored)) => {
-                                self.after_ready(status, errored, may_write, &analysis)
+                        match self.send_and_relay(&unit, false, pipeline).await {
+                            Ok(RelayOutcome::Done(status, errored, lsn)) => {
+                                self.after_ready(status, errored, may_write, &analysis, lsn)
                                     .await?
                             }
                             Ok(RelayOutcome::Open) => self.unit_open = true,
@@ -1049,8 +1054,18 @@ impl Session {
         let start = Instant::now();
         let max_wait = self.app.config.load().routing.max_wait;
         let deadline = start + max_wait;
+        // A replica whose time lag is over max_wait will not replay a write made just now
+        // within max_wait: don't wait for it.
+        let view = self.app.view.load_full();
+        let candidates: Vec<NodeId> = candidates
+            .into_iter()
+            .filter(|c| view.node(*c).is_some_and(|n| n.lag <= max_wait))
+            .collect();
         let mut conns: Vec<(NodeId, Checked)> = Vec::new();
         'outer: loop {
+            if candidates.is_empty() {
+                break 'outer;
+            }
             for &cand in &candidates {
                 let idx = conns.iter().position(|(n, _)| *n == cand);
                 let idx = match idx {
@@ -1124,6 +1139,7 @@ impl Session {
         &mut self,
         unit: &Unit,
         retryable: bool,
+        pipeline_capture: bool,
     ) -> Result<RelayOutcome, RelayError> {
         let Some(att) = self.attached.as_mut() else {
             return Err(RelayError::Server(ServerError::Closed));
@@ -1310,6 +1326,14 @@ impl Session {
             info.state = "active";
             info.node = Some(att.node);
         }
+        if pipeline_capture
+            && att.role == Role::Primary
+            && matches!(unit.end, UnitEnd::Sync | UnitEnd::Query)
+            && !skipping
+        {
+            out.extend_from_slice(fe::query(CAPTURE_SQL).raw());
+            exp.push_back(Exp::Capture);
+        }
         if !out.is_empty() {
             conn.send(&out).await?;
         }
@@ -1335,7 +1359,7 @@ impl Session {
         *self.cancel_slot.lock() = None;
         self.info.lock().state = "idle";
         match r {
-            Ok(RelayEnd::Ready(s, e)) => Ok(RelayOutcome::Done(s, e)),
+            Ok(RelayEnd::Ready(s, e, l)) => Ok(RelayOutcome::Done(s, e, l)),
             Ok(RelayEnd::Open) => Ok(RelayOutcome::Open),
             Err(RelayFail::Retry(why)) => {
                 // Drop the replica connection (it may be mid-response) and retry.
@@ -1361,6 +1385,7 @@ impl Session {
         errored: bool,
         may_write: bool,
         analysis: &Analysis,
+        captured: Option<Lsn>,
     ) -> SResult<()> {
         let prev = std::mem::replace(&mut self.tx_status, status);
         self.unit_open = false;
@@ -1394,7 +1419,11 @@ impl Session {
         // A write under a key must be in the key store before the client learns it is
         // done: readers on other connections only wait for what the store holds.
         let keyed = self.tx_key.is_some() || self.key.is_some();
-        if capture {
+        if let (true, Some(l)) = (capture, captured) {
+            // Captured in the same pipeline as the commit: no extra round trip.
+            self.io.flush().await?;
+            self.record_commit_lsn(l);
+        } else if capture {
             if self.report_lsn || keyed {
                 // The client asked for the token with the result, or other connections
                 // depend on it through the key: capture before ReadyForQuery.
@@ -1433,6 +1462,69 @@ impl Session {
     /// Removes the trailing ReadyForQuery from the output buffer.
     fn hold_ready(&mut self) -> Option<Frame> {
         self.io.take_trailing_ready()
+    }
+
+    /// Whether to pipeline the commit-LSN read right behind this unit: it ends a writing
+    /// transaction (or is an autocommit write) and nobody needs the position before the
+    /// client's ReadyForQuery (keys and `report_lsn` need it first, so they don't pipeline).
+    fn pipeline_capture(&self, analysis: &Analysis, may_write: bool) -> bool {
+        if !self.app.config.load().routing.track_writes
+            || self.report_lsn
+            || self.key.is_some()
+            || self.tx_key.is_some()
+            || analysis.hints.key.is_some()
+            || self.unit_open
+        {
+            return false;
+        }
+        let has = |f: fn(&Class) -> bool| analysis.statements.iter().any(f);
+        let begins = has(|c| matches!(c, Class::Transaction(TxControl::Begin { .. })));
+        let ends = has(|c| {
+            matches!(
+                c,
+                Class::Transaction(TxControl::Commit | TxControl::Rollback)
+            )
+        });
+        if self.tx_status == b'I' {
+            may_write && !begins
+        } else {
+            (self.tx_wrote || may_write) && ends
+        }
+    }
+
+    /// A COPY FROM in the unit would read a pipelined query as copy data: such units are
+    /// captured the ordinary way. (A plain text search: false positives only cost the
+    /// pipelining.)
+    fn unit_may_copy(&self, unit: &Unit) -> bool {
+        let mentions = |t: &str| {
+            t.as_bytes()
+                .windows(4)
+                .any(|w| w.eq_ignore_ascii_case(b"copy"))
+        };
+        unit.frames.iter().any(|f| match FrontendMessage::parse(f) {
+            Ok(FrontendMessage::Query(q)) => mentions(q),
+            Ok(FrontendMessage::Parse { query, .. }) => mentions(query),
+            Ok(FrontendMessage::Bind { statement, .. }) => {
+                let stmt = if statement.is_empty() {
+                    self.unnamed.as_ref()
+                } else {
+                    self.statements.get(statement)
+                };
+                stmt.is_some_and(|s| mentions(&s.query))
+            }
+            _ => false,
+        })
+    }
+
+    fn record_commit_lsn(&mut self, l: Lsn) {
+        let l = l.normalize_insert_position();
+        crate::metrics::lsn_captured();
+        if l > self.last_write_lsn {
+            self.last_write_lsn = l;
+        }
+        if let Some(k) = self.tx_key.as_ref().or(self.key.as_ref()) {
+            self.app.keys.record(k, l);
+        }
     }
 
     async fn capture_lsn(&mut self, analysis: &Analysis) {
@@ -1559,7 +1651,7 @@ impl Session {
 }
 
 enum RelayOutcome {
-    Done(u8, bool),
+    Done(u8, bool, Option<Lsn>),
     Open,
     RetryOnPrimary(String),
 }
@@ -1674,6 +1766,8 @@ async fn relay(
     let mut copy = CopyState::default();
     let mut last_heard = Instant::now();
     let mut errored = false;
+    let mut unit_ready: Option<(u8, bool)> = None;
+    let mut captured: Option<Lsn> = None;
     let check = tokio::time::sleep(NODE_CHECK_INTERVAL);
     tokio::pin!(check);
     loop {
@@ -1768,6 +1862,27 @@ async fn relay(
             }
             _ => {}
         }
+        if matches!(exp.front(), Some(Exp::Capture)) {
+            // The client already has its ReadyForQuery; read the pipelined capture.
+            match tag {
+                b'D' => {
+                    captured = be::data_row_first(&frame)
+                        .ok()
+                        .flatten()
+                        .and_then(|v| v.parse::<Lsn>().ok());
+                }
+                b'Z' => {
+                    exp.pop_front();
+                    let (status, e) = unit_ready.unwrap_or((b'I', errored));
+                    if exp.is_empty() {
+                        return Ok(RelayEnd::Ready(status, e, captured));
+                    }
+                }
+                b'E' => captured = None,
+                _ => {}
+            }
+            continue;
+        }
         if tag == b'E' {
             if let Ok(f) = ErrorFields::parse(&frame) {
                 if f.severity == "FATAL" || f.severity == "PANIC" {
@@ -1842,8 +1957,9 @@ async fn relay(
                 *copy_in = false;
                 let status = be::ready_status(&frame)
                     .map_err(|e| RelayFail::Server(ServerError::Protocol(e.to_string())))?;
+                unit_ready = Some((status, errored));
                 if exp.is_empty() {
-                    return Ok(RelayEnd::Ready(status, errored));
+                    return Ok(RelayEnd::Ready(status, errored, None));
                 }
                 continue;
             }
@@ -1873,6 +1989,10 @@ async fn relay(
         }
     }
 }
+
+/// Reads the commit position on the connection that just committed (see DESIGN.md: the
+/// insert position after the commit is never below the commit's end).
+const CAPTURE_SQL: &str = "SELECT pg_current_wal_insert_lsn()";
 
 const NODE_CHECK_INTERVAL: Duration = Duration::from_millis(250);
 

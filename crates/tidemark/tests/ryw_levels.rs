@@ -360,10 +360,12 @@ async fn paused_replicas_fall_back_to_the_primary_then_return() {
         t.on_replica, 0,
         "a paused replica cannot have the row: every read must fall back to the primary"
     );
+    // Once the monitor sees the paused replicas lagging by more than max_wait, tidemark
+    // does not wait for them at all: most fallbacks are immediate.
     assert!(
-        waits[0] >= max_wait,
-        "a read fell back after {:?}, before max_wait ({max_wait:?})",
-        waits[0]
+        waits[waits.len() / 2] < max_wait,
+        "reads waited for replicas known to lag more than max_wait: median {:?}",
+        waits[waits.len() / 2]
     );
     assert!(
         waits[waits.len() / 2] < max_wait + Duration::from_millis(100),
