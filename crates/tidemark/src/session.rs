@@ -155,6 +155,8 @@ pub struct Session {
     tx_key: Option<String>,
     /// Session-state statements run inside the current transaction (applied at COMMIT).
     tx_session_state: Vec<Class>,
+    /// The held server connection ended between statements; told with the next unit.
+    failed_held: Option<ErrorFields>,
     /// After tidemark itself failed a Flush-ended unit: ignore messages until Sync.
     skip_until_sync: bool,
     /// Params reported to the client.
@@ -292,6 +294,7 @@ impl Session {
             tx_key: None,
             tx_session_state: Vec::new(),
             skip_until_sync: false,
+            failed_held: None,
             params: HashMap::new(),
             max_prepared,
         };
@@ -417,12 +420,84 @@ impl Session {
                 return Ok(Some(f));
             }
             let idle = self.attached.is_none() && self.tx_status == b'I';
-            tokio::select! {
-                r = self.io.fill() => r?,
-                _ = shutdown.changed(), if idle => {
-                    let f = ErrorFields::fatal("57P01", "terminating connection: tidemark is shutting down");
+            // Between units a held server connection (open transaction, pinned session) is
+            // idle: whatever it sends now (LISTEN notifications, notices, a FATAL on
+            // timeout or termination) goes to the client at once.
+            let watch_server = !self.unit_open;
+            let io = &mut self.io;
+            let server = self.attached.as_mut().map(|a| &mut a.conn.conn);
+            enum Event {
+                Client(Result<(), ClientError>),
+                Server(Result<Frame, ServerError>),
+                Shutdown,
+            }
+            let ev = tokio::select! {
+                r = io.fill() => Event::Client(r),
+                r = async {
+                    match server {
+                        Some(c) => c.recv().await,
+                        None => std::future::pending().await,
+                    }
+                }, if watch_server => Event::Server(r),
+                _ = shutdown.changed(), if idle => Event::Shutdown,
+            };
+            match ev {
+                Event::Client(r) => r?,
+                Event::Shutdown => {
+                    let f = ErrorFields::fatal(
+                        "57P01",
+                        "terminating connection: tidemark is shutting down",
+                    );
                     self.io.send(&f.to_error()).await?;
                     return Ok(None);
+                }
+                Event::Server(Ok(f)) if matches!(f.tag(), b'A' | b'N' | b'S') => {
+                    if f.tag() == b'S' {
+                        if let Ok((k, v)) = be::parse_parameter_status(&f) {
+                            self.params.insert(k, v);
+                        }
+                    }
+                    self.io.send(&f).await?;
+                }
+                Event::Server(r) => {
+                    // The held connection failed or ended (terminated backend,
+                    // idle_in_transaction_session_timeout, crash): its transaction is gone.
+                    let mut e = match r {
+                        Ok(f) => match ErrorFields::parse(&f) {
+                            Ok(e) => ErrorFields::error(&e.code, e.message),
+                            Err(_) => ErrorFields::error(
+                                "08006",
+                                "the server connection sent an unexpected message",
+                            ),
+                        },
+                        Err(e) => {
+                            ErrorFields::error("08006", format!("server connection lost: {e}"))
+                        }
+                    };
+                    if let Some(mut a) = self.attached.take() {
+                        a.conn.conn.broken = true;
+                    }
+                    tracing::warn!(client = self.pid, sqlstate = %e.code, message = %e.message, "held server connection ended between statements");
+                    if self.pinned {
+                        // Session state (LISTEN, temp tables, ...) lived there: end the
+                        // client's session too, as PostgreSQL would.
+                        e.severity = "FATAL".into();
+                        crate::metrics::error(&e.code);
+                        self.io.send(&e.to_error()).await?;
+                        return Err(ClientError::Closed);
+                    }
+                    // The client learns it with its next statement, which is not run (it
+                    // belonged to the lost transaction); ReadyForQuery then says idle.
+                    if self.tx_status != b'I' {
+                        e = e.with_detail(
+                            "the transaction was rolled back by the server; start it again",
+                        );
+                    }
+                    self.tx_status = b'I';
+                    self.tx_wrote = false;
+                    self.tx_key = None;
+                    self.tx_session_state.clear();
+                    self.failed_held = Some(e);
                 }
             }
         }
@@ -504,6 +579,9 @@ impl Session {
     }
 
     async fn run_unit(&mut self, unit: Unit) -> SResult<()> {
+        if let Some(e) = self.failed_held.take() {
+            return self.send_error_ready(e, unit.end).await;
+        }
         if self.skip_until_sync {
             if unit.end == UnitEnd::Sync {
                 self.skip_until_sync = false;

@@ -463,3 +463,110 @@ async fn pause_holds_new_transactions_until_resume() {
         .unwrap();
     assert!(waited >= Duration::from_millis(500));
 }
+
+/// LISTEN pins the client to one primary connection; notifications reach it while idle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listen_pins_and_notifications_arrive() {
+    let env = start(&[None], |_| {}).await;
+    let (client, mut conn) = tokio_postgres::connect(&env.proxy_dsn(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            let m = std::future::poll_fn(|cx| conn.poll_message(cx)).await;
+            match m {
+                Some(Ok(tokio_postgres::AsyncMessage::Notification(n))) => {
+                    let _ = tx.send(n.payload().to_string());
+                }
+                Some(Ok(_)) => {}
+                _ => break,
+            }
+        }
+    });
+    client.batch_execute("LISTEN jobs").await.unwrap();
+    // After LISTEN even plain reads stay on the pinned primary connection.
+    let pid1: i32 = client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let rec: bool = client
+        .query_one("SELECT pg_is_in_recovery()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(!rec, "a pinned session reads from its primary connection");
+    let other = env.client().await;
+    other.batch_execute("NOTIFY jobs, 'first'").await.unwrap();
+    // The listener is idle: the notification must arrive without it sending anything.
+    let got = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+        .await
+        .expect("notification delivered to an idle client")
+        .unwrap();
+    assert_eq!(got, "first");
+    let pid2: i32 = client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(pid1, pid2, "the pinned session keeps its server connection");
+}
+
+/// psql, a real client, through tidemark.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psql_works_through_tidemark() {
+    let env = start(&[None], |_| {}).await;
+    let out = std::process::Command::new(env.cluster.bindir().join("psql"))
+        .args([
+            "-XAtq",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &env.proxy.addr.port().to_string(),
+            "-U",
+            "postgres",
+            "-d",
+            "postgres",
+        ])
+        .args([
+            "-c",
+            "CREATE TABLE p (i int)",
+            "-c",
+            "INSERT INTO p SELECT generate_series(1, 3)",
+            "-c",
+            "SELECT sum(i), pg_is_in_recovery() FROM p",
+            "-c",
+            "\\copy p from stdin",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            use std::io::Write;
+            child.stdin.take().unwrap().write_all(b"10\n20\n\\.\n")?;
+            child.wait_with_output()
+        })
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.lines().next().is_some_and(|l| l.starts_with("6|")),
+        "read-your-writes through psql: {text}"
+    );
+    let n: i64 = env
+        .node(0)
+        .await
+        .query_one("SELECT count(*) FROM p", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 5);
+}
