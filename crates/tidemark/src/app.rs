@@ -136,6 +136,38 @@ impl App {
         }))
     }
 
+    /// A tokio-postgres client on `node` with the monitor's credentials (for tidemark's own
+    /// queries: catalog, replication slots), bounded by `monitor.timeout`.
+    pub async fn monitor_client(
+        &self,
+        node: NodeId,
+        application_name: &str,
+    ) -> anyhow::Result<tokio_postgres::Client> {
+        let cfg = self.config.load_full();
+        let n = cfg
+            .nodes
+            .get(node)
+            .ok_or_else(|| anyhow::anyhow!("no node {node}"))?;
+        let mut pg = tokio_postgres::Config::new();
+        pg.host(&n.host)
+            .port(n.port)
+            .user(&cfg.monitor.user)
+            .dbname(&cfg.monitor.database)
+            .application_name(application_name)
+            .connect_timeout(cfg.monitor.timeout);
+        if let Some(p) = &cfg.monitor.password {
+            pg.password(p);
+        }
+        let (client, connection) =
+            tokio::time::timeout(cfg.monitor.timeout, pg.connect(tokio_postgres::NoTls))
+                .await
+                .map_err(|_| anyhow::anyhow!("connecting to node {} timed out", n.name))??;
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        Ok(client)
+    }
+
     pub fn node_name(&self, node: NodeId) -> String {
         self.config
             .load()

@@ -132,25 +132,7 @@ async fn catalog_loader(app: Arc<App>) {
 }
 
 pub async fn load_catalog(app: &App, node: usize) -> anyhow::Result<usize> {
-    let cfg = app.config.load_full();
-    let n = cfg
-        .nodes
-        .get(node)
-        .ok_or_else(|| anyhow::anyhow!("no node {node}"))?;
-    let mut pg = tokio_postgres::Config::new();
-    pg.host(&n.host)
-        .port(n.port)
-        .user(&cfg.monitor.user)
-        .dbname(&cfg.monitor.database)
-        .application_name("tidemark-catalog")
-        .connect_timeout(cfg.monitor.timeout);
-    if let Some(p) = &cfg.monitor.password {
-        pg.password(p);
-    }
-    let (client, conn) = pg.connect(tokio_postgres::NoTls).await?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
+    let client = app.monitor_client(node, "tidemark-catalog").await?;
     let rows = client
         .simple_query(tidemark_sql::FunctionCatalog::LOAD_SQL)
         .await?;

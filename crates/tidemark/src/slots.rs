@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 use tidemark_core::NodeId;
-use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
+use tokio_postgres::{Client, SimpleQueryMessage};
 
 use crate::app::App;
 
@@ -90,28 +90,7 @@ pub async fn run(app: Arc<App>) {
 }
 
 async fn connect(app: &App, node: NodeId) -> anyhow::Result<Client> {
-    let cfg = app.config.load_full();
-    let n = cfg
-        .nodes
-        .get(node)
-        .ok_or_else(|| anyhow::anyhow!("no node {node}"))?;
-    let mut pg = tokio_postgres::Config::new();
-    pg.host(&n.host)
-        .port(n.port)
-        .user(&cfg.monitor.user)
-        .dbname(&cfg.monitor.database)
-        .application_name("tidemark-slots")
-        .connect_timeout(cfg.monitor.timeout);
-    if let Some(p) = &cfg.monitor.password {
-        pg.password(p);
-    }
-    let (client, connection) = tokio::time::timeout(cfg.monitor.timeout, pg.connect(NoTls))
-        .await
-        .map_err(|_| anyhow::anyhow!("connect timed out"))??;
-    tokio::spawn(async move {
-        let _ = connection.await;
-    });
-    Ok(client)
+    app.monitor_client(node, "tidemark-slots").await
 }
 
 fn parse(msgs: &[SimpleQueryMessage]) -> Vec<SlotInfo> {
