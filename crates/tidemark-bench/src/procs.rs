@@ -401,6 +401,7 @@ pub async fn start_pgpool(
          load_balance_mode = on\n\
          disable_load_balance_on_write = '{disable_lb_on_write}'\n\
          statement_level_load_balance = off\n\
+         read_only_function_list = 'pg_is_in_recovery'\n\
          sr_check_period = 10\n\
          sr_check_user = 'postgres'\n\
          sr_check_password = ''\n\

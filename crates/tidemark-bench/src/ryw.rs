@@ -78,6 +78,9 @@ enum Mode {
     Naive,
     Pin(Duration),
     Tidemark,
+    /// Through Pgpool-II (streaming replication, load balancing) with this
+    /// `disable_load_balance_on_write` setting.
+    Pgpool(&'static str),
 }
 
 fn parse_mode(s: &str) -> Result<Mode> {
@@ -85,11 +88,18 @@ fn parse_mode(s: &str) -> Result<Mode> {
         "primary" => Mode::Primary,
         "naive" => Mode::Naive,
         "tidemark" => Mode::Tidemark,
+        "pgpool-transaction" => Mode::Pgpool("transaction"),
+        "pgpool-always" => Mode::Pgpool("always"),
+        "pgpool-dml_adaptive" => Mode::Pgpool("dml_adaptive"),
+        "pgpool-off" => Mode::Pgpool("off"),
         _ => match s.strip_prefix("pin-") {
             Some(d) => {
                 Mode::Pin(parse_duration(d).map_err(|e| anyhow::anyhow!("--modes {s}: {e}"))?)
             }
-            None => bail!("--modes: unknown mode '{s}' (primary, naive, pin-2s, pin-5s, tidemark)"),
+            None => bail!(
+                "--modes: unknown mode '{s}' (primary, naive, pin-2s, pin-5s, tidemark, \
+                 pgpool-transaction, pgpool-always, pgpool-dml_adaptive, pgpool-off)"
+            ),
         },
     })
 }
@@ -258,7 +268,7 @@ async fn user_loop(
                 rng.gen_range(1..=rows)
             };
             let conn = match mode {
-                Mode::Tidemark => writer,
+                Mode::Tidemark | Mode::Pgpool(_) => writer,
                 Mode::Primary => writer,
                 Mode::Pin(d) if wrote_at.elapsed() < d => writer,
                 Mode::Naive | Mode::Pin(_) => {
@@ -320,6 +330,19 @@ async fn run_cell(
         };
         proxy = Some(procs::start_tidemark(bin, c, &opts, ctx.scratch.path(), "ryw").await?);
     }
+    let mut _pgpool_dir = None;
+    if let Mode::Pgpool(which) = mode {
+        let bin = procs::ensure_program("pgpool", "pgpool2")
+            .context("Pgpool-II is not installed (apt-get install pgpool2)")?;
+        let owner = if procs::is_root() {
+            procs::lookup_account("postgres")
+        } else {
+            None
+        };
+        let d = procs::scratch_dir("tidemark-bench-pgpool", owner)?;
+        proxy = Some(procs::start_pgpool(&bin, c, d.path(), owner, which).await?);
+        _pgpool_dir = Some(d);
+    }
     let mut users = Vec::with_capacity(args.users);
     for i in 0..args.users {
         let id = i as i32 + 1;
@@ -333,6 +356,10 @@ async fn run_cell(
             Mode::Tidemark => {
                 let port = proxy.as_ref().map(|p| p.1).context("no proxy port")?;
                 u.proxy = Some(connect(port, Some(id)).await?);
+            }
+            Mode::Pgpool(_) => {
+                let port = proxy.as_ref().map(|p| p.1).context("no proxy port")?;
+                u.proxy = Some(connect(port, None).await?);
             }
             Mode::Primary => u.primary = Some(connect(c.port(0), None).await?),
             Mode::Naive | Mode::Pin(_) => {
