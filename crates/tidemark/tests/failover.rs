@@ -19,29 +19,7 @@ async fn served_by(c: &tokio_postgres::Client, sql: &str) -> Result<i32, tokio_p
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replica_killed_and_restarted_under_pgbench() {
     let mut env = start(&[None, None], |c| c.pool.max_size = 10).await;
-    let init = Command::new(env.cluster.bindir().join("pgbench"))
-        .args([
-            "-i",
-            "-s",
-            "1",
-            "-q",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &env.cluster.port(0).to_string(),
-            "-U",
-            "postgres",
-            "postgres",
-        ])
-        .output()
-        .unwrap();
-    assert!(init.status.success());
-    let lsn = env.cluster.current_lsn(0).unwrap();
-    for i in 1..=2 {
-        env.cluster
-            .wait_replayed(i, &lsn, Duration::from_secs(20))
-            .unwrap();
-    }
+    tokio::task::block_in_place(|| pgbench_init(&env.cluster));
     let port = env.proxy.addr.port().to_string();
     let bin = env.cluster.bindir().join("pgbench");
     let bench = std::thread::spawn(move || {

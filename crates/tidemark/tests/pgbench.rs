@@ -64,34 +64,7 @@ async fn pgbench_through_tidemark() {
         .unwrap();
     let proxy = proxy_for(&cluster, |c| c.pool.max_size = 8).await;
     let env = Env { proxy, cluster };
-    // Initialise directly on the primary, then wait for the replicas.
-    let init = Command::new(env.cluster.bindir().join("pgbench"))
-        .args([
-            "-i",
-            "-s",
-            "1",
-            "-q",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &env.cluster.port(0).to_string(),
-            "-U",
-            "postgres",
-            "postgres",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        init.status.success(),
-        "{}",
-        String::from_utf8_lossy(&init.stderr)
-    );
-    let lsn = env.cluster.current_lsn(0).unwrap();
-    for i in 1..=2 {
-        env.cluster
-            .wait_replayed(i, &lsn, std::time::Duration::from_secs(20))
-            .unwrap();
-    }
+    tokio::task::block_in_place(|| pgbench_init(&env.cluster));
 
     for mode in ["simple", "extended", "prepared"] {
         let before: i64 = selects(&env, 1).await + selects(&env, 2).await;

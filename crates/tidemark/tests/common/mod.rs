@@ -89,3 +89,24 @@ impl Env {
         connect(&self.cluster.dsn(i)).await
     }
 }
+
+/// `pgbench -i -s 1` directly on the primary, then waits until every replica has replayed it.
+pub fn pgbench_init(cluster: &Cluster) {
+    let init = std::process::Command::new(cluster.bindir().join("pgbench"))
+        .args(["-i", "-s", "1", "-q", "-h", "127.0.0.1", "-p"])
+        .arg(cluster.port(0).to_string())
+        .args(["-U", "postgres", "postgres"])
+        .output()
+        .expect("run pgbench -i");
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    let lsn = cluster.current_lsn(0).expect("primary LSN");
+    for i in 1..cluster.node_count() {
+        cluster
+            .wait_replayed(i, &lsn, Duration::from_secs(20))
+            .expect("replicas replay pgbench -i");
+    }
+}
