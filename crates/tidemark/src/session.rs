@@ -27,7 +27,7 @@ use crate::app::{App, CancelTarget, ClientInfo};
 use crate::client::{ClientError, ClientIo};
 use crate::config::PoolMode;
 use crate::pool::{Checked, PoolError};
-use crate::server::{server_error, ServerError};
+use crate::server::ServerError;
 
 /// Most prepared statements one server connection keeps before tidemark deallocates them.
 const MAX_PREPARED_PER_SERVER: usize = 5000;
@@ -989,20 +989,20 @@ impl Session {
                             Ok(RelayOutcome::Open) => self.unit_open = true,
                             Ok(RelayOutcome::RetryOnPrimary(_)) => {}
                             Err(RelayError::Client(e)) => return Err(e),
-                            Err(RelayError::Server(e)) => self.server_failed(e, unit.end).await?,
+                            Err(RelayError::Server(e)) => self.server_failed(e).await?,
                         }
                     }
                     Err(e) => return self.send_error_ready(e, unit.end).await,
                 }
             }
             Err(RelayError::Client(e)) => return Err(e),
-            Err(RelayError::Server(e)) => self.server_failed(e, unit.end).await?,
+            Err(RelayError::Server(e)) => self.server_failed(e).await?,
         }
         Ok(())
     }
 
     /// The server connection broke mid-unit: tell the client, drop the connection.
-    async fn server_failed(&mut self, e: ServerError, end: UnitEnd) -> SResult<()> {
+    async fn server_failed(&mut self, e: ServerError) -> SResult<()> {
         let node = self.attached.as_ref().map(|a| a.node);
         self.attached = None; // dropping closes it
         self.unit_open = false;
@@ -1031,7 +1031,6 @@ impl Session {
             self.io.send(&f.to_error()).await?;
             return Err(ClientError::Closed);
         }
-        let _ = end;
         crate::metrics::error(&f.code);
         tracing::warn!(client = self.pid, user = %self.user, sqlstate = %f.code, message = %f.message, "server connection failed under a client");
         self.io.push(&f.to_error());
@@ -1441,11 +1440,7 @@ impl Session {
             Ok(RelayEnd::Open) => Ok(RelayOutcome::Open),
             Err(RelayFail::Retry(why)) => {
                 // Drop the replica connection (it may be mid-response) and retry.
-                if let Some(a) = self.attached.take() {
-                    if a.conn.conn.buffered() == 0 && why.starts_with("25006") {
-                        // Drain is not worth it; just close.
-                    }
-                }
+                self.attached = None;
                 self.server_skipping = false;
                 self.copy_in = false;
                 Ok(RelayOutcome::RetryOnPrimary(why))
@@ -1505,8 +1500,8 @@ impl Session {
             if self.report_lsn || keyed {
                 // The client asked for the token with the result, or other connections
                 // depend on it through the key: capture before ReadyForQuery.
-                let z = self.hold_ready();
-                self.capture_lsn(analysis).await;
+                let z = self.io.take_trailing_ready();
+                self.capture_lsn().await;
                 if let Some(z) = z {
                     if self.report_lsn {
                         self.io.push(&be::parameter_status(
@@ -1520,7 +1515,7 @@ impl Session {
             } else {
                 // Let the client go on; the session's next routing decision waits for this.
                 self.io.flush().await?;
-                self.capture_lsn(analysis).await;
+                self.capture_lsn().await;
             }
         } else {
             self.io.flush().await?;
@@ -1535,11 +1530,6 @@ impl Session {
             }
         }
         Ok(())
-    }
-
-    /// Removes the trailing ReadyForQuery from the output buffer.
-    fn hold_ready(&mut self) -> Option<Frame> {
-        self.io.take_trailing_ready()
     }
 
     /// Whether to pipeline the commit-LSN read right behind this unit: it ends a writing
@@ -1605,16 +1595,11 @@ impl Session {
         }
     }
 
-    async fn capture_lsn(&mut self, analysis: &Analysis) {
+    async fn capture_lsn(&mut self) {
         let Some(att) = self.attached.as_mut() else {
             return;
         };
-        match att
-            .conn
-            .conn
-            .simple_query("SELECT pg_current_wal_insert_lsn()")
-            .await
-        {
+        match att.conn.conn.simple_query(CAPTURE_SQL).await {
             Ok(rows) => {
                 if let Some(l) = rows
                     .first()
@@ -1622,15 +1607,7 @@ impl Session {
                     .flatten()
                     .and_then(|s| s.parse::<Lsn>().ok())
                 {
-                    let l = l.normalize_insert_position();
-                    crate::metrics::lsn_captured();
-                    if l > self.last_write_lsn {
-                        self.last_write_lsn = l;
-                    }
-                    let _ = analysis;
-                    if let Some(k) = self.tx_key.as_ref().or(self.key.as_ref()) {
-                        self.app.keys.record(k, l);
-                    }
+                    self.record_commit_lsn(l);
                 }
             }
             Err(e) => {
@@ -2160,9 +2137,6 @@ async fn drain_to_ready(
         if f.tag() == b'Z' {
             exp.clear();
             return Ok(());
-        }
-        if f.tag() == b'E' {
-            let _ = server_error(&f);
         }
     }
 }
