@@ -16,6 +16,9 @@ pub use keys::{KeyStore, MemoryKeyStore};
 pub use lagclock::LagClock;
 pub use lsn::{Lsn, LsnParseError};
 pub use route::{
-    caught_up, fallback_after_wait, route, Reason, Route, RouteRequest, TargetHint, Unavailable,
+    caught_up, fallback_after_wait, route, Applied, Reason, Route, RouteRequest, TargetHint,
+    Unavailable,
 };
-pub use view::{decide_primary, ClusterView, NodeId, NodeStatus, PrimaryState, Role};
+pub use view::{
+    decide_primary, ClusterView, NodeId, NodeSet, NodeStatus, PrimaryState, Role, SyncState,
+};

@@ -4,7 +4,7 @@
 
 use crate::consistency::Consistency;
 use crate::lsn::Lsn;
-use crate::view::{ClusterView, NodeId, NodeStatus, PrimaryState, Role};
+use crate::view::{ClusterView, NodeId, NodeSet, NodeStatus, PrimaryState, Role};
 
 /// Per-statement target hint (`/* tidemark: primary */`, `/* tidemark: replica */`).
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Default)]
@@ -31,6 +31,19 @@ pub struct RouteRequest {
     pub hint: TargetHint,
     /// Tiebreak seed for spreading reads across eligible replicas (a counter or random number).
     pub balance: u64,
+    /// Replicas the primary reported as having replayed the session's last commit when it was
+    /// acknowledged (measured per commit, see [`Applied`]).
+    pub applied: Option<Applied>,
+}
+
+/// Replicas known to have replayed WAL up to `lsn`: the primary's `pg_stat_replication`
+/// showed their `replay_lsn >= lsn` right after the commit (with `synchronous_commit =
+/// remote_apply` a synchronous standby always does). Replay only moves forward, so they can
+/// serve any read that depends on at most `lsn` without a check or a wait.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct Applied {
+    pub lsn: Lsn,
+    pub nodes: NodeSet,
 }
 
 impl RouteRequest {
@@ -43,6 +56,7 @@ impl RouteRequest {
             required_lsn,
             hint: TargetHint::Any,
             balance: 0,
+            applied: None,
         }
     }
 
@@ -76,6 +90,9 @@ pub enum Reason {
     ReplicaCaughtUp,
     /// A read went to a replica whose sampled state already satisfied the request.
     Eligible,
+    /// A read went to a replica the primary reported as having replayed the session's last
+    /// commit when it was acknowledged (see [`Applied`]); no check, no wait.
+    AppliedAtCommit,
     /// A read had to fall back to the primary but no primary is known (the session answers
     /// with an error); label for counting those refusals (see [`fallback_after_wait`]).
     NoPrimaryForRead,
@@ -83,7 +100,7 @@ pub enum Reason {
 
 impl Reason {
     /// All reasons, for pre-registering metric labels.
-    pub const ALL: [Reason; 9] = [
+    pub const ALL: [Reason; 10] = [
         Reason::Write,
         Reason::Pinned,
         Reason::Strong,
@@ -92,6 +109,7 @@ impl Reason {
         Reason::ReplicasBehind,
         Reason::ReplicaCaughtUp,
         Reason::Eligible,
+        Reason::AppliedAtCommit,
         Reason::NoPrimaryForRead,
     ];
 
@@ -106,6 +124,7 @@ impl Reason {
             Reason::ReplicasBehind => "replicas_behind",
             Reason::ReplicaCaughtUp => "replica_caught_up",
             Reason::Eligible => "eligible",
+            Reason::AppliedAtCommit => "applied_at_commit",
             Reason::NoPrimaryForRead => "no_primary_for_read",
         }
     }
@@ -207,8 +226,18 @@ fn to_primary(view: &ClusterView, reason: Reason) -> Route {
 }
 
 /// Has this replica (by its sampled state) replayed what the request depends on?
-fn lsn_ok(n: &NodeStatus, required: Lsn) -> bool {
-    n.replay_lsn >= required || n.synchronous_apply
+fn sampled_ok(n: &NodeStatus, required: Lsn) -> bool {
+    n.replay_lsn >= required
+}
+
+/// Did the primary report this replica as having replayed what the request depends on?
+fn applied_ok(n: &NodeStatus, req: &RouteRequest) -> bool {
+    req.applied
+        .is_some_and(|a| a.lsn >= req.required_lsn && a.nodes.contains(n.id))
+}
+
+fn lsn_ok(n: &NodeStatus, req: &RouteRequest) -> bool {
+    sampled_ok(n, req.required_lsn) || applied_ok(n, req)
 }
 
 /// Route one routing unit.
@@ -218,7 +247,8 @@ fn lsn_ok(n: &NodeStatus, required: Lsn) -> bool {
 /// - not `read_only`, hint `Primary` or consistency `Strong` → the primary
 ///   (`Unavailable::NoPrimary` / `SplitBrain` if none: split brain refuses, never guesses).
 /// - reads: eligible replicas are healthy, `Role::Replica`, in rotation and
-///   - `Session`: `replay_lsn >= required_lsn` or `synchronous_apply`;
+///   - `Session`: `replay_lsn >= required_lsn`, or the node is in `applied` and
+///     `applied.lsn >= required_lsn` (`Reason::AppliedAtCommit` when only that holds);
 ///   - `Bounded(d)`: `lag <= d` and the `Session` condition;
 ///   - `Eventual`: no further condition.
 ///
@@ -265,16 +295,21 @@ pub fn route(req: &RouteRequest, view: &ClusterView) -> Route {
         .copied()
         .filter(|n| match req.consistency {
             Consistency::Eventual => true,
-            _ => within_bound(n) && lsn_ok(n, required),
+            _ => within_bound(n) && lsn_ok(n, req),
         })
         .collect();
 
     if !eligible.is_empty() {
         let pick = eligible[(req.balance % eligible.len() as u64) as usize];
+        let reason = if req.consistency == Consistency::Eventual || sampled_ok(pick, required) {
+            Reason::Eligible
+        } else {
+            Reason::AppliedAtCommit
+        };
         return Route::Node {
             node: pick.id,
             role: Role::Replica,
-            reason: Reason::Eligible,
+            reason,
         };
     }
 
@@ -282,7 +317,7 @@ pub fn route(req: &RouteRequest, view: &ClusterView) -> Route {
     let mut behind: Vec<&NodeStatus> = usable
         .iter()
         .copied()
-        .filter(|n| within_bound(n) && !lsn_ok(n, required))
+        .filter(|n| within_bound(n) && !lsn_ok(n, req))
         .collect();
     if !behind.is_empty() && req.consistency != Consistency::Eventual {
         behind.sort_by(|a, b| b.replay_lsn.cmp(&a.replay_lsn).then(a.id.cmp(&b.id)));
@@ -344,6 +379,7 @@ mod tests {
             replay_lsn: Lsn(lsn),
             lag_bytes: 0,
             lag: Duration::ZERO,
+            sync_state: crate::view::SyncState::Unknown,
             synchronous_apply: false,
         }
     }
@@ -547,12 +583,41 @@ mod tests {
     }
 
     #[test]
-    fn synchronous_apply_replica_never_waits() {
+    fn synchronous_apply_flag_alone_is_not_trusted() {
+        // The flag reflects the primary's default synchronous_commit; this session's commit
+        // may have run with another setting. Without a per-commit report: check replicas.
         let mut v = cluster();
         v.nodes[2].synchronous_apply = true;
-        assert_eq!(
+        assert!(matches!(
             route(&read(Consistency::Session, 999), &v),
-            node(2, Role::Replica, Reason::Eligible)
+            Route::CheckReplicas { .. }
+        ));
+    }
+
+    #[test]
+    fn replica_reported_applied_at_commit_serves_without_check() {
+        let v = cluster();
+        let mut req = read(Consistency::Session, 999);
+        req.applied = Some(Applied {
+            lsn: Lsn(999),
+            nodes: [2].into_iter().collect(),
+        });
+        assert_eq!(
+            route(&req, &v),
+            node(2, Role::Replica, Reason::AppliedAtCommit)
+        );
+        // A requirement beyond what was reported (a key or token from elsewhere) is not covered.
+        req.required_lsn = Lsn(1000);
+        assert!(matches!(route(&req, &v), Route::CheckReplicas { .. }));
+        // Bounded still applies its lag bound.
+        req.required_lsn = Lsn(999);
+        req.consistency = Consistency::Bounded(Duration::from_millis(10));
+        let mut v2 = cluster();
+        v2.nodes[2].lag = Duration::from_millis(50);
+        v2.nodes[1].lag = Duration::from_millis(50);
+        assert_eq!(
+            route(&req, &v2),
+            node(0, Role::Primary, Reason::ReplicasBehind)
         );
     }
 
@@ -686,6 +751,7 @@ mod tests {
                 "replicas_behind",
                 "replica_caught_up",
                 "eligible",
+                "applied_at_commit",
                 "no_primary_for_read"
             ]
         );
@@ -737,6 +803,7 @@ mod tests {
                     replay_lsn: Lsn(lsn),
                     lag_bytes: 0,
                     lag: Duration::from_millis(lag_ms),
+                    sync_state: crate::view::SyncState::Unknown,
                     synchronous_apply: sync,
                 })
                 .collect();
@@ -754,6 +821,15 @@ mod tests {
                 generation: 0,
             })
         })
+    }
+
+    /// The replica has the requirement by its sample, or by a per-commit report that covers
+    /// it (independent of the route code; the `synchronous_apply` flag never counts).
+    fn covered(n: &NodeStatus, req: &RouteRequest) -> bool {
+        n.replay_lsn >= req.required_lsn
+            || req
+                .applied
+                .is_some_and(|a| a.lsn >= req.required_lsn && a.nodes.contains(n.id))
     }
 
     fn arb_consistency() -> impl Strategy<Value = Consistency> {
@@ -776,17 +852,22 @@ mod tests {
                 Just(TargetHint::Replica)
             ],
             any::<u64>(),
+            proptest::option::of((0u64..2500, any::<u8>())),
         )
-            .prop_map(
-                |(read_only, consistency, lsn, hint, balance)| RouteRequest {
+            .prop_map(|(read_only, consistency, lsn, hint, balance, applied)| {
+                RouteRequest {
                     read_only,
                     pinned: None,
                     consistency,
                     required_lsn: Lsn(lsn),
                     hint,
                     balance,
-                },
-            )
+                    applied: applied.map(|(l, bits)| Applied {
+                        lsn: Lsn(l),
+                        nodes: (0..8).filter(|i| bits & (1 << i) != 0).collect(),
+                    }),
+                }
+            })
     }
 
     proptest! {
@@ -798,7 +879,7 @@ mod tests {
                 let n = view.node(node).unwrap();
                 prop_assert!(n.healthy);
                 if role == Role::Replica {
-                    prop_assert!(n.replay_lsn >= req.required_lsn || n.synchronous_apply);
+                    prop_assert!(covered(n, &req));
                     prop_assert!(n.in_rotation);
                 }
             }
@@ -807,15 +888,15 @@ mod tests {
         #[test]
         fn non_eventual_replica_picks_meet_requirements(view in arb_view(), req in arb_req()) {
             if let Route::Node { node, role: Role::Replica, reason } = route(&req, &view) {
-                prop_assert_eq!(reason, Reason::Eligible);
+                prop_assert!(matches!(reason, Reason::Eligible | Reason::AppliedAtCommit));
                 let n = view.node(node).unwrap();
                 prop_assert!(req.read_only);
                 match req.consistency {
                     Consistency::Strong => prop_assert!(false, "strong read went to a replica"),
-                    Consistency::Session => prop_assert!(n.replay_lsn >= req.required_lsn || n.synchronous_apply),
+                    Consistency::Session => prop_assert!(covered(n, &req)),
                     Consistency::Bounded(d) => {
                         prop_assert!(n.lag <= d);
-                        prop_assert!(n.replay_lsn >= req.required_lsn || n.synchronous_apply);
+                        prop_assert!(covered(n, &req));
                     }
                     Consistency::Eventual => {}
                 }

@@ -45,8 +45,82 @@ pub struct NodeStatus {
     pub lag_bytes: u64,
     /// Time lag (see [`crate::LagClock`]).
     pub lag: Duration,
-    /// Replica is a `remote_apply` synchronous standby (reads never need to wait).
+    /// How the primary's `pg_stat_replication` lists this replica (`sync_state`); display only.
+    pub sync_state: SyncState,
+    /// The primary lists this replica as a `sync` standby and its `synchronous_commit` default
+    /// is `remote_apply`: writes committed under that setting are visible here when the commit
+    /// returns. Shown to operators; routing does not trust it (the setting can differ per
+    /// role, session and transaction), it trusts [`crate::Applied`], which is measured for
+    /// each commit.
     pub synchronous_apply: bool,
+}
+
+/// `pg_stat_replication.sync_state` of a standby as the primary reports it.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Default)]
+pub enum SyncState {
+    /// Not listed by the primary (or not a replica).
+    #[default]
+    Unknown,
+    Async,
+    Potential,
+    Sync,
+    Quorum,
+}
+
+impl SyncState {
+    /// Parses a `sync_state` value; anything else is `Unknown`.
+    pub fn parse(s: &str) -> SyncState {
+        match s {
+            "async" => SyncState::Async,
+            "potential" => SyncState::Potential,
+            "sync" => SyncState::Sync,
+            "quorum" => SyncState::Quorum,
+            _ => SyncState::Unknown,
+        }
+    }
+
+    /// Lower-case label for the admin console and metrics.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            SyncState::Unknown => "-",
+            SyncState::Async => "async",
+            SyncState::Potential => "potential",
+            SyncState::Sync => "sync",
+            SyncState::Quorum => "quorum",
+        }
+    }
+}
+
+/// A small set of node ids (ids below 64; larger ids are never members).
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeSet(u64);
+
+impl NodeSet {
+    pub const EMPTY: NodeSet = NodeSet(0);
+
+    pub fn insert(&mut self, id: NodeId) {
+        if id < 64 {
+            self.0 |= 1 << id;
+        }
+    }
+
+    pub fn contains(&self, id: NodeId) -> bool {
+        id < 64 && self.0 & (1 << id) != 0
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0 == 0
+    }
+}
+
+impl FromIterator<NodeId> for NodeSet {
+    fn from_iter<I: IntoIterator<Item = NodeId>>(iter: I) -> Self {
+        let mut s = NodeSet::EMPTY;
+        for id in iter {
+            s.insert(id);
+        }
+        s
+    }
 }
 
 impl NodeStatus {
@@ -61,6 +135,7 @@ impl NodeStatus {
             replay_lsn: Lsn::ZERO,
             lag_bytes: 0,
             lag: Duration::ZERO,
+            sync_state: SyncState::Unknown,
             synchronous_apply: false,
         }
     }

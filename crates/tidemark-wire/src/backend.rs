@@ -214,6 +214,27 @@ pub fn data_row_first(frame: &Frame) -> Result<Option<String>, WireError> {
     Ok(Some(String::from_utf8_lossy(v).into_owned()))
 }
 
+/// All columns of a DataRow as text (`None` for NULL).
+pub fn data_row_values(frame: &Frame) -> Result<Vec<Option<String>>, WireError> {
+    let mut b = frame.body();
+    let n = read_i16(&mut b, b'D')?;
+    let mut out = Vec::with_capacity(n.max(0) as usize);
+    for _ in 0..n {
+        let len = read_i32(&mut b, b'D')?;
+        if len < 0 {
+            out.push(None);
+            continue;
+        }
+        let v = b.get(..len as usize).ok_or(WireError::Malformed {
+            tag: 'D',
+            what: "truncated column",
+        })?;
+        out.push(Some(String::from_utf8_lossy(v).into_owned()));
+        b = &b[len as usize..];
+    }
+    Ok(out)
+}
+
 pub fn command_complete(tag: &str) -> Frame {
     let mut b = BytesMut::new();
     put_cstr(&mut b, tag);
@@ -255,6 +276,13 @@ mod tests {
         let f = data_row::<&str>(&[None]);
         assert_eq!(data_row_first(&f).unwrap(), None);
         assert!(data_row_first(&Frame::new(b'D', &[0, 1, 0, 0, 0, 9, b'x'])).is_err());
+        let f = data_row(&[Some("0/3000060"), None, Some("")]);
+        assert_eq!(
+            data_row_values(&f).unwrap(),
+            vec![Some("0/3000060".to_string()), None, Some(String::new())]
+        );
+        assert!(data_row_values(&Frame::new(b'D', &[0, 2, 0, 0, 0, 1, b'x'])).is_err());
+        assert!(data_row_values(&Frame::new(b'D', &[0, 1, 0, 0, 0, 9, b'x'])).is_err());
     }
 
     #[test]

@@ -209,6 +209,8 @@ fn show_nodes(app: &App) -> Result<Output, ErrorFields> {
                 s(n.replay_lsn),
                 s(ms(n.lag)),
                 s(n.lag_bytes),
+                s(n.sync_state.as_str()),
+                s(if n.synchronous_apply { "yes" } else { "no" }),
             ]
         })
         .collect();
@@ -221,6 +223,8 @@ fn show_nodes(app: &App) -> Result<Output, ErrorFields> {
             "lsn",
             "lag_ms",
             "lag_bytes",
+            "sync_state",
+            "remote_apply",
         ],
         rows,
     ))

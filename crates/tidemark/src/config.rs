@@ -42,6 +42,17 @@ pub struct NodeConfig {
     #[serde(default = "default_host")]
     pub host: String,
     pub port: u16,
+    /// The `application_name` this node uses in its `primary_conninfo` when it is a standby
+    /// (how the primary's `pg_stat_replication` names it). Defaults to `name`.
+    #[serde(default)]
+    pub application_name: Option<String>,
+}
+
+impl NodeConfig {
+    /// How the primary's `pg_stat_replication` names this node when it streams from it.
+    pub fn standby_name(&self) -> &str {
+        self.application_name.as_deref().unwrap_or(&self.name)
+    }
 }
 
 #[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
@@ -274,9 +285,17 @@ impl Config {
             bail!("nodes: at least one node is needed ([[nodes]] name, host, port)");
         }
         let mut names = std::collections::HashSet::new();
+        let mut standby_names = std::collections::HashSet::new();
         for n in &self.nodes {
             if !names.insert(n.name.as_str()) {
                 bail!("nodes: the name '{}' is used twice", n.name);
+            }
+            if !standby_names.insert(n.standby_name()) {
+                bail!(
+                    "nodes.{}: application_name '{}' is used by another node; each standby needs its own to be told apart in pg_stat_replication",
+                    n.name,
+                    n.standby_name()
+                );
             }
             if n.port == 0 {
                 bail!("nodes.{}: port 0 is not a valid port", n.name);

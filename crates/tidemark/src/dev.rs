@@ -25,6 +25,8 @@ pub fn config_for(cluster: &Cluster, listen: &str) -> Config {
             name: cluster.node_name(i).to_string(),
             host: cluster.host().to_string(),
             port: cluster.port(i),
+            // The harness names each standby after the node in primary_conninfo.
+            application_name: None,
         })
         .collect();
     let mut cfg =

@@ -163,6 +163,14 @@ fn describe() {
         "1 when a replication slot has a connected consumer"
     );
     describe_gauge!(
+        "tidemark_replica_sync_state",
+        "1 for the primary's pg_stat_replication sync_state of each replica (async|potential|sync|quorum)"
+    );
+    describe_gauge!(
+        "tidemark_replica_synchronous_apply",
+        "1 if the replica is a sync standby and the primary's synchronous_commit default is remote_apply"
+    );
+    describe_gauge!(
         "tidemark_paused",
         "1 while the console PAUSE holds new transactions"
     );
@@ -174,7 +182,11 @@ fn preregister() {
     for r in Reason::ALL.iter().filter(|r| {
         !matches!(
             r,
-            Reason::Write | Reason::Pinned | Reason::Eligible | Reason::ReplicaCaughtUp
+            Reason::Write
+                | Reason::Pinned
+                | Reason::Eligible
+                | Reason::ReplicaCaughtUp
+                | Reason::AppliedAtCommit
         )
     }) {
         counter!("tidemark_fallbacks_total", "reason" => r.as_str()).absolute(0);
@@ -258,6 +270,17 @@ pub fn node_state(node: &str, role: &'static str, healthy: bool, in_rotation: bo
     }
     gauge!("tidemark_node_healthy", "node" => node.to_string()).set(healthy as u8 as f64);
     gauge!("tidemark_node_in_rotation", "node" => node.to_string()).set(in_rotation as u8 as f64);
+}
+
+/// How the primary lists a replica in `pg_stat_replication`, and whether tidemark considers
+/// it a `remote_apply` synchronous standby.
+pub fn replica_sync(node: &str, sync_state: &'static str, synchronous_apply: bool) {
+    for s in ["async", "potential", "sync", "quorum"] {
+        gauge!("tidemark_replica_sync_state", "node" => node.to_string(), "state" => s)
+            .set(if s == sync_state { 1.0 } else { 0.0 });
+    }
+    gauge!("tidemark_replica_synchronous_apply", "node" => node.to_string())
+        .set(synchronous_apply as u8 as f64);
 }
 
 pub fn split_brain(active: bool) {

@@ -9,14 +9,22 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use tidemark_core::{
     decide_primary, ClusterView, LagClock, LagGate, Lsn, NodeId, NodeStatus, PrimaryState, Role,
+    SyncState,
 };
 use tokio_postgres::NoTls;
 
 use crate::app::App;
 
+/// Role, position, system id; and, as the node sees its own standbys (a primary lists its
+/// replicas; needs `pg_read_all_stats`/`pg_monitor` to see `sync_state`), its
+/// `synchronous_commit` default and each walsender's standby name and sync state.
 const POLL_SQL: &str = "SELECT pg_is_in_recovery(), \
      (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_insert_lsn() END)::text, \
-     (SELECT system_identifier::text FROM pg_control_system())";
+     (SELECT system_identifier::text FROM pg_control_system()), \
+     current_setting('synchronous_commit'), s.names, s.states \
+     FROM (SELECT array_agg(a.application_name ORDER BY w.pid) AS names, \
+                  array_agg(w.sync_state ORDER BY w.pid) AS states \
+           FROM pg_stat_get_wal_senders() w, pg_stat_get_activity(w.pid) a) s";
 
 #[derive(Clone, Debug)]
 struct Sample {
@@ -24,6 +32,10 @@ struct Sample {
     role: Role,
     lsn: Lsn,
     system_id: String,
+    /// Primaries: `synchronous_commit` default is `remote_apply`.
+    remote_apply: bool,
+    /// Primaries: (standby application_name, sync_state) per walsender.
+    standbys: Vec<(String, String)>,
     at: Instant,
 }
 
@@ -132,6 +144,15 @@ impl Monitor {
                 let in_recovery: bool = row.get(0);
                 let lsn: Option<String> = row.get(1);
                 let system_id: Option<String> = row.get(2);
+                let sync_commit: Option<String> = row.get(3);
+                let names: Option<Vec<Option<String>>> = row.get(4);
+                let states: Option<Vec<Option<String>>> = row.get(5);
+                let standbys = names
+                    .unwrap_or_default()
+                    .into_iter()
+                    .zip(states.unwrap_or_default())
+                    .filter_map(|(n, s)| Some((n?, s?)))
+                    .collect();
                 let lsn = lsn.and_then(|s| s.parse::<Lsn>().ok()).unwrap_or(Lsn::ZERO);
                 let role = if in_recovery {
                     Role::Replica
@@ -150,6 +171,8 @@ impl Monitor {
                         role,
                         lsn,
                         system_id: system_id.unwrap_or_default(),
+                        remote_apply: sync_commit.as_deref() == Some("remote_apply"),
+                        standbys,
                         at: Instant::now(),
                     },
                 );
@@ -228,6 +251,19 @@ impl Monitor {
             statuses.push(st);
         }
         let primary = decide_primary(&statuses, cfg.primary_index());
+        if let PrimaryState::One(p) = &primary {
+            if let Some(s) = &nodes[*p].sample {
+                for (name, state) in &s.standbys {
+                    let Some(i) = cfg.nodes.iter().position(|n| n.standby_name() == name) else {
+                        continue;
+                    };
+                    if let Some(st) = statuses.get_mut(i).filter(|st| st.role == Role::Replica) {
+                        st.sync_state = SyncState::parse(state);
+                        st.synchronous_apply = s.remote_apply && st.sync_state == SyncState::Sync;
+                    }
+                }
+            }
+        }
         let primary_lsn = match &primary {
             PrimaryState::One(p) => statuses[*p].replay_lsn,
             _ => statuses
@@ -258,7 +294,7 @@ impl Monitor {
                 } else {
                     t.gate.in_rotation()
                 };
-                if fresh == Some(st.id) {
+                if fresh == Some(st.id) || fresh == view_primary(&primary) {
                     metrics_node(st);
                 }
             } else {
@@ -301,9 +337,17 @@ impl Monitor {
     }
 }
 
+fn view_primary(p: &PrimaryState) -> Option<NodeId> {
+    match p {
+        PrimaryState::One(id) => Some(*id),
+        _ => None,
+    }
+}
+
 fn metrics_node(st: &NodeStatus) {
     crate::metrics::node_state(&st.name, st.role.as_str(), st.healthy, st.in_rotation);
     if st.role == Role::Replica && st.healthy {
         crate::metrics::replica_lag(&st.name, st.lag, st.lag_bytes);
+        crate::metrics::replica_sync(&st.name, st.sync_state.as_str(), st.synchronous_apply);
     }
 }

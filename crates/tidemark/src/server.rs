@@ -9,7 +9,7 @@ use bytes::{Buf, BytesMut};
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256, SCRAM_SHA_256};
 use postgres_protocol::message::{backend, frontend as pgfe};
 use tidemark_core::NodeId;
-use tidemark_wire::backend::{data_row_first, parse_parameter_status, ErrorFields};
+use tidemark_wire::backend::{data_row_values, parse_parameter_status, ErrorFields};
 use tidemark_wire::{Frame, FrameCodec};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -280,6 +280,18 @@ impl ServerConn {
     /// Runs an internal simple query and returns the first column of each row, swallowing
     /// every response. Fails on an ErrorResponse (after reading up to ReadyForQuery).
     pub async fn simple_query(&mut self, sql: &str) -> Result<Vec<Option<String>>, ServerError> {
+        let rows = self.simple_query_rows(sql).await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| r.into_iter().next().flatten())
+            .collect())
+    }
+
+    /// Runs one simple query; every row's columns as text.
+    pub async fn simple_query_rows(
+        &mut self,
+        sql: &str,
+    ) -> Result<Vec<Vec<Option<String>>>, ServerError> {
         let q = tidemark_wire::frontend::query(sql);
         self.send(q.raw()).await?;
         let mut rows = Vec::new();
@@ -287,9 +299,8 @@ impl ServerConn {
         loop {
             let f = self.recv().await?;
             match f.tag() {
-                b'D' => {
-                    rows.push(data_row_first(&f).map_err(|e| ServerError::Protocol(e.to_string()))?)
-                }
+                b'D' => rows
+                    .push(data_row_values(&f).map_err(|e| ServerError::Protocol(e.to_string()))?),
                 b'E' => err = Some(server_error(&f)),
                 b'Z' => {
                     if tidemark_wire::backend::ready_status(&f) != Ok(b'I') {

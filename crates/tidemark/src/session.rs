@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use tidemark_core::{
-    caught_up, fallback_after_wait, route, Consistency, Lsn, NodeId, Reason, Role, Route,
-    RouteRequest, TargetHint, Unavailable,
+    caught_up, fallback_after_wait, route, Applied, Consistency, Lsn, NodeId, NodeSet, Reason,
+    Role, Route, RouteRequest, TargetHint, Unavailable,
 };
 use tidemark_sql::{Analysis, Class, HintTarget, SessionKind, TidemarkCommand, TxControl};
 use tidemark_wire::backend::{self as be, ErrorFields};
@@ -96,7 +96,7 @@ struct Attached {
 enum RelayEnd {
     /// ReadyForQuery with this status; `true` if the unit had an error; the commit LSN if
     /// it was captured in the same pipeline.
-    Ready(u8, bool, Option<Lsn>),
+    Ready(u8, bool, Option<Captured>),
     /// Flushed unit: all responses so far are relayed, the unit stays open.
     Open,
 }
@@ -137,6 +137,10 @@ pub struct Session {
     token: Lsn,
     report_lsn: bool,
     last_write_lsn: Lsn,
+    /// Replicas the primary (this node id) reported at or past the last commit.
+    applied: Option<(Applied, NodeId)>,
+    /// Where the last routing decision sent a unit, and why (`SHOW tidemark.last_route`).
+    last_route: Option<(NodeId, Reason)>,
     statements: HashMap<String, Arc<Stmt>>,
     unnamed: Option<Arc<Stmt>>,
     attached: Option<Attached>,
@@ -280,6 +284,8 @@ impl Session {
             token: Lsn::ZERO,
             report_lsn: false,
             last_write_lsn: Lsn::ZERO,
+            applied: None,
+            last_route: None,
             statements: HashMap::new(),
             unnamed: None,
             attached: None,
@@ -338,6 +344,7 @@ impl Session {
             required_lsn: Lsn::ZERO,
             hint: TargetHint::Any,
             balance: self.app.balance.fetch_add(1, Ordering::Relaxed),
+            applied: None,
         };
         let view = self.app.view.load_full();
         let node = match route(&req, &view) {
@@ -611,10 +618,18 @@ impl Session {
                 .iter()
                 .any(|c| matches!(c, Class::Tidemark(_)))
         {
-            let e = ErrorFields::error(
-                "0A000",
-                "tidemark commands (SET/SHOW tidemark.*) must be sent alone, not with other statements",
-            );
+            let e = if unit.end == UnitEnd::Query {
+                ErrorFields::error(
+                    "0A000",
+                    "tidemark commands (SET/SHOW tidemark.*) must be sent alone, not with other statements",
+                )
+            } else {
+                ErrorFields::error(
+                    "0A000",
+                    "tidemark commands (SET/SHOW tidemark.*) must be sent with the simple query protocol",
+                )
+                .with_hint("use the driver's simple-query call (psql, simple_query, exec without parameters), or the /* tidemark: ... */ hints")
+            };
             return self.send_error_ready(e, unit.end).await;
         }
         for (name, stmt) in stmt_updates {
@@ -821,6 +836,10 @@ impl Session {
                     "key" => self.key.clone().unwrap_or_default(),
                     "min_lsn" => self.token.to_string(),
                     "report_lsn" => if self.report_lsn { "on" } else { "off" }.to_string(),
+                    "last_route" => self
+                        .last_route
+                        .map(|(n, r)| format!("{} {}", self.app.node_name(n), r.as_str()))
+                        .unwrap_or_default(),
                     _ => {
                         return self
                             .send_error_ready(unknown_setting(&name), UnitEnd::Query)
@@ -919,6 +938,7 @@ impl Session {
             if read_only {
                 crate::metrics::read_routed(target, reason.as_str());
             }
+            self.last_route = Some((node, reason));
             self.attached = Some(Attached { conn, node, role });
         } else {
             crate::metrics::statement(class_label(&analysis.class), "pinned");
@@ -1077,6 +1097,12 @@ impl Session {
             Some(HintTarget::Replica) => TargetHint::Replica,
             None => TargetHint::Any,
         };
+        let view = self.app.view.load_full();
+        // Only while the primary that reported it is still the primary.
+        let applied = self
+            .applied
+            .filter(|(_, p)| view.primary_id() == Some(*p))
+            .map(|(a, _)| a);
         let req = RouteRequest {
             read_only: read_only && !self.pinned,
             pinned: None,
@@ -1084,8 +1110,8 @@ impl Session {
             required_lsn: required,
             hint,
             balance: self.app.balance.fetch_add(1, Ordering::Relaxed),
+            applied,
         };
-        let view = self.app.view.load_full();
         match route(&req, &view) {
             Route::Node { node, role, reason } => {
                 if read_only && role == Role::Primary {
@@ -1458,7 +1484,7 @@ impl Session {
         errored: bool,
         may_write: bool,
         analysis: &Analysis,
-        captured: Option<Lsn>,
+        captured: Option<Captured>,
     ) -> SResult<()> {
         let prev = std::mem::replace(&mut self.tx_status, status);
         self.unit_open = false;
@@ -1492,10 +1518,10 @@ impl Session {
         // A write under a key must be in the key store before the client learns it is
         // done: readers on other connections only wait for what the store holds.
         let keyed = self.tx_key.is_some() || self.key.is_some();
-        if let (true, Some(l)) = (capture, captured) {
+        if let (true, Some(c)) = (capture, captured) {
             // Captured in the same pipeline as the commit: no extra round trip.
             self.io.flush().await?;
-            self.record_commit_lsn(l);
+            self.record_commit(c);
         } else if capture {
             if self.report_lsn || keyed {
                 // The client asked for the token with the result, or other connections
@@ -1584,12 +1610,22 @@ impl Session {
         })
     }
 
-    fn record_commit_lsn(&mut self, l: Lsn) {
-        let l = l.normalize_insert_position();
+    fn record_commit(&mut self, c: Captured) {
+        let l = c.lsn.normalize_insert_position();
         crate::metrics::lsn_captured();
         if l > self.last_write_lsn {
             self.last_write_lsn = l;
         }
+        // Standbys the primary saw at or past this position right after the commit.
+        let nodes: NodeSet = c
+            .applied_on
+            .iter()
+            .filter_map(|n| self.app.node_by_standby_name(n))
+            .collect();
+        self.applied = self
+            .attached
+            .as_ref()
+            .map(|att| (Applied { lsn: l, nodes }, att.node));
         if let Some(k) = self.tx_key.as_ref().or(self.key.as_ref()) {
             self.app.keys.record(k, l);
         }
@@ -1599,15 +1635,10 @@ impl Session {
         let Some(att) = self.attached.as_mut() else {
             return;
         };
-        match att.conn.conn.simple_query(CAPTURE_SQL).await {
+        match att.conn.conn.simple_query_rows(CAPTURE_SQL).await {
             Ok(rows) => {
-                if let Some(l) = rows
-                    .first()
-                    .cloned()
-                    .flatten()
-                    .and_then(|s| s.parse::<Lsn>().ok())
-                {
-                    self.record_commit_lsn(l);
+                if let Some(c) = rows.first().and_then(|r| Captured::parse(r)) {
+                    self.record_commit(c);
                 }
             }
             Err(e) => {
@@ -1615,6 +1646,7 @@ impl Session {
                 // read from the primary until a later capture succeeds.
                 tracing::warn!(error = %e, "could not read the commit LSN; this session reads from the primary until the next write");
                 self.last_write_lsn = Lsn(u64::MAX);
+                self.applied = None;
                 att.conn.conn.broken = true;
             }
         }
@@ -1706,7 +1738,7 @@ impl Session {
 }
 
 enum RelayOutcome {
-    Done(u8, bool, Option<Lsn>),
+    Done(u8, bool, Option<Captured>),
     Open,
     RetryOnPrimary(String),
 }
@@ -1736,7 +1768,7 @@ fn unknown_setting(name: &str) -> ErrorFields {
         "42704",
         format!("unrecognized configuration parameter \"tidemark.{name}\""),
     )
-    .with_hint("tidemark settings: consistency, key, min_lsn, report_lsn (SET), commit_lsn (SHOW)")
+    .with_hint("tidemark settings: consistency, key, min_lsn, report_lsn (SET), commit_lsn, last_route (SHOW)")
 }
 
 fn unavailable_error(u: &Unavailable, app: &App) -> ErrorFields {
@@ -1822,7 +1854,7 @@ async fn relay(
     let mut last_heard = Instant::now();
     let mut errored = false;
     let mut unit_ready: Option<(u8, bool)> = None;
-    let mut captured: Option<Lsn> = None;
+    let mut captured: Option<Captured> = None;
     let check = tokio::time::sleep(NODE_CHECK_INTERVAL);
     tokio::pin!(check);
     loop {
@@ -1921,10 +1953,9 @@ async fn relay(
             // The client already has its ReadyForQuery; read the pipelined capture.
             match tag {
                 b'D' => {
-                    captured = be::data_row_first(&frame)
+                    captured = be::data_row_values(&frame)
                         .ok()
-                        .flatten()
-                        .and_then(|v| v.parse::<Lsn>().ok());
+                        .and_then(|r| Captured::parse(&r));
                 }
                 b'Z' => {
                     exp.pop_front();
@@ -2047,7 +2078,37 @@ async fn relay(
 
 /// Reads the commit position on the connection that just committed (see DESIGN.md: the
 /// insert position after the commit is never below the commit's end).
-const CAPTURE_SQL: &str = "SELECT pg_current_wal_insert_lsn()";
+/// The commit position after a write, and the standbys the primary saw at or past it at that
+/// moment (their `application_name`s as a JSON array, so that any name comes through
+/// unambiguously). With `synchronous_commit = remote_apply` a synchronous standby is among
+/// them whenever no other session wrote in between (then the position read is past this
+/// commit and the list may be shorter, never wrong); without the `pg_read_all_stats` privilege the list is empty (the LSN
+/// columns are hidden), and reads wait for replay as usual.
+const CAPTURE_SQL: &str = "SELECT l::text, (SELECT json_agg(a.application_name)::text \
+     FROM pg_stat_get_wal_senders() w, pg_stat_get_activity(w.pid) a WHERE w.replay_lsn >= l) \
+     FROM pg_current_wal_insert_lsn() l";
+
+/// What the commit-position read after a write returned.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Captured {
+    lsn: Lsn,
+    /// `application_name`s of standbys that had replayed up to `lsn`.
+    applied_on: Vec<String>,
+}
+
+impl Captured {
+    /// From a [`CAPTURE_SQL`] row; `None` if the position is missing or malformed. A malformed
+    /// standby list counts as empty (reads then wait for replay as usual).
+    fn parse(row: &[Option<String>]) -> Option<Captured> {
+        let lsn = row.first()?.as_deref()?.parse::<Lsn>().ok()?;
+        let applied_on = row
+            .get(1)
+            .and_then(|v| v.as_deref())
+            .and_then(|list| serde_json::from_str::<Vec<String>>(list).ok())
+            .unwrap_or_default();
+        Some(Captured { lsn, applied_on })
+    }
+}
 
 const NODE_CHECK_INTERVAL: Duration = Duration::from_millis(250);
 
@@ -2138,5 +2199,31 @@ async fn drain_to_ready(
             exp.clear();
             return Ok(());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s(v: &str) -> Option<String> {
+        Some(v.to_string())
+    }
+
+    #[test]
+    fn captured_row_parses_position_and_standbys() {
+        let c = Captured::parse(&[s("0/3000060"), s(r#"["replica_1", "a,b \"q\""]"#)]).unwrap();
+        assert_eq!(c.lsn, "0/3000060".parse::<Lsn>().unwrap());
+        assert_eq!(c.applied_on, vec!["replica_1", "a,b \"q\""]);
+        // No standby at the position (or no privilege to see it): an empty list.
+        let c = Captured::parse(&[s("0/10"), None]).unwrap();
+        assert!(c.applied_on.is_empty());
+        // A malformed list is an empty list, never a guess.
+        let c = Captured::parse(&[s("0/10"), s("[replica_1")]).unwrap();
+        assert!(c.applied_on.is_empty());
+        // The position is required.
+        assert_eq!(Captured::parse(&[None, s("[]")]), None);
+        assert_eq!(Captured::parse(&[s("zz")]), None);
+        assert_eq!(Captured::parse(&[]), None);
     }
 }

@@ -25,6 +25,8 @@ pub fn json(app: &App) -> Value {
                 "lsn": n.replay_lsn.to_string(),
                 "lag_ms": n.lag.as_secs_f64() * 1000.0,
                 "lag_bytes": n.lag_bytes,
+                "sync_state": n.sync_state.as_str(),
+                "synchronous_apply": n.synchronous_apply,
             })
         })
         .collect();

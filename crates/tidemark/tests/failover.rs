@@ -405,3 +405,172 @@ async fn rejoined_old_primary_serves_reads_as_replica() {
         .get(0);
     assert_eq!(n, 2);
 }
+
+/// `SHOW NODES` on the admin console as (node, sync_state, remote_apply) triples.
+async fn sync_columns(console: &tokio_postgres::Client) -> Vec<(String, String, String)> {
+    let msgs = console.simple_query("SHOW NODES").await.unwrap();
+    msgs.iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => Some((
+                r.get("node").unwrap_or_default().to_string(),
+                r.get("sync_state").unwrap_or_default().to_string(),
+                r.get("remote_apply").unwrap_or_default().to_string(),
+            )),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The node and reason of the session's last routing decision (`SHOW tidemark.last_route`).
+async fn last_route(c: &tokio_postgres::Client) -> (String, String) {
+    let msgs = c.simple_query("SHOW tidemark.last_route").await.unwrap();
+    let v = msgs
+        .iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+            _ => None,
+        })
+        .unwrap_or_default();
+    let (node, reason) = v.split_once(' ').unwrap_or((v.as_str(), ""));
+    (node.to_string(), reason.to_string())
+}
+
+/// Issue 8, `synchronous_commit = remote_apply`: tidemark knows replica_1 is a remote_apply
+/// synchronous standby, and a read right after a write runs there with no replay check and
+/// no wait (`applied_at_commit`: the primary reported replica_1 at the commit's position
+/// right after the commit), never stale. Control: the same session with
+/// `synchronous_commit = local` and replica_1's replay paused — tidemark must not trust
+/// the standby's synchronous status for commits that did not wait for it (a proxy that did
+/// would serve every read below stale).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remote_apply_standby_serves_reads_of_a_write_without_waiting() {
+    let cluster = start_cluster(ClusterConfig {
+        replicas: vec![
+            ReplicaConfig {
+                synchronous: true,
+                ..Default::default()
+            },
+            // An asynchronous replica that is certainly stale right after a write.
+            ReplicaConfig {
+                apply_delay: Some(Duration::from_millis(300)),
+                ..Default::default()
+            },
+        ],
+        synchronous_commit: Some("remote_apply".into()),
+        ..Default::default()
+    })
+    .await;
+    let proxy = proxy_for(&cluster, |cfg| {
+        // Samples this sparse never show a write made just before the read: any read that
+        // reaches a replica without a check does so through the per-commit report.
+        cfg.monitor.interval = Duration::from_millis(700);
+        cfg.monitor.timeout = Duration::from_secs(3);
+        cfg.routing.max_wait = Duration::from_millis(30);
+    })
+    .await;
+    let p = proxy.addr;
+    let console = connect(&format!(
+        "host={} port={} user=postgres dbname=tidemark",
+        p.ip(),
+        p.port()
+    ))
+    .await;
+    // tidemark knows which replica is a remote_apply synchronous standby.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let cols = sync_columns(&console).await;
+        let want = vec![
+            ("primary".to_string(), "-".to_string(), "no".to_string()),
+            (
+                "replica_1".to_string(),
+                "sync".to_string(),
+                "yes".to_string(),
+            ),
+            (
+                "replica_2".to_string(),
+                "async".to_string(),
+                "no".to_string(),
+            ),
+        ];
+        if cols == want {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "SHOW NODES never showed {want:?}: {cols:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let c = connect(&proxy_dsn_of(&proxy, "postgres")).await;
+    c.batch_execute("CREATE TABLE ra (id int PRIMARY KEY, v int); INSERT INTO ra VALUES (1, 0)")
+        .await
+        .unwrap();
+    let update = c
+        .prepare("UPDATE ra SET v = $1 WHERE id = 1")
+        .await
+        .unwrap();
+    let read = c
+        .prepare("SELECT v, pg_is_in_recovery() FROM ra WHERE id = 1")
+        .await
+        .unwrap();
+    let n = 300;
+    let (mut stale, mut applied, mut sampled) = (0, 0, 0);
+    let mut slowest = Duration::ZERO;
+    for i in 1..=n {
+        c.execute(&update, &[&i]).await.unwrap();
+        let t = Instant::now();
+        let row = c.query_one(&read, &[]).await.unwrap();
+        slowest = slowest.max(t.elapsed());
+        let (v, on_replica): (i32, bool) = (row.get(0), row.get(1));
+        if v != i {
+            stale += 1;
+        }
+        assert!(on_replica, "read {i} ran on the primary");
+        let (node, reason) = last_route(&c).await;
+        assert_eq!(node, "replica_1", "read {i} went to {node} ({reason})");
+        match reason.as_str() {
+            "applied_at_commit" => applied += 1,
+            "eligible" => sampled += 1,
+            other => panic!("read {i}: reason {other}: the read waited or checked"),
+        }
+    }
+    println!(
+        "remote_apply: {n} reads after writes: {stale} stale, {applied} applied_at_commit, \
+         {sampled} eligible by the monitor's sample, slowest read {slowest:?}"
+    );
+    assert_eq!(stale, 0);
+    assert!(
+        applied >= n * 9 / 10,
+        "only {applied} of {n} reads used the per-commit report"
+    );
+
+    // Control: commits that do not wait for the standby are not trusted on it.
+    c.batch_execute("SET synchronous_commit = local")
+        .await
+        .unwrap();
+    cluster.pause_replay(1).unwrap();
+    let (mut stale, mut on_r1) = (0, 0);
+    for i in (n + 1)..=(n + 100) {
+        c.execute(&update, &[&i]).await.unwrap();
+        let row = c.query_one(&read, &[]).await.unwrap();
+        let v: i32 = row.get(0);
+        if v != i {
+            stale += 1;
+        }
+        let (node, reason) = last_route(&c).await;
+        assert_ne!(
+            reason, "applied_at_commit",
+            "read {i} trusted a commit that did not wait"
+        );
+        if node == "replica_1" {
+            on_r1 += 1;
+        }
+    }
+    cluster.resume_replay(1).unwrap();
+    println!(
+        "synchronous_commit = local, replica_1 paused: {stale} stale of 100, {on_r1} on replica_1"
+    );
+    assert_eq!(stale, 0);
+    assert_eq!(on_r1, 0);
+}
