@@ -46,6 +46,33 @@ pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s.trim()).map_err(|e| format!("{e} (write e.g. 200ms, 2s, 1m)"))
 }
 
+/// The whole text of a tokio-postgres error, on one line. Its `Display` alone says only
+/// "db error" for a server error; this gives severity, SQLSTATE, message, detail, hint and
+/// context, and for other errors the chain of causes (e.g. the I/O error behind "error
+/// communicating with the server").
+pub(crate) fn pg_error(e: &tokio_postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        let mut s = format!("{} {}: {}", db.severity(), db.code().code(), db.message());
+        if let Some(d) = db.detail() {
+            s.push_str(&format!("; DETAIL: {d}"));
+        }
+        if let Some(h) = db.hint() {
+            s.push_str(&format!("; HINT: {h}"));
+        }
+        if let Some(w) = db.where_() {
+            s.push_str(&format!("; CONTEXT: {w}"));
+        }
+        return s.replace('\n', " ");
+    }
+    let mut s = e.to_string();
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        s.push_str(&format!(": {c}"));
+        cause = c.source();
+    }
+    s
+}
+
 /// A path inside the workspace this binary was built from (falls back to the current
 /// directory when the sources are not there).
 pub(crate) fn workspace_path(rel: &str) -> PathBuf {

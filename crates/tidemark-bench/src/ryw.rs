@@ -17,11 +17,12 @@ use clap::Args;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use serde::Serialize;
 use tidemark_cluster::{Cluster, ClusterConfig};
+use tokio_postgres::types::Type;
 use tokio_postgres::{Client, NoTls, Statement};
 
 use crate::procs::{self, ProcGuard, TidemarkOpts};
 use crate::report::{self, f1, f2, percentile, ChartPanel, Table};
-use crate::{parse_duration, workspace_path};
+use crate::{parse_duration, pg_error, workspace_path};
 
 #[derive(Args, Debug)]
 pub struct RywArgs {
@@ -70,6 +71,10 @@ pub struct RywArgs {
     /// Don't run `cargo build -p tidemark` before starting.
     #[arg(long)]
     pub no_build: bool,
+    /// Send every statement unnamed (one Parse/Bind/Execute per statement) instead of as a named
+    /// prepared statement. Pgpool-II modes always run unnamed (see `Statements::for_mode`).
+    #[arg(long)]
+    pub unnamed: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -134,6 +139,8 @@ const FEED_ROWS: i32 = 1000;
 pub struct CellResult {
     pub profile: String,
     pub mode: String,
+    /// `prepared` (named statements) or `unnamed`.
+    pub statements: &'static str,
     pub seconds: f64,
     pub users: usize,
     pub writes: u64,
@@ -156,18 +163,86 @@ pub struct CellResult {
     pub first_error: Option<String>,
 }
 
-struct Pg {
-    client: Client,
-    upd: Statement,
-    sel: Statement,
+const UPDATE_SQL: &str = "UPDATE ryw SET version = version + 1 WHERE id = $1 RETURNING version";
+const SELECT_SQL: &str = "SELECT version, pg_is_in_recovery(), \
+                          (SELECT version FROM ryw WHERE id = $2) FROM ryw WHERE id = $1";
+
+/// How a connection sends the workload's two statements.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Statements {
+    /// Named prepared statements (Parse once, then Bind/Execute): what most drivers do.
+    Prepared,
+    /// An unnamed statement per execution (Parse/Bind/Describe/Execute/Sync in one round trip,
+    /// tokio-postgres' `query_typed`).
+    Unnamed,
 }
 
-async fn connect(port: u16, key: Option<i32>) -> Result<Pg> {
+impl Statements {
+    /// The form `mode` runs with. Every Pgpool-II mode runs unnamed: Pgpool (4.3) routes a
+    /// *named* statement by where its Parse went and, outside an explicit transaction, `Bind()`
+    /// keeps that destination, so `disable_load_balance_on_write` does not act per statement
+    /// (a SELECT prepared before any write keeps reading a replica under `always`). With
+    /// `dml_adaptive` it is worse: the Parse of every named statement goes to both the primary
+    /// and the session's load-balance node (`pool_setall_node_to_be_sent` in `Parse()`), the
+    /// UPDATE then executes on the standby too, fails there ("cannot execute UPDATE in a
+    /// read-only transaction") and Pgpool ends the session with FATAL "kind mismatch among
+    /// backends". Unnamed statements are routed per statement, as Pgpool documents.
+    fn for_mode(mode: Mode, unnamed: bool) -> Statements {
+        if unnamed || matches!(mode, Mode::Pgpool(_)) {
+            Statements::Unnamed
+        } else {
+            Statements::Prepared
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Statements::Prepared => "prepared",
+            Statements::Unnamed => "unnamed",
+        }
+    }
+}
+
+struct Pg {
+    client: Client,
+    /// The prepared UPDATE and SELECT; `None` with unnamed statements.
+    prepared: Option<(Statement, Statement)>,
+}
+
+impl Pg {
+    /// Bumps the version of row `id`; returns the new version.
+    async fn write(&self, id: i32) -> Result<i64, tokio_postgres::Error> {
+        let row = match &self.prepared {
+            Some((upd, _)) => self.client.query_one(upd, &[&id]).await?,
+            None => {
+                self.client
+                    .query_typed_one(UPDATE_SQL, &[(&id, Type::INT4)])
+                    .await?
+            }
+        };
+        Ok(row.get(0))
+    }
+
+    /// The version of row `id` and whether the server is a replica (row `other` is read too).
+    async fn read(&self, id: i32, other: i32) -> Result<(i64, bool), tokio_postgres::Error> {
+        let row = match &self.prepared {
+            Some((_, sel)) => self.client.query_one(sel, &[&id, &other]).await?,
+            None => {
+                self.client
+                    .query_typed_one(SELECT_SQL, &[(&id, Type::INT4), (&other, Type::INT4)])
+                    .await?
+            }
+        };
+        Ok((row.get(0), row.get(1)))
+    }
+}
+
+async fn connect(port: u16, key: Option<i32>, statements: Statements) -> Result<Pg> {
     let conninfo =
         format!("host=127.0.0.1 port={port} user=postgres dbname=postgres connect_timeout=10");
     let (client, conn) = tokio_postgres::connect(&conninfo, NoTls)
         .await
-        .with_context(|| format!("connecting to port {port}"))?;
+        .map_err(|e| anyhow::anyhow!("connecting to port {port}: {}", pg_error(&e)))?;
     tokio::spawn(async move {
         let _ = conn.await;
     });
@@ -175,20 +250,23 @@ async fn connect(port: u16, key: Option<i32>) -> Result<Pg> {
         client
             .simple_query(&format!("SET tidemark.key = 'user:{id}'"))
             .await
-            .context("SET tidemark.key")?;
+            .map_err(|e| anyhow::anyhow!("SET tidemark.key: {}", pg_error(&e)))?;
     }
-    let upd = client
-        .prepare("UPDATE ryw SET version = version + 1 WHERE id = $1 RETURNING version")
-        .await
-        .context("preparing the UPDATE")?;
-    let sel = client
-        .prepare(
-            "SELECT version, pg_is_in_recovery(), (SELECT version FROM ryw WHERE id = $2) \
-             FROM ryw WHERE id = $1",
-        )
-        .await
-        .context("preparing the SELECT")?;
-    Ok(Pg { client, upd, sel })
+    let prepared = match statements {
+        Statements::Unnamed => None,
+        Statements::Prepared => {
+            let upd = client
+                .prepare(UPDATE_SQL)
+                .await
+                .map_err(|e| anyhow::anyhow!("preparing the UPDATE: {}", pg_error(&e)))?;
+            let sel = client
+                .prepare(SELECT_SQL)
+                .await
+                .map_err(|e| anyhow::anyhow!("preparing the SELECT: {}", pg_error(&e)))?;
+            Some((upd, sel))
+        }
+    };
+    Ok(Pg { client, prepared })
 }
 
 #[derive(Default)]
@@ -245,10 +323,10 @@ async fn user_loop(
             st.error("connection closed");
             break;
         }
-        let written: i64 = match writer.client.query_one(&writer.upd, &[&u.id]).await {
-            Ok(r) => r.get(0),
+        let written = match writer.write(u.id).await {
+            Ok(v) => v,
             Err(e) => {
-                st.error(format!("write: {e}"));
+                st.error(format!("write: {}", pg_error(&e)));
                 tokio::time::sleep(Duration::from_millis(10)).await;
                 continue;
             }
@@ -277,13 +355,11 @@ async fn user_loop(
                 }
             };
             let t = Instant::now();
-            match conn.client.query_one(&conn.sel, &[&u.id, &other]).await {
-                Ok(row) => {
+            match conn.read(u.id, other).await {
+                Ok((version, in_recovery)) => {
                     st.lat_us
                         .push(t.elapsed().as_micros().min(u32::MAX as u128) as u32);
                     st.reads += 1;
-                    let version: i64 = row.get(0);
-                    let in_recovery: bool = row.get(1);
                     if in_recovery {
                         st.replica_reads += 1;
                     }
@@ -294,7 +370,7 @@ async fn user_loop(
                         st.stale_read_backs += stale as u64;
                     }
                 }
-                Err(e) => st.error(format!("read: {e}")),
+                Err(e) => st.error(format!("read: {}", pg_error(&e))),
             }
         }
     }
@@ -343,6 +419,7 @@ async fn run_cell(
         proxy = Some(procs::start_pgpool(&bin, c, d.path(), owner, which).await?);
         _pgpool_dir = Some(d);
     }
+    let statements = Statements::for_mode(mode, args.unnamed);
     let mut users = Vec::with_capacity(args.users);
     for i in 0..args.users {
         let id = i as i32 + 1;
@@ -355,17 +432,17 @@ async fn run_cell(
         match mode {
             Mode::Tidemark => {
                 let port = proxy.as_ref().map(|p| p.1).context("no proxy port")?;
-                u.proxy = Some(connect(port, Some(id)).await?);
+                u.proxy = Some(connect(port, Some(id), statements).await?);
             }
             Mode::Pgpool(_) => {
                 let port = proxy.as_ref().map(|p| p.1).context("no proxy port")?;
-                u.proxy = Some(connect(port, None).await?);
+                u.proxy = Some(connect(port, None, statements).await?);
             }
-            Mode::Primary => u.primary = Some(connect(c.port(0), None).await?),
+            Mode::Primary => u.primary = Some(connect(c.port(0), None, statements).await?),
             Mode::Naive | Mode::Pin(_) => {
-                u.primary = Some(connect(c.port(0), None).await?);
+                u.primary = Some(connect(c.port(0), None, statements).await?);
                 for r in 1..c.node_count() {
-                    u.replicas.push(connect(c.port(r), None).await?);
+                    u.replicas.push(connect(c.port(r), None, statements).await?);
                 }
             }
         }
@@ -442,6 +519,7 @@ async fn run_cell(
     Ok(CellResult {
         profile: profile_name(profile),
         mode: mode_name.to_string(),
+        statements: statements.name(),
         seconds: secs,
         users: args.users,
         writes: all.writes,
@@ -649,8 +727,21 @@ fn report_results(
         &serde_json::to_string_pretty(results).context("encoding JSON")?,
     )?;
     let cmd: Vec<String> = std::env::args().skip(1).collect();
+    let unnamed: Vec<&str> = modes
+        .iter()
+        .filter(|m| Statements::for_mode(m.0, args.unnamed) == Statements::Unnamed)
+        .map(|m| m.1.as_str())
+        .collect();
+    let statements = match unnamed.len() {
+        0 => "named prepared statements".to_string(),
+        n if n == modes.len() => "unnamed statements".to_string(),
+        _ => format!(
+            "named prepared statements (unnamed in {})",
+            unnamed.join(", ")
+        ),
+    };
     let md = format!(
-        "Command: `tidemark-bench {}` — {} users, {} feed reads per write, think time {}, {} per cell.\n\n{}",
+        "Command: `tidemark-bench {}` — {} users, {} feed reads per write, think time {}, {} per cell, {statements}.\n\n{}",
         cmd.join(" "),
         args.users,
         args.feed_reads,
@@ -729,5 +820,17 @@ mod tests {
             "lag 10ms"
         );
         assert_eq!(profile_name(Profile::Delay(Duration::ZERO)), "lag 0");
+    }
+
+    #[test]
+    fn pgpool_modes_run_unnamed() {
+        for m in ["pgpool-dml_adaptive", "pgpool-transaction", "pgpool-always"] {
+            let m = parse_mode(m).unwrap();
+            assert_eq!(Statements::for_mode(m, false), Statements::Unnamed);
+        }
+        for m in [Mode::Tidemark, parse_mode("naive").unwrap()] {
+            assert_eq!(Statements::for_mode(m, false), Statements::Prepared);
+            assert_eq!(Statements::for_mode(m, true), Statements::Unnamed);
+        }
     }
 }
