@@ -137,6 +137,19 @@ pub struct RoutingConfig {
     pub classify_cache: usize,
     pub write_functions: Vec<String>,
     pub read_only_functions: Vec<String>,
+    /// How reads are spread over eligible replicas: `session` (default: each client
+    /// connection keeps to one replica while it is eligible — warm server connections and
+    /// caches, and reads within a session never step back in time from one replica to a more
+    /// lagging one) or `statement` (round robin per routing decision).
+    pub balance: Balance,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Balance {
+    #[default]
+    Session,
+    Statement,
 }
 
 impl Default for RoutingConfig {
@@ -150,6 +163,7 @@ impl Default for RoutingConfig {
             classify_cache: 10_000,
             write_functions: vec![],
             read_only_functions: vec![],
+            balance: Balance::Session,
         }
     }
 }

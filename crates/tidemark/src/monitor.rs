@@ -15,16 +15,21 @@ use tokio_postgres::NoTls;
 
 use crate::app::App;
 
-/// Role, position, system id; and, as the node sees its own standbys (a primary lists its
-/// replicas; needs `pg_read_all_stats`/`pg_monitor` to see `sync_state`), its
-/// `synchronous_commit` default and each walsender's standby name and sync state.
+/// Role and position, every `monitor.interval`.
 const POLL_SQL: &str = "SELECT pg_is_in_recovery(), \
-     (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_insert_lsn() END)::text, \
-     (SELECT system_identifier::text FROM pg_control_system()), \
-     current_setting('synchronous_commit'), s.names, s.states \
+     (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_insert_lsn() END)::text";
+
+/// On a primary, less often (see [`SYNC_EVERY`]): its `synchronous_commit` default and each
+/// walsender's standby name and sync state (`sync_state` needs `pg_monitor` or
+/// `pg_read_all_stats`; without it the states are NULL and nodes show `-`).
+const SYNC_SQL: &str = "SELECT current_setting('synchronous_commit'), s.names, s.states \
      FROM (SELECT array_agg(a.application_name ORDER BY w.pid) AS names, \
                   array_agg(w.sync_state ORDER BY w.pid) AS states \
            FROM pg_stat_get_wal_senders() w, pg_stat_get_activity(w.pid) a) s";
+
+/// How often the synchronous-standby state is read: it is for display (routing measures what
+/// each commit reached), so every 100 ms is plenty and keeps the frequent poll trivial.
+const SYNC_EVERY: Duration = Duration::from_millis(100);
 
 #[derive(Clone, Debug)]
 struct Sample {
@@ -116,16 +121,37 @@ impl Monitor {
                     continue;
                 }
             };
-            let stmt = match client.prepare(POLL_SQL).await {
-                Ok(s) => s,
-                Err(e) => {
-                    self.failed(i, &e.to_string());
-                    self.backoff(i).await;
-                    continue;
-                }
+            // The system identifier cannot change while this connection lives (it reads the
+            // control file, so it is not part of every poll).
+            let sys = async {
+                let row = client
+                    .query_one(
+                        "SELECT system_identifier::text FROM pg_control_system()",
+                        &[],
+                    )
+                    .await?;
+                let stmt = client.prepare(POLL_SQL).await?;
+                let sync = client.prepare(SYNC_SQL).await?;
+                Ok::<_, tokio_postgres::Error>((row.get::<_, Option<String>>(0), stmt, sync))
             };
+            let (system_id, stmt, sync_stmt) =
+                match tokio::time::timeout(cfg.monitor.timeout, sys).await {
+                    Ok(Ok((id, s, y))) => (id.unwrap_or_default(), s, y),
+                    Ok(Err(e)) => {
+                        self.failed(i, &e.to_string());
+                        self.backoff(i).await;
+                        continue;
+                    }
+                    Err(_) => {
+                        self.failed(i, "first poll timed out");
+                        self.backoff(i).await;
+                        continue;
+                    }
+                };
             let mut ticker = tokio::time::interval(cfg.monitor.interval);
             ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut sync_read: Option<Instant> = None;
+            let (mut remote_apply, mut standbys) = (false, Vec::new());
             loop {
                 ticker.tick().await;
                 let timeout = self.app.config.load().monitor.timeout;
@@ -143,16 +169,35 @@ impl Monitor {
                 };
                 let in_recovery: bool = row.get(0);
                 let lsn: Option<String> = row.get(1);
-                let system_id: Option<String> = row.get(2);
-                let sync_commit: Option<String> = row.get(3);
-                let names: Option<Vec<Option<String>>> = row.get(4);
-                let states: Option<Vec<Option<String>>> = row.get(5);
-                let standbys = names
-                    .unwrap_or_default()
-                    .into_iter()
-                    .zip(states.unwrap_or_default())
-                    .filter_map(|(n, s)| Some((n?, s?)))
-                    .collect();
+                if in_recovery {
+                    (remote_apply, standbys) = (false, Vec::new());
+                    sync_read = None;
+                } else if sync_read.is_none_or(|t| t.elapsed() >= SYNC_EVERY) {
+                    let r = tokio::time::timeout(timeout, client.query_one(&sync_stmt, &[])).await;
+                    match r {
+                        Ok(Ok(row)) => {
+                            let sync_commit: Option<String> = row.get(0);
+                            let names: Option<Vec<Option<String>>> = row.get(1);
+                            let states: Option<Vec<Option<String>>> = row.get(2);
+                            remote_apply = sync_commit.as_deref() == Some("remote_apply");
+                            standbys = names
+                                .unwrap_or_default()
+                                .into_iter()
+                                .zip(states.unwrap_or_default())
+                                .filter_map(|(n, s)| Some((n?, s?)))
+                                .collect();
+                            sync_read = Some(Instant::now());
+                        }
+                        Ok(Err(e)) => {
+                            self.failed(i, &e.to_string());
+                            break;
+                        }
+                        Err(_) => {
+                            self.failed(i, "poll timed out");
+                            break;
+                        }
+                    }
+                }
                 let lsn = lsn.and_then(|s| s.parse::<Lsn>().ok()).unwrap_or(Lsn::ZERO);
                 let role = if in_recovery {
                     Role::Replica
@@ -170,9 +215,9 @@ impl Monitor {
                         ok: true,
                         role,
                         lsn,
-                        system_id: system_id.unwrap_or_default(),
-                        remote_apply: sync_commit.as_deref() == Some("remote_apply"),
-                        standbys,
+                        system_id: system_id.clone(),
+                        remote_apply,
+                        standbys: standbys.clone(),
                         at: Instant::now(),
                     },
                 );

@@ -25,7 +25,7 @@ use tidemark_wire::{Frame, StartupParams};
 
 use crate::app::{App, CancelTarget, ClientInfo};
 use crate::client::{ClientError, ClientIo};
-use crate::config::PoolMode;
+use crate::config::{Balance, PoolMode};
 use crate::pool::{Checked, PoolError};
 use crate::server::ServerError;
 
@@ -141,6 +141,9 @@ pub struct Session {
     applied: Option<(Applied, NodeId)>,
     /// Where the last routing decision sent a unit, and why (`SHOW tidemark.last_route`).
     last_route: Option<(NodeId, Reason)>,
+    /// This session's spreading seed: sessions are spread over eligible replicas round-robin,
+    /// and one session's reads stay on one replica while it stays eligible (see `decide`).
+    balance: u64,
     statements: HashMap<String, Arc<Stmt>>,
     unnamed: Option<Arc<Stmt>>,
     attached: Option<Attached>,
@@ -267,6 +270,7 @@ impl Session {
             consistency: consistency.to_string(),
         }));
         let (pid, secret) = app.register_client(cancel_slot.clone(), info.clone());
+        let balance = app.balance.fetch_add(1, Ordering::Relaxed);
         let mut s = Session {
             app,
             io,
@@ -286,6 +290,7 @@ impl Session {
             last_write_lsn: Lsn::ZERO,
             applied: None,
             last_route: None,
+            balance,
             statements: HashMap::new(),
             unnamed: None,
             attached: None,
@@ -343,7 +348,7 @@ impl Session {
             consistency: Consistency::Eventual,
             required_lsn: Lsn::ZERO,
             hint: TargetHint::Any,
-            balance: self.app.balance.fetch_add(1, Ordering::Relaxed),
+            balance: self.balance,
             applied: None,
         };
         let view = self.app.view.load_full();
@@ -1109,7 +1114,10 @@ impl Session {
             consistency,
             required_lsn: required,
             hint,
-            balance: self.app.balance.fetch_add(1, Ordering::Relaxed),
+            balance: match self.app.config.load().routing.balance {
+                Balance::Session => self.balance,
+                Balance::Statement => self.app.balance.fetch_add(1, Ordering::Relaxed),
+            },
             applied,
         };
         match route(&req, &view) {

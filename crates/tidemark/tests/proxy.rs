@@ -570,3 +570,36 @@ async fn psql_works_through_tidemark() {
         .get(0);
     assert_eq!(n, 5);
 }
+
+/// `routing.balance`: by default a session keeps to one replica while it is eligible and
+/// sessions are spread round robin; with `statement` one session's reads alternate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_keep_to_one_replica_per_session_unless_balance_is_statement() {
+    let env = start(&[None, None], |_| {}).await;
+    async fn ports(c: &tokio_postgres::Client) -> std::collections::BTreeSet<i32> {
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..10 {
+            let r = c.query_one("SELECT inet_server_port()", &[]).await.unwrap();
+            seen.insert(r.get::<_, i32>(0));
+        }
+        seen
+    }
+    let replicas: std::collections::BTreeSet<i32> =
+        [env.cluster.port(1) as i32, env.cluster.port(2) as i32].into();
+    let mut all = std::collections::BTreeSet::new();
+    for _ in 0..4 {
+        let c = env.client().await;
+        let seen = ports(&c).await;
+        assert_eq!(seen.len(), 1, "one session's reads went to {seen:?}");
+        all.extend(seen);
+    }
+    assert_eq!(all, replicas, "sessions were not spread over both replicas");
+
+    let rr = proxy_rr(&env.cluster, |_| {}).await;
+    let c = connect(&proxy_dsn_of(&rr, "postgres")).await;
+    assert_eq!(
+        ports(&c).await,
+        replicas,
+        "balance = statement alternates replicas"
+    );
+}

@@ -53,7 +53,7 @@ async fn rounds(c: &tokio_postgres::Client, table: &str, n: i32, extended: bool)
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn session_reads_its_writes_and_mostly_uses_replicas() {
-    let env = start(&[None, Some(Duration::from_millis(200))], |_| {}).await;
+    let env = start_rr(&[None, Some(Duration::from_millis(200))], |_| {}).await;
     let c = env.client().await;
     c.batch_execute("CREATE TABLE ryw_s (id int PRIMARY KEY, v text); CREATE TABLE ryw_e (id int PRIMARY KEY, v text)")
         .await
@@ -81,7 +81,7 @@ async fn session_reads_its_writes_and_mostly_uses_replicas() {
 /// otherwise the test above could not fail.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_tracking_the_same_workload_is_stale() {
-    let env = start(&[None, Some(Duration::from_millis(200))], |c| {
+    let env = start_rr(&[None, Some(Duration::from_millis(200))], |c| {
         c.routing.track_writes = false;
     })
     .await;

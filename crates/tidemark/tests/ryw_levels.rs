@@ -143,7 +143,7 @@ fn lsn(s: &str) -> u64 {
 
 async fn env_with(cfg: ClusterConfig, tweak: impl FnOnce(&mut tidemark::config::Config)) -> Env {
     let cluster = start_cluster(cfg).await;
-    let proxy = proxy_for(&cluster, tweak).await;
+    let proxy = proxy_rr(&cluster, tweak).await;
     Env { proxy, cluster }
 }
 
@@ -322,7 +322,7 @@ fn data_rows(msgs: &[Msg]) -> Vec<Vec<Option<String>>> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn paused_replicas_fall_back_to_the_primary_then_return() {
     let max_wait = Duration::from_millis(20);
-    let env = start(&[None, None], |c| {
+    let env = start_rr(&[None, None], |c| {
         c.routing.max_wait = max_wait;
         // Keep the lag gate out of this test: reads must fall back because of the LSN
         // wait, not because the paused replicas left rotation.
@@ -375,7 +375,7 @@ async fn paused_replicas_fall_back_to_the_primary_then_return() {
 
     // Control: the same rows read through a proxy that does not track writes come from
     // the paused replicas, without them.
-    let off = proxy_for(&env.cluster, |c| c.routing.track_writes = false).await;
+    let off = proxy_rr(&env.cluster, |c| c.routing.track_writes = false).await;
     let oc = connect(&proxy_dsn_of(&off, "postgres")).await;
     let mut ctl = Tally::default();
     for i in n..n + 50 {
@@ -415,7 +415,7 @@ async fn paused_replicas_fall_back_to_the_primary_then_return() {
 /// reads a replica — and, as the control, sees stale rows.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn key_carries_a_write_to_another_connection() {
-    let env = start(&[None, Some(DELAY)], |_| {}).await;
+    let env = start_rr(&[None, Some(DELAY)], |_| {}).await;
     let a = env.client().await;
     exec(&a, "CREATE TABLE keyed (id bigint PRIMARY KEY, v text)").await;
     exec(&a, "SET tidemark.key = 'user:42'").await;
@@ -477,7 +477,7 @@ async fn key_carries_a_write_to_another_connection() {
 /// delivered as a ParameterStatus (`tidemark.report_lsn = on`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_carries_a_write_to_another_connection() {
-    let env = start(&[None, Some(DELAY)], |_| {}).await;
+    let env = start_rr(&[None, Some(DELAY)], |_| {}).await;
     let a = env.client().await;
     exec(&a, "CREATE TABLE tokens (id bigint PRIMARY KEY, v text)").await;
     blocking(|| wait_all_replayed(&env));
@@ -634,7 +634,7 @@ async fn pipelined_rounds(c: &Client, table: &str, from: i64, batches: i64, size
 /// Control: the pipelined workload through a proxy without tracking is stale.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn extended_protocol_and_pipelining_read_their_writes() {
-    let env = start(&[None, Some(DELAY)], |_| {}).await;
+    let env = start_rr(&[None, Some(DELAY)], |_| {}).await;
     let c = env.client().await;
     exec(&c, "CREATE TABLE ext (id bigint PRIMARY KEY, v text)").await;
     blocking(|| wait_all_replayed(&env));
@@ -693,7 +693,7 @@ async fn extended_protocol_and_pipelining_read_their_writes() {
     assert_eq!(unit.on_replica, 0, "a unit that writes runs on the primary");
 
     // Control: the same pipelined batches without tracking.
-    let off = proxy_for(&env.cluster, |c| c.routing.track_writes = false).await;
+    let off = proxy_rr(&env.cluster, |c| c.routing.track_writes = false).await;
     let oc = connect(&proxy_dsn_of(&off, "postgres")).await;
     let ctl = pipelined_rounds(&oc, "ext", 30_000, 20, 5).await;
     ctl.show("control, tracking off, pipelined batches");
@@ -713,7 +713,7 @@ async fn extended_protocol_and_pipelining_read_their_writes() {
 /// under `eventual` right after a write is stale.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transactions_and_consistency_levels() {
-    let env = start(&[None, Some(DELAY)], |_| {}).await;
+    let env = start_rr(&[None, Some(DELAY)], |_| {}).await;
     let c = env.client().await;
     exec(&c, "CREATE TABLE txs (id bigint PRIMARY KEY, v text)").await;
     blocking(|| wait_all_replayed(&env));
@@ -884,7 +884,7 @@ async fn wait_rotation(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lag_gate_takes_a_lagging_replica_out_and_back() {
     let max_lag = Duration::from_millis(300);
-    let env = start(&[None, None], |c| {
+    let env = start_rr(&[None, None], |c| {
         c.monitor.max_lag = max_lag;
         c.monitor.return_below = Duration::from_millis(100);
         c.monitor.samples = 3;
@@ -976,7 +976,7 @@ async fn lag_gate_takes_a_lagging_replica_out_and_back() {
 
     // Hovering at the threshold: apply delay = max_lag keeps the lag around 300 ms.
     // The control proxy watches the same replica with a gate without hysteresis.
-    let flappy = proxy_for(&env.cluster, |c| {
+    let flappy = proxy_rr(&env.cluster, |c| {
         c.monitor.max_lag = max_lag;
         c.monitor.return_below = max_lag;
         c.monitor.samples = 1;
@@ -1028,7 +1028,7 @@ async fn lag_gate_takes_a_lagging_replica_out_and_back() {
 /// `now() - pg_last_xact_replay_timestamp()`, grows over the same idle period.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_primary_reports_no_lag() {
-    let env = start(&[None, None], |_| {}).await;
+    let env = start_rr(&[None, None], |_| {}).await;
     let c = env.client().await;
     exec(&c, "CREATE TABLE idle (id int PRIMARY KEY)").await;
     exec(&c, "INSERT INTO idle VALUES (1)").await;
@@ -1128,7 +1128,7 @@ async fn synchronous_commit_off_still_reads_its_writes() {
     tok.show("synchronous_commit = off, token");
     assert_eq!(tok.stale, 0);
 
-    let off = proxy_for(&env.cluster, |c| c.routing.track_writes = false).await;
+    let off = proxy_rr(&env.cluster, |c| c.routing.track_writes = false).await;
     let oc = connect(&proxy_dsn_of(&off, "postgres")).await;
     let mut ctl = Tally::default();
     for i in 10_000..10_100 {

@@ -58,6 +58,25 @@ pub async fn start(delays: &[Option<Duration>], tweak: impl FnOnce(&mut Config))
     Env { proxy, cluster }
 }
 
+/// `proxy_for` with reads spread per statement (`routing.balance = "statement"`): the
+/// stale-read controls rely on consecutive reads of one session alternating replicas.
+pub async fn proxy_rr(cluster: &Cluster, tweak: impl FnOnce(&mut Config)) -> Proxy {
+    proxy_for(cluster, |c| {
+        c.routing.balance = tidemark::config::Balance::Statement;
+        tweak(c)
+    })
+    .await
+}
+
+/// `start` with reads spread per statement (see [`proxy_rr`]).
+pub async fn start_rr(delays: &[Option<Duration>], tweak: impl FnOnce(&mut Config)) -> Env {
+    start(delays, |c| {
+        c.routing.balance = tidemark::config::Balance::Statement;
+        tweak(c)
+    })
+    .await
+}
+
 pub async fn connect(dsn: &str) -> Client {
     let (client, conn) = tokio_postgres::connect(dsn, NoTls)
         .await
