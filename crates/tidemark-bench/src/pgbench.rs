@@ -26,7 +26,7 @@ pub struct PgbenchArgs {
     #[arg(long, default_value_t = 3)]
     pub reps: usize,
     /// Client counts for `pgbench -S`.
-    #[arg(long, value_delimiter = ',', default_value = "1,8")]
+    #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
     pub clients: Vec<u32>,
     /// Clients for the TPC-B-like default script (0 to skip it).
     #[arg(long, default_value_t = 8)]

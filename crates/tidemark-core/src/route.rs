@@ -380,6 +380,7 @@ mod tests {
             lag_bytes: 0,
             lag: Duration::ZERO,
             sync_state: crate::view::SyncState::Unknown,
+            walsender_pid: None,
             synchronous_apply: false,
         }
     }
@@ -804,6 +805,7 @@ mod tests {
                     lag_bytes: 0,
                     lag: Duration::from_millis(lag_ms),
                     sync_state: crate::view::SyncState::Unknown,
+                    walsender_pid: None,
                     synchronous_apply: sync,
                 })
                 .collect();

@@ -47,6 +47,9 @@ pub struct NodeStatus {
     pub lag: Duration,
     /// How the primary's `pg_stat_replication` lists this replica (`sync_state`); display only.
     pub sync_state: SyncState,
+    /// Pid of the primary's walsender streaming to this replica, as last seen by the monitor
+    /// (how a per-commit report of walsender positions is mapped to nodes).
+    pub walsender_pid: Option<i32>,
     /// The primary lists this replica as a `sync` standby and its `synchronous_commit` default
     /// is `remote_apply`: writes committed under that setting are visible here when the commit
     /// returns. Shown to operators; routing does not trust it (the setting can differ per
@@ -136,6 +139,7 @@ impl NodeStatus {
             lag_bytes: 0,
             lag: Duration::ZERO,
             sync_state: SyncState::Unknown,
+            walsender_pid: None,
             synchronous_apply: false,
         }
     }
@@ -169,6 +173,21 @@ pub struct ClusterView {
 }
 
 impl ClusterView {
+    /// The replica whose walsender on the primary has this pid.
+    pub fn node_by_walsender(&self, pid: i32) -> Option<NodeId> {
+        self.nodes
+            .iter()
+            .find(|n| n.walsender_pid == Some(pid))
+            .map(|n| n.id)
+    }
+
+    /// Some replica is a synchronous (or quorum) standby: per-commit reports are worth asking.
+    pub fn has_synchronous_standby(&self) -> bool {
+        self.nodes
+            .iter()
+            .any(|n| matches!(n.sync_state, SyncState::Sync | SyncState::Quorum))
+    }
+
     /// The node with this id (looked up by `id`, not by position).
     pub fn node(&self, id: NodeId) -> Option<&NodeStatus> {
         match self.nodes.get(id) {

@@ -177,15 +177,6 @@ impl App {
             .unwrap_or_else(|| format!("node{node}"))
     }
 
-    /// The node a standby `application_name` (as `pg_stat_replication` shows it) belongs to.
-    pub fn node_by_standby_name(&self, name: &str) -> Option<NodeId> {
-        self.config
-            .load()
-            .nodes
-            .iter()
-            .position(|n| n.standby_name() == name)
-    }
-
     /// Registers a client for cancel requests; returns its (pid, secret).
     pub fn register_client(
         &self,

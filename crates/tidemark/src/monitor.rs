@@ -22,9 +22,10 @@ const POLL_SQL: &str = "SELECT pg_is_in_recovery(), \
 /// On a primary, less often (see [`SYNC_EVERY`]): its `synchronous_commit` default and each
 /// walsender's standby name and sync state (`sync_state` needs `pg_monitor` or
 /// `pg_read_all_stats`; without it the states are NULL and nodes show `-`).
-const SYNC_SQL: &str = "SELECT current_setting('synchronous_commit'), s.names, s.states \
+const SYNC_SQL: &str = "SELECT current_setting('synchronous_commit'), s.names, s.states, s.pids \
      FROM (SELECT array_agg(a.application_name ORDER BY w.pid) AS names, \
-                  array_agg(w.sync_state ORDER BY w.pid) AS states \
+                  array_agg(w.sync_state ORDER BY w.pid) AS states, \
+                  array_agg(w.pid ORDER BY w.pid) AS pids \
            FROM pg_stat_get_wal_senders() w, pg_stat_get_activity(w.pid) a) s";
 
 /// How often the synchronous-standby state is read: it is for display (routing measures what
@@ -39,8 +40,8 @@ struct Sample {
     system_id: String,
     /// Primaries: `synchronous_commit` default is `remote_apply`.
     remote_apply: bool,
-    /// Primaries: (standby application_name, sync_state) per walsender.
-    standbys: Vec<(String, String)>,
+    /// Primaries: (standby application_name, sync_state, walsender pid) per walsender.
+    standbys: Vec<(String, String, i32)>,
     at: Instant,
 }
 
@@ -179,12 +180,14 @@ impl Monitor {
                             let sync_commit: Option<String> = row.get(0);
                             let names: Option<Vec<Option<String>>> = row.get(1);
                             let states: Option<Vec<Option<String>>> = row.get(2);
+                            let pids: Option<Vec<Option<i32>>> = row.get(3);
                             remote_apply = sync_commit.as_deref() == Some("remote_apply");
                             standbys = names
                                 .unwrap_or_default()
                                 .into_iter()
                                 .zip(states.unwrap_or_default())
-                                .filter_map(|(n, s)| Some((n?, s?)))
+                                .zip(pids.unwrap_or_default())
+                                .filter_map(|((n, s), p)| Some((n?, s?, p?)))
                                 .collect();
                             sync_read = Some(Instant::now());
                         }
@@ -298,12 +301,13 @@ impl Monitor {
         let primary = decide_primary(&statuses, cfg.primary_index());
         if let PrimaryState::One(p) = &primary {
             if let Some(s) = &nodes[*p].sample {
-                for (name, state) in &s.standbys {
+                for (name, state, pid) in &s.standbys {
                     let Some(i) = cfg.nodes.iter().position(|n| n.standby_name() == name) else {
                         continue;
                     };
                     if let Some(st) = statuses.get_mut(i).filter(|st| st.role == Role::Replica) {
                         st.sync_state = SyncState::parse(state);
+                        st.walsender_pid = Some(*pid);
                         st.synchronous_apply = s.remote_apply && st.sync_state == SyncState::Sync;
                     }
                 }

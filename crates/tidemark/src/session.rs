@@ -1442,7 +1442,7 @@ impl Session {
             && matches!(unit.end, UnitEnd::Sync | UnitEnd::Query)
             && !skipping
         {
-            out.extend_from_slice(fe::query(CAPTURE_SQL).raw());
+            out.extend_from_slice(fe::query(capture_sql(&self.app)).raw());
             exp.push_back(Exp::Capture);
         }
         if !out.is_empty() {
@@ -1625,10 +1625,11 @@ impl Session {
             self.last_write_lsn = l;
         }
         // Standbys the primary saw at or past this position right after the commit.
+        let view = self.app.view.load();
         let nodes: NodeSet = c
             .applied_on
             .iter()
-            .filter_map(|n| self.app.node_by_standby_name(n))
+            .filter_map(|pid| view.node_by_walsender(*pid))
             .collect();
         self.applied = self
             .attached
@@ -1643,7 +1644,12 @@ impl Session {
         let Some(att) = self.attached.as_mut() else {
             return;
         };
-        match att.conn.conn.simple_query_rows(CAPTURE_SQL).await {
+        match att
+            .conn
+            .conn
+            .simple_query_rows(capture_sql(&self.app))
+            .await
+        {
             Ok(rows) => {
                 if let Some(c) = rows.first().and_then(|r| Captured::parse(r)) {
                     self.record_commit(c);
@@ -2086,33 +2092,55 @@ async fn relay(
 
 /// Reads the commit position on the connection that just committed (see DESIGN.md: the
 /// insert position after the commit is never below the commit's end).
-/// The commit position after a write, and the standbys the primary saw at or past it at that
-/// moment (their `application_name`s as a JSON array, so that any name comes through
-/// unambiguously). With `synchronous_commit = remote_apply` a synchronous standby is among
-/// them whenever no other session wrote in between (then the position read is past this
-/// commit and the list may be shorter, never wrong); without the `pg_read_all_stats` privilege the list is empty (the LSN
-/// columns are hidden), and reads wait for replay as usual.
-const CAPTURE_SQL: &str = "SELECT l::text, (SELECT json_agg(a.application_name)::text \
-     FROM pg_stat_get_wal_senders() w, pg_stat_get_activity(w.pid) a WHERE w.replay_lsn >= l) \
+/// The commit position after a write (`pg_current_wal_insert_lsn()`, see
+/// `Lsn::normalize_insert_position`).
+const CAPTURE_SQL: &str = "SELECT pg_current_wal_insert_lsn()::text";
+
+/// The same, plus the pids of the primary's walsenders whose standby had replayed up to it at
+/// that moment (mapped to nodes with the monitor's view). With `synchronous_commit =
+/// remote_apply` a synchronous standby is among them whenever no other session wrote in
+/// between (then the position read is past this commit and the list may be shorter, never
+/// wrong); without `pg_read_all_stats` the positions are hidden and the list is empty (reads
+/// then wait for replay as usual). Only asked when the primary has a synchronous standby: an
+/// asynchronous one has practically never replayed a commit by the time it returns.
+const CAPTURE_APPLIED_SQL: &str = "SELECT l::text, \
+     (SELECT array_agg(w.pid)::text FROM pg_stat_get_wal_senders() w WHERE w.replay_lsn >= l) \
      FROM pg_current_wal_insert_lsn() l";
+
+fn capture_sql(app: &App) -> &'static str {
+    if app.view.load().has_synchronous_standby() {
+        CAPTURE_APPLIED_SQL
+    } else {
+        CAPTURE_SQL
+    }
+}
+
+/// A one-dimensional PostgreSQL integer array in text form (`{1,2,3}`); `None` if malformed.
+fn parse_int_array(s: &str) -> Option<Vec<i32>> {
+    let inner = s.strip_prefix('{')?.strip_suffix('}')?;
+    if inner.is_empty() {
+        return Some(Vec::new());
+    }
+    inner.split(',').map(|p| p.trim().parse().ok()).collect()
+}
 
 /// What the commit-position read after a write returned.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Captured {
     lsn: Lsn,
-    /// `application_name`s of standbys that had replayed up to `lsn`.
-    applied_on: Vec<String>,
+    /// Pids of walsenders whose standby had replayed up to `lsn`.
+    applied_on: Vec<i32>,
 }
 
 impl Captured {
-    /// From a [`CAPTURE_SQL`] row; `None` if the position is missing or malformed. A malformed
-    /// standby list counts as empty (reads then wait for replay as usual).
+    /// From a [`CAPTURE_SQL`] or [`CAPTURE_APPLIED_SQL`] row; `None` if the position is missing
+    /// or malformed. A malformed pid list counts as empty (reads then wait for replay as usual).
     fn parse(row: &[Option<String>]) -> Option<Captured> {
         let lsn = row.first()?.as_deref()?.parse::<Lsn>().ok()?;
         let applied_on = row
             .get(1)
             .and_then(|v| v.as_deref())
-            .and_then(|list| serde_json::from_str::<Vec<String>>(list).ok())
+            .and_then(parse_int_array)
             .unwrap_or_default();
         Some(Captured { lsn, applied_on })
     }
@@ -2219,18 +2247,27 @@ mod tests {
     }
 
     #[test]
-    fn captured_row_parses_position_and_standbys() {
-        let c = Captured::parse(&[s("0/3000060"), s(r#"["replica_1", "a,b \"q\""]"#)]).unwrap();
+    fn captured_row_parses_position_and_walsenders() {
+        let c = Captured::parse(&[s("0/3000060"), s("{4242,17}")]).unwrap();
         assert_eq!(c.lsn, "0/3000060".parse::<Lsn>().unwrap());
-        assert_eq!(c.applied_on, vec!["replica_1", "a,b \"q\""]);
-        // No standby at the position (or no privilege to see it): an empty list.
-        let c = Captured::parse(&[s("0/10"), None]).unwrap();
-        assert!(c.applied_on.is_empty());
+        assert_eq!(c.applied_on, vec![4242, 17]);
+        // The plain capture, or no standby at the position (or no privilege to see it).
+        assert!(Captured::parse(&[s("0/10")]).unwrap().applied_on.is_empty());
+        assert!(Captured::parse(&[s("0/10"), None])
+            .unwrap()
+            .applied_on
+            .is_empty());
+        assert!(Captured::parse(&[s("0/10"), s("{}")])
+            .unwrap()
+            .applied_on
+            .is_empty());
         // A malformed list is an empty list, never a guess.
-        let c = Captured::parse(&[s("0/10"), s("[replica_1")]).unwrap();
-        assert!(c.applied_on.is_empty());
+        for bad in ["{4242", "4242}", "{42,x}", "{,}", "[1]"] {
+            let c = Captured::parse(&[s("0/10"), s(bad)]).unwrap();
+            assert!(c.applied_on.is_empty(), "{bad}");
+        }
         // The position is required.
-        assert_eq!(Captured::parse(&[None, s("[]")]), None);
+        assert_eq!(Captured::parse(&[None, s("{}")]), None);
         assert_eq!(Captured::parse(&[s("zz")]), None);
         assert_eq!(Captured::parse(&[]), None);
     }
