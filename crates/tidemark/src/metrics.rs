@@ -7,10 +7,15 @@
 //! Without a recorder (no `metrics.listen`) the `metrics` macros are no-ops and only the
 //! ring is kept.
 
-use std::sync::atomic::Ordering;
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
+use metrics::{
+    counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Counter,
+    Histogram,
+};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tidemark_core::route::Reason;
 
@@ -58,6 +63,7 @@ pub fn install() -> Option<PrometheusHandle> {
         )
         .ok()?;
     let handle = b.install_recorder().ok()?;
+    INSTALLED.store(true, Ordering::Relaxed);
     // Histogram samples are buffered until upkeep (or a render) folds them in: without a
     // scraper they would grow without bound.
     let h2 = handle.clone();
@@ -203,13 +209,55 @@ fn preregister() {
     gauge!("tidemark_reads_replica_ratio").set(0.0);
 }
 
+/// Set once the Prometheus recorder is installed (it then stays for the life of the process).
+static INSTALLED: AtomicBool = AtomicBool::new(false);
+
+thread_local! {
+    /// Per-statement counter handles by (metric, label value, label value): the `counter!`
+    /// macro builds the label list and looks the key up in the registry on every call, which
+    /// showed in the per-statement profile. Handles are cached only once the recorder exists
+    /// (a handle taken before would stay a no-op).
+    static COUNTERS: RefCell<HashMap<(&'static str, &'static str, &'static str), Counter>> =
+        RefCell::new(HashMap::new());
+    /// Checkout-wait histogram handles by pool name (same reason).
+    static POOL_WAIT: RefCell<HashMap<String, Histogram>> = RefCell::new(HashMap::new());
+}
+
+/// `counter!(name, k1 => v1, k2 => v2)` with the handle cached per label values.
+fn counter2(
+    name: &'static str,
+    (k1, v1): (&'static str, &'static str),
+    (k2, v2): (&'static str, &'static str),
+) -> Counter {
+    let make = || counter!(name, k1 => v1, k2 => v2);
+    if !INSTALLED.load(Ordering::Relaxed) {
+        return make();
+    }
+    COUNTERS.with(|c| {
+        c.borrow_mut()
+            .entry((name, v1, v2))
+            .or_insert_with(make)
+            .clone()
+    })
+}
+
 pub fn statement(class: &'static str, target: &'static str) {
-    counter!("tidemark_statements_total", "class" => class, "target" => target).increment(1);
+    counter2(
+        "tidemark_statements_total",
+        ("class", class),
+        ("target", target),
+    )
+    .increment(1);
     recent::add(recent::Event::Statement);
 }
 
 pub fn read_routed(target: &'static str, reason: &'static str) {
-    counter!("tidemark_reads_total", "target" => target, "reason" => reason).increment(1);
+    counter2(
+        "tidemark_reads_total",
+        ("target", target),
+        ("reason", reason),
+    )
+    .increment(1);
     recent::add(if target == "replica" {
         recent::Event::ReplicaRead
     } else {
@@ -227,8 +275,21 @@ pub fn lsn_wait(d: Duration, outcome: &'static str) {
 }
 
 pub fn pool_wait(pool: &str, d: Duration) {
-    histogram!("tidemark_pool_checkout_wait_seconds", "pool" => pool.to_string())
-        .record(d.as_secs_f64());
+    let make = || histogram!("tidemark_pool_checkout_wait_seconds", "pool" => pool.to_string());
+    if !INSTALLED.load(Ordering::Relaxed) {
+        return make().record(d.as_secs_f64());
+    }
+    POOL_WAIT.with(|c| {
+        let mut c = c.borrow_mut();
+        match c.get(pool) {
+            Some(h) => h.record(d.as_secs_f64()),
+            None => {
+                let h = make();
+                h.record(d.as_secs_f64());
+                c.insert(pool.to_string(), h);
+            }
+        }
+    });
 }
 
 pub fn error(sqlstate: &str) {

@@ -65,16 +65,18 @@ async fn replica_killed_and_restarted_under_pgbench() {
         !text.contains("aborted"),
         "a pgbench client was aborted:\n{text}"
     );
-    // The replica is back in rotation and serves reads again.
+    // The replica is back in rotation and serves reads again. Each session keeps to one
+    // replica (routing.balance = session) and sessions are spread round robin: fresh
+    // sessions meet both replicas.
     let deadline = Instant::now() + Duration::from_secs(10);
-    let c = env.client().await;
-    c.batch_execute("SET tidemark.consistency = 'eventual'")
-        .await
-        .unwrap();
     let replica1 = env.cluster.port(1) as i32;
     let mut seen = false;
     while Instant::now() < deadline && !seen {
-        for _ in 0..10 {
+        for _ in 0..4 {
+            let c = env.client().await;
+            c.batch_execute("SET tidemark.consistency = 'eventual'")
+                .await
+                .unwrap();
             if served_by(&c, "SELECT inet_server_port()").await.unwrap() == replica1 {
                 seen = true;
             }
@@ -271,7 +273,8 @@ async fn blackholed_replica_is_routed_around() {
     let cluster = start_cluster(ClusterConfig::with_replicas(2)).await;
     let fault =
         FaultProxy::start(format!("127.0.0.1:{}", cluster.port(1)).parse().unwrap()).unwrap();
-    let proxy = proxy_for(&cluster, |c| {
+    // Round robin per statement, so this one session keeps meeting replica 1.
+    let proxy = proxy_rr(&cluster, |c| {
         c.nodes[1].port = fault.port();
         c.monitor.timeout = Duration::from_millis(500);
         c.pool.connect_timeout = Duration::from_millis(500);
