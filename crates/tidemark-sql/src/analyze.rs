@@ -506,6 +506,25 @@ struct TxOptions {
     count: usize,
 }
 
+/// A literal boolean `true` (`true`, `'t'`, `'on'`, `1`, ... as PostgreSQL spells booleans),
+/// possibly with a `::boolean` cast.
+fn is_constant_true(arg: Option<&pb::Node>) -> bool {
+    use pb::a_const::Val;
+    match arg.and_then(|a| a.node.as_ref()) {
+        Some(N::AConst(c)) => match &c.val {
+            Some(Val::Boolval(b)) => b.boolval,
+            Some(Val::Ival(i)) => i.ival == 1,
+            Some(Val::Sval(s)) => matches!(
+                s.sval.to_ascii_lowercase().trim(),
+                "t" | "true" | "y" | "yes" | "on" | "1"
+            ),
+            _ => false,
+        },
+        Some(N::TypeCast(t)) => is_constant_true(t.arg.as_deref()),
+        _ => false,
+    }
+}
+
 fn def_bool(arg: Option<&pb::Node>) -> bool {
     use pb::a_const::Val;
     match arg.and_then(|a| a.node.as_ref()) {
@@ -665,6 +684,14 @@ impl Walker<'_> {
         let effect = self.rules.effect(schema, name);
         self.found.writes |= effect.writes;
         self.found.pins |= effect.pins_session;
+        if name == "set_config" && (schema.is_empty() || schema == "pg_catalog") {
+            // `set_config(name, value, false)` changes the setting for the rest of the server
+            // session, which tidemark cannot replay on another connection (the value may be an
+            // expression): pin, so it never leaks to other clients through the pool (a pinned
+            // connection is closed, not pooled, when the client leaves). Only a constant `true`
+            // (transaction-local) is known not to outlive the transaction.
+            self.found.pins |= !is_constant_true(f.args.get(2));
+        }
         self.list(&f.args, depth);
         self.list(&f.agg_order, depth);
         self.boxed(&f.agg_filter, depth);

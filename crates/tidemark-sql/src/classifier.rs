@@ -57,13 +57,21 @@ const SHAPE_SALT: u64 = 0x9e37_79b9_7f4a_7c15;
 
 /// True when no constant in the text can change the analysis: everything but `SET` (whose
 /// value is replayed on other connections) and tidemark commands (whose value is the point).
-fn constant_blind(a: &Analysis) -> bool {
-    !a.statements.iter().any(|c| {
-        matches!(
-            c,
-            Class::Tidemark(_) | Class::SessionState(SessionKind::Set { .. })
-        )
-    }) && !matches!(a.class, Class::Tidemark(_))
+fn constant_blind(a: &Analysis, sql: &str) -> bool {
+    // Whether `set_config` pins depends on its literal third argument (a plain text search:
+    // a false positive only costs the shape cache).
+    let set_config = sql
+        .as_bytes()
+        .windows(10)
+        .any(|w| w.eq_ignore_ascii_case(b"set_config"));
+    !set_config
+        && !a.statements.iter().any(|c| {
+            matches!(
+                c,
+                Class::Tidemark(_) | Class::SessionState(SessionKind::Set { .. })
+            )
+        })
+        && !matches!(a.class, Class::Tidemark(_))
 }
 
 fn text_hash(sql: &str) -> u64 {
@@ -131,7 +139,7 @@ impl Classifier {
         self.misses.fetch_add(1, Ordering::Relaxed);
         let analysis = Arc::new(analyze(sql, &rules));
         if sql.len() <= MAX_CACHED_TEXT {
-            let (key, text) = if constant_blind(&analysis) {
+            let (key, text) = if constant_blind(&analysis, sql) {
                 (shape_key, &*norm)
             } else {
                 (exact_key, sql)

@@ -30,6 +30,29 @@ fn classification_table() {
     );
 }
 
+/// Whether `set_config` pins depends on a literal: texts that differ only there must never
+/// share the statement-shape cache entry.
+#[test]
+fn set_config_literal_is_never_merged_by_shape() {
+    let c = Classifier::new(1000, FunctionPolicy::default());
+    assert!(
+        !c.classify("SELECT set_config('a.b', 'x', true)")
+            .pins_session
+    );
+    assert!(
+        c.classify("SELECT set_config('a.b', 'y', false)")
+            .pins_session
+    );
+    assert!(
+        !c.classify("SELECT set_config('a.b', 'z', true)")
+            .pins_session
+    );
+    assert!(
+        c.classify("select SET_CONFIG('a.b', 'w', false)")
+            .pins_session
+    );
+}
+
 #[test]
 fn corpus_covers_the_spec() {
     let rows = corpus::corpus();

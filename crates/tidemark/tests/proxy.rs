@@ -603,3 +603,45 @@ async fn reads_keep_to_one_replica_per_session_unless_balance_is_statement() {
         "balance = statement alternates replicas"
     );
 }
+
+/// `set_config(name, value, false)` changes the server session, which tidemark cannot replay:
+/// the client is pinned to its connection, so the setting never reaches other clients through
+/// the pool, and the client itself keeps it. A transaction-local `set_config` does not pin.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_set_config_pins_and_never_leaks_through_the_pool() {
+    let env = start(&[None], |c| c.pool.max_size = 2).await;
+    let probe =
+        "/* tidemark: primary */ SELECT coalesce(current_setting('tidemark_test.x', true), '')";
+    let value = |msgs: Vec<tokio_postgres::SimpleQueryMessage>| -> String {
+        rows(&msgs)
+            .first()
+            .and_then(|r| r[0].clone())
+            .unwrap_or_default()
+    };
+    // Transaction-local: no pin, nothing outlives the statement.
+    let b = env.client().await;
+    b.simple_query("SELECT set_config('tidemark_test.x', 'local', true)")
+        .await
+        .unwrap();
+    assert_eq!(value(b.simple_query(probe).await.unwrap()), "");
+
+    let a = env.client().await;
+    a.simple_query("SELECT set_config('tidemark_test.x', 'leak', false)")
+        .await
+        .unwrap();
+    // The client keeps its setting on later statements...
+    for _ in 0..5 {
+        assert_eq!(value(a.simple_query(probe).await.unwrap()), "leak");
+    }
+    // ...and no other client ever sees it (a pool of 2: without the pin the next client
+    // would get the same server connection back).
+    for _ in 0..10 {
+        assert_eq!(value(b.simple_query(probe).await.unwrap()), "");
+    }
+    drop(a);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let c = env.client().await;
+    for _ in 0..5 {
+        assert_eq!(value(c.simple_query(probe).await.unwrap()), "");
+    }
+}

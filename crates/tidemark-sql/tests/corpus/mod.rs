@@ -236,8 +236,14 @@ pub fn corpus() -> Vec<Case> {
         c("SELECT pg_notify('c', 'p')", W, false),
         c("SELECT txid_current()", W, false),
         c("SELECT pg_current_xact_id()", W, false),
-        c("SELECT set_config('work_mem', '1MB', false)", W, false)
-            .primary_only("changes a session setting from inside a query, where the proxy cannot track it; runs where the session's writes run"),
+        c("SELECT set_config('work_mem', '1MB', false)", W, true)
+            .primary_only("changes a session setting from inside a query, where the proxy cannot replay it: the session is pinned to its connection"),
+        c("SELECT pg_catalog.set_config('work_mem', '2MB', $1)", W, true)
+            .primary_only("is_local not a literal: pinned"),
+        c("SELECT set_config('work_mem', '1MB', true)", W, false)
+            .primary_only("transaction-local setting: gone when the transaction ends, no pin"),
+        c("SELECT set_config('work_mem', '1MB', 'on'::boolean)", W, false)
+            .primary_only("transaction-local setting: gone when the transaction ends, no pin"),
         c("SELECT pg_terminate_backend(123)", W, false)
             .primary_only(SERVER_CONTROL),
         c("SELECT pg_cancel_backend(123)", W, false)
