@@ -487,9 +487,12 @@ fn reload(app: &App) -> Result<Output, ErrorFields> {
             "config not reloaded: changing the node list needs a restart in this version",
         ));
     }
+    let tls = crate::tls::acceptor(&new.tls)
+        .map_err(|e| ErrorFields::error("F0000", format!("config not reloaded: {e}")))?;
     for p in app.pools.all() {
         p.update_settings(new.pool.clone());
     }
+    app.tls.store(tls.map(Arc::new));
     app.config.store(Arc::new(new));
     app.refresh_secrets();
     tracing::info!("config reloaded");

@@ -57,6 +57,8 @@ pub struct App {
     pub balance: AtomicU64,
     pub paused: tokio::sync::watch::Sender<bool>,
     pub shutting_down: tokio::sync::watch::Sender<bool>,
+    /// TLS for clients (`[tls]`), rebuilt on RELOAD.
+    pub tls: arc_swap::ArcSwapOption<tokio_rustls::TlsAcceptor>,
 }
 
 impl App {
@@ -83,6 +85,7 @@ impl App {
             balance: AtomicU64::new(0),
             paused: tokio::sync::watch::channel(false).0,
             shutting_down: tokio::sync::watch::channel(false).0,
+            tls: arc_swap::ArcSwapOption::empty(),
         };
         app.refresh_secrets();
         Arc::new(app)

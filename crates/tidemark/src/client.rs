@@ -3,8 +3,12 @@
 
 use bytes::BytesMut;
 use tidemark_wire::{Frame, FrameCodec, WireError};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// The read side of a client connection: a TCP read half, or one half of a TLS stream.
+pub type ClientRead = Box<dyn AsyncRead + Unpin + Send + Sync>;
+/// The write side of a client connection.
+pub type ClientWrite = Box<dyn AsyncWrite + Unpin + Send + Sync>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -17,20 +21,15 @@ pub enum ClientError {
 }
 
 pub struct ClientIo {
-    rd: OwnedReadHalf,
-    wr: OwnedWriteHalf,
+    rd: ClientRead,
+    wr: ClientWrite,
     pub rbuf: BytesMut,
     codec: FrameCodec,
     out: BytesMut,
 }
 
 impl ClientIo {
-    pub fn new(
-        rd: OwnedReadHalf,
-        wr: OwnedWriteHalf,
-        rbuf: BytesMut,
-        max_message: usize,
-    ) -> ClientIo {
+    pub fn new(rd: ClientRead, wr: ClientWrite, rbuf: BytesMut, max_message: usize) -> ClientIo {
         ClientIo {
             rd,
             wr,
@@ -95,6 +94,8 @@ impl ClientIo {
     pub async fn flush(&mut self) -> Result<(), ClientError> {
         if !self.out.is_empty() {
             self.wr.write_all(&self.out).await?;
+            // A TLS stream may keep records buffered until flushed (a no-op for TCP).
+            self.wr.flush().await?;
             self.out.clear();
         }
         Ok(())

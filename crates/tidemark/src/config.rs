@@ -30,6 +30,8 @@ pub struct Config {
     pub limits: LimitsConfig,
     #[serde(default)]
     pub metrics: MetricsConfig,
+    #[serde(default)]
+    pub tls: TlsConfig,
     /// Log filter (`info`, `debug`, `tidemark=debug,warn`, ...); `RUST_LOG` overrides it.
     #[serde(default)]
     pub log_level: Option<String>,
@@ -226,6 +228,27 @@ impl Default for LimitsConfig {
     }
 }
 
+/// TLS between clients and tidemark (towards PostgreSQL tidemark connects without TLS).
+#[derive(Clone, Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// PEM certificate chain (leaf first). With `key_file`, clients that ask for TLS get it.
+    pub cert_file: Option<std::path::PathBuf>,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: Option<std::path::PathBuf>,
+    /// `allow` (default): TLS for clients that ask (`sslmode=prefer`/`require`), plain for the
+    /// others; `require`: plain connections are refused (28000).
+    pub mode: TlsMode,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsMode {
+    #[default]
+    Allow,
+    Require,
+}
+
 #[derive(Clone, Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct MetricsConfig {
@@ -314,6 +337,15 @@ impl Config {
             if n.port == 0 {
                 bail!("nodes.{}: port 0 is not a valid port", n.name);
             }
+        }
+        match (&self.tls.cert_file, &self.tls.key_file) {
+            (Some(_), None) | (None, Some(_)) => {
+                bail!("tls: cert_file and key_file go together (both or neither)")
+            }
+            (None, None) if self.tls.mode == TlsMode::Require => {
+                bail!("tls.mode = \"require\" needs tls.cert_file and tls.key_file")
+            }
+            _ => {}
         }
         if let Some(p) = &self.routing.primary {
             if !names.contains(p.as_str()) {

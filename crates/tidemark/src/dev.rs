@@ -63,6 +63,10 @@ pub async fn run(opts: DevOptions) -> anyhow::Result<()> {
     let cluster = tokio::task::spawn_blocking(move || Cluster::start(ccfg)).await??;
     let mut cfg = config_for(&cluster, &opts.listen);
     cfg.metrics.listen = opts.metrics_listen.clone();
+    // TLS with a throwaway self-signed certificate, so clients can try sslmode=require.
+    let (cert, key) = crate::tls::self_signed(cluster.base_dir())?;
+    cfg.tls.cert_file = Some(cert.clone());
+    cfg.tls.key_file = Some(key);
     cfg.validate()?;
     let proxy = Proxy::start(cfg).await?;
     proxy.wait_ready(Duration::from_secs(10)).await;
@@ -80,6 +84,11 @@ pub async fn run(opts: DevOptions) -> anyhow::Result<()> {
         "  console:  psql \"host={} port={} user=postgres dbname=tidemark\"   (SHOW NODES)",
         proxy.addr.ip(),
         proxy.addr.port()
+    );
+    println!(
+        "  TLS:      psql \"host=localhost port={} user=postgres dbname=postgres sslmode=verify-full sslrootcert={}\"",
+        proxy.addr.port(),
+        cert.display()
     );
     for i in 0..cluster.node_count() {
         let extra = if i >= 1 && i == 2 && !opts.replica_delay.is_zero() {

@@ -31,3 +31,4 @@ pub mod server;
 pub mod session;
 pub mod slots;
 pub mod status;
+pub mod tls;

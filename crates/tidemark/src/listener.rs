@@ -1,6 +1,6 @@
-//! Accepting clients: the startup packet (SSL/GSSENC refused with 'N', CancelRequest
-//! forwarded), authentication, hand-off to a [`Session`]; graceful shutdown; the
-//! Prometheus endpoint.
+//! Accepting clients: the startup packet (SSLRequest answered `S` and a TLS handshake when
+//! `[tls]` is configured, else `N`; GSSENCRequest `N`; CancelRequest forwarded),
+//! authentication, hand-off to a [`Session`]; graceful shutdown; the Prometheus endpoint.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -9,12 +9,12 @@ use std::time::Duration;
 use bytes::BytesMut;
 use tidemark_wire::backend::ErrorFields;
 use tidemark_wire::StartupPacket;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::app::App;
-use crate::client::ClientIo;
-use crate::config::Config;
+use crate::client::{ClientIo, ClientRead, ClientWrite};
+use crate::config::{Config, TlsMode};
 use crate::monitor::Monitor;
 use crate::session::Session;
 
@@ -34,7 +34,9 @@ impl Proxy {
             .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
         let addr = listener.local_addr()?;
         let metrics_listen = config.metrics.listen.clone();
+        let tls = crate::tls::acceptor(&config.tls)?;
         let app = App::new(config);
+        app.tls.store(tls.map(Arc::new));
         Monitor::start(app.clone());
         let metrics_addr = match metrics_listen {
             Some(m) => Some(crate::http::start(app.clone(), &m).await?),
@@ -152,48 +154,158 @@ pub async fn load_catalog(app: &App, node: usize) -> anyhow::Result<usize> {
     Ok(len)
 }
 
-async fn reject(mut stream: TcpStream, e: ErrorFields) {
+async fn reject<S: AsyncWrite + Unpin>(mut stream: S, e: ErrorFields) {
     crate::metrics::error(&e.code);
     let _ = stream.write_all(e.to_error().raw()).await;
+    let _ = stream.flush().await;
+}
+
+/// What came before the startup message.
+enum Opening {
+    Startup(tidemark_wire::StartupParams),
+    /// SSLRequest: answer, then (for `S`) switch to TLS.
+    Ssl,
+    /// Cancel request handled, or the connection ended / was refused.
+    Done,
+}
+
+/// Reads up to the startup message on `stream`, answering GSSENCRequest with `N` and
+/// handling CancelRequest. `allow_ssl`: an SSLRequest is returned to the caller (plain TCP);
+/// otherwise (already inside TLS) it is a protocol violation.
+async fn opening<S: AsyncRead + AsyncWrite + Unpin>(
+    app: &Arc<App>,
+    stream: &mut S,
+    buf: &mut BytesMut,
+    allow_ssl: bool,
+) -> Opening {
+    loop {
+        match StartupPacket::decode(buf) {
+            Ok(Some(StartupPacket::Ssl)) if allow_ssl => return Opening::Ssl,
+            Ok(Some(StartupPacket::Ssl)) => {
+                reject(
+                    stream,
+                    ErrorFields::fatal("08P01", "unexpected second SSLRequest"),
+                )
+                .await;
+                return Opening::Done;
+            }
+            Ok(Some(StartupPacket::GssEnc)) => {
+                if stream.write_all(b"N").await.is_err() || stream.flush().await.is_err() {
+                    return Opening::Done;
+                }
+            }
+            Ok(Some(StartupPacket::Cancel { pid, secret })) => {
+                app.cancel(pid, secret).await;
+                return Opening::Done;
+            }
+            Ok(Some(StartupPacket::Startup(p))) => return Opening::Startup(p),
+            Ok(None) => {
+                let r = tokio::time::timeout(Duration::from_secs(10), stream.read_buf(buf)).await;
+                match r {
+                    Ok(Ok(n)) if n > 0 => {}
+                    Ok(_) => return Opening::Done,
+                    Err(_) => {
+                        reject(
+                            stream,
+                            ErrorFields::fatal("08P01", "timeout waiting for the startup packet"),
+                        )
+                        .await;
+                        return Opening::Done;
+                    }
+                }
+            }
+            Err(e) => {
+                reject(stream, ErrorFields::fatal("08P01", e.to_string())).await;
+                return Opening::Done;
+            }
+        }
+    }
 }
 
 async fn handle(app: Arc<App>, mut stream: TcpStream, peer: SocketAddr) {
     let _ = stream.set_nodelay(true);
     let mut buf = BytesMut::with_capacity(1024);
-    let params = loop {
-        match StartupPacket::decode(&mut buf) {
-            Ok(Some(StartupPacket::Ssl)) | Ok(Some(StartupPacket::GssEnc)) => {
-                if stream.write_all(b"N").await.is_err() {
+    let params =
+        match opening(&app, &mut stream, &mut buf, true).await {
+            Opening::Startup(p) => p,
+            Opening::Done => return,
+            Opening::Ssl => {
+                let Some(acceptor) = app.tls.load_full() else {
+                    if stream.write_all(b"N").await.is_err() {
+                        return;
+                    }
+                    // Go on in plain text: the client may send its startup message now.
+                    if let Opening::Startup(p) = opening(&app, &mut stream, &mut buf, false).await {
+                        let (rd, wr) = stream.into_split();
+                        serve(app, Box::new(rd), Box::new(wr), buf, p, peer, false).await;
+                    }
+                    return;
+                };
+                if !buf.is_empty() {
+                    // Bytes sent after SSLRequest before the handshake would be read as if they
+                    // had come through TLS (CVE-2021-23214-style injection): refuse.
+                    return reject(
+                        stream,
+                        ErrorFields::fatal("08P01", "unencrypted data after SSLRequest"),
+                    )
+                    .await;
+                }
+                if stream.write_all(b"S").await.is_err() {
                     return;
                 }
-            }
-            Ok(Some(StartupPacket::Cancel { pid, secret })) => {
-                app.cancel(pid, secret).await;
-                return;
-            }
-            Ok(Some(StartupPacket::Startup(p))) => break p,
-            Ok(None) => {
-                let r =
-                    tokio::time::timeout(Duration::from_secs(10), stream.read_buf(&mut buf)).await;
-                match r {
-                    Ok(Ok(n)) if n > 0 => {}
-                    Ok(_) => return,
-                    Err(_) => {
-                        return reject(
-                            stream,
-                            ErrorFields::fatal("08P01", "timeout waiting for the startup packet"),
-                        )
+                let mut tls =
+                    match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream))
                         .await
+                    {
+                        Ok(Ok(t)) => t,
+                        Ok(Err(e)) => {
+                            tracing::warn!(peer = %peer, error = %e, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::warn!(peer = %peer, "TLS handshake timed out");
+                            return;
+                        }
+                    };
+                let mut buf = BytesMut::with_capacity(1024);
+                match opening(&app, &mut tls, &mut buf, false).await {
+                    Opening::Startup(p) => {
+                        let (rd, wr) = tokio::io::split(tls);
+                        return serve(app, Box::new(rd), Box::new(wr), buf, p, peer, true).await;
                     }
+                    _ => return,
                 }
             }
-            Err(e) => return reject(stream, ErrorFields::fatal("08P01", e.to_string())).await,
-        }
-    };
+        };
+    let (rd, wr) = stream.into_split();
+    serve(app, Box::new(rd), Box::new(wr), buf, params, peer, false).await
+}
+
+/// After the startup message: limits, user and database checks, authentication, then the
+/// session (or the admin console).
+async fn serve(
+    app: Arc<App>,
+    rd: ClientRead,
+    mut wr: ClientWrite,
+    buf: BytesMut,
+    params: tidemark_wire::StartupParams,
+    peer: SocketAddr,
+    tls: bool,
+) {
     let cfg = app.config.load_full();
+    if !tls && cfg.tls.mode == TlsMode::Require {
+        return reject(
+            &mut wr,
+            ErrorFields::fatal(
+                "28000",
+                "tidemark requires TLS (tls.mode = \"require\"); connect with sslmode=require",
+            ),
+        )
+        .await;
+    }
     if app.client_count() >= cfg.limits.max_clients {
         return reject(
-            stream,
+            &mut wr,
             ErrorFields::fatal(
                 "53300",
                 format!(
@@ -206,7 +318,7 @@ async fn handle(app: Arc<App>, mut stream: TcpStream, peer: SocketAddr) {
     }
     let Some(user) = params.get("user").map(str::to_string) else {
         return reject(
-            stream,
+            &mut wr,
             ErrorFields::fatal(
                 "28000",
                 "no PostgreSQL user name specified in startup packet",
@@ -218,12 +330,12 @@ async fn handle(app: Arc<App>, mut stream: TcpStream, peer: SocketAddr) {
         .get("replication")
         .is_some_and(|v| v != "false" && v != "0" && v != "off")
     {
-        return reject(stream, ErrorFields::fatal("0A000", "replication connections are not supported through tidemark; connect to the primary directly")).await;
+        return reject(&mut wr, ErrorFields::fatal("0A000", "replication connections are not supported through tidemark; connect to the primary directly")).await;
     }
     let database = params.get("database").unwrap_or(&user).to_string();
     let Some(ucfg) = cfg.user(&user).cloned() else {
         return reject(
-            stream,
+            &mut wr,
             ErrorFields::fatal(
                 "28000",
                 format!("user \"{user}\" is not configured in tidemark"),
@@ -234,9 +346,8 @@ async fn handle(app: Arc<App>, mut stream: TcpStream, peer: SocketAddr) {
     };
     let startup = match crate::session::startup_to_sets(&params) {
         Ok(s) => s,
-        Err(e) => return reject(stream, ErrorFields::fatal("08P01", e)).await,
+        Err(e) => return reject(&mut wr, ErrorFields::fatal("08P01", e)).await,
     };
-    let (rd, wr) = stream.into_split();
     let mut io = ClientIo::new(rd, wr, buf, cfg.max_message_size());
     let secret = app.scram_secret(&user);
     match crate::auth::authenticate(&mut io, &ucfg, secret.as_deref()).await {

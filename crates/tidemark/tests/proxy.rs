@@ -645,3 +645,84 @@ async fn session_set_config_pins_and_never_leaks_through_the_pool() {
         assert_eq!(value(c.simple_query(probe).await.unwrap()), "");
     }
 }
+
+/// TLS from clients: with `[tls]` set, `sslmode=verify-full` against the certificate works and
+/// sessions run as usual; plain clients still work in `allow` mode and are refused with 28000
+/// in `require` mode; without `[tls]`, `sslmode=require` is told the proxy has no TLS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_from_clients() {
+    let cluster = start_cluster(tidemark_cluster::ClusterConfig::with_replicas(1)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = tidemark::tls::self_signed(dir.path()).unwrap();
+    let psql = cluster.bindir().join("psql");
+    let run = |port: u16, ssl: &str, sql: &str| {
+        let out = std::process::Command::new(&psql)
+            .arg(format!(
+                "host=localhost port={port} user=postgres dbname=postgres {ssl} connect_timeout=5"
+            ))
+            .args(["-X", "-At", "-v", "ON_ERROR_STOP=1", "-c", sql])
+            .env("PGSSLROOTCERT", &cert)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).trim().to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let (cert2, key2) = (cert.clone(), key.clone());
+    let allow = proxy_for(&cluster, move |c| {
+        c.tls.cert_file = Some(cert2);
+        c.tls.key_file = Some(key2);
+    })
+    .await;
+    let port = allow.addr.port();
+    let (ok, out, err) = tokio::task::block_in_place(|| {
+        run(
+            port,
+            "sslmode=verify-full",
+            "CREATE TABLE tl (i int); INSERT INTO tl VALUES (1), (2); SELECT count(*) FROM tl",
+        )
+    });
+    assert!(ok, "psql over TLS failed: {err}");
+    assert_eq!(out.lines().last(), Some("2"), "{out}");
+    let (ok, out, err) =
+        tokio::task::block_in_place(|| run(port, "sslmode=disable", "SELECT 40 + 2"));
+    assert!(ok, "plain psql failed in allow mode: {err}");
+    assert_eq!(out, "42");
+    // Plain bytes sent right behind the SSLRequest, before the handshake, are refused
+    // (they would otherwise be read as if they had come through TLS).
+    let mut raw = tokio::net::TcpStream::connect(allow.addr).await.unwrap();
+    let mut req = vec![0u8, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
+    req.extend_from_slice(b"injected");
+    raw.write_all(&req).await.unwrap();
+    let mut first = [0u8; 1];
+    raw.read_exact(&mut first).await.unwrap();
+    assert_eq!(
+        first[0], b'E',
+        "expected an ErrorResponse, got {:?}",
+        first[0] as char
+    );
+
+    let (c3, k3) = (cert.clone(), key.clone());
+    let require = proxy_for(&cluster, move |c| {
+        c.tls.cert_file = Some(c3);
+        c.tls.key_file = Some(k3);
+        c.tls.mode = tidemark::config::TlsMode::Require;
+    })
+    .await;
+    let port = require.addr.port();
+    let (ok, _, err) = tokio::task::block_in_place(|| run(port, "sslmode=disable", "SELECT 1"));
+    assert!(!ok);
+    assert!(err.contains("requires TLS"), "{err}");
+    let (ok, out, err) =
+        tokio::task::block_in_place(|| run(port, "sslmode=require", "SELECT 'over tls'"));
+    assert!(ok, "{err}");
+    assert_eq!(out, "over tls");
+
+    let plain = proxy_for(&cluster, |_| {}).await;
+    let port = plain.addr.port();
+    let (ok, _, err) = tokio::task::block_in_place(|| run(port, "sslmode=require", "SELECT 1"));
+    assert!(!ok);
+    assert!(err.contains("does not support SSL"), "{err}");
+}
