@@ -89,7 +89,9 @@ async fn without_tracking_the_same_workload_is_stale() {
     c.batch_execute("CREATE TABLE ryw_n (id int PRIMARY KEY, v text)")
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The table must exist on both replicas before the rounds: otherwise the untracked
+    // reads fail with 42P01 rather than coming back stale.
+    tokio::task::block_in_place(|| wait_all_replayed(&env.cluster));
     let (stale, _) = rounds(&c, "ryw_n", 100, false).await;
     println!("tracking off: {stale} stale of 100");
     assert!(

@@ -123,16 +123,6 @@ fn blocking<T>(f: impl FnOnce() -> T) -> T {
     tokio::task::block_in_place(f)
 }
 
-/// Waits until every replica has replayed what the primary has written so far.
-fn wait_all_replayed(env: &Env) {
-    let lsn = env.cluster.current_lsn(0).expect("primary lsn");
-    for i in 1..env.cluster.node_count() {
-        env.cluster
-            .wait_replayed(i, &lsn, Duration::from_secs(20))
-            .expect("replica catches up");
-    }
-}
-
 /// Parses `X/Y` into a byte position.
 fn lsn(s: &str) -> u64 {
     let (hi, lo) = s
@@ -332,7 +322,7 @@ async fn paused_replicas_fall_back_to_the_primary_then_return() {
     .await;
     let c = env.client().await;
     exec(&c, "CREATE TABLE paused (id bigint PRIMARY KEY, v text)").await;
-    blocking(|| wait_all_replayed(&env));
+    blocking(|| wait_all_replayed(&env.cluster));
     blocking(|| {
         env.cluster.pause_replay(1).unwrap();
         env.cluster.pause_replay(2).unwrap();
@@ -391,7 +381,7 @@ async fn paused_replicas_fall_back_to_the_primary_then_return() {
     blocking(|| {
         env.cluster.resume_replay(1).unwrap();
         env.cluster.resume_replay(2).unwrap();
-        wait_all_replayed(&env);
+        wait_all_replayed(&env.cluster);
     });
     let mut after = Tally::default();
     for i in 1000..1100 {
@@ -420,7 +410,7 @@ async fn key_carries_a_write_to_another_connection() {
     exec(&a, "CREATE TABLE keyed (id bigint PRIMARY KEY, v text)").await;
     exec(&a, "SET tidemark.key = 'user:42'").await;
     assert_eq!(scalar(&a, "SHOW tidemark.key").await, "user:42");
-    blocking(|| wait_all_replayed(&env));
+    blocking(|| wait_all_replayed(&env.cluster));
     let b = env.client().await;
 
     let n = 500;
@@ -480,7 +470,7 @@ async fn token_carries_a_write_to_another_connection() {
     let env = start_rr(&[None, Some(DELAY)], |_| {}).await;
     let a = env.client().await;
     exec(&a, "CREATE TABLE tokens (id bigint PRIMARY KEY, v text)").await;
-    blocking(|| wait_all_replayed(&env));
+    blocking(|| wait_all_replayed(&env.cluster));
     let b = env.client().await;
 
     let n = 500;
@@ -637,7 +627,7 @@ async fn extended_protocol_and_pipelining_read_their_writes() {
     let env = start_rr(&[None, Some(DELAY)], |_| {}).await;
     let c = env.client().await;
     exec(&c, "CREATE TABLE ext (id bigint PRIMARY KEY, v text)").await;
-    blocking(|| wait_all_replayed(&env));
+    blocking(|| wait_all_replayed(&env.cluster));
 
     // One at a time, prepared statements.
     let ins = c.prepare("INSERT INTO ext VALUES ($1, 'x')").await.unwrap();
@@ -716,7 +706,7 @@ async fn transactions_and_consistency_levels() {
     let env = start_rr(&[None, Some(DELAY)], |_| {}).await;
     let c = env.client().await;
     exec(&c, "CREATE TABLE txs (id bigint PRIMARY KEY, v text)").await;
-    blocking(|| wait_all_replayed(&env));
+    blocking(|| wait_all_replayed(&env.cluster));
 
     // A writing transaction, statement by statement, and as one simple query.
     let mut tx = Tally::default();
@@ -896,7 +886,7 @@ async fn lag_gate_takes_a_lagging_replica_out_and_back() {
     w.batch_execute("CREATE TABLE gate (id bigserial PRIMARY KEY, at timestamptz DEFAULT now())")
         .await
         .unwrap();
-    blocking(|| wait_all_replayed(&env));
+    blocking(|| wait_all_replayed(&env.cluster));
 
     // A writer on the primary, every ~5 ms, for the whole test.
     let stop_writer = Arc::new(AtomicBool::new(false));
@@ -1032,7 +1022,7 @@ async fn idle_primary_reports_no_lag() {
     let c = env.client().await;
     exec(&c, "CREATE TABLE idle (id int PRIMARY KEY)").await;
     exec(&c, "INSERT INTO idle VALUES (1)").await;
-    blocking(|| wait_all_replayed(&env));
+    blocking(|| wait_all_replayed(&env.cluster));
     let idle = Duration::from_secs(5);
     let t0 = Instant::now();
     let mut max = [Duration::ZERO; 3];
@@ -1106,7 +1096,7 @@ async fn synchronous_commit_off_still_reads_its_writes() {
         "off"
     );
     exec(&c, "CREATE TABLE async (id bigint PRIMARY KEY, v text)").await;
-    blocking(|| wait_all_replayed(&env));
+    blocking(|| wait_all_replayed(&env.cluster));
 
     let n = 500;
     let mut t = Tally::default();

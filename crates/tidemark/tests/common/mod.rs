@@ -122,10 +122,15 @@ pub fn pgbench_init(cluster: &Cluster) {
         "{}",
         String::from_utf8_lossy(&init.stderr)
     );
+    wait_all_replayed(cluster);
+}
+
+/// Waits (blocking) until every replica has replayed what the primary has written so far.
+pub fn wait_all_replayed(cluster: &Cluster) {
     let lsn = cluster.current_lsn(0).expect("primary LSN");
     for i in 1..cluster.node_count() {
         cluster
             .wait_replayed(i, &lsn, Duration::from_secs(20))
-            .expect("replicas replay pgbench -i");
+            .expect("replica catches up");
     }
 }
