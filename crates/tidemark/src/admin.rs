@@ -418,6 +418,10 @@ fn show_config(app: &App) -> Result<Output, ErrorFields> {
         ("routing.consistency", c.routing.consistency.clone()),
         ("routing.max_wait", format!("{:?}", c.routing.max_wait)),
         ("monitor.interval", format!("{:?}", c.monitor.interval)),
+        (
+            "monitor.idle_interval",
+            format!("{:?}", c.monitor.idle_interval),
+        ),
         ("monitor.max_lag", format!("{:?}", c.monitor.max_lag)),
         (
             "metrics.listen",

@@ -173,8 +173,14 @@ impl Default for RoutingConfig {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MonitorConfig {
+    /// Poll interval while WAL is moving (writes, replicas catching up).
     #[serde(with = "humantime_serde_compat")]
     pub interval: Duration,
+    /// Poll interval once no node's WAL position has moved for a second: nothing can go
+    /// stale then, and a write through tidemark switches back to `interval` at once.
+    /// Never shorter than `interval`.
+    #[serde(with = "humantime_serde_compat")]
+    pub idle_interval: Duration,
     pub user: String,
     pub password: Option<String>,
     pub database: String,
@@ -192,6 +198,7 @@ impl Default for MonitorConfig {
     fn default() -> Self {
         MonitorConfig {
             interval: Duration::from_millis(5),
+            idle_interval: Duration::from_millis(100),
             user: "postgres".into(),
             password: None,
             database: "postgres".into(),
@@ -390,6 +397,13 @@ impl Config {
         self.gate()
             .validate()
             .map_err(|e| anyhow::anyhow!("monitor: {e}"))?;
+        let m = &self.monitor;
+        if m.interval.is_zero() {
+            bail!("monitor.interval: must be more than 0 (e.g. \"5ms\")");
+        }
+        if m.idle_interval.max(m.interval) >= m.timeout {
+            bail!("monitor.interval and monitor.idle_interval: must be shorter than monitor.timeout (a node polled that rarely would look stale between polls)");
+        }
         if let Some(l) = &self.log_level {
             tracing_subscriber::EnvFilter::try_new(l).map_err(|e| {
                 anyhow::anyhow!("log_level: '{l}' is not a log filter ({e}); write e.g. \"info\" or \"tidemark=debug\"")
@@ -472,6 +486,14 @@ port = 5432
             (
                 "[[nodes]]\nname=\"p\"\nport=1\n[routing]\nprimary=\"q\"",
                 "routing.primary",
+            ),
+            (
+                "[[nodes]]\nname=\"p\"\nport=1\n[monitor]\ninterval=\"0ms\"",
+                "monitor.interval",
+            ),
+            (
+                "[[nodes]]\nname=\"p\"\nport=1\n[monitor]\nidle_interval=\"5s\"",
+                "monitor.idle_interval",
             ),
         ];
         for (text, needle) in bad {

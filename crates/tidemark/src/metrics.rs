@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use metrics::{
     counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Counter,
-    Histogram,
+    Gauge, Histogram,
 };
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tidemark_core::route::Reason;
@@ -219,8 +219,6 @@ thread_local! {
     /// (a handle taken before would stay a no-op).
     static COUNTERS: RefCell<HashMap<(&'static str, &'static str, &'static str), Counter>> =
         RefCell::new(HashMap::new());
-    /// Checkout-wait histogram handles by pool name (same reason).
-    static POOL_WAIT: RefCell<HashMap<String, Histogram>> = RefCell::new(HashMap::new());
 }
 
 /// `counter!(name, k1 => v1, k2 => v2)` with the handle cached per label values.
@@ -274,22 +272,13 @@ pub fn lsn_wait(d: Duration, outcome: &'static str) {
     histogram!("tidemark_lsn_wait_seconds", "outcome" => outcome).record(d.as_secs_f64());
 }
 
-pub fn pool_wait(pool: &str, d: Duration) {
-    let make = || histogram!("tidemark_pool_checkout_wait_seconds", "pool" => pool.to_string());
+/// The checkout-wait histogram of one pool, or `None` while no recorder is installed (a
+/// handle taken before would stay a no-op). The pool keeps it.
+pub fn pool_wait_histogram(pool: &str) -> Option<Histogram> {
     if !INSTALLED.load(Ordering::Relaxed) {
-        return make().record(d.as_secs_f64());
+        return None;
     }
-    POOL_WAIT.with(|c| {
-        let mut c = c.borrow_mut();
-        match c.get(pool) {
-            Some(h) => h.record(d.as_secs_f64()),
-            None => {
-                let h = make();
-                h.record(d.as_secs_f64());
-                c.insert(pool.to_string(), h);
-            }
-        }
-    });
+    Some(histogram!("tidemark_pool_checkout_wait_seconds", "pool" => pool.to_string()))
 }
 
 pub fn error(sqlstate: &str) {
@@ -312,36 +301,85 @@ pub fn lsn_captured() {
     counter!("tidemark_commit_lsn_captures_total").increment(1);
 }
 
-pub fn replica_lag(node: &str, lag: Duration, bytes: u64) {
-    gauge!("tidemark_replica_lag_seconds", "node" => node.to_string()).set(lag.as_secs_f64());
-    gauge!("tidemark_replica_lag_bytes", "node" => node.to_string()).set(bytes as f64);
-    histogram!("tidemark_replica_lag_sample_seconds", "node" => node.to_string())
-        .record(lag.as_secs_f64());
-    histogram!("tidemark_replica_lag_sample_bytes", "node" => node.to_string())
-        .record(bytes as f64);
+/// One node's gauges and lag histograms as handles, made once: the monitor records them on
+/// every sample (every few milliseconds per node), and building the label set and looking
+/// the key up in the registry each time cost more than the poll itself.
+pub struct NodeMetrics {
+    name: String,
+    role: [(&'static str, Gauge); 3],
+    healthy: Gauge,
+    in_rotation: Gauge,
+    lag_seconds: Gauge,
+    lag_bytes: Gauge,
+    lag_sample_seconds: Histogram,
+    lag_sample_bytes: Histogram,
+    sync_state: [(&'static str, Gauge); 4],
+    synchronous_apply: Gauge,
 }
 
-pub fn node_state(node: &str, role: &'static str, healthy: bool, in_rotation: bool) {
-    for r in ["primary", "replica", "unknown"] {
-        gauge!("tidemark_node_role", "node" => node.to_string(), "role" => r).set(if r == role {
-            1.0
-        } else {
-            0.0
-        });
+impl NodeMetrics {
+    /// Handles for `node`, or `None` while no recorder is installed (a handle taken before
+    /// would stay a no-op for good).
+    pub fn new(node: &str) -> Option<NodeMetrics> {
+        if !INSTALLED.load(Ordering::Relaxed) {
+            return None;
+        }
+        let n = || node.to_string();
+        let role = |r: &'static str| (r, gauge!("tidemark_node_role", "node" => n(), "role" => r));
+        let sync = |s: &'static str| {
+            (
+                s,
+                gauge!("tidemark_replica_sync_state", "node" => n(), "state" => s),
+            )
+        };
+        Some(NodeMetrics {
+            name: n(),
+            role: [role("primary"), role("replica"), role("unknown")],
+            healthy: gauge!("tidemark_node_healthy", "node" => n()),
+            in_rotation: gauge!("tidemark_node_in_rotation", "node" => n()),
+            lag_seconds: gauge!("tidemark_replica_lag_seconds", "node" => n()),
+            lag_bytes: gauge!("tidemark_replica_lag_bytes", "node" => n()),
+            lag_sample_seconds: histogram!("tidemark_replica_lag_sample_seconds", "node" => n()),
+            lag_sample_bytes: histogram!("tidemark_replica_lag_sample_bytes", "node" => n()),
+            sync_state: [
+                sync("async"),
+                sync("potential"),
+                sync("sync"),
+                sync("quorum"),
+            ],
+            synchronous_apply: gauge!("tidemark_replica_synchronous_apply", "node" => n()),
+        })
     }
-    gauge!("tidemark_node_healthy", "node" => node.to_string()).set(healthy as u8 as f64);
-    gauge!("tidemark_node_in_rotation", "node" => node.to_string()).set(in_rotation as u8 as f64);
-}
 
-/// How the primary lists a replica in `pg_stat_replication`, and whether tidemark considers
-/// it a `remote_apply` synchronous standby.
-pub fn replica_sync(node: &str, sync_state: &'static str, synchronous_apply: bool) {
-    for s in ["async", "potential", "sync", "quorum"] {
-        gauge!("tidemark_replica_sync_state", "node" => node.to_string(), "state" => s)
-            .set(if s == sync_state { 1.0 } else { 0.0 });
+    pub fn name(&self) -> &str {
+        &self.name
     }
-    gauge!("tidemark_replica_synchronous_apply", "node" => node.to_string())
-        .set(synchronous_apply as u8 as f64);
+
+    /// Role (one of primary/replica/unknown is 1), health and rotation.
+    pub fn state(&self, role: &str, healthy: bool, in_rotation: bool) {
+        for (r, g) in &self.role {
+            g.set(if *r == role { 1.0 } else { 0.0 });
+        }
+        self.healthy.set(healthy as u8 as f64);
+        self.in_rotation.set(in_rotation as u8 as f64);
+    }
+
+    /// A replica's lag in time and bytes (gauges, and one sample for the histograms).
+    pub fn lag(&self, lag: Duration, bytes: u64) {
+        self.lag_seconds.set(lag.as_secs_f64());
+        self.lag_bytes.set(bytes as f64);
+        self.lag_sample_seconds.record(lag.as_secs_f64());
+        self.lag_sample_bytes.record(bytes as f64);
+    }
+
+    /// How the primary lists the replica in `pg_stat_replication`, and whether tidemark
+    /// considers it a `remote_apply` synchronous standby.
+    pub fn sync(&self, sync_state: &str, synchronous_apply: bool) {
+        for (s, g) in &self.sync_state {
+            g.set(if *s == sync_state { 1.0 } else { 0.0 });
+        }
+        self.synchronous_apply.set(synchronous_apply as u8 as f64);
+    }
 }
 
 pub fn split_brain(active: bool) {

@@ -14,6 +14,7 @@ use tidemark_core::{
 use tokio_postgres::NoTls;
 
 use crate::app::App;
+use crate::metrics::NodeMetrics;
 
 /// Role and position, every `monitor.interval`.
 const POLL_SQL: &str = "SELECT pg_is_in_recovery(), \
@@ -31,6 +32,11 @@ const SYNC_SQL: &str = "SELECT current_setting('synchronous_commit'), s.names, s
 /// How often the synchronous-standby state is read: it is for display (routing measures what
 /// each commit reached), so every 100 ms is plenty and keeps the frequent poll trivial.
 const SYNC_EVERY: Duration = Duration::from_millis(100);
+
+/// How long after the last sign of WAL activity (a node's position moved, a replica behind
+/// the primary, a commit through tidemark) the monitor keeps polling at `monitor.interval`
+/// before it slows to `monitor.idle_interval`.
+const ACTIVE_FOR: Duration = Duration::from_secs(1);
 
 #[derive(Clone, Debug)]
 struct Sample {
@@ -51,6 +57,7 @@ struct NodeTrack {
     failures: u32,
     banned_until: Option<Instant>,
     system_id: Option<String>,
+    metrics: Option<NodeMetrics>,
 }
 
 pub struct Monitor {
@@ -58,6 +65,9 @@ pub struct Monitor {
     nodes: Mutex<Vec<NodeTrack>>,
     clock: Mutex<LagClock>,
     generation: std::sync::atomic::AtomicU64,
+    /// When WAL activity was last seen, in ms since `epoch`.
+    last_activity_ms: std::sync::atomic::AtomicU64,
+    epoch: Instant,
 }
 
 impl Monitor {
@@ -73,11 +83,14 @@ impl Monitor {
                         failures: 0,
                         banned_until: None,
                         system_id: None,
+                        metrics: None,
                     })
                     .collect(),
             ),
             clock: Mutex::new(LagClock::new(tidemark_core::lagclock::DEFAULT_CAPACITY)),
             generation: Default::default(),
+            last_activity_ms: Default::default(),
+            epoch: Instant::now(),
             app,
         });
         for i in 0..cfg.nodes.len() {
@@ -149,12 +162,18 @@ impl Monitor {
                         continue;
                     }
                 };
-            let mut ticker = tokio::time::interval(cfg.monitor.interval);
-            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut next = tokio::time::Instant::now();
+            let mut prev_lsn: Option<Lsn> = None;
             let mut sync_read: Option<Instant> = None;
             let (mut remote_apply, mut standbys) = (false, Vec::new());
             loop {
-                ticker.tick().await;
+                // Created before the sleep so a kick sent while this poll runs is not lost.
+                let kicked = self.app.monitor_kick.notified();
+                tokio::select! {
+                    _ = tokio::time::sleep_until(next) => {}
+                    _ = kicked => self.activity(),
+                }
+                let started = tokio::time::Instant::now();
                 let timeout = self.app.config.load().monitor.timeout;
                 let r = tokio::time::timeout(timeout, client.query_one(&stmt, &[])).await;
                 let row = match r {
@@ -212,6 +231,11 @@ impl Monitor {
                 } else {
                     lsn
                 };
+                let behind = role == Role::Replica && lsn < self.app.view.load().primary_lsn;
+                if behind || prev_lsn.is_some_and(|p| p != lsn) {
+                    self.activity();
+                }
+                prev_lsn = Some(lsn);
                 self.sampled(
                     i,
                     Sample {
@@ -224,8 +248,41 @@ impl Monitor {
                         at: Instant::now(),
                     },
                 );
+                next = started + self.pace();
             }
             self.backoff(i).await;
+        }
+    }
+
+    /// Notes WAL activity: every node is polled at `monitor.interval` for [`ACTIVE_FOR`].
+    fn activity(&self) {
+        let now = self.epoch.elapsed().as_millis() as u64;
+        self.last_activity_ms
+            .store(now, std::sync::atomic::Ordering::Relaxed);
+        self.app
+            .monitor_quiet
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The time to the next poll: `monitor.interval` while WAL moves, `monitor.idle_interval`
+    /// once nothing has moved for [`ACTIVE_FOR`]. Nothing a session depends on can change
+    /// on a replica while the primary writes nothing, so the slow pace loses no freshness;
+    /// a commit through tidemark wakes every node's poll at once ([`App::wake_monitor`]),
+    /// and writes from elsewhere are seen within one idle interval.
+    fn pace(&self) -> Duration {
+        let cfg = self.app.config.load();
+        let (interval, idle_interval) = (cfg.monitor.interval, cfg.monitor.idle_interval);
+        let last = self
+            .last_activity_ms
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let idle_ms = (self.epoch.elapsed().as_millis() as u64).saturating_sub(last);
+        if Duration::from_millis(idle_ms) < ACTIVE_FOR {
+            interval
+        } else {
+            self.app
+                .monitor_quiet
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+            idle_interval.max(interval)
         }
     }
 
@@ -344,21 +401,21 @@ impl Monitor {
                     t.gate.in_rotation()
                 };
                 if fresh == Some(st.id) || fresh == view_primary(&primary) {
-                    metrics_node(st);
+                    metrics_node(&mut t.metrics, st);
                 }
             } else {
                 st.in_rotation = st.role == Role::Primary || t.gate.in_rotation();
                 if fresh == Some(st.id) || fresh.is_none() {
-                    metrics_node(st);
+                    metrics_node(&mut t.metrics, st);
                 }
             }
         }
-        crate::metrics::split_brain(matches!(primary, PrimaryState::SplitBrain(_)));
         let generation = self
             .generation
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let prev = self.app.view.load();
         if prev.primary != primary {
+            crate::metrics::split_brain(matches!(primary, PrimaryState::SplitBrain(_)));
             match &primary {
                 PrimaryState::One(p) => {
                     tracing::info!(primary = %statuses[*p].name, "primary is now known")
@@ -393,10 +450,16 @@ fn view_primary(p: &PrimaryState) -> Option<NodeId> {
     }
 }
 
-fn metrics_node(st: &NodeStatus) {
-    crate::metrics::node_state(&st.name, st.role.as_str(), st.healthy, st.in_rotation);
+/// Records a node's state in its metric handles (made on first use, remade if the node was
+/// renamed by a reload).
+fn metrics_node(handles: &mut Option<NodeMetrics>, st: &NodeStatus) {
+    if handles.as_ref().is_none_or(|h| h.name() != st.name) {
+        *handles = NodeMetrics::new(&st.name);
+    }
+    let Some(h) = handles else { return };
+    h.state(st.role.as_str(), st.healthy, st.in_rotation);
     if st.role == Role::Replica && st.healthy {
-        crate::metrics::replica_lag(&st.name, st.lag, st.lag_bytes);
-        crate::metrics::replica_sync(&st.name, st.sync_state.as_str(), st.synchronous_apply);
+        h.lag(st.lag, st.lag_bytes);
+        h.sync(st.sync_state.as_str(), st.synchronous_apply);
     }
 }

@@ -169,6 +169,8 @@ pub struct Session {
     /// Params reported to the client.
     params: HashMap<String, String>,
     max_prepared: usize,
+    /// This client's pool on each node, looked up once (pools live as long as the process).
+    pools: Vec<Option<Arc<crate::pool::Pool>>>,
 }
 
 fn quote_literal(v: &str) -> String {
@@ -308,6 +310,7 @@ impl Session {
             failed_held: None,
             params: HashMap::new(),
             max_prepared,
+            pools: Vec::new(),
         };
         s.recompute_state_key();
         s
@@ -877,11 +880,22 @@ impl Session {
     }
 
     async fn checkout(&mut self, node: NodeId) -> Result<Checked, ErrorFields> {
-        let Some(pool) = self.app.pool(node, &self.database, &self.user) else {
-            return Err(ErrorFields::error(
-                "08006",
-                format!("node {node} is not configured"),
-            ));
+        let cached = self.pools.get(node).cloned().flatten();
+        let pool = match cached {
+            Some(p) => p,
+            None => {
+                let Some(p) = self.app.pool(node, &self.database, &self.user) else {
+                    return Err(ErrorFields::error(
+                        "08006",
+                        format!("node {node} is not configured"),
+                    ));
+                };
+                if self.pools.len() <= node {
+                    self.pools.resize(node + 1, None);
+                }
+                self.pools[node] = Some(p.clone());
+                p
+            }
         };
         match pool.checkout().await {
             Ok(c) => Ok(c),
@@ -1621,6 +1635,7 @@ impl Session {
     fn record_commit(&mut self, c: Captured) {
         let l = c.lsn.normalize_insert_position();
         crate::metrics::lsn_captured();
+        self.app.wake_monitor();
         if l > self.last_write_lsn {
             self.last_write_lsn = l;
         }

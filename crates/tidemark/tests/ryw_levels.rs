@@ -1132,3 +1132,78 @@ async fn synchronous_commit_off_still_reads_its_writes() {
         "without tracking the reads should often be stale"
     );
 }
+
+/// The monitor polls at `monitor.idle_interval` while no WAL moves and at `monitor.interval`
+/// while it does, and a commit through tidemark wakes it at once: the view shows the replica
+/// at the commit's position long before the next idle poll would have.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn monitor_slows_down_when_idle_and_wakes_on_a_commit() {
+    let idle_interval = Duration::from_millis(2500);
+    let env = start(&[None], |c| {
+        c.monitor.interval = Duration::from_millis(5);
+        c.monitor.idle_interval = idle_interval;
+        c.monitor.timeout = Duration::from_secs(5);
+    })
+    .await;
+    let app = env.proxy.app.clone();
+    let c = env.client().await;
+    exec(&c, "CREATE TABLE pace (id int)").await;
+    let quiet = || app.monitor_quiet.load(Ordering::Relaxed);
+
+    // Idle: once the activity window has passed, both nodes are polled about once per
+    // idle interval. A background WAL record (checkpoint, running-xacts snapshot) may wake
+    // the monitor for a second: such a window is taken again.
+    let mut idle_polls = None;
+    for _ in 0..5 {
+        let t = Instant::now();
+        while !quiet() {
+            assert!(
+                t.elapsed() < Duration::from_secs(20),
+                "the monitor never slowed down"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let g0 = app.view.load().generation;
+        let mut stayed = true;
+        for _ in 0..60 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            stayed &= quiet();
+        }
+        if stayed {
+            idle_polls = Some(app.view.load().generation - g0);
+            break;
+        }
+    }
+    let idle_polls = idle_polls.expect("WAL kept moving on an idle cluster");
+    println!("idle: {idle_polls} polls of 2 nodes in 3 s");
+    // At the 5 ms pace this would be ~1,200.
+    assert!(idle_polls <= 10, "{idle_polls} polls in 3 s while idle");
+
+    // A commit through tidemark: the monitor looks at once, and the view has the replica at
+    // the commit's position within milliseconds, not at the next idle poll (up to 2.5 s).
+    exec(&c, "INSERT INTO pace VALUES (1)").await;
+    let commit: tidemark_core::Lsn = scalar(&c, "SHOW tidemark.commit_lsn")
+        .await
+        .parse()
+        .expect("commit LSN");
+    let t = Instant::now();
+    while app.view.load().nodes[1].replay_lsn < commit {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the view never showed the replica at the commit"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let seen = t.elapsed();
+    println!("after a commit: view caught up in {seen:?}");
+    assert!(
+        seen < Duration::from_millis(700),
+        "the view caught up only after {seen:?}: the commit did not wake the monitor"
+    );
+    // And it polls at the fast pace for a while.
+    let g0 = app.view.load().generation;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let busy = app.view.load().generation - g0;
+    println!("after a commit: {busy} polls in 0.5 s");
+    assert!(busy >= 40, "only {busy} polls in 0.5 s after a commit");
+}
