@@ -304,8 +304,13 @@ pub async fn start_tidemark(
         "[[users]]\nname = \"postgres\"\nauth = \"trust\"\n\n\
          [pool]\nmode = \"transaction\"\nmax_size = 40\n\n\
          [routing]\nconsistency = \"{}\"\ntrack_writes = {}\nmax_wait = \"{}\"\n\n\
-         [limits]\nmax_clients = 5000\n",
-        opts.consistency, opts.track_writes, opts.max_wait
+         [limits]\nmax_clients = 5000\n\n\
+         [metrics]\nlisten = \"127.0.0.1:{}\"\n",
+        opts.consistency,
+        opts.track_writes,
+        opts.max_wait,
+        // Measured as deployed: with the Prometheus endpoint on.
+        free_port()?
     ));
     let cfg = dir.join(format!("tidemark-{tag}.toml"));
     write_file(&cfg, &toml, None)?;

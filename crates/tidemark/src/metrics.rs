@@ -8,7 +8,6 @@
 //! ring is kept.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
@@ -217,45 +216,44 @@ thread_local! {
     /// macro builds the label list and looks the key up in the registry on every call, which
     /// showed in the per-statement profile. Handles are cached only once the recorder exists
     /// (a handle taken before would stay a no-op).
-    static COUNTERS: RefCell<HashMap<(&'static str, &'static str, &'static str), Counter>> =
-        RefCell::new(HashMap::new());
+    /// (Fx hashing: the keys are a few short static strings, and SipHash showed too.)
+    static COUNTERS: RefCell<rustc_hash::FxHashMap<(&'static str, &'static str, &'static str), Counter>> =
+        RefCell::new(Default::default());
 }
 
-/// `counter!(name, k1 => v1, k2 => v2)` with the handle cached per label values.
-fn counter2(
+/// `counter!(name, k1 => v1, k2 => v2).increment(1)` with the handle cached per label values.
+fn count2(
     name: &'static str,
     (k1, v1): (&'static str, &'static str),
     (k2, v2): (&'static str, &'static str),
-) -> Counter {
+) {
     let make = || counter!(name, k1 => v1, k2 => v2);
     if !INSTALLED.load(Ordering::Relaxed) {
-        return make();
+        return make().increment(1);
     }
     COUNTERS.with(|c| {
         c.borrow_mut()
             .entry((name, v1, v2))
             .or_insert_with(make)
-            .clone()
+            .increment(1)
     })
 }
 
 pub fn statement(class: &'static str, target: &'static str) {
-    counter2(
+    count2(
         "tidemark_statements_total",
         ("class", class),
         ("target", target),
-    )
-    .increment(1);
+    );
     recent::add(recent::Event::Statement);
 }
 
 pub fn read_routed(target: &'static str, reason: &'static str) {
-    counter2(
+    count2(
         "tidemark_reads_total",
         ("target", target),
         ("reason", reason),
-    )
-    .increment(1);
+    );
     recent::add(if target == "replica" {
         recent::Event::ReplicaRead
     } else {

@@ -1915,7 +1915,12 @@ async fn relay(
                 tokio::select! {
                     biased;
                     r = conn.recv() => match r {
-                        Ok(f) => f,
+                        Ok(f) => {
+                            // Frames already buffered were heard with this read: one clock
+                            // read per socket read, not per message.
+                            last_heard = Instant::now();
+                            f
+                        }
                         Err(e) => {
                             if hold && !flushed {
                                 io.truncate_out(start_out);
@@ -1960,7 +1965,6 @@ async fn relay(
             }
             Err(e) => return Err(RelayFail::Server(e)),
         };
-        last_heard = Instant::now();
         let tag = frame.tag();
         tracing::trace!(tag = %(tag as char), front = ?exp.front().map(|e| format!("{e:?}").chars().take(20).collect::<String>()), "server frame");
         match tag {
