@@ -59,10 +59,8 @@ pub struct App {
     pub shutting_down: tokio::sync::watch::Sender<bool>,
     /// TLS for clients (`[tls]`), rebuilt on RELOAD.
     pub tls: arc_swap::ArcSwapOption<tokio_rustls::TlsAcceptor>,
-    /// Set by the monitor while it polls at `monitor.idle_interval`; a commit then wakes it
-    /// through `monitor_kick` (see [`App::wake_monitor`]).
-    pub monitor_quiet: std::sync::atomic::AtomicBool,
-    pub monitor_kick: Notify,
+    /// The monitor's poll pace, shared with sessions so a commit can speed it up.
+    pub monitor_pace: crate::monitor::Pace,
 }
 
 impl App {
@@ -90,21 +88,10 @@ impl App {
             paused: tokio::sync::watch::channel(false).0,
             shutting_down: tokio::sync::watch::channel(false).0,
             tls: arc_swap::ArcSwapOption::empty(),
-            monitor_quiet: std::sync::atomic::AtomicBool::new(false),
-            monitor_kick: Notify::new(),
+            monitor_pace: crate::monitor::Pace::default(),
         };
         app.refresh_secrets();
         Arc::new(app)
-    }
-
-    /// A write was committed: if the monitor is polling at its idle pace, it goes back to
-    /// `monitor.interval` now (one atomic load per commit otherwise).
-    pub fn wake_monitor(&self) {
-        use std::sync::atomic::Ordering;
-        if self.monitor_quiet.load(Ordering::Relaxed) {
-            self.monitor_quiet.store(false, Ordering::Relaxed);
-            self.monitor_kick.notify_waiters();
-        }
     }
 
     /// Recomputes SCRAM secrets of configured users (at start and on RELOAD).

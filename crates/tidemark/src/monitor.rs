@@ -3,6 +3,7 @@
 //! time, lag gate with hysteresis, primary discovery, split brain). The monitor is the
 //! only writer of `App::view`; sessions read snapshots and never block on it.
 
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -38,6 +39,67 @@ const SYNC_EVERY: Duration = Duration::from_millis(100);
 /// before it slows to `monitor.idle_interval`.
 const ACTIVE_FOR: Duration = Duration::from_secs(1);
 
+/// The monitor's poll pace: `monitor.interval` while WAL moves, `monitor.idle_interval`
+/// once nothing has moved for [`ACTIVE_FOR`]. Nothing a session depends on can change on a
+/// replica while the primary writes nothing, so the slow pace loses no freshness; a commit
+/// through tidemark ([`Pace::wake`]) marks activity and wakes every node's poll at once, and
+/// writes from elsewhere are seen within one idle interval.
+pub struct Pace {
+    epoch: Instant,
+    /// When WAL activity was last seen, in ms since `epoch`.
+    last_activity_ms: AtomicU64,
+    /// Set while the monitor polls at the idle pace: only then does a commit need to wake it.
+    quiet: AtomicBool,
+    kick: tokio::sync::Notify,
+}
+
+impl Default for Pace {
+    fn default() -> Self {
+        Pace {
+            epoch: Instant::now(),
+            last_activity_ms: AtomicU64::new(0),
+            quiet: AtomicBool::new(false),
+            kick: tokio::sync::Notify::new(),
+        }
+    }
+}
+
+impl Pace {
+    /// Notes WAL activity: every node is polled at `monitor.interval` for [`ACTIVE_FOR`].
+    fn activity(&self) {
+        let now = self.epoch.elapsed().as_millis() as u64;
+        self.last_activity_ms.store(now, Ordering::Relaxed);
+        self.quiet.store(false, Ordering::Relaxed);
+    }
+
+    /// A write was committed through tidemark. One atomic load per commit unless the monitor
+    /// is idle; then the activity is recorded before the wake-up, so a node task busy with a
+    /// poll (not waiting for the kick) still picks the fast pace afterwards.
+    pub fn wake(&self) {
+        if self.quiet.load(Ordering::Relaxed) {
+            self.activity();
+            self.kick.notify_waiters();
+        }
+    }
+
+    /// Whether the monitor is polling at `monitor.idle_interval`.
+    pub fn is_quiet(&self) -> bool {
+        self.quiet.load(Ordering::Relaxed)
+    }
+
+    /// The time from one poll's start to the next.
+    fn next_after(&self, interval: Duration, idle_interval: Duration) -> Duration {
+        let last = self.last_activity_ms.load(Ordering::Relaxed);
+        let idle_ms = (self.epoch.elapsed().as_millis() as u64).saturating_sub(last);
+        if Duration::from_millis(idle_ms) < ACTIVE_FOR {
+            interval
+        } else {
+            self.quiet.store(true, Ordering::Relaxed);
+            idle_interval.max(interval)
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 struct Sample {
     ok: bool,
@@ -65,9 +127,6 @@ pub struct Monitor {
     nodes: Mutex<Vec<NodeTrack>>,
     clock: Mutex<LagClock>,
     generation: std::sync::atomic::AtomicU64,
-    /// When WAL activity was last seen, in ms since `epoch`.
-    last_activity_ms: std::sync::atomic::AtomicU64,
-    epoch: Instant,
 }
 
 impl Monitor {
@@ -89,8 +148,6 @@ impl Monitor {
             ),
             clock: Mutex::new(LagClock::new(tidemark_core::lagclock::DEFAULT_CAPACITY)),
             generation: Default::default(),
-            last_activity_ms: Default::default(),
-            epoch: Instant::now(),
             app,
         });
         for i in 0..cfg.nodes.len() {
@@ -167,11 +224,11 @@ impl Monitor {
             let mut sync_read: Option<Instant> = None;
             let (mut remote_apply, mut standbys) = (false, Vec::new());
             loop {
-                // Created before the sleep so a kick sent while this poll runs is not lost.
-                let kicked = self.app.monitor_kick.notified();
+                // A kick sent while this task polls is not waited for here: `Pace::wake`
+                // has already recorded the activity, so `next` is the fast pace.
                 tokio::select! {
                     _ = tokio::time::sleep_until(next) => {}
-                    _ = kicked => self.activity(),
+                    _ = self.app.monitor_pace.kick.notified() => {}
                 }
                 let started = tokio::time::Instant::now();
                 let timeout = self.app.config.load().monitor.timeout;
@@ -233,7 +290,7 @@ impl Monitor {
                 };
                 let behind = role == Role::Replica && lsn < self.app.view.load().primary_lsn;
                 if behind || prev_lsn.is_some_and(|p| p != lsn) {
-                    self.activity();
+                    self.app.monitor_pace.activity();
                 }
                 prev_lsn = Some(lsn);
                 self.sampled(
@@ -248,41 +305,14 @@ impl Monitor {
                         at: Instant::now(),
                     },
                 );
-                next = started + self.pace();
+                let m = &self.app.config.load().monitor;
+                next = started
+                    + self
+                        .app
+                        .monitor_pace
+                        .next_after(m.interval, m.idle_interval);
             }
             self.backoff(i).await;
-        }
-    }
-
-    /// Notes WAL activity: every node is polled at `monitor.interval` for [`ACTIVE_FOR`].
-    fn activity(&self) {
-        let now = self.epoch.elapsed().as_millis() as u64;
-        self.last_activity_ms
-            .store(now, std::sync::atomic::Ordering::Relaxed);
-        self.app
-            .monitor_quiet
-            .store(false, std::sync::atomic::Ordering::Relaxed);
-    }
-
-    /// The time to the next poll: `monitor.interval` while WAL moves, `monitor.idle_interval`
-    /// once nothing has moved for [`ACTIVE_FOR`]. Nothing a session depends on can change
-    /// on a replica while the primary writes nothing, so the slow pace loses no freshness;
-    /// a commit through tidemark wakes every node's poll at once ([`App::wake_monitor`]),
-    /// and writes from elsewhere are seen within one idle interval.
-    fn pace(&self) -> Duration {
-        let cfg = self.app.config.load();
-        let (interval, idle_interval) = (cfg.monitor.interval, cfg.monitor.idle_interval);
-        let last = self
-            .last_activity_ms
-            .load(std::sync::atomic::Ordering::Relaxed);
-        let idle_ms = (self.epoch.elapsed().as_millis() as u64).saturating_sub(last);
-        if Duration::from_millis(idle_ms) < ACTIVE_FOR {
-            interval
-        } else {
-            self.app
-                .monitor_quiet
-                .store(true, std::sync::atomic::Ordering::Relaxed);
-            idle_interval.max(interval)
         }
     }
 

@@ -1635,7 +1635,7 @@ impl Session {
     fn record_commit(&mut self, c: Captured) {
         let l = c.lsn.normalize_insert_position();
         crate::metrics::lsn_captured();
-        self.app.wake_monitor();
+        self.app.monitor_pace.wake();
         if l > self.last_write_lsn {
             self.last_write_lsn = l;
         }

@@ -1159,7 +1159,7 @@ async fn monitor_slows_down_when_idle_and_wakes_on_a_commit() {
     let app = env.proxy.app.clone();
     let c = env.client().await;
     exec(&c, "CREATE TABLE pace (id int)").await;
-    let quiet = || app.monitor_quiet.load(Ordering::Relaxed);
+    let quiet = || app.monitor_pace.is_quiet();
 
     // Idle: once the activity window has passed, both nodes are polled about once per
     // idle interval. A background WAL record (checkpoint, running-xacts snapshot) may wake
