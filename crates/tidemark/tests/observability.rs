@@ -228,6 +228,32 @@ async fn metrics_console_and_status_page_against_a_real_cluster() {
     );
     assert!(sample_sum(&after, "tidemark_errors_total", &[("sqlstate", "28000")]) >= 1.0);
     assert!(sample_sum(&after, "tidemark_reads_replica_ratio", &[]) > 0.5);
+    // Node gauges and the checkout-wait histogram are recorded through handles kept by the
+    // monitor and the pools: they must reach the exposition with the right values.
+    for (node, role) in [(&names[0], "primary"), (&names[1], "replica")] {
+        for r in ["primary", "replica", "unknown"] {
+            assert_eq!(
+                sample_sum(&after, "tidemark_node_role", &[("node", node), ("role", r)]),
+                if r == role { 1.0 } else { 0.0 },
+                "tidemark_node_role of {node}, role {r}"
+            );
+        }
+        assert_eq!(
+            sample_sum(&after, "tidemark_node_healthy", &[("node", node)]),
+            1.0
+        );
+    }
+    assert!(
+        sample_sum(
+            &after,
+            "tidemark_replica_lag_sample_seconds_count",
+            &[("node", &names[1])]
+        ) > 0.0
+    );
+    assert!(
+        sample_sum(&after, "tidemark_pool_checkout_wait_seconds_count", &[]) >= 50.0,
+        "every checkout is counted in the wait histogram"
+    );
 
     // --- replication slots are polled from the primary (every 5 s, first at once) ---
     let deadline = Instant::now() + Duration::from_secs(15);
