@@ -26,6 +26,8 @@ struct Shared {
     delay_us: AtomicU64,
     stop: AtomicBool,
     conns: Mutex<Vec<TcpStream>>,
+    /// A one-shot cut armed by [`FaultProxy::cut_on`]: (pattern, forward it).
+    cut: Mutex<Option<(Vec<u8>, bool)>>,
 }
 
 const PASS: u8 = 0;
@@ -49,6 +51,7 @@ impl FaultProxy {
             delay_us: AtomicU64::new(0),
             stop: AtomicBool::new(false),
             conns: Mutex::new(Vec::new()),
+            cut: Mutex::new(None),
         });
         let sh = shared.clone();
         thread::spawn(move || accept_loop(listener, target, sh));
@@ -75,6 +78,24 @@ impl FaultProxy {
         if m == RESET {
             close_all(&self.shared);
         }
+    }
+}
+
+impl FaultProxy {
+    /// Arms a one-shot cut of the first connection whose client-to-server traffic contains
+    /// `pattern`: with `forward = false` the bytes before the pattern reach the server, the
+    /// server's answers to them still come back for 300 ms, then the connection is closed (a
+    /// server lost between two pipelined statements); with `forward = true` the pattern reaches
+    /// the server but nothing the server sends afterwards comes back (a reply lost on the way).
+    pub fn cut_on(&self, pattern: &[u8], forward: bool) {
+        if let Ok(mut c) = self.shared.cut.lock() {
+            *c = Some((pattern.to_vec(), forward));
+        }
+    }
+
+    /// True while an armed cut has not happened yet.
+    pub fn cut_pending(&self) -> bool {
+        self.shared.cut.lock().map(|c| c.is_some()).unwrap_or(false)
     }
 }
 
@@ -133,11 +154,27 @@ fn connect_pair(client: TcpStream, target: SocketAddr, sh: Arc<Shared>) {
         }
     }
     let sh2 = sh.clone();
-    thread::spawn(move || pump(c2, server, sh2));
-    pump(s2, client, sh);
+    let mute = Arc::new(AtomicBool::new(false));
+    let mute2 = mute.clone();
+    thread::spawn(move || pump(c2, server, sh2, Dir::Up(mute2)));
+    pump(s2, client, sh, Dir::Down(mute));
 }
 
-fn pump(mut from: TcpStream, mut to: TcpStream, sh: Arc<Shared>) {
+/// Which way a pump forwards: client to server (`Up`) or back (`Down`); the flag, once set by
+/// a cut, silences the way back.
+enum Dir {
+    Up(Arc<AtomicBool>),
+    Down(Arc<AtomicBool>),
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    if needle.is_empty() || hay.len() < needle.len() {
+        return None;
+    }
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+fn pump(mut from: TcpStream, mut to: TcpStream, sh: Arc<Shared>, dir: Dir) {
     let _ = from.set_read_timeout(Some(Duration::from_millis(20)));
     let mut buf = vec![0u8; 32 * 1024];
     loop {
@@ -161,6 +198,27 @@ fn pump(mut from: TcpStream, mut to: TcpStream, sh: Arc<Shared>) {
                 while sh.mode.load(Ordering::SeqCst) == BLACKHOLE && !sh.stop.load(Ordering::SeqCst)
                 {
                     thread::sleep(Duration::from_millis(10));
+                }
+                match &dir {
+                    Dir::Down(mute) if mute.load(Ordering::SeqCst) => continue,
+                    Dir::Up(mute) => {
+                        let hit = sh.cut.lock().ok().and_then(|mut c| {
+                            let at = c.as_ref().and_then(|(p, _)| find(&buf[..n], p))?;
+                            c.take().map(|(_, fwd)| (at, fwd))
+                        });
+                        if let Some((at, forward)) = hit {
+                            if forward {
+                                mute.store(true, Ordering::SeqCst);
+                                let _ = to.write_all(&buf[..n]);
+                            } else {
+                                let _ = to.write_all(&buf[..at]);
+                            }
+                            thread::sleep(Duration::from_millis(300));
+                            mute.store(true, Ordering::SeqCst);
+                            break;
+                        }
+                    }
+                    _ => {}
                 }
                 if to.write_all(&buf[..n]).is_err() {
                     break;

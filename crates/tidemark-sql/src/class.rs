@@ -115,6 +115,11 @@ pub struct Analysis {
     /// advisory locks (`pg_advisory_lock`, not `pg_advisory_xact_lock`), temporary relations,
     /// `DECLARE … WITH HOLD`, SQL-level `PREPARE`.
     pub pins_session: bool,
+    /// The text may change session state tidemark cannot follow: a `DO` block, `CALL`, or a
+    /// call of a function that is not a known built-in (it may run `set_config`, `SET ROLE`,
+    /// create temp tables, take advisory locks, `LISTEN`). A server connection that ran it is
+    /// reset completely (`DISCARD ALL`) before anyone uses it again.
+    pub opaque_state: bool,
     /// `tidemark:` hints from the leading comments.
     pub hints: Hints,
 }

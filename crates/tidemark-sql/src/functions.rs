@@ -577,6 +577,42 @@ impl FunctionRules {
         set.contains(name) || (!schema.is_empty() && set.contains(&format!("{schema}.{name}")))
     }
 
+    /// True for a built-in function tidemark knows the session effects of (all of them are
+    /// tracked or pin: `set_config`, advisory locks): unqualified or `pg_catalog` names in the
+    /// built-in lists, or that the catalog knows in `pg_catalog`. A user's function may change
+    /// session state in ways tidemark cannot see.
+    pub(crate) fn is_known_builtin(&self, schema: &str, name: &str) -> bool {
+        let builtin = schema.is_empty() || schema == "pg_catalog";
+        if !builtin {
+            return false;
+        }
+        if name.starts_with("pg_advisory_")
+            || name.starts_with("pg_try_advisory_")
+            || self.writing.contains(name)
+            || WRITING_PREFIXES.iter().any(|p| name.starts_with(p))
+            || self.volatile_read_only.contains(name)
+            || self.common_read.contains(name)
+        {
+            return true;
+        }
+        self.catalog
+            .by_name
+            .contains_key(&format!("pg_catalog.{name}"))
+    }
+
+    /// True when calling `schema.name` may change session state tidemark cannot follow: a
+    /// function that is not a known built-in and that the catalog does not know as STABLE or
+    /// IMMUTABLE (those must not have side effects).
+    pub(crate) fn may_change_session(&self, schema: &str, name: &str) -> bool {
+        if self.is_known_builtin(schema, name) {
+            return false;
+        }
+        !matches!(
+            self.catalog.lookup(schema, name),
+            Some(Volatility::Stable | Volatility::Immutable)
+        )
+    }
+
     /// The effect of calling `schema.name` (schema empty when unqualified). Both lowercase.
     ///
     /// Order: policy write list, policy read list, built-in writers (only for unqualified or

@@ -24,7 +24,9 @@ pub mod functions;
 pub mod hints;
 mod normalize;
 
-pub use analyze::{INLINE_PARSE_LIMIT, MAX_OPERATOR_RUN, MAX_PARSE_TEXT};
+pub use analyze::{
+    backend_signal, BackendSignal, SignalPid, INLINE_PARSE_LIMIT, MAX_OPERATOR_RUN, MAX_PARSE_TEXT,
+};
 pub use class::{combine, Analysis, Class, SessionKind, TidemarkCommand, TxControl};
 pub use classifier::{Classifier, MAX_CACHED_TEXT};
 pub use functions::{FunctionCatalog, FunctionPolicy, Volatility};

@@ -253,6 +253,34 @@ pub fn simple(tag: u8) -> Frame {
     Frame::new(tag, b"")
 }
 
+/// RowDescription of one `bool` column (oid 16) in the given format (0 text, 1 binary), as
+/// PostgreSQL describes a function result column.
+pub fn bool_row_description(column: &str, format: i16) -> Frame {
+    let mut b = BytesMut::new();
+    b.put_i16(1);
+    put_cstr(&mut b, column);
+    b.put_i32(0);
+    b.put_i16(0);
+    b.put_u32(16);
+    b.put_i16(1);
+    b.put_i32(-1);
+    b.put_i16(format);
+    Frame::new(b'T', &b)
+}
+
+/// DataRow of one `bool` value in the given format.
+pub fn bool_data_row(v: bool, format: i16) -> Frame {
+    let mut b = BytesMut::new();
+    b.put_i16(1);
+    b.put_i32(1);
+    if format == 1 {
+        b.put_u8(u8::from(v));
+    } else {
+        b.put_u8(if v { b't' } else { b'f' });
+    }
+    Frame::new(b'D', &b)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

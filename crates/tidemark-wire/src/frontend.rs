@@ -163,6 +163,86 @@ pub(crate) fn put_cstr(b: &mut BytesMut, s: &str) {
     b.put_u8(0);
 }
 
+/// What a Bind message carries besides its names.
+#[derive(Debug, PartialEq, Eq)]
+pub struct BindValues<'a> {
+    /// Format code of each parameter (0 text, 1 binary), expanded to one per parameter.
+    pub param_formats: Vec<i16>,
+    pub params: Vec<Option<&'a [u8]>>,
+    /// Result-column format codes as sent (none: all text; one: for every column).
+    pub result_formats: Vec<i16>,
+}
+
+impl BindValues<'_> {
+    /// The format of result column `i`.
+    pub fn result_format(&self, i: usize) -> i16 {
+        match self.result_formats.as_slice() {
+            [] => 0,
+            [one] => *one,
+            many => many.get(i).copied().unwrap_or(0),
+        }
+    }
+
+    /// Parameter `i` (0-based) as an integer, text or binary int2/int4/int8.
+    pub fn int_param(&self, i: usize) -> Option<i64> {
+        let v = (*self.params.get(i)?)?;
+        match self.param_formats.get(i).copied().unwrap_or(0) {
+            0 => std::str::from_utf8(v).ok()?.trim().parse().ok(),
+            1 => match v.len() {
+                2 => Some(i64::from(i16::from_be_bytes([v[0], v[1]]))),
+                4 => Some(i64::from(i32::from_be_bytes([v[0], v[1], v[2], v[3]]))),
+                8 => Some(i64::from_be_bytes(v.try_into().ok()?)),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+}
+
+/// Decodes a Bind message's parameter values and format codes.
+pub fn bind_values(frame: &Frame) -> Result<BindValues<'_>, WireError> {
+    let bad = |what| WireError::Malformed { tag: 'B', what };
+    let mut b = frame.body();
+    read_cstr(&mut b, b'B')?;
+    read_cstr(&mut b, b'B')?;
+    let nf = read_i16(&mut b, b'B')?;
+    let mut formats = Vec::new();
+    for _ in 0..nf.max(0) {
+        formats.push(read_i16(&mut b, b'B')?);
+    }
+    let np = read_i16(&mut b, b'B')?.max(0) as usize;
+    let param_formats = match formats.as_slice() {
+        [] => vec![0; np],
+        [one] => vec![*one; np],
+        many if many.len() == np => many.to_vec(),
+        _ => return Err(bad("parameter format count mismatch")),
+    };
+    let mut params = Vec::with_capacity(np);
+    for _ in 0..np {
+        let len = read_i32(&mut b, b'B')?;
+        if len < 0 {
+            params.push(None);
+        } else {
+            let l = len as usize;
+            if b.len() < l {
+                return Err(bad("parameter value past the end"));
+            }
+            params.push(Some(&b[..l]));
+            b = &b[l..];
+        }
+    }
+    let nr = read_i16(&mut b, b'B')?;
+    let mut result_formats = Vec::new();
+    for _ in 0..nr.max(0) {
+        result_formats.push(read_i16(&mut b, b'B')?);
+    }
+    Ok(BindValues {
+        param_formats,
+        params,
+        result_formats,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -13,9 +13,11 @@ pub mod backend;
 pub mod frame;
 pub mod frontend;
 pub mod startup;
+pub mod state;
 
 pub use frame::{Frame, FrameCodec};
 pub use startup::{StartupPacket, StartupParams};
+pub use state::{Phase, ServerState};
 
 /// A malformed or oversized protocol message.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

@@ -30,7 +30,23 @@ pub struct ClientEntry {
     pub secret: i32,
     pub slot: Arc<Mutex<Option<CancelTarget>>>,
     pub info: Arc<Mutex<ClientInfo>>,
+    /// Woken to end the session (`pg_terminate_backend` on its pid).
+    pub kill: Arc<Notify>,
 }
+
+/// What `pg_terminate_backend`/`pg_cancel_backend` on a pid did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Signalled {
+    /// No tidemark client has that pid (it may be a server's: the call goes to the server).
+    NotOurs,
+    /// The caller may not signal that client's session (another user).
+    Denied,
+    Done,
+}
+
+/// Pids tidemark gives clients start here: above any Linux pid (pid_max is at most 2^22), so a
+/// pid a client was given is never also a server process's pid.
+const FIRST_CLIENT_PID: i32 = 1 << 30;
 
 /// What the admin console shows of a client.
 #[derive(Clone, Debug, Default)]
@@ -83,7 +99,7 @@ impl App {
             pools: Pools::default(),
             scram: Mutex::new(HashMap::new()),
             clients: Mutex::new(HashMap::new()),
-            next_pid: AtomicI32::new(1),
+            next_pid: AtomicI32::new(FIRST_CLIENT_PID),
             balance: AtomicU64::new(0),
             paused: tokio::sync::watch::channel(false).0,
             shutting_down: tokio::sync::watch::channel(false).0,
@@ -183,19 +199,82 @@ impl App {
             .unwrap_or_else(|| format!("node{node}"))
     }
 
-    /// Registers a client for cancel requests; returns its (pid, secret).
+    /// Registers a client for cancel requests and signals; returns its (pid, secret).
     pub fn register_client(
         &self,
         slot: Arc<Mutex<Option<CancelTarget>>>,
         info: Arc<Mutex<ClientInfo>>,
+        kill: Arc<Notify>,
     ) -> (i32, i32) {
-        let pid = self.next_pid.fetch_add(1, Ordering::Relaxed);
         let secret = rand::random::<i32>();
-        self.clients
-            .lock()
-            .insert(pid, ClientEntry { secret, slot, info });
+        let mut clients = self.clients.lock();
+        let pid = loop {
+            let p = self.next_pid.fetch_add(1, Ordering::Relaxed);
+            if p < FIRST_CLIENT_PID {
+                // Wrapped around after 2^31 - 2^30 clients: start again.
+                self.next_pid.store(FIRST_CLIENT_PID, Ordering::Relaxed);
+                continue;
+            }
+            if !clients.contains_key(&p) {
+                break p;
+            }
+        };
+        clients.insert(
+            pid,
+            ClientEntry {
+                secret,
+                slot,
+                info,
+                kill,
+            },
+        );
         crate::metrics::clients(1.0);
         (pid, secret)
+    }
+
+    /// Moves a client's registration to another (pid, secret) — in session pooling, the
+    /// server's own. False (nothing changes) if that pid is taken.
+    pub fn rekey_client(&self, pid: i32, new_pid: i32, new_secret: i32) -> bool {
+        let mut clients = self.clients.lock();
+        if clients.contains_key(&new_pid) {
+            return false;
+        }
+        let Some(mut e) = clients.remove(&pid) else {
+            return false;
+        };
+        e.secret = new_secret;
+        clients.insert(new_pid, e);
+        true
+    }
+
+    /// `pg_terminate_backend(pid)` / `pg_cancel_backend(pid)` for a pid tidemark gave a
+    /// client: allowed on the caller's own user's sessions, or for an admin user.
+    pub async fn signal_client(
+        &self,
+        pid: i32,
+        terminate: bool,
+        caller: &str,
+        caller_is_admin: bool,
+    ) -> Signalled {
+        let (kill, slot) = {
+            let clients = self.clients.lock();
+            let Some(e) = clients.get(&pid) else {
+                return Signalled::NotOurs;
+            };
+            if !caller_is_admin && e.info.lock().user != caller {
+                return Signalled::Denied;
+            }
+            let slot = e.slot.lock().clone();
+            (e.kill.clone(), slot)
+        };
+        if terminate {
+            kill.notify_one();
+        } else if let Some(t) = slot {
+            if let Err(e) = crate::server::cancel(&t.host, t.port, t.pid, t.secret).await {
+                tracing::warn!(error = %e, "forwarding cancel failed");
+            }
+        }
+        Signalled::Done
     }
 
     pub fn unregister_client(&self, pid: i32) {

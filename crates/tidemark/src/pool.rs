@@ -254,7 +254,12 @@ impl Pool {
     }
 
     fn put_back(&self, mut conn: ServerConn) {
-        if conn.broken || conn.buffered() > 0 || conn.has_unexpected_input() {
+        // The one gate: a connection that still owes anything, is in a transaction or was
+        // lost track of is closed, never handed to another client.
+        if !conn.reusable() || conn.has_unexpected_input() {
+            if !conn.broken && !conn.proto.is_idle() {
+                tracing::debug!(pool = %self.name, phase = ?conn.proto.phase(), "server connection not idle at release: closed");
+            }
             self.stats.open.fetch_sub(1, Ordering::Relaxed);
             return;
         }

@@ -76,6 +76,9 @@ pub struct ServerConn {
     pub last_used: Instant,
     /// Set when the connection must not go back to a pool.
     pub broken: bool,
+    /// What the server owes and whether it is idle, from every frame sent and received: a
+    /// connection goes back to a pool only when this says idle (see `Pool::put_back`).
+    pub proto: tidemark_wire::ServerState,
 }
 
 impl ServerConn {
@@ -115,6 +118,7 @@ impl ServerConn {
             created: now,
             last_used: now,
             broken: false,
+            proto: tidemark_wire::ServerState::default(),
         };
         let mut buf = BytesMut::new();
         pgfe::startup_message(
@@ -142,7 +146,11 @@ impl ServerConn {
                     c.backend_pid = pid;
                     c.backend_secret = secret;
                 }
-                b'Z' => return Ok(c),
+                b'Z' => {
+                    // The startup exchange is not part of what is owed.
+                    c.proto = tidemark_wire::ServerState::default();
+                    return Ok(c);
+                }
                 b'E' => return Err(server_error(&f)),
                 b'N' => {}
                 other => {
@@ -236,15 +244,18 @@ impl ServerConn {
     /// Reads one frame.
     pub async fn recv(&mut self) -> Result<Frame, ServerError> {
         loop {
-            if let Some(f) = self
-                .codec
-                .decode(&mut self.rbuf)
-                .map_err(|e| ServerError::Protocol(e.to_string()))?
-            {
+            if let Some(f) = self.try_buffered()? {
                 return Ok(f);
             }
-            let n = self.stream.read_buf(&mut self.rbuf).await?;
+            let n = match self.stream.read_buf(&mut self.rbuf).await {
+                Ok(n) => n,
+                Err(e) => {
+                    self.proto.set_lost();
+                    return Err(e.into());
+                }
+            };
             if n == 0 {
+                self.proto.set_lost();
                 return Err(ServerError::Closed);
             }
         }
@@ -252,14 +263,47 @@ impl ServerConn {
 
     /// Takes a frame that is already buffered, without reading.
     pub fn try_buffered(&mut self) -> Result<Option<Frame>, ServerError> {
-        self.codec
-            .decode(&mut self.rbuf)
-            .map_err(|e| ServerError::Protocol(e.to_string()))
+        match self.codec.decode(&mut self.rbuf) {
+            Ok(Some(f)) => {
+                self.observe(&f);
+                Ok(Some(f))
+            }
+            Ok(None) => Ok(None),
+            Err(e) => {
+                self.proto.set_lost();
+                Err(ServerError::Protocol(e.to_string()))
+            }
+        }
     }
 
+    /// Feeds a received frame to the protocol state.
+    fn observe(&mut self, f: &Frame) {
+        let extra = match f.tag() {
+            b'Z' => tidemark_wire::backend::ready_status(f).unwrap_or(0),
+            b'E' => match ErrorFields::parse(f) {
+                Ok(e) if e.severity == "FATAL" || e.severity == "PANIC" => 1,
+                Ok(_) => 0,
+                Err(_) => 1,
+            },
+            _ => 0,
+        };
+        self.proto.received(f.tag(), extra);
+    }
+
+    /// Writes whole frontend frames.
     pub async fn send(&mut self, bytes: &[u8]) -> Result<(), ServerError> {
-        self.stream.write_all(bytes).await?;
+        self.proto.sent(bytes);
+        if let Err(e) = self.stream.write_all(bytes).await {
+            self.proto.set_lost();
+            return Err(e.into());
+        }
         Ok(())
+    }
+
+    /// True when the connection may be given to another client: nothing owed, no
+    /// transaction, nothing unread, not marked broken.
+    pub fn reusable(&self) -> bool {
+        !self.broken && self.proto.is_idle() && self.rbuf.is_empty()
     }
 
     /// True when the server sent something while the connection was idle (e.g. it is

@@ -29,6 +29,14 @@ use crate::config::{Balance, PoolMode};
 use crate::pool::{Checked, PoolError};
 use crate::server::ServerError;
 
+/// Resets every setting a client can change with SET, including the two `RESET ALL` leaves
+/// alone (`role` and `session_authorization` are GUC_NO_RESET_ALL in PostgreSQL).
+const RESET_SQL: &str = "RESET SESSION AUTHORIZATION; RESET ROLE; RESET ALL";
+/// `ServerConn::state_key` of a connection whose session state is unknown (see
+/// `Analysis::opaque_state`); session keys are 0 or odd, so none matches it.
+const STATE_UNKNOWN: u64 = 2;
+/// `ServerConn::state_key` while a SET runs: reset (without DISCARD) before the next use.
+const STATE_DIRTY: u64 = 4;
 /// Most prepared statements one server connection keeps before tidemark deallocates them.
 const MAX_PREPARED_PER_SERVER: usize = 5000;
 /// A unit without Sync/Flush larger than this is sent on without waiting for its end.
@@ -99,6 +107,9 @@ enum RelayEnd {
     Ready(u8, bool, Option<Captured>),
     /// Flushed unit: all responses so far are relayed, the unit stays open.
     Open,
+    /// ReadyForQuery with this status was relayed, then the connection was lost before the
+    /// pipelined commit-position read was answered: the unit committed, its position is unknown.
+    CaptureLost(u8, bool),
 }
 
 enum RelayError {
@@ -128,6 +139,10 @@ pub struct Session {
     secret: i32,
     cancel_slot: Arc<Mutex<Option<CancelTarget>>>,
     info: Arc<Mutex<ClientInfo>>,
+    /// Woken by `pg_terminate_backend` on this client's pid.
+    kill: Arc<tokio::sync::Notify>,
+    /// Session pooling: the client was given its server's own pid and key.
+    real_pid: bool,
     /// SET statements from the startup packet, then from the client, by parameter name.
     startup_sets: Vec<String>,
     sets: Vec<(String, String)>,
@@ -162,10 +177,14 @@ pub struct Session {
     tx_key: Option<String>,
     /// Session-state statements run inside the current transaction (applied at COMMIT).
     tx_session_state: Vec<Class>,
-    /// The held server connection ended between statements; told with the next unit.
-    failed_held: Option<ErrorFields>,
+    /// A write's commit position could not be read (the connection was lost after the
+    /// commit): the session's next read first learns the primary's current position.
+    write_unknown: bool,
     /// After tidemark itself failed a Flush-ended unit: ignore messages until Sync.
     skip_until_sync: bool,
+    /// Something run in the current transaction may have changed session state invisibly:
+    /// the connection is marked unknown when it is released.
+    conn_state_unknown: bool,
     /// Params reported to the client.
     params: HashMap<String, String>,
     max_prepared: usize,
@@ -271,7 +290,8 @@ impl Session {
             node: None,
             consistency: consistency.to_string(),
         }));
-        let (pid, secret) = app.register_client(cancel_slot.clone(), info.clone());
+        let kill = Arc::new(tokio::sync::Notify::new());
+        let (pid, secret) = app.register_client(cancel_slot.clone(), info.clone(), kill.clone());
         let balance = app.balance.fetch_add(1, Ordering::Relaxed);
         let mut s = Session {
             app,
@@ -282,6 +302,8 @@ impl Session {
             secret,
             cancel_slot,
             info,
+            kill,
+            real_pid: false,
             startup_sets: startup.into_iter().map(|(_, s)| s).collect(),
             sets: Vec::new(),
             state_key: 0,
@@ -307,7 +329,8 @@ impl Session {
             tx_key: None,
             tx_session_state: Vec::new(),
             skip_until_sync: false,
-            failed_held: None,
+            write_unknown: false,
+            conn_state_unknown: false,
             params: HashMap::new(),
             max_prepared,
             pools: Vec::new(),
@@ -321,7 +344,7 @@ impl Session {
     }
 
     fn state_sql(&self) -> String {
-        let mut sql = String::from("RESET ALL");
+        let mut sql = String::from(RESET_SQL);
         for s in self
             .startup_sets
             .iter()
@@ -355,7 +378,11 @@ impl Session {
             applied: None,
         };
         let view = self.app.view.load_full();
+        // Session pooling: the client owns one primary connection for its whole life, from
+        // the start, and is given that server's pid and key.
+        let session_mode = self.pinned;
         let node = match route(&req, &view) {
+            _ if session_mode => view.primary_id(),
             Route::Node { node, .. } => Some(node),
             _ => view
                 .primary_id()
@@ -383,7 +410,23 @@ impl Session {
             self.params.insert(k.clone(), v.clone());
             self.io.push(&be::parameter_status(k, v));
         }
-        conn.release();
+        let mut secret = secret;
+        if session_mode {
+            let (sp, ss) = (conn.conn.backend_pid, conn.conn.backend_secret);
+            if self.app.rekey_client(self.pid, sp, ss) {
+                self.pid = sp;
+                self.secret = ss;
+                secret = ss;
+                self.real_pid = true;
+            }
+            self.attached = Some(Attached {
+                conn,
+                node,
+                role: Role::Primary,
+            });
+        } else {
+            conn.release();
+        }
         self.io.push(&be::backend_key_data(self.pid, secret));
         self.io.push(&be::ready_for_query(b'I'));
         self.io.flush().await?;
@@ -445,8 +488,11 @@ impl Session {
                 Client(Result<(), ClientError>),
                 Server(Result<Frame, ServerError>),
                 Shutdown,
+                Killed,
             }
+            let kill = self.kill.clone();
             let ev = tokio::select! {
+                _ = kill.notified() => Event::Killed,
                 r = io.fill() => Event::Client(r),
                 r = async {
                     match server {
@@ -458,6 +504,10 @@ impl Session {
             };
             match ev {
                 Event::Client(r) => r?,
+                Event::Killed => {
+                    self.io.send(&terminated().to_error()).await?;
+                    return Err(ClientError::Closed);
+                }
                 Event::Shutdown => {
                     let f = ErrorFields::fatal(
                         "57P01",
@@ -472,14 +522,22 @@ impl Session {
                             self.params.insert(k, v);
                         }
                     }
+                    let f = match &self.attached {
+                        Some(a) if f.tag() == b'A' && !self.real_pid => {
+                            own_notification(&f, a.conn.conn.backend_pid, self.pid)
+                        }
+                        _ => f,
+                    };
                     self.io.send(&f).await?;
                 }
                 Event::Server(r) => {
                     // The held connection failed or ended (terminated backend,
-                    // idle_in_transaction_session_timeout, crash): its transaction is gone.
+                    // idle_in_transaction_session_timeout, crash): its transaction and session
+                    // state are gone. As PostgreSQL does, the client's session ends with the
+                    // server's FATAL (or 08006 when the server said nothing).
                     let mut e = match r {
                         Ok(f) => match ErrorFields::parse(&f) {
-                            Ok(e) => ErrorFields::error(&e.code, e.message),
+                            Ok(e) => e,
                             Err(_) => ErrorFields::error(
                                 "08006",
                                 "the server connection sent an unexpected message",
@@ -489,30 +547,14 @@ impl Session {
                             ErrorFields::error("08006", format!("server connection lost: {e}"))
                         }
                     };
+                    e.severity = "FATAL".into();
                     if let Some(mut a) = self.attached.take() {
                         a.conn.conn.broken = true;
                     }
-                    tracing::warn!(client = self.pid, sqlstate = %e.code, message = %e.message, "held server connection ended between statements");
-                    if self.pinned {
-                        // Session state (LISTEN, temp tables, ...) lived there: end the
-                        // client's session too, as PostgreSQL would.
-                        e.severity = "FATAL".into();
-                        crate::metrics::error(&e.code);
-                        self.io.send(&e.to_error()).await?;
-                        return Err(ClientError::Closed);
-                    }
-                    // The client learns it with its next statement, which is not run (it
-                    // belonged to the lost transaction); ReadyForQuery then says idle.
-                    if self.tx_status != b'I' {
-                        e = e.with_detail(
-                            "the transaction was rolled back by the server; start it again",
-                        );
-                    }
-                    self.tx_status = b'I';
-                    self.tx_wrote = false;
-                    self.tx_key = None;
-                    self.tx_session_state.clear();
-                    self.failed_held = Some(e);
+                    tracing::warn!(client = self.pid, sqlstate = %e.code, message = %e.message, "held server connection ended between statements; ending the client session");
+                    crate::metrics::error(&e.code);
+                    self.io.send(&e.to_error()).await?;
+                    return Err(ClientError::Closed);
                 }
             }
         }
@@ -594,9 +636,6 @@ impl Session {
     }
 
     async fn run_unit(&mut self, unit: Unit) -> SResult<()> {
-        if let Some(e) = self.failed_held.take() {
-            return self.send_error_ready(e, unit.end).await;
-        }
         if self.skip_until_sync {
             if unit.end == UnitEnd::Sync {
                 self.skip_until_sync = false;
@@ -651,6 +690,9 @@ impl Session {
                 }
             }
         }
+        if !self.real_pid && self.answer_backend_signal(&unit).await? {
+            return Ok(());
+        }
         for err in &analysis.hints.errors {
             let n = ErrorFields {
                 severity: "WARNING".into(),
@@ -666,6 +708,101 @@ impl Session {
             );
         }
         self.execute(unit, analysis).await
+    }
+
+    /// `SELECT pg_terminate_backend(pid)` / `pg_cancel_backend(pid)` where pid is one tidemark
+    /// gave a client: acts on that client's session and answers like PostgreSQL (simple
+    /// protocol, or a Parse/Bind/Describe/Execute/Sync unit). True when answered; any other
+    /// pid goes to the server as usual.
+    async fn answer_backend_signal(&mut self, unit: &Unit) -> SResult<bool> {
+        let mut sql: Option<&str> = None;
+        let mut stmt: Option<Arc<Stmt>> = None;
+        let mut bind: Option<&Frame> = None;
+        let mut parse = false;
+        let mut describe = false;
+        for f in &unit.frames {
+            match FrontendMessage::parse(f)? {
+                FrontendMessage::Query(q) if unit.frames.len() == 1 => sql = Some(q),
+                FrontendMessage::Parse { query, .. } if !parse && bind.is_none() => {
+                    parse = true;
+                    sql = Some(query);
+                }
+                FrontendMessage::Bind { statement, .. } if bind.is_none() => {
+                    if !parse {
+                        stmt = if statement.is_empty() {
+                            self.unnamed.clone()
+                        } else {
+                            self.statements.get(statement).cloned()
+                        };
+                    }
+                    bind = Some(f);
+                }
+                FrontendMessage::Describe { kind: b'P', .. } if bind.is_some() && !describe => {
+                    describe = true
+                }
+                FrontendMessage::Execute { .. } | FrontendMessage::Sync if bind.is_some() => {}
+                _ => return Ok(false),
+            }
+        }
+        let extended = bind.is_some();
+        if extended && unit.end != UnitEnd::Sync {
+            return Ok(false);
+        }
+        let text = sql.or(stmt.as_deref().map(|s| s.query.as_str()));
+        let Some((kind, pid_ref)) = text.and_then(tidemark_sql::backend_signal) else {
+            return Ok(false);
+        };
+        let values = match bind.map(fe::bind_values).transpose() {
+            Ok(v) => v,
+            Err(_) => return Ok(false),
+        };
+        let pid = match (pid_ref, &values) {
+            (tidemark_sql::SignalPid::Literal(p), _) => Some(p),
+            (tidemark_sql::SignalPid::Param(n), Some(v)) => v.int_param(n - 1),
+            _ => None,
+        };
+        let Some(pid) = pid.and_then(|p| i32::try_from(p).ok()) else {
+            return Ok(false);
+        };
+        let terminate = kind == tidemark_sql::BackendSignal::Terminate;
+        let admin = self.app.config.load().admin_users.contains(&self.user);
+        let result = self
+            .app
+            .signal_client(pid, terminate, &self.user, admin)
+            .await;
+        let column = if terminate {
+            "pg_terminate_backend"
+        } else {
+            "pg_cancel_backend"
+        };
+        match result {
+            crate::app::Signalled::NotOurs => return Ok(false),
+            crate::app::Signalled::Denied => {
+                let verb = if terminate { "terminate" } else { "cancel" };
+                let e = ErrorFields::error("42501", format!("permission denied to {verb} process"))
+                    .with_detail(format!("Only roles with privileges of the role whose process is being {verb}ed may {verb} this process (tidemark: the same user, or an admin user)."));
+                self.send_error_ready(e, unit.end).await?;
+                return Ok(true);
+            }
+            crate::app::Signalled::Done => {}
+        }
+        let format = values.as_ref().map(|v| v.result_format(0)).unwrap_or(0);
+        if extended {
+            if parse {
+                self.io.push(&be::simple(be::PARSE_COMPLETE));
+            }
+            self.io.push(&be::simple(b'2'));
+            if describe {
+                self.io.push(&be::bool_row_description(column, format));
+            }
+        } else {
+            self.io.push(&be::bool_row_description(column, 0));
+        }
+        self.io.push(&be::bool_data_row(true, format));
+        self.io.push(&be::command_complete("SELECT 1"));
+        self.io.push(&be::ready_for_query(self.tx_status));
+        self.io.flush().await?;
+        Ok(true)
     }
 
     /// Classifies a unit; returns its combined analysis and the prepared statements it
@@ -733,6 +870,7 @@ impl Session {
                     class: Class::Unknown,
                     statements: vec![Class::Unknown],
                     pins_session: false,
+                    opaque_state: true,
                     hints: Default::default(),
                 })),
                 _ => {}
@@ -921,8 +1059,14 @@ impl Session {
         if c.conn.state_key == self.state_key {
             return Ok(());
         }
+        if c.conn.state_key == STATE_UNKNOWN {
+            // The last client ran something whose effects on the session tidemark cannot see
+            // (a DO block, a user function): reset everything, prepared statements included.
+            c.conn.simple_query("DISCARD ALL").await?;
+            c.conn.prepared.clear();
+        }
         let sql = if self.state_key == 0 {
-            "RESET ALL".to_string()
+            RESET_SQL.to_string()
         } else {
             self.state_sql()
         };
@@ -968,16 +1112,32 @@ impl Session {
                 Class::Transaction(TxControl::CommitPrepared | TxControl::RollbackPrepared)
             );
         let retryable = read_only && self.tx_status == b'I' && !self.unit_open && !self.pinned;
+        let may_commit = self.unit_may_commit(&analysis, may_write);
         let pipeline = self.pipeline_capture(&analysis, may_write) && !self.unit_may_copy(&unit);
         let frames_for_retry = if retryable {
             Some(unit.frames.clone())
         } else {
             None
         };
+        // Until the unit's outcome is known (a client may vanish before it), the connection's
+        // session state is not what its key says.
+        if let Some(att) = self.attached.as_mut() {
+            let key = &mut att.conn.conn.state_key;
+            if analysis.opaque_state {
+                *key = STATE_UNKNOWN;
+            } else if *key != STATE_UNKNOWN
+                && analysis
+                    .statements
+                    .iter()
+                    .any(|c| matches!(c, Class::SessionState(_)))
+            {
+                *key = STATE_DIRTY;
+            }
+        }
         let outcome = self.send_and_relay(&unit, retryable, pipeline).await;
         match outcome {
-            Ok(RelayOutcome::Done(status, errored, lsn)) => {
-                self.after_ready(status, errored, may_write, &analysis, lsn)
+            Ok(RelayOutcome::Done(status, errored, lsn, lost)) => {
+                self.after_ready(status, errored, may_write, &analysis, lsn, lost)
                     .await?;
             }
             Ok(RelayOutcome::Open) => {
@@ -987,8 +1147,13 @@ impl Session {
                 }
             }
             Ok(RelayOutcome::RetryOnPrimary(why)) => {
-                // Nothing reached the client: run the unit again on the primary.
+                // Nothing reached the client: run the unit again on the primary. A replica
+                // that refused a write (25006) proves the unit writes: its commit position is
+                // recorded like any write's.
                 tracing::info!(client = self.pid, reason = %why, "read retried on the primary");
+                let may_write = may_write || why.starts_with("25006");
+                let pipeline = pipeline
+                    || (self.pipeline_capture(&analysis, may_write) && !self.unit_may_copy(&unit));
                 crate::metrics::fallback("replica_error");
                 let Some(frames) = frames_for_retry else {
                     return Ok(());
@@ -1021,52 +1186,75 @@ impl Session {
                             end: unit.end,
                         };
                         match self.send_and_relay(&unit, false, pipeline).await {
-                            Ok(RelayOutcome::Done(status, errored, lsn)) => {
-                                self.after_ready(status, errored, may_write, &analysis, lsn)
+                            Ok(RelayOutcome::Done(status, errored, lsn, lost)) => {
+                                self.after_ready(status, errored, may_write, &analysis, lsn, lost)
                                     .await?
                             }
                             Ok(RelayOutcome::Open) => self.unit_open = true,
                             Ok(RelayOutcome::RetryOnPrimary(_)) => {}
                             Err(RelayError::Client(e)) => return Err(e),
-                            Err(RelayError::Server(e)) => self.server_failed(e).await?,
+                            Err(RelayError::Server(e)) => self.server_failed(e, may_commit).await?,
                         }
                     }
                     Err(e) => return self.send_error_ready(e, unit.end).await,
                 }
             }
             Err(RelayError::Client(e)) => return Err(e),
-            Err(RelayError::Server(e)) => self.server_failed(e).await?,
+            Err(RelayError::Server(e)) => self.server_failed(e, may_commit).await?,
         }
         Ok(())
     }
 
-    /// The server connection broke mid-unit: tell the client, drop the connection.
-    async fn server_failed(&mut self, e: ServerError) -> SResult<()> {
+    /// The server connection broke mid-unit: tell the client, drop the connection. Inside a
+    /// transaction, or when the session holds state on that connection, the client's session
+    /// ends as it would directly (FATAL, then the close); a unit that may have committed ends it
+    /// with 08007, since nobody can say whether it did.
+    async fn server_failed(&mut self, e: ServerError, may_commit: bool) -> SResult<()> {
         let node = self.attached.as_ref().map(|a| a.node);
         self.attached = None; // dropping closes it
         self.unit_open = false;
         self.copy_in = false;
         self.server_skipping = false;
-        self.tx_wrote = false;
         *self.cancel_slot.lock() = None;
         let name = node.map(|n| self.app.node_name(n)).unwrap_or_default();
         let was_in_tx = self.tx_status != b'I';
         self.tx_status = b'I';
-        let (code, msg) = match &e {
-            ServerError::Server(f) => (f.code.clone(), f.message.clone()),
-            other => (
-                "08006".to_string(),
+        // A server that said why (an ErrorResponse) did not commit; a connection that just
+        // ended leaves the outcome unknown.
+        let unknown = may_commit && !matches!(e, ServerError::Server(_));
+        if unknown {
+            // Later reads (and keyed readers) must assume the write happened.
+            let wrote = std::mem::take(&mut self.tx_wrote);
+            self.write_unknown = true;
+            if wrote || self.tx_key.is_some() || self.key.is_some() {
+                self.resolve_unknown_write().await;
+            }
+            let f = ErrorFields::fatal(
+                "08007",
+                format!("the connection to node {name} was lost while the transaction was committing: {e}"),
+            )
+            .with_detail("whether the transaction committed is unknown; check before retrying it");
+            crate::metrics::error(&f.code);
+            tracing::warn!(
+                client = self.pid,
+                "connection lost during COMMIT; outcome unknown (08007)"
+            );
+            self.io.send(&f.to_error()).await?;
+            return Err(ClientError::Closed);
+        }
+        self.tx_wrote = false;
+        let mut f = match &e {
+            ServerError::Server(f) => ErrorFields::error(&f.code, f.message.clone()),
+            other => ErrorFields::error(
+                "08006",
                 format!("connection to node {name} was lost: {other}"),
             ),
         };
-        let mut f = ErrorFields::error(&code, msg);
-        if was_in_tx {
-            f = f.with_detail("the transaction was rolled back by the server; start it again");
-        }
-        if self.pinned {
-            // Session state that lived on that connection is gone.
+        if self.pinned || was_in_tx {
+            // The transaction or session state lived on that connection.
             f.severity = "FATAL".into();
             crate::metrics::error(&f.code);
+            tracing::warn!(client = self.pid, user = %self.user, sqlstate = %f.code, message = %f.message, "server connection lost inside a transaction or pinned session; ending the client session");
             self.io.send(&f.to_error()).await?;
             return Err(ClientError::Closed);
         }
@@ -1075,6 +1263,59 @@ impl Session {
         self.io.push(&f.to_error());
         self.io.push(&be::ready_for_query(b'I'));
         self.io.flush().await
+    }
+
+    /// Whether this unit may commit a write: an autocommit write, or the COMMIT of a
+    /// transaction that wrote. If its connection is lost, its outcome is unknown.
+    fn unit_may_commit(&self, analysis: &Analysis, may_write: bool) -> bool {
+        let has = |f: fn(&Class) -> bool| analysis.statements.iter().any(f);
+        let begins = has(|c| matches!(c, Class::Transaction(TxControl::Begin { .. })));
+        let ends = has(|c| {
+            matches!(
+                c,
+                Class::Transaction(TxControl::Commit | TxControl::CommitPrepared)
+            )
+        });
+        if self.tx_status == b'I' {
+            (may_write && (!begins || ends))
+                || has(|c| matches!(c, Class::Transaction(TxControl::CommitPrepared)))
+        } else {
+            ends && (self.tx_wrote || may_write)
+        }
+    }
+
+    /// After a write whose commit position is unknown: learns the primary's current position
+    /// (every commit so far is at or below it) and makes this session's reads, and its key's
+    /// readers, wait for it. Leaves `write_unknown` set if the primary cannot be asked (the
+    /// next read then goes to the primary).
+    async fn resolve_unknown_write(&mut self) {
+        let view = self.app.view.load_full();
+        let Some(p) = view.primary_id() else {
+            return;
+        };
+        let Ok(mut c) = self.checkout(p).await else {
+            return;
+        };
+        match c.conn.simple_query(CAPTURE_SQL).await {
+            Ok(rows) => {
+                if let Some(l) = rows
+                    .first()
+                    .cloned()
+                    .flatten()
+                    .and_then(|s| s.parse::<Lsn>().ok())
+                {
+                    let l = l.normalize_insert_position();
+                    self.last_write_lsn = self.last_write_lsn.max(l);
+                    self.applied = None;
+                    if let Some(k) = self.tx_key.as_ref().or(self.key.as_ref()) {
+                        self.app.keys.record(k, l);
+                    }
+                    self.write_unknown = false;
+                }
+                c.release();
+            }
+            Err(_) => c.conn.broken = true,
+        }
     }
 
     fn unit_read_only(&self, analysis: &Analysis) -> bool {
@@ -1106,12 +1347,16 @@ impl Session {
         read_only: bool,
     ) -> Result<(Checked, NodeId, Role, Reason), ErrorFields> {
         let consistency = analysis.hints.consistency.unwrap_or(self.consistency);
+        if read_only && self.write_unknown {
+            self.resolve_unknown_write().await;
+        }
         let required = if read_only {
             self.required_lsn(analysis)
         } else {
             Lsn::ZERO
         };
         let hint = match analysis.hints.target {
+            _ if read_only && self.write_unknown => TargetHint::Primary,
             Some(HintTarget::Primary) => TargetHint::Primary,
             Some(HintTarget::Replica) => TargetHint::Replica,
             None => TargetHint::Any,
@@ -1468,6 +1713,8 @@ impl Session {
             node: att.node,
             timeout: self.app.config.load().monitor.timeout,
         };
+        let notify_pid = (!self.real_pid).then_some(self.pid);
+        let kill = self.kill.clone();
         let r = relay(
             &watch,
             &mut self.io,
@@ -1479,12 +1726,14 @@ impl Session {
             &mut self.server_skipping,
             &mut self.params,
             hold,
+            (&kill, notify_pid),
         )
         .await;
         *self.cancel_slot.lock() = None;
         self.info.lock().state = "idle";
         match r {
-            Ok(RelayEnd::Ready(s, e, l)) => Ok(RelayOutcome::Done(s, e, l)),
+            Ok(RelayEnd::Ready(s, e, l)) => Ok(RelayOutcome::Done(s, e, l, false)),
+            Ok(RelayEnd::CaptureLost(s, e)) => Ok(RelayOutcome::Done(s, e, None, true)),
             Ok(RelayEnd::Open) => Ok(RelayOutcome::Open),
             Err(RelayFail::Retry(why)) => {
                 // Drop the replica connection (it may be mid-response) and retry.
@@ -1507,6 +1756,7 @@ impl Session {
         may_write: bool,
         analysis: &Analysis,
         captured: Option<Captured>,
+        capture_lost: bool,
     ) -> SResult<()> {
         let prev = std::mem::replace(&mut self.tx_status, status);
         self.unit_open = false;
@@ -1532,7 +1782,12 @@ impl Session {
         }) {
             att.conn.conn.prepared.clear();
         }
-        att.conn.conn.state_key = self.state_key;
+        att.conn.conn.state_key = if analysis.opaque_state || self.conn_state_unknown {
+            self.conn_state_unknown = status != b'I';
+            STATE_UNKNOWN
+        } else {
+            self.state_key
+        };
         let capture = status == b'I'
             && att.role == Role::Primary
             && self.tx_wrote
@@ -1540,7 +1795,13 @@ impl Session {
         // A write under a key must be in the key store before the client learns it is
         // done: readers on other connections only wait for what the store holds.
         let keyed = self.tx_key.is_some() || self.key.is_some();
-        if let (true, Some(c)) = (capture, captured) {
+        if capture && capture_lost {
+            // Committed, and the connection was lost before its position was read.
+            self.io.flush().await?;
+            self.write_unknown = true;
+            self.applied = None;
+            self.resolve_unknown_write().await;
+        } else if let (true, Some(c)) = (capture, captured) {
             // Captured in the same pipeline as the commit: no extra round trip.
             self.io.flush().await?;
             self.record_commit(c);
@@ -1671,12 +1932,13 @@ impl Session {
                 }
             }
             Err(e) => {
-                // Without the position we cannot prove any replica has this write:
-                // read from the primary until a later capture succeeds.
-                tracing::warn!(error = %e, "could not read the commit LSN; this session reads from the primary until the next write");
-                self.last_write_lsn = Lsn(u64::MAX);
-                self.applied = None;
+                // Without the position no replica can be proven to have this write: learn the
+                // primary's current position instead (at or past the commit).
+                tracing::warn!(error = %e, "could not read the commit LSN; using the primary's current position");
                 att.conn.conn.broken = true;
+                self.write_unknown = true;
+                self.applied = None;
+                self.resolve_unknown_write().await;
             }
         }
     }
@@ -1753,21 +2015,106 @@ impl Session {
     }
 
     async fn detach_close(&mut self) {
-        if let Some(mut att) = self.attached.take() {
-            if self.tx_status != b'I' || self.unit_open || self.pinned {
-                // Never hand a connection with an open transaction or session state to
-                // another client: close it (the server rolls back).
+        let Some(mut att) = self.attached.take() else {
+            return;
+        };
+        if self.pinned {
+            // Session state (LISTEN, temp tables, ...) lives on it: close it.
+            att.conn.conn.broken = true;
+            return;
+        }
+        if !att.conn.conn.proto.is_idle() {
+            // The client left while its statement ran, mid-COPY, mid-pipeline or inside a
+            // transaction: cancel what runs, read what is owed and roll back, within a bound;
+            // the pool only takes the connection back if that leaves it idle.
+            let phase = att.conn.conn.proto.phase();
+            let node = att.node;
+            let ok = tokio::time::timeout(
+                ABANDON_DRAIN,
+                recover_abandoned(&self.app, node, &mut att.conn.conn),
+            )
+            .await
+            .unwrap_or(false);
+            tracing::debug!(
+                client = self.pid,
+                ?phase,
+                recovered = ok,
+                "client left with its server connection busy"
+            );
+            if !ok {
                 att.conn.conn.broken = true;
-                drop(att);
-            } else {
-                att.conn.release();
+                return;
             }
         }
+        att.conn.release();
     }
 }
 
+/// How long a connection a client abandoned mid-statement may take to become idle again
+/// (cancel, drain, roll back) before it is closed instead.
+const ABANDON_DRAIN: Duration = Duration::from_secs(1);
+
+/// Brings a connection whose client vanished back to idle: ends a COPY, syncs an open
+/// extended unit, cancels a running statement (waiting until the server has the signal, so it
+/// can never hit a later client's statement), reads everything owed, rolls back. False when
+/// the connection cannot be reused.
+async fn recover_abandoned(app: &App, node: NodeId, conn: &mut crate::server::ServerConn) -> bool {
+    use tidemark_wire::Phase;
+    if conn.proto.phase() == Phase::Lost || conn.broken {
+        return false;
+    }
+    let mut out = bytes::BytesMut::new();
+    if conn.proto.in_copy() {
+        out.extend_from_slice(&copy_fail("client disconnected"));
+    }
+    if conn.proto.unsynced() {
+        out.extend_from_slice(fe::sync().raw());
+    }
+    if !out.is_empty() && conn.send(&out).await.is_err() {
+        return false;
+    }
+    if conn.proto.owed() > 0 {
+        let target = {
+            let cfg = app.config.load();
+            cfg.nodes.get(node).map(|n| (n.host.clone(), n.port))
+        };
+        let Some((host, port)) = target else {
+            return false;
+        };
+        if crate::server::cancel(&host, port, conn.backend_pid, conn.backend_secret)
+            .await
+            .is_err()
+        {
+            return false;
+        }
+        while conn.proto.owed() > 0 {
+            if conn.recv().await.is_err() {
+                return false;
+            }
+        }
+    }
+    if matches!(
+        conn.proto.phase(),
+        Phase::InTransaction | Phase::FailedTransaction
+    ) && conn.simple_query("ROLLBACK").await.is_err()
+    {
+        return false;
+    }
+    conn.proto.is_idle()
+}
+
+/// A CopyFail message.
+fn copy_fail(why: &str) -> Vec<u8> {
+    let mut v = vec![b'f'];
+    v.extend_from_slice(&((why.len() + 5) as u32).to_be_bytes());
+    v.extend_from_slice(why.as_bytes());
+    v.push(0);
+    v
+}
+
 enum RelayOutcome {
-    Done(u8, bool, Option<Captured>),
+    /// Status, errored, the captured commit position, whether the capture was lost.
+    Done(u8, bool, Option<Captured>, bool),
     Open,
     RetryOnPrimary(String),
 }
@@ -1790,6 +2137,26 @@ fn unit_parses_unnamed(frames: &[Frame]) -> bool {
             Ok(FrontendMessage::Parse { name: "", .. })
         )
     })
+}
+
+/// What a session ended by `pg_terminate_backend` is told, as PostgreSQL words it.
+fn terminated() -> ErrorFields {
+    ErrorFields::fatal(
+        "57P01",
+        "terminating connection due to administrator command",
+    )
+}
+
+/// A NotificationResponse sent by the client's own server backend carries the pid the client
+/// was given (drivers compare it with their own to spot their own notifications).
+fn own_notification(f: &Frame, server_pid: i32, client_pid: i32) -> Frame {
+    let body = f.body();
+    if body.len() < 4 || i32::from_be_bytes([body[0], body[1], body[2], body[3]]) != server_pid {
+        return f.clone();
+    }
+    let mut b = client_pid.to_be_bytes().to_vec();
+    b.extend_from_slice(&body[4..]);
+    Frame::new(b'A', &b)
 }
 
 fn unknown_setting(name: &str) -> ErrorFields {
@@ -1840,6 +2207,7 @@ fn combine_analyses(parts: Vec<Arc<Analysis>>) -> Arc<Analysis> {
             class: Class::Read,
             statements: vec![],
             pins_session: false,
+            opaque_state: false,
             hints: Default::default(),
         });
     }
@@ -1858,12 +2226,16 @@ fn combine_analyses(parts: Vec<Arc<Analysis>>) -> Arc<Analysis> {
         class,
         statements,
         pins_session: parts.iter().any(|a| a.pins_session),
+        opaque_state: parts.iter().any(|a| a.opaque_state),
         hints,
     })
 }
 
 /// Relays server responses to the client for the messages in `exp`, reading client
 /// input (COPY data, pipelined messages) at the same time.
+/// [`relay_inner`], plus: a failure after the unit's own ReadyForQuery was relayed (while
+/// reading the pipelined commit-position read) does not fail the unit, which the client was
+/// already told about; it ends as [`RelayEnd::CaptureLost`].
 #[allow(clippy::too_many_arguments)]
 async fn relay(
     watch: &NodeWatch<'_>,
@@ -1876,13 +2248,57 @@ async fn relay(
     skipping: &mut bool,
     params: &mut HashMap<String, String>,
     hold: bool,
+    client: (&tokio::sync::Notify, Option<i32>),
+) -> Result<RelayEnd, RelayFail> {
+    let mut unit_ready = None;
+    let r = relay_inner(
+        watch,
+        io,
+        conn,
+        exp,
+        pending,
+        pending_bytes,
+        copy_in,
+        skipping,
+        params,
+        hold,
+        client,
+        &mut unit_ready,
+    )
+    .await;
+    match (r, unit_ready) {
+        (Err(RelayFail::Server(e)), Some((status, errored)))
+            if matches!(exp.front(), Some(Exp::Capture)) =>
+        {
+            tracing::warn!(error = %e, "server connection lost after a commit, before its position was read");
+            conn.broken = true;
+            io.flush().await.map_err(RelayFail::Client)?;
+            Ok(RelayEnd::CaptureLost(status, errored))
+        }
+        (r, _) => r,
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn relay_inner(
+    watch: &NodeWatch<'_>,
+    io: &mut ClientIo,
+    conn: &mut crate::server::ServerConn,
+    exp: &mut VecDeque<Exp>,
+    pending: &mut VecDeque<Frame>,
+    pending_bytes: &mut usize,
+    copy_in: &mut bool,
+    skipping: &mut bool,
+    params: &mut HashMap<String, String>,
+    hold: bool,
+    (kill, notify_pid): (&tokio::sync::Notify, Option<i32>),
+    unit_ready: &mut Option<(u8, bool)>,
 ) -> Result<RelayEnd, RelayFail> {
     let start_out = io.pending_out();
     let mut flushed = false;
     let mut copy = CopyState::default();
     let mut last_heard = Instant::now();
     let mut errored = false;
-    let mut unit_ready: Option<(u8, bool)> = None;
     let mut captured: Option<Captured> = None;
     let check = tokio::time::sleep(NODE_CHECK_INTERVAL);
     tokio::pin!(check);
@@ -1914,6 +2330,13 @@ async fn relay(
                 let read_client = *copy_in || *pending_bytes < MAX_PENDING_BYTES;
                 tokio::select! {
                     biased;
+                    _ = kill.notified() => {
+                        // pg_terminate_backend on this client: end its session now.
+                        io.truncate_out(start_out);
+                        io.push(&terminated().to_error());
+                        io.flush().await.map_err(RelayFail::Client)?;
+                        return Err(RelayFail::Client(ClientError::Closed));
+                    }
                     r = conn.recv() => match r {
                         Ok(f) => {
                             // Frames already buffered were heard with this read: one clock
@@ -1968,8 +2391,15 @@ async fn relay(
         let tag = frame.tag();
         tracing::trace!(tag = %(tag as char), front = ?exp.front().map(|e| format!("{e:?}").chars().take(20).collect::<String>()), "server frame");
         match tag {
-            b'N' | b'A' => {
+            b'N' => {
                 io.push(&frame);
+                continue;
+            }
+            b'A' => {
+                match notify_pid {
+                    Some(p) => io.push(&own_notification(&frame, conn.backend_pid, p)),
+                    None => io.push(&frame),
+                }
                 continue;
             }
             b'S' => {
@@ -2017,8 +2447,10 @@ async fn relay(
             }
             if hold && !flushed {
                 if let Ok(f) = ErrorFields::parse(&frame) {
-                    if f.code == "25006" {
-                        // A replica refused a write it was sent: retry on the primary.
+                    let recovery_only = f.code == "0A000" && f.message.contains("during recovery");
+                    if f.code == "25006" || recovery_only {
+                        // A replica refused a write it was sent, or a relation it cannot read
+                        // (unlogged, temporary): retry on the primary.
                         io.truncate_out(start_out);
                         drain_to_ready(conn, exp).await.map_err(RelayFail::Server)?;
                         return Err(RelayFail::Retry(format!("25006 {}", f.message)));
@@ -2076,7 +2508,7 @@ async fn relay(
                 *copy_in = false;
                 let status = be::ready_status(&frame)
                     .map_err(|e| RelayFail::Server(ServerError::Protocol(e.to_string())))?;
-                unit_ready = Some((status, errored));
+                *unit_ready = Some((status, errored));
                 if exp.is_empty() {
                     return Ok(RelayEnd::Ready(status, errored, None));
                 }

@@ -2,6 +2,8 @@
 //! running in the test's own runtime.
 #![allow(dead_code)]
 
+pub mod raw;
+
 use std::time::Duration;
 
 use tidemark::config::Config;
