@@ -14,17 +14,6 @@ use common::*;
 use postgres_protocol::message::frontend;
 use tidemark_cluster::{ClusterConfig, FaultProxy};
 
-fn rows(msgs: &[tokio_postgres::SimpleQueryMessage]) -> Vec<Vec<Option<String>>> {
-    msgs.iter()
-        .filter_map(|m| match m {
-            tokio_postgres::SimpleQueryMessage::Row(r) => {
-                Some((0..r.len()).map(|i| r.get(i).map(str::to_string)).collect())
-            }
-            _ => None,
-        })
-        .collect()
-}
-
 async fn one(c: &tokio_postgres::Client, sql: &str) -> Option<String> {
     let r = rows(
         &c.simple_query(sql)

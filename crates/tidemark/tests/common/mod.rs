@@ -136,3 +136,15 @@ pub fn wait_all_replayed(cluster: &Cluster) {
             .expect("replica catches up");
     }
 }
+
+/// The rows of a simple-query answer, every column as text.
+pub fn rows(msgs: &[tokio_postgres::SimpleQueryMessage]) -> Vec<Vec<Option<String>>> {
+    msgs.iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => {
+                Some((0..r.len()).map(|i| r.get(i).map(str::to_string)).collect())
+            }
+            _ => None,
+        })
+        .collect()
+}
