@@ -601,3 +601,32 @@ async fn a_write_retried_on_the_primary_records_its_commit_position() {
         assert_eq!(n.as_deref(), Some("1"), "stale read after a retried write");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn own_notifications_carry_the_pid_the_client_was_given() {
+    let env = start(&[None], |_| {}).await;
+    let mut c = Raw::connect(env.proxy.addr, "postgres").await;
+    c.query("LISTEN tm_chan").await;
+    let msgs = c.query("NOTIFY tm_chan, 'self'").await;
+    let mut got = msgs.iter().find(|m| m.0 == b'A').cloned();
+    if got.is_none() {
+        got = c.recv_within(Duration::from_secs(2)).await;
+    }
+    let (tag, body) = got.expect("a notification");
+    assert_eq!(tag, b'A');
+    let pid = i32::from_be_bytes(body[0..4].try_into().unwrap());
+    assert_eq!(pid, c.pid, "a self-notification names the client's own pid");
+    // Another session's notification keeps its sender's server pid.
+    let other = env.node(0).await;
+    other
+        .batch_execute("NOTIFY tm_chan, 'other'")
+        .await
+        .unwrap();
+    let (tag, body) = c
+        .recv_within(Duration::from_secs(2))
+        .await
+        .expect("the other notification");
+    assert_eq!(tag, b'A');
+    let pid = i32::from_be_bytes(body[0..4].try_into().unwrap());
+    assert_ne!(pid, c.pid);
+}
