@@ -110,6 +110,7 @@ pub(crate) fn analyze(sql: &str, rules: &FunctionRules) -> Analysis {
         sql,
         pins: false,
         opaque: false,
+        primary_only: false,
     };
     let statements: Vec<Class> = parsed
         .protobuf
@@ -122,6 +123,10 @@ pub(crate) fn analyze(sql: &str, rules: &FunctionRules) -> Analysis {
             },
         )
         .collect();
+    let mut hints = hints;
+    if cx.primary_only && hints.target.is_none() {
+        hints.target = Some(crate::hints::HintTarget::Primary);
+    }
     Analysis {
         class: combine(&statements),
         statements,
@@ -136,6 +141,8 @@ struct Cx<'a> {
     sql: &'a str,
     pins: bool,
     opaque: bool,
+    /// A statement whose answer differs on a standby (`SHOW transaction_read_only`).
+    primary_only: bool,
 }
 
 /// What a walk over an expression tree found.
@@ -204,7 +211,17 @@ impl Cx<'_> {
                     Some(rest) => Class::Tidemark(TidemarkCommand::Show {
                         name: rest.to_string(),
                     }),
-                    None => Read,
+                    None => {
+                        // What a standby answers differently: asked through tidemark, which
+                        // presents itself as the primary, the primary answers.
+                        if matches!(
+                            name.as_str(),
+                            "transaction_read_only" | "in_hot_standby" | "all"
+                        ) {
+                            self.primary_only = true;
+                        }
+                        Read
+                    }
                 }
             }
             N::TransactionStmt(t) => Class::Transaction(tx_stmt(t)),
@@ -228,8 +245,12 @@ impl Cx<'_> {
                 self.pins = true;
                 Class::SessionState(SessionKind::Prepare)
             }
-            N::DeallocateStmt(_) => Class::SessionState(SessionKind::Deallocate),
-            N::DiscardStmt(_) => Class::SessionState(SessionKind::Discard),
+            N::DeallocateStmt(d) => Class::SessionState(SessionKind::Deallocate {
+                name: (!d.isall && !d.name.is_empty()).then(|| d.name.clone()),
+            }),
+            N::DiscardStmt(d) => Class::SessionState(SessionKind::Discard {
+                all: d.target == pb::DiscardMode::DiscardAll as i32,
+            }),
             N::CreateStmt(c) => self.maybe_temp(is_temp(c.relation.as_ref())),
             N::CreateTableAsStmt(c) => {
                 let temp = is_temp(c.into.as_ref().and_then(|i| i.rel.as_ref()));

@@ -76,14 +76,14 @@ pub enum SessionKind {
     Unlisten,
     /// SQL-level `PREPARE name AS …` (pins the session).
     Prepare,
-    /// `DEALLOCATE [PREPARE] name|ALL`.
-    Deallocate,
+    /// `DEALLOCATE [PREPARE] name` (`Some`, as written) or `DEALLOCATE ALL` (`None`).
+    Deallocate { name: Option<String> },
     /// `DECLARE … CURSOR WITH HOLD FOR …` (pins the session).
     DeclareWithHold,
     /// `DECLARE … CURSOR FOR …` without HOLD (lives in the transaction).
     Declare,
-    /// `DISCARD ALL|PLANS|SEQUENCES|TEMP`.
-    Discard,
+    /// `DISCARD ALL` (`all`) or `DISCARD PLANS|SEQUENCES|TEMP`.
+    Discard { all: bool },
     /// Creates a temporary relation: `CREATE TEMP TABLE`, `CREATE TEMP TABLE … AS`,
     /// `SELECT … INTO TEMP`, `CREATE TEMP VIEW`, `CREATE TEMP SEQUENCE` (pins the session).
     CreateTempTable,

@@ -253,6 +253,16 @@ pub fn simple(tag: u8) -> Frame {
     Frame::new(tag, b"")
 }
 
+/// ParameterDescription with these parameter type oids.
+pub fn parameter_description(types: &[u32]) -> Frame {
+    let mut b = BytesMut::new();
+    b.put_i16(types.len() as i16);
+    for t in types {
+        b.put_u32(*t);
+    }
+    Frame::new(b't', &b)
+}
+
 /// RowDescription of one `bool` column (oid 16) in the given format (0 text, 1 binary), as
 /// PostgreSQL describes a function result column.
 pub fn bool_row_description(column: &str, format: i16) -> Frame {

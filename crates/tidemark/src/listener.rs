@@ -179,6 +179,11 @@ async fn opening<S: AsyncRead + AsyncWrite + Unpin>(
     allow_ssl: bool,
 ) -> Opening {
     loop {
+        if buf.starts_with(&[b'X', 0, 0, 0, 4]) {
+            // A Terminate before any startup packet (a driver closing a connection it has just
+            // opened): PostgreSQL closes without a word, and so does tidemark.
+            return Opening::Done;
+        }
         match StartupPacket::decode(buf) {
             Ok(Some(StartupPacket::Ssl)) if allow_ssl => return Opening::Ssl,
             Ok(Some(StartupPacket::Ssl)) => {

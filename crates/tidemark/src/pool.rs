@@ -181,6 +181,15 @@ impl Pool {
     }
 
     pub async fn checkout(self: &Arc<Self>) -> Result<Checked, PoolError> {
+        self.checkout_with(true).await
+    }
+
+    /// A checkout that fails at once (`Exhausted`, waited 0) when every connection is in use.
+    pub async fn checkout_nowait(self: &Arc<Self>) -> Result<Checked, PoolError> {
+        self.checkout_with(false).await
+    }
+
+    async fn checkout_with(self: &Arc<Self>, wait: bool) -> Result<Checked, PoolError> {
         let (timeout, lifetime, idle_timeout, connect_timeout) = {
             let s = self.settings.lock();
             (
@@ -194,6 +203,13 @@ impl Pool {
         // clock (both showed in the per-statement profile).
         let (permit, waited) = match self.sem.clone().try_acquire_owned() {
             Ok(p) => (p, Duration::ZERO),
+            Err(_) if !wait => {
+                return Err(PoolError::Exhausted {
+                    pool: self.name.clone(),
+                    waited: Duration::ZERO,
+                    max: self.max_size(),
+                })
+            }
             Err(_) => {
                 let start = Instant::now();
                 self.stats.waiting.fetch_add(1, Ordering::Relaxed);

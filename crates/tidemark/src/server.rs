@@ -126,7 +126,6 @@ impl ServerConn {
                 ("user", t.user.as_str()),
                 ("database", t.database.as_str()),
                 ("client_encoding", "UTF8"),
-                ("application_name", "tidemark"),
             ],
             &mut buf,
         )?;
@@ -345,6 +344,14 @@ impl ServerConn {
             match f.tag() {
                 b'D' => rows
                     .push(data_row_values(&f).map_err(|e| ServerError::Protocol(e.to_string()))?),
+                b'S' => {
+                    if let Ok((k, v)) = parse_parameter_status(&f) {
+                        match self.params.iter_mut().find(|(n, _)| *n == k) {
+                            Some(e) => e.1 = v,
+                            None => self.params.push((k, v)),
+                        }
+                    }
+                }
                 b'E' => err = Some(server_error(&f)),
                 b'Z' => {
                     if tidemark_wire::backend::ready_status(&f) != Ok(b'I') {

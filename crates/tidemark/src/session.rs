@@ -182,6 +182,8 @@ pub struct Session {
     write_unknown: bool,
     /// After tidemark itself failed a Flush-ended unit: ignore messages until Sync.
     skip_until_sync: bool,
+    /// The unit being run executes `DISCARD ALL` or `DEALLOCATE ALL` (set by `analyse`).
+    unit_clears_statements: bool,
     /// Something run in the current transaction may have changed session state invisibly:
     /// the connection is marked unknown when it is released.
     conn_state_unknown: bool,
@@ -331,6 +333,7 @@ impl Session {
             skip_until_sync: false,
             write_unknown: false,
             conn_state_unknown: false,
+            unit_clears_statements: false,
             params: HashMap::new(),
             max_prepared,
             pools: Vec::new(),
@@ -367,7 +370,9 @@ impl Session {
     /// Finishes the login: reports server parameters, BackendKeyData and ReadyForQuery.
     pub async fn start(&mut self) -> SResult<bool> {
         let secret = self.secret;
-        // Any healthy node can tell us the server parameters.
+        // The primary tells the server parameters (tidemark presents itself as the primary:
+        // `in_hot_standby`, `default_transaction_read_only` as it has them); any healthy node
+        // if there is none.
         let req = RouteRequest {
             read_only: true,
             pinned: None,
@@ -381,23 +386,42 @@ impl Session {
         // Session pooling: the client owns one primary connection for its whole life, from
         // the start, and is given that server's pid and key.
         let session_mode = self.pinned;
-        let node = match route(&req, &view) {
-            _ if session_mode => view.primary_id(),
+        let any = match route(&req, &view) {
             Route::Node { node, .. } => Some(node),
             _ => view
                 .primary_id()
                 .or_else(|| view.nodes.iter().find(|n| n.healthy).map(|n| n.id)),
         };
-        let node = node.unwrap_or(0);
-        let mut conn = match self.checkout(node).await {
-            Ok(c) => c,
-            Err(e) => {
-                let mut f = e;
+        let first = if session_mode || view.primary_id().is_some() {
+            view.primary_id()
+        } else {
+            any
+        };
+        let node = first.unwrap_or(0);
+        // Only wait for the primary's pool when nothing else can answer.
+        let wait = session_mode || any.is_none_or(|a| a == node);
+        let (mut conn, node) = match self.checkout_with(node, wait).await {
+            Ok(c) => (c, node),
+            // The primary's pool is saturated or it cannot be reached: a login does not wait
+            // for it; a replica tells the parameters (as the primary's, below).
+            Err(_) if !session_mode && any.is_some_and(|a| a != node) => {
+                let other = any.unwrap_or(node);
+                match self.checkout(other).await {
+                    Ok(c) => (c, other),
+                    Err(mut f) => {
+                        f.severity = "FATAL".into();
+                        self.io.send(&f.to_error()).await?;
+                        return Ok(false);
+                    }
+                }
+            }
+            Err(mut f) => {
                 f.severity = "FATAL".into();
                 self.io.send(&f.to_error()).await?;
                 return Ok(false);
             }
         };
+        let from_replica = view.primary_id().is_some_and(|p| p != node);
         if let Err(e) = self.sync_state(&mut conn).await {
             let f = match e {
                 ServerError::Server(f) => ErrorFields::fatal(&f.code, f.message),
@@ -406,8 +430,16 @@ impl Session {
             self.io.send(&f.to_error()).await?;
             return Ok(false);
         }
+        // The connection's parameters after the client's startup settings were applied
+        // (`ServerConn` records the ParameterStatus messages they caused).
         for (k, v) in &conn.conn.params {
-            self.params.insert(k.clone(), v.clone());
+            // tidemark presents itself as the primary (writes go there).
+            let v = if from_replica && k == "in_hot_standby" {
+                "off"
+            } else {
+                v.as_str()
+            };
+            self.params.insert(k.clone(), v.to_string());
             self.io.push(&be::parameter_status(k, v));
         }
         let mut secret = secret;
@@ -636,6 +668,11 @@ impl Session {
     }
 
     async fn run_unit(&mut self, unit: Unit) -> SResult<()> {
+        if unit.end == UnitEnd::Flush && unit.frames.iter().all(|f| f.tag() == b'H') {
+            // A Flush with nothing before it (drivers send one after Sync): every response
+            // to earlier messages was already relayed; there is nothing to route.
+            return self.io.flush().await;
+        }
         if self.skip_until_sync {
             if unit.end == UnitEnd::Sync {
                 self.skip_until_sync = false;
@@ -653,11 +690,10 @@ impl Session {
             if unit.end == UnitEnd::Query {
                 return self.tidemark_command(cmd.clone()).await;
             }
-            let e = ErrorFields::error(
-                "0A000",
-                "tidemark commands (SET/SHOW tidemark.*) must be sent with the simple query protocol",
-            );
-            return self.send_error_ready(e, unit.end).await;
+            // Record the statements the unit defines first (a prepared SET/SHOW tidemark.*
+            // is answered here each time it is executed).
+            self.apply_statement_updates(stmt_updates);
+            return self.tidemark_command_extended(&unit, cmd).await;
         }
         if analysis.statements.len() > 1
             && analysis
@@ -679,14 +715,17 @@ impl Session {
             };
             return self.send_error_ready(e, unit.end).await;
         }
-        for (name, stmt) in stmt_updates {
-            match stmt {
-                Some(s) if name.is_empty() => self.unnamed = Some(s),
-                Some(s) => {
-                    self.statements.insert(name, s);
-                }
-                None => {
-                    self.statements.remove(&name);
+        self.apply_statement_updates(stmt_updates);
+        if unit.end == UnitEnd::Query && self.tx_status != b'E' {
+            if let [Class::SessionState(SessionKind::Deallocate { name: Some(n) })] =
+                analysis.statements.as_slice()
+            {
+                // A protocol-level statement of this client (drivers deallocate theirs with
+                // SQL): the server connections only know tidemark's shared names for it.
+                if self.statements.remove(n).is_some() {
+                    self.io.push(&be::command_complete("DEALLOCATE"));
+                    self.io.push(&be::ready_for_query(self.tx_status));
+                    return self.io.flush().await;
                 }
             }
         }
@@ -708,6 +747,20 @@ impl Session {
             );
         }
         self.execute(unit, analysis).await
+    }
+
+    fn apply_statement_updates(&mut self, updates: Vec<(String, Option<Arc<Stmt>>)>) {
+        for (name, stmt) in updates {
+            match stmt {
+                Some(s) if name.is_empty() => self.unnamed = Some(s),
+                Some(s) => {
+                    self.statements.insert(name, s);
+                }
+                None => {
+                    self.statements.remove(&name);
+                }
+            }
+        }
     }
 
     /// `SELECT pg_terminate_backend(pid)` / `pg_cancel_backend(pid)` where pid is one tidemark
@@ -815,11 +868,26 @@ impl Session {
         let mut parts: Vec<Arc<Analysis>> = Vec::new();
         let mut updates: Vec<(String, Option<Arc<Stmt>>)> = Vec::new();
         let mut new_named = 0usize;
+        let clears = |a: &Analysis| {
+            a.statements.iter().any(|c| {
+                matches!(
+                    c,
+                    Class::SessionState(
+                        SessionKind::Discard { all: true } | SessionKind::Deallocate { name: None }
+                    )
+                )
+            })
+        };
+        self.unit_clears_statements = false;
         for f in &unit.frames {
             let msg = FrontendMessage::parse(f)
                 .map_err(|e| ErrorFields::error("08P01", e.to_string()))?;
             match msg {
-                FrontendMessage::Query(sql) => parts.push(self.app.classifier.classify(sql)),
+                FrontendMessage::Query(sql) => {
+                    let a = self.app.classifier.classify(sql);
+                    self.unit_clears_statements |= clears(&a);
+                    parts.push(a);
+                }
                 FrontendMessage::Parse {
                     name,
                     query,
@@ -855,6 +923,7 @@ impl Session {
                 }
                 FrontendMessage::Bind { statement, .. } => {
                     if let Some(s) = self.lookup_stmt(statement, &updates) {
+                        self.unit_clears_statements |= clears(&s.analysis);
                         parts.push(s.analysis.clone());
                     }
                 }
@@ -876,6 +945,8 @@ impl Session {
                 _ => {}
             }
         }
+        // One statement parsed, described and bound in the same unit counts once.
+        parts.dedup_by(|a, b| Arc::ptr_eq(a, b));
         Ok((combine_analyses(parts), updates))
     }
 
@@ -894,7 +965,8 @@ impl Session {
         }
     }
 
-    async fn tidemark_command(&mut self, cmd: TidemarkCommand) -> SResult<()> {
+    /// Carries out a tidemark command; what to answer, or the error.
+    fn run_tidemark(&mut self, cmd: &TidemarkCommand) -> Result<TidemarkAnswer, ErrorFields> {
         let invalid = |name: &str, value: &str, what: &str| {
             ErrorFields::error(
                 "22023",
@@ -904,14 +976,13 @@ impl Session {
         };
         match cmd {
             TidemarkCommand::Set { name, value } => {
-                let r: Result<(), ErrorFields> = match name.as_str() {
+                match name.as_str() {
                     "consistency" => match value.parse::<Consistency>() {
                         Ok(c) => {
                             self.consistency = c;
                             self.info.lock().consistency = c.to_string();
-                            Ok(())
                         }
-                        Err(e) => Err(invalid(&name, &value, &e.to_string())),
+                        Err(e) => return Err(invalid(name, value, &e.to_string())),
                     },
                     "key" => {
                         self.key = if value.is_empty() {
@@ -919,36 +990,19 @@ impl Session {
                         } else {
                             Some(value.clone())
                         };
-                        Ok(())
                     }
                     "min_lsn" => match value.parse::<Lsn>() {
-                        Ok(l) => {
-                            self.token = l;
-                            Ok(())
-                        }
-                        Err(e) => Err(invalid(&name, &value, &e.to_string())),
+                        Ok(l) => self.token = l,
+                        Err(e) => return Err(invalid(name, value, &e.to_string())),
                     },
                     "report_lsn" => match value.to_ascii_lowercase().as_str() {
-                        "on" | "true" | "1" | "yes" => {
-                            self.report_lsn = true;
-                            Ok(())
-                        }
-                        "off" | "false" | "0" | "no" => {
-                            self.report_lsn = false;
-                            Ok(())
-                        }
-                        _ => Err(invalid(&name, &value, "use on or off")),
+                        "on" | "true" | "1" | "yes" => self.report_lsn = true,
+                        "off" | "false" | "0" | "no" => self.report_lsn = false,
+                        _ => return Err(invalid(name, value, "use on or off")),
                     },
-                    _ => Err(unknown_setting(&name)),
-                };
-                match r {
-                    Ok(()) => {
-                        self.io.push(&be::command_complete("SET"));
-                        self.io.push(&be::ready_for_query(self.tx_status));
-                        self.io.flush().await
-                    }
-                    Err(e) => self.send_error_ready(e, UnitEnd::Query).await,
+                    _ => return Err(unknown_setting(name)),
                 }
+                Ok(TidemarkAnswer::Tag("SET"))
             }
             TidemarkCommand::Reset { name } => {
                 match name.as_str() {
@@ -965,15 +1019,9 @@ impl Session {
                         self.token = Lsn::ZERO;
                         self.report_lsn = false;
                     }
-                    _ => {
-                        return self
-                            .send_error_ready(unknown_setting(&name), UnitEnd::Query)
-                            .await
-                    }
+                    _ => return Err(unknown_setting(name)),
                 }
-                self.io.push(&be::command_complete("RESET"));
-                self.io.push(&be::ready_for_query(self.tx_status));
-                self.io.flush().await
+                Ok(TidemarkAnswer::Tag("RESET"))
             }
             TidemarkCommand::Show { name } => {
                 let value = match name.as_str() {
@@ -986,20 +1034,85 @@ impl Session {
                         .last_route
                         .map(|(n, r)| format!("{} {}", self.app.node_name(n), r.as_str()))
                         .unwrap_or_default(),
-                    _ => {
-                        return self
-                            .send_error_ready(unknown_setting(&name), UnitEnd::Query)
-                            .await
-                    }
+                    _ => return Err(unknown_setting(name)),
                 };
-                let col = format!("tidemark.{name}");
-                self.io.push(&be::row_description(&[col.as_str()]));
-                self.io.push(&be::data_row(&[Some(value)]));
-                self.io.push(&be::command_complete("SHOW"));
-                self.io.push(&be::ready_for_query(self.tx_status));
-                self.io.flush().await
+                Ok(TidemarkAnswer::Show {
+                    column: format!("tidemark.{name}"),
+                    value,
+                })
             }
         }
+    }
+
+    /// A tidemark command sent as a simple Query.
+    async fn tidemark_command(&mut self, cmd: TidemarkCommand) -> SResult<()> {
+        match self.run_tidemark(&cmd) {
+            Ok(TidemarkAnswer::Tag(tag)) => self.io.push(&be::command_complete(tag)),
+            Ok(TidemarkAnswer::Show { column, value }) => {
+                self.io.push(&be::row_description(&[column.as_str()]));
+                self.io.push(&be::data_row(&[Some(value)]));
+                self.io.push(&be::command_complete("SHOW"));
+            }
+            Err(e) => return self.send_error_ready(e, UnitEnd::Query).await,
+        }
+        self.io.push(&be::ready_for_query(self.tx_status));
+        self.io.flush().await
+    }
+
+    /// A tidemark command sent with the extended protocol (drivers prepare statements they
+    /// run often): Parse/Bind/Describe/Execute/Close/Sync answered here, as PostgreSQL would
+    /// answer a `SET`/`SHOW` (no parameters; SHOW describes one text column).
+    async fn tidemark_command_extended(
+        &mut self,
+        unit: &Unit,
+        cmd: &TidemarkCommand,
+    ) -> SResult<()> {
+        let column = match cmd {
+            TidemarkCommand::Show { name } => Some(format!("tidemark.{name}")),
+            _ => None,
+        };
+        let describe = |io: &mut ClientIo| match &column {
+            Some(c) => io.push(&be::row_description(&[c.as_str()])),
+            None => io.push(&be::no_data()),
+        };
+        let mut failed = false;
+        for f in &unit.frames {
+            let msg = FrontendMessage::parse(f)?;
+            if failed && !matches!(msg, FrontendMessage::Sync) {
+                continue;
+            }
+            match msg {
+                FrontendMessage::Parse { .. } => self.io.push(&be::simple(be::PARSE_COMPLETE)),
+                FrontendMessage::Bind { .. } => self.io.push(&be::simple(b'2')),
+                FrontendMessage::Describe { kind: b'S', .. } => {
+                    self.io.push(&be::parameter_description(&[]));
+                    describe(&mut self.io);
+                }
+                FrontendMessage::Describe { .. } => describe(&mut self.io),
+                FrontendMessage::Execute { .. } => match self.run_tidemark(cmd) {
+                    Ok(TidemarkAnswer::Tag(tag)) => self.io.push(&be::command_complete(tag)),
+                    Ok(TidemarkAnswer::Show { value, .. }) => {
+                        self.io.push(&be::data_row(&[Some(value)]));
+                        self.io.push(&be::command_complete("SHOW"));
+                    }
+                    Err(e) => {
+                        crate::metrics::error(&e.code);
+                        self.io.push(&e.to_error());
+                        failed = true;
+                    }
+                },
+                FrontendMessage::Close { .. } => self.io.push(&be::simple(be::CLOSE_COMPLETE)),
+                FrontendMessage::Sync => {
+                    failed = false;
+                    self.io.push(&be::ready_for_query(self.tx_status));
+                }
+                _ => {}
+            }
+        }
+        if failed && unit.end != UnitEnd::Sync {
+            self.skip_until_sync = true;
+        }
+        self.io.flush().await
     }
 
     /// The LSN this read depends on.
@@ -1018,6 +1131,10 @@ impl Session {
     }
 
     async fn checkout(&mut self, node: NodeId) -> Result<Checked, ErrorFields> {
+        self.checkout_with(node, true).await
+    }
+
+    async fn checkout_with(&mut self, node: NodeId, wait: bool) -> Result<Checked, ErrorFields> {
         let cached = self.pools.get(node).cloned().flatten();
         let pool = match cached {
             Some(p) => p,
@@ -1035,7 +1152,12 @@ impl Session {
                 p
             }
         };
-        match pool.checkout().await {
+        let r = if wait {
+            pool.checkout().await
+        } else {
+            pool.checkout_nowait().await
+        };
+        match r {
             Ok(c) => Ok(c),
             Err(PoolError::Exhausted { pool, waited, max }) => Err(ErrorFields::error(
                 "53300",
@@ -1077,7 +1199,11 @@ impl Session {
 
     /// Decides where the unit goes and runs it there.
     async fn execute(&mut self, unit: Unit, analysis: Arc<Analysis>) -> SResult<()> {
-        let read_only = self.unit_read_only(&analysis);
+        // A unit is everything up to Sync, and runs on one node (one implicit transaction).
+        // What follows a Flush may write, so a unit ended by Flush (or by size) that will go on
+        // on the same connection goes to the primary.
+        let read_only = self.unit_read_only(&analysis)
+            && matches!(unit.end, UnitEnd::Sync | UnitEnd::Query | UnitEnd::Func);
         if self.attached.is_none() {
             self.wait_while_paused().await;
             let decision = self.decide(&analysis, read_only).await;
@@ -1771,16 +1897,18 @@ impl Session {
         let Some(att) = self.attached.as_mut() else {
             return self.io.flush().await;
         };
-        if matches!(
-            analysis.class,
-            Class::SessionState(SessionKind::Discard | SessionKind::Deallocate)
-        ) || analysis.statements.iter().any(|c| {
-            matches!(
-                c,
-                Class::SessionState(SessionKind::Discard | SessionKind::Deallocate)
-            )
-        }) {
+        if self.unit_clears_statements {
+            // DISCARD ALL / DEALLOCATE ALL ran: the server dropped every prepared statement on
+            // this connection, and the client's protocol-level statements are gone too, as on
+            // a direct connection. If the unit failed, whether it ran is unknown: make sure.
+            if errored && att.conn.conn.simple_query("DEALLOCATE ALL").await.is_err() {
+                att.conn.conn.broken = true;
+            }
             att.conn.conn.prepared.clear();
+            if !errored {
+                self.statements.clear();
+                self.unnamed = None;
+            }
         }
         att.conn.conn.state_key = if analysis.opaque_state || self.conn_state_unknown {
             self.conn_state_unknown = status != b'I';
@@ -2001,7 +2129,7 @@ impl Session {
                     changed = true;
                 }
                 Class::SessionState(SessionKind::Reset { name: None })
-                | Class::SessionState(SessionKind::Discard) => {
+                | Class::SessionState(SessionKind::Discard { all: true }) => {
                     self.sets.clear();
                     self.startup_sets.clear();
                     changed = true;
@@ -2110,6 +2238,14 @@ fn copy_fail(why: &str) -> Vec<u8> {
     v.extend_from_slice(why.as_bytes());
     v.push(0);
     v
+}
+
+/// What a tidemark command answers.
+enum TidemarkAnswer {
+    /// A command tag (`SET`, `RESET`).
+    Tag(&'static str),
+    /// One row of one text column.
+    Show { column: String, value: String },
 }
 
 enum RelayOutcome {

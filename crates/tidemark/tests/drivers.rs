@@ -1,0 +1,280 @@
+//! The differential driver matrix (issue 15): each driver's scenario program runs twice, once
+//! against the primary directly and once through tidemark (transaction pooling, two replicas,
+//! one of them 300 ms behind), and the two JSON outputs must be equal, scenario by scenario,
+//! except where docs/compatibility.md lists the difference with its reason (its table "Allowed
+//! differences in the driver matrix").
+//!
+//! The drivers are installed by `scripts/install-deps` (pip, npm, apt); a missing one fails
+//! its test with the command that installs it.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+
+fn drivers_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/drivers")
+}
+
+/// (driver, scenario) pairs docs/compatibility.md allows to differ.
+fn allowed() -> Vec<(String, String)> {
+    let doc = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/compatibility.md"),
+    )
+    .expect("docs/compatibility.md");
+    let section = doc
+        .split("## Allowed differences in the driver matrix")
+        .nth(1)
+        .expect("docs/compatibility.md has the allowed-differences section");
+    let section = section.split("\n## ").next().unwrap_or_default();
+    section
+        .lines()
+        .filter(|l| l.starts_with('|') && !l.contains("---"))
+        .filter_map(|l| {
+            let cells: Vec<&str> = l.trim_matches('|').split('|').map(str::trim).collect();
+            match cells.as_slice() {
+                [driver, scenario, reason, ..]
+                    if *driver != "driver" && !reason.is_empty() && !scenario.is_empty() =>
+                {
+                    Some((
+                        driver.trim_matches('`').to_string(),
+                        scenario.trim_matches('`').to_string(),
+                    ))
+                }
+                _ => None,
+            }
+        })
+        .collect()
+}
+
+/// Runs a scenario program and parses its one JSON object.
+fn run(driver: &str, mut cmd: Command) -> BTreeMap<String, Value> {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("{driver}: cannot run {cmd:?}: {e} (run scripts/install-deps)"));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{driver} scenario program failed ({}):\n{stdout}\n{}\n(run scripts/install-deps)",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
+        panic!(
+            "{driver}: output is not one JSON object ({e}):\n{stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+/// Compares the two runs; panics listing every difference not allowed by the docs.
+fn compare(driver: &str, direct: &BTreeMap<String, Value>, proxied: &BTreeMap<String, Value>) {
+    assert!(!direct.is_empty(), "{driver}: no scenario ran");
+    let allowed = allowed();
+    let mut bad = Vec::new();
+    for (name, want) in direct {
+        let got = proxied.get(name).unwrap_or(&Value::Null);
+        if got == want {
+            continue;
+        }
+        if allowed.iter().any(|(d, s)| d == driver && s == name) {
+            println!("{driver}/{name}: differs as docs/compatibility.md allows");
+            continue;
+        }
+        bad.push(format!(
+            "{driver}/{name}:\n  directly:        {want}\n  through tidemark: {got}"
+        ));
+    }
+    for name in proxied.keys() {
+        if !direct.contains_key(name) {
+            bad.push(format!("{driver}/{name}: only through tidemark"));
+        }
+    }
+    println!(
+        "{driver}: {} scenarios, {} differ unexpectedly",
+        direct.len(),
+        bad.len()
+    );
+    assert!(
+        bad.is_empty(),
+        "differences from PostgreSQL not listed in docs/compatibility.md:\n{}",
+        bad.join("\n")
+    );
+}
+
+async fn matrix_env() -> Env {
+    start(&[None, Some(Duration::from_millis(300))], |c| {
+        c.routing.balance = tidemark::config::Balance::Statement;
+    })
+    .await
+}
+
+fn python() -> Command {
+    Command::new(std::env::var("PYTHON").unwrap_or_else(|_| "python3".into()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psycopg_matrix() {
+    let env = matrix_env().await;
+    let script = drivers_dir().join("psycopg_matrix.py");
+    let dsn =
+        |host: String, port: u16| format!("host={host} port={port} user=postgres dbname=postgres");
+    let direct_dsn = dsn(env.cluster.host().to_string(), env.cluster.port(0));
+    let proxy_dsn = dsn(env.proxy.addr.ip().to_string(), env.proxy.addr.port());
+    let (direct, proxied) = tokio::task::block_in_place(|| {
+        let mut a = python();
+        a.arg(&script).arg(&direct_dsn).arg("d");
+        let direct = run("psycopg", a);
+        let mut b = python();
+        b.arg(&script).arg(&proxy_dsn).arg("p");
+        (direct, run("psycopg", b))
+    });
+    compare("psycopg", &direct, &proxied);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_postgres_matrix() {
+    let env = matrix_env().await;
+    let dir = drivers_dir().join("node");
+    assert!(
+        dir.join("node_modules/pg").is_dir(),
+        "node-postgres is not installed in {} (run scripts/install-deps)",
+        dir.display()
+    );
+    let run_at = |host: String, port: u16, suffix: &str| {
+        let mut c = Command::new("node");
+        c.current_dir(&dir)
+            .arg("matrix.js")
+            .arg(host)
+            .arg(port.to_string())
+            .arg("postgres")
+            .arg("postgres")
+            .arg(suffix);
+        run("node-postgres", c)
+    };
+    let (direct, proxied) = tokio::task::block_in_place(|| {
+        (
+            run_at(env.cluster.host().to_string(), env.cluster.port(0), "d"),
+            run_at(env.proxy.addr.ip().to_string(), env.proxy.addr.port(), "p"),
+        )
+    });
+    compare("node-postgres", &direct, &proxied);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn asyncpg_matrix() {
+    let env = matrix_env().await;
+    let script = drivers_dir().join("asyncpg_matrix.py");
+    let url = |host: String, port: u16| format!("postgresql://postgres@{host}:{port}/postgres");
+    let (direct, proxied) = tokio::task::block_in_place(|| {
+        let mut a = python();
+        a.arg(&script)
+            .arg(url(env.cluster.host().to_string(), env.cluster.port(0)))
+            .arg("d");
+        let direct = run("asyncpg", a);
+        let mut b = python();
+        b.arg(&script)
+            .arg(url(env.proxy.addr.ip().to_string(), env.proxy.addr.port()))
+            .arg("p");
+        (direct, run("asyncpg", b))
+    });
+    compare("asyncpg", &direct, &proxied);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgjdbc_matrix() {
+    let env = matrix_env().await;
+    let jar = Path::new("/usr/share/java/postgresql.jar");
+    assert!(
+        jar.exists(),
+        "pgjdbc is not installed at {} (run scripts/install-deps)",
+        jar.display()
+    );
+    let dir = drivers_dir().join("jdbc");
+    let run_at = |host: String, port: u16, suffix: &str| {
+        let mut c = Command::new("java");
+        c.current_dir(&dir)
+            .arg("-cp")
+            .arg(jar)
+            .arg("Matrix.java")
+            .arg(format!(
+                "jdbc:postgresql://{host}:{port}/postgres?user=postgres"
+            ))
+            .arg(suffix);
+        run("pgjdbc", c)
+    };
+    let (direct, proxied) = tokio::task::block_in_place(|| {
+        (
+            run_at(env.cluster.host().to_string(), env.cluster.port(0), "d"),
+            run_at(env.proxy.addr.ip().to_string(), env.proxy.addr.port(), "p"),
+        )
+    });
+    compare("pgjdbc", &direct, &proxied);
+}
+
+/// tidemark's own commands work the way drivers send them: prepared (psycopg and pgjdbc
+/// prepare any statement run five times), with Describe, unnamed or named; errors skip to Sync.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tidemark_commands_over_the_extended_protocol() {
+    let env = start(&[None], |_| {}).await;
+    let c = env.client().await;
+    c.batch_execute("CREATE TABLE ext_cmd (id int)")
+        .await
+        .unwrap();
+    c.execute("INSERT INTO ext_cmd VALUES (1)", &[])
+        .await
+        .unwrap();
+    let show = c.prepare("SHOW tidemark.commit_lsn").await.unwrap();
+    assert_eq!(show.columns()[0].name(), "tidemark.commit_lsn");
+    let mut seen = Vec::new();
+    for _ in 0..7 {
+        let row = c.query_one(&show, &[]).await.unwrap();
+        seen.push(row.get::<_, String>(0));
+    }
+    assert!(seen.iter().all(|l| l != "0/0" && l == &seen[0]), "{seen:?}");
+    // Unnamed (query with no statement cache), SET and RESET.
+    c.execute("SET tidemark.consistency = 'eventual'", &[])
+        .await
+        .unwrap();
+    let row = c.query_one("SHOW tidemark.consistency", &[]).await.unwrap();
+    assert_eq!(row.get::<_, String>(0), "eventual");
+    c.execute("RESET tidemark.consistency", &[]).await.unwrap();
+    let row = c.query_one("SHOW tidemark.consistency", &[]).await.unwrap();
+    assert_eq!(row.get::<_, String>(0), "session");
+    // A bad value is an error (22023) and the session goes on.
+    let e = c
+        .execute("SET tidemark.consistency = 'sometimes'", &[])
+        .await
+        .unwrap_err();
+    assert_eq!(e.code().map(|c| c.code()), Some("22023"), "{e}");
+    assert_eq!(
+        c.query_one("SELECT count(*) FROM ext_cmd", &[])
+            .await
+            .unwrap()
+            .get::<_, i64>(0),
+        1
+    );
+}
+
+/// A Terminate sent before the startup packet (node-postgres closing at once) is closed
+/// silently, as PostgreSQL does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn terminate_before_startup_closes_silently() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let env = start(&[], |_| {}).await;
+    let mut s = tokio::net::TcpStream::connect(env.proxy.addr)
+        .await
+        .unwrap();
+    s.write_all(&[b'X', 0, 0, 0, 4]).await.unwrap();
+    let mut buf = Vec::new();
+    let n = tokio::time::timeout(Duration::from_secs(3), s.read_to_end(&mut buf))
+        .await
+        .expect("closed")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "nothing is sent back: {buf:?}");
+}
