@@ -119,6 +119,20 @@ pub(crate) fn read_cstr<'a>(buf: &mut &'a [u8], tag: u8) -> Result<&'a str, Wire
     Ok(s)
 }
 
+/// A NUL-terminated string as bytes (no UTF-8 check).
+pub(crate) fn read_cbytes<'a>(buf: &mut &'a [u8], tag: u8) -> Result<&'a [u8], WireError> {
+    let end = buf
+        .iter()
+        .position(|b| *b == 0)
+        .ok_or(WireError::Malformed {
+            tag: tag as char,
+            what: "missing string terminator",
+        })?;
+    let s = &buf[..end];
+    *buf = &buf[end + 1..];
+    Ok(s)
+}
+
 pub(crate) fn read_i16(buf: &mut &[u8], tag: u8) -> Result<i16, WireError> {
     if buf.len() < 2 {
         return Err(WireError::Malformed {

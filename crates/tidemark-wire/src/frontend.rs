@@ -1,7 +1,7 @@
 //! Borrowed, typed views of the frontend (client → server) messages tidemark inspects.
 //! Anything else is relayed as an opaque [`Frame`].
 
-use crate::frame::{read_cstr, read_i16, read_i32, Frame};
+use crate::frame::{read_cbytes, read_cstr, read_i16, read_i32, Frame};
 use crate::WireError;
 use bytes::{BufMut, BytesMut};
 
@@ -39,6 +39,14 @@ pub enum FrontendMessage<'a> {
     /// PasswordMessage / SASLInitialResponse / SASLResponse (all tagged 'p').
     Password,
     FunctionCall,
+    /// A Query (`tag` 'Q') or Parse ('P', with its statement `name`) whose statement text is
+    /// not UTF-8: the client set a non-UTF-8 `client_encoding`. Its bytes are relayed
+    /// untouched; it cannot be classified.
+    NonUtf8 {
+        tag: u8,
+        name: &'a str,
+        param_types: Vec<u32>,
+    },
 }
 
 impl<'a> FrontendMessage<'a> {
@@ -46,10 +54,17 @@ impl<'a> FrontendMessage<'a> {
         let tag = frame.tag();
         let mut b = frame.body();
         let msg = match tag {
-            b'Q' => FrontendMessage::Query(read_cstr(&mut b, tag)?),
+            b'Q' => match std::str::from_utf8(read_cbytes(&mut b, tag)?) {
+                Ok(sql) => FrontendMessage::Query(sql),
+                Err(_) => FrontendMessage::NonUtf8 {
+                    tag,
+                    name: "",
+                    param_types: Vec::new(),
+                },
+            },
             b'P' => {
                 let name = read_cstr(&mut b, tag)?;
-                let query = read_cstr(&mut b, tag)?;
+                let query = std::str::from_utf8(read_cbytes(&mut b, tag)?).ok();
                 let n = read_i16(&mut b, tag)?;
                 if n < 0 || b.len() < n as usize * 4 {
                     return Err(WireError::Malformed {
@@ -61,10 +76,17 @@ impl<'a> FrontendMessage<'a> {
                 for _ in 0..n {
                     param_types.push(read_i32(&mut b, tag)? as u32);
                 }
-                FrontendMessage::Parse {
-                    name,
-                    query,
-                    param_types,
+                match query {
+                    Some(query) => FrontendMessage::Parse {
+                        name,
+                        query,
+                        param_types,
+                    },
+                    None => FrontendMessage::NonUtf8 {
+                        tag,
+                        name,
+                        param_types,
+                    },
                 }
             }
             b'B' => {
@@ -113,6 +135,26 @@ impl<'a> FrontendMessage<'a> {
         };
         Ok(msg)
     }
+}
+
+/// The statement text of a Parse frame, as bytes (whatever the client encoding).
+pub fn parse_query_bytes(frame: &Frame) -> Result<&[u8], WireError> {
+    let mut b = frame.body();
+    read_cbytes(&mut b, b'P')?;
+    read_cbytes(&mut b, b'P')
+}
+
+/// A Parse message whose statement text is given as bytes (any client encoding).
+pub fn parse_bytes(name: &str, query: &[u8], param_types: &[u32]) -> Frame {
+    let mut b = BytesMut::with_capacity(name.len() + query.len() + 8 + param_types.len() * 4);
+    put_cstr(&mut b, name);
+    b.extend_from_slice(query);
+    b.put_u8(0);
+    b.put_i16(param_types.len() as i16);
+    for t in param_types {
+        b.put_u32(*t);
+    }
+    Frame::new(b'P', &b)
 }
 
 /// Encodes a Parse message.
@@ -245,6 +287,42 @@ pub fn bind_values(frame: &Frame) -> Result<BindValues<'_>, WireError> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn statement_text_in_another_encoding_is_kept_as_bytes() {
+        // 'café' in LATIN9: not UTF-8.
+        let mut body = b"select 'caf\xe9'".to_vec();
+        body.push(0);
+        let q = Frame::new(b'Q', &body);
+        assert!(matches!(
+            FrontendMessage::parse(&q),
+            Ok(FrontendMessage::NonUtf8 {
+                tag: b'Q',
+                name: "",
+                ..
+            })
+        ));
+        let p = parse_bytes("s1", b"select '\xe9'", &[25]);
+        match FrontendMessage::parse(&p) {
+            Ok(FrontendMessage::NonUtf8 {
+                tag: b'P',
+                name: "s1",
+                param_types,
+            }) => assert_eq!(param_types, vec![25]),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(parse_query_bytes(&p).unwrap(), b"select '\xe9'");
+        // UTF-8 text still parses as text.
+        let p = parse("s2", "select 'é'", &[]);
+        assert!(matches!(
+            FrontendMessage::parse(&p),
+            Ok(FrontendMessage::Parse {
+                query: "select 'é'",
+                ..
+            })
+        ));
+    }
+
     use super::*;
 
     #[test]

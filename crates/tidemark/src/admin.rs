@@ -161,6 +161,17 @@ pub async fn run(app: Arc<App>, mut io: ClientIo, user: String) {
                 }
             }
             Ok(FrontendMessage::Terminate) | Err(_) => return,
+            Ok(FrontendMessage::NonUtf8 { tag: b'Q', .. }) => {
+                let e = ErrorFields::error(
+                    "22021",
+                    "the tidemark console reads commands in UTF-8 (ASCII) only",
+                );
+                io.push(&e.to_error());
+                io.push(&be::ready_for_query(b'I'));
+                if io.flush().await.is_err() {
+                    return;
+                }
+            }
             Ok(FrontendMessage::Sync) => {
                 io.push(&be::ready_for_query(b'I'));
                 let _ = io.flush().await;

@@ -49,11 +49,38 @@ const MAX_HELD_OUTPUT: usize = 256 * 1024;
 /// A client's named prepared statement.
 #[derive(Debug)]
 struct Stmt {
+    /// The statement text (for a text that is not UTF-8, a lossy copy; see `wire`).
     query: String,
+    /// The text's bytes as the client sent them when they are not UTF-8 (a non-UTF-8
+    /// `client_encoding`): what is sent to servers.
+    wire: Option<Vec<u8>>,
     param_types: Vec<u32>,
     /// Name used on server connections (shared by every client with the same text).
     global: String,
     analysis: Arc<Analysis>,
+}
+
+impl Stmt {
+    /// A Parse of this statement under `name` (tidemark's shared name, or "").
+    fn parse_frame(&self, name: &str) -> Frame {
+        match &self.wire {
+            Some(bytes) => fe::parse_bytes(name, bytes, &self.param_types),
+            None => fe::parse(name, &self.query, &self.param_types),
+        }
+    }
+}
+
+/// What tidemark knows of a statement it cannot read (text in a non-UTF-8 client encoding, a
+/// protocol-level function call): it may do anything, so it goes to the primary and the
+/// connection's session state is unknown afterwards.
+fn opaque_analysis() -> Arc<Analysis> {
+    Arc::new(Analysis {
+        class: Class::Unknown,
+        statements: vec![Class::Unknown],
+        pins_session: false,
+        opaque_state: true,
+        hints: Default::default(),
+    })
 }
 
 /// What one message sent to the server will produce, in order.
@@ -915,6 +942,7 @@ impl Session {
                         name.to_string(),
                         Some(Arc::new(Stmt {
                             query: query.to_string(),
+                            wire: None,
                             param_types,
                             global,
                             analysis,
@@ -935,13 +963,34 @@ impl Session {
                 FrontendMessage::Close { kind: b'S', name } if !name.is_empty() => {
                     updates.push((name.to_string(), None));
                 }
-                FrontendMessage::FunctionCall => parts.push(Arc::new(Analysis {
-                    class: Class::Unknown,
-                    statements: vec![Class::Unknown],
-                    pins_session: false,
-                    opaque_state: true,
-                    hints: Default::default(),
-                })),
+                FrontendMessage::FunctionCall | FrontendMessage::NonUtf8 { tag: b'Q', .. } => {
+                    parts.push(opaque_analysis())
+                }
+                FrontendMessage::NonUtf8 {
+                    name, param_types, ..
+                } => {
+                    let bytes = fe::parse_query_bytes(f)
+                        .map_err(|e| ErrorFields::error("08P01", e.to_string()))?;
+                    let analysis = opaque_analysis();
+                    let global = format!(
+                        "tm_{:016x}",
+                        hash_of(&(bytes, &param_types, self.state_key))
+                    );
+                    parts.push(analysis.clone());
+                    if !name.is_empty() {
+                        new_named += 1;
+                    }
+                    updates.push((
+                        name.to_string(),
+                        Some(Arc::new(Stmt {
+                            query: String::from_utf8_lossy(bytes).into_owned(),
+                            wire: Some(bytes.to_vec()),
+                            param_types,
+                            global,
+                            analysis,
+                        })),
+                    ));
+                }
                 _ => {}
             }
         }
@@ -1652,7 +1701,10 @@ impl Session {
                 }
             };
             match msg {
-                FrontendMessage::Parse { name, .. } if !name.is_empty() => {
+                FrontendMessage::Parse { name, .. }
+                | FrontendMessage::NonUtf8 {
+                    tag: b'P', name, ..
+                } if !name.is_empty() => {
                     let Some(stmt) = self.statements.get(name).cloned() else {
                         out.extend_from_slice(f.raw());
                         push_exp(
@@ -1667,9 +1719,7 @@ impl Session {
                     if conn.prepared.contains(&stmt.global) {
                         push_exp(Exp::Synth(be::simple(be::PARSE_COMPLETE)), &mut exp);
                     } else {
-                        out.extend_from_slice(
-                            fe::parse(&stmt.global, &stmt.query, &stmt.param_types).raw(),
-                        );
+                        out.extend_from_slice(stmt.parse_frame(&stmt.global).raw());
                         push_exp(
                             Exp::Parse {
                                 visible: true,
@@ -1690,9 +1740,7 @@ impl Session {
                             if !conn.prepared.contains(&stmt.global)
                                 && !exp_registers(&exp, &stmt.global)
                             {
-                                out.extend_from_slice(
-                                    fe::parse(&stmt.global, &stmt.query, &stmt.param_types).raw(),
-                                );
+                                out.extend_from_slice(stmt.parse_frame(&stmt.global).raw());
                                 push_exp(
                                     Exp::Parse {
                                         visible: false,
@@ -1710,9 +1758,7 @@ impl Session {
                                 // The unnamed statement was parsed in an earlier unit, maybe on
                                 // another connection: parse it again here.
                                 if let Some(u) = &self.unnamed {
-                                    out.extend_from_slice(
-                                        fe::parse("", &u.query, &u.param_types).raw(),
-                                    );
+                                    out.extend_from_slice(u.parse_frame("").raw());
                                     push_exp(
                                         Exp::Parse {
                                             visible: false,
@@ -1733,9 +1779,7 @@ impl Session {
                             if !conn.prepared.contains(&stmt.global)
                                 && !exp_registers(&exp, &stmt.global)
                             {
-                                out.extend_from_slice(
-                                    fe::parse(&stmt.global, &stmt.query, &stmt.param_types).raw(),
-                                );
+                                out.extend_from_slice(stmt.parse_frame(&stmt.global).raw());
                                 push_exp(
                                     Exp::Parse {
                                         visible: false,
@@ -1756,7 +1800,7 @@ impl Session {
                     // The server keeps the statement for other clients with the same text.
                     push_exp(Exp::Synth(be::simple(be::CLOSE_COMPLETE)), &mut exp);
                 }
-                FrontendMessage::Parse { .. } => {
+                FrontendMessage::Parse { .. } | FrontendMessage::NonUtf8 { tag: b'P', .. } => {
                     out.extend_from_slice(f.raw());
                     push_exp(
                         Exp::Parse {
@@ -1782,7 +1826,7 @@ impl Session {
                     out.extend_from_slice(f.raw());
                     push_exp(Exp::Sync, &mut exp);
                 }
-                FrontendMessage::Query(_) => {
+                FrontendMessage::Query(_) | FrontendMessage::NonUtf8 { .. } => {
                     out.extend_from_slice(f.raw());
                     push_exp(Exp::Query, &mut exp);
                 }
@@ -2008,6 +2052,8 @@ impl Session {
         };
         unit.frames.iter().any(|f| match FrontendMessage::parse(f) {
             Ok(FrontendMessage::Query(q)) => mentions(q),
+            // Text tidemark cannot read may be a COPY.
+            Ok(FrontendMessage::NonUtf8 { .. }) => true,
             Ok(FrontendMessage::Parse { query, .. }) => mentions(query),
             Ok(FrontendMessage::Bind { statement, .. }) => {
                 let stmt = if statement.is_empty() {
@@ -2271,6 +2317,11 @@ fn unit_parses_unnamed(frames: &[Frame]) -> bool {
         matches!(
             FrontendMessage::parse(f),
             Ok(FrontendMessage::Parse { name: "", .. })
+                | Ok(FrontendMessage::NonUtf8 {
+                    tag: b'P',
+                    name: "",
+                    ..
+                })
         )
     })
 }
