@@ -278,3 +278,216 @@ async fn terminate_before_startup_closes_silently() {
         .unwrap_or(0);
     assert_eq!(n, 0, "nothing is sent back: {buf:?}");
 }
+
+/// A scenario's result, or its error as the matrix records errors.
+fn outcome<T: serde::Serialize, E: std::fmt::Display>(
+    r: Result<T, E>,
+    code: Option<String>,
+) -> Value {
+    match r {
+        Ok(v) => serde_json::to_value(v).unwrap_or(Value::Null),
+        Err(e) => serde_json::json!({ "error": code.unwrap_or_else(|| e.to_string()) }),
+    }
+}
+
+fn pg_code(e: &tokio_postgres::Error) -> Option<String> {
+    e.code().map(|c| c.code().to_string())
+}
+
+/// tokio-postgres scenarios: explicit prepared statements reused, pipelined concurrent
+/// queries, a transaction, COPY IN, simple queries, errors, read-your-writes.
+async fn tokio_postgres_scenarios(dsn: &str, suffix: &str) -> BTreeMap<String, Value> {
+    use futures_util::SinkExt;
+    let mut out = BTreeMap::new();
+    let c = connect(dsn).await;
+    let t = format!("tp_{suffix}");
+    c.batch_execute(&format!("CREATE TABLE {t} (id int PRIMARY KEY, v text)"))
+        .await
+        .unwrap();
+
+    let st = c.prepare("SELECT $1::int * 2, $2::text").await.unwrap();
+    let mut vals = Vec::new();
+    for i in 0..8 {
+        let r = c.query_one(&st, &[&i, &format!("x{i}")]).await;
+        vals.push(outcome(
+            r.map(|r| (r.get::<_, i32>(0), r.get::<_, String>(1))),
+            None,
+        ));
+    }
+    out.insert("prepared_reused".into(), Value::Array(vals));
+
+    let ins = c
+        .prepare(&format!("INSERT INTO {t} VALUES ($1, 'p')"))
+        .await
+        .unwrap();
+    let ids: Vec<i32> = (0..20).collect();
+    let params: Vec<[&(dyn tokio_postgres::types::ToSql + Sync); 1]> = ids
+        .iter()
+        .map(|i| [i as &(dyn tokio_postgres::types::ToSql + Sync)])
+        .collect();
+    let futs: Vec<_> = params.iter().map(|p| c.execute(&ins, p)).collect();
+    let done: Vec<Value> = futures_util::future::join_all(futs)
+        .await
+        .into_iter()
+        .map(|r| {
+            let code = r.as_ref().err().and_then(pg_code);
+            outcome(r, code)
+        })
+        .collect();
+    out.insert("pipelined_inserts".into(), Value::Array(done));
+    let n = c
+        .query_one(&format!("SELECT count(*) FROM {t}"), &[])
+        .await
+        .map(|r| r.get::<_, i64>(0));
+    let code = n.as_ref().err().and_then(pg_code);
+    out.insert("pipelined_then_count".into(), outcome(n, code));
+
+    let mut c2 = connect(dsn).await;
+    let tx = c2.transaction().await.unwrap();
+    tx.execute(&format!("INSERT INTO {t} VALUES (100, 'tx')"), &[])
+        .await
+        .unwrap();
+    let inside = tx
+        .query_one(&format!("SELECT v FROM {t} WHERE id = 100"), &[])
+        .await
+        .map(|r| r.get::<_, String>(0));
+    let code = inside.as_ref().err().and_then(pg_code);
+    out.insert("transaction_read_own".into(), outcome(inside, code));
+    tx.commit().await.unwrap();
+
+    let sink = c.copy_in(&format!("COPY {t} FROM STDIN")).await.unwrap();
+    let mut sink = Box::pin(sink);
+    let mut data = String::new();
+    for i in 200..250 {
+        data.push_str(&format!("{i}\tc{i}\n"));
+    }
+    sink.send(bytes::Bytes::from(data)).await.unwrap();
+    let copied = sink.as_mut().finish().await;
+    let code = copied.as_ref().err().and_then(pg_code);
+    out.insert("copy_in".into(), outcome(copied, code));
+
+    let simple = c
+        .simple_query("SELECT 1::text; SELECT 'two'")
+        .await
+        .map(|m| rows(&m));
+    let code = simple.as_ref().err().and_then(pg_code);
+    out.insert("simple_multi".into(), outcome(simple, code));
+
+    let mut errs = Vec::new();
+    for sql in ["SELECT 1/0", "SELECT * FROM no_such_tp", "SELEC 1"] {
+        let r = c.simple_query(sql).await.map(|_| ());
+        let code = r.as_ref().err().and_then(pg_code);
+        errs.push(outcome(r, code));
+    }
+    out.insert("errors".into(), Value::Array(errs));
+
+    let mut seen = Vec::new();
+    for i in 300..320 {
+        c.execute(&format!("INSERT INTO {t} VALUES ($1, 'ryw')"), &[&i])
+            .await
+            .unwrap();
+        let r = c
+            .query_opt(&format!("SELECT id FROM {t} WHERE id = $1"), &[&i])
+            .await
+            .unwrap();
+        seen.push(r.map(|r| r.get::<_, i32>(0)));
+    }
+    out.insert("read_your_writes".into(), serde_json::json!(seen));
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokio_postgres_matrix() {
+    let env = matrix_env().await;
+    let direct = tokio_postgres_scenarios(&env.cluster.dsn(0), "d").await;
+    let proxied = tokio_postgres_scenarios(&env.proxy_dsn(), "p").await;
+    compare("tokio-postgres", &direct, &proxied);
+}
+
+/// sqlx scenarios: its statement cache (every query a named statement, reused), bound
+/// parameters, a transaction, errors, read-your-writes.
+async fn sqlx_scenarios(url: &str, suffix: &str) -> BTreeMap<String, Value> {
+    use sqlx::{Connection, Row};
+    let mut out = BTreeMap::new();
+    let code = |e: &sqlx::Error| match e {
+        sqlx::Error::Database(d) => d.code().map(|c| c.to_string()),
+        _ => None,
+    };
+    let mut c = sqlx::PgConnection::connect(url).await.unwrap();
+    let t = format!("sx_{suffix}");
+    sqlx::query(&format!("CREATE TABLE {t} (id int PRIMARY KEY, v text)"))
+        .execute(&mut c)
+        .await
+        .unwrap();
+    let mut vals = Vec::new();
+    for i in 0..10i32 {
+        let r = sqlx::query("SELECT $1::int + 1 AS n")
+            .bind(i)
+            .fetch_one(&mut c)
+            .await
+            .map(|r| r.get::<i32, _>("n"));
+        let cd = r.as_ref().err().and_then(code);
+        vals.push(outcome(r, cd));
+    }
+    out.insert("statement_cache".into(), Value::Array(vals));
+
+    let mut tx = c.begin().await.unwrap();
+    sqlx::query(&format!("INSERT INTO {t} VALUES ($1, $2)"))
+        .bind(1i32)
+        .bind("tx")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let inside = sqlx::query(&format!("SELECT v FROM {t} WHERE id = $1"))
+        .bind(1i32)
+        .fetch_one(&mut *tx)
+        .await
+        .map(|r| r.get::<String, _>(0));
+    let cd = inside.as_ref().err().and_then(code);
+    out.insert("transaction_read_own".into(), outcome(inside, cd));
+    tx.commit().await.unwrap();
+
+    let mut errs = Vec::new();
+    for sql in ["SELECT 1/0", "SELECT * FROM no_such_sx"] {
+        let r = sqlx::query(sql).execute(&mut c).await.map(|_| ());
+        let cd = r.as_ref().err().and_then(code);
+        errs.push(outcome(r, cd));
+    }
+    out.insert("errors".into(), Value::Array(errs));
+
+    let mut seen = Vec::new();
+    for i in 10..30i32 {
+        sqlx::query(&format!("INSERT INTO {t} VALUES ($1, 'ryw')"))
+            .bind(i)
+            .execute(&mut c)
+            .await
+            .unwrap();
+        let r: Option<i32> = sqlx::query_scalar(&format!("SELECT id FROM {t} WHERE id = $1"))
+            .bind(i)
+            .fetch_optional(&mut c)
+            .await
+            .unwrap();
+        seen.push(r);
+    }
+    out.insert("read_your_writes".into(), serde_json::json!(seen));
+    c.close().await.unwrap();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlx_matrix() {
+    let env = matrix_env().await;
+    let direct_url = format!(
+        "postgres://postgres@{}:{}/postgres",
+        env.cluster.host(),
+        env.cluster.port(0)
+    );
+    let proxy_url = format!(
+        "postgres://postgres@{}:{}/postgres",
+        env.proxy.addr.ip(),
+        env.proxy.addr.port()
+    );
+    let direct = sqlx_scenarios(&direct_url, "d").await;
+    let proxied = sqlx_scenarios(&proxy_url, "p").await;
+    compare("sqlx", &direct, &proxied);
+}
