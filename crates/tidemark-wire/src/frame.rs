@@ -68,9 +68,17 @@ impl Default for FrameCodec {
     }
 }
 
+/// The most a decode reserves ahead for a message still arriving.
+const RESERVE_STEP: usize = 64 * 1024;
+
 impl FrameCodec {
     pub fn new(max_len: usize) -> FrameCodec {
         FrameCodec { max_len }
+    }
+
+    /// Changes the largest message accepted (e.g. after login).
+    pub fn set_max(&mut self, max_len: usize) {
+        self.max_len = max_len;
     }
 
     /// Takes one complete message off the front of `buf`, or `None` if more bytes are needed.
@@ -95,7 +103,9 @@ impl FrameCodec {
             });
         }
         if buf.len() < total {
-            buf.reserve(total - buf.len());
+            // Grow towards the declared length in steps, never reserving what has not
+            // arrived (a peer may claim a large message and send nothing).
+            buf.reserve((total - buf.len()).min(RESERVE_STEP));
             return Ok(None);
         }
         Ok(Some(Frame {

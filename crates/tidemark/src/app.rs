@@ -77,6 +77,10 @@ pub struct App {
     pub tls: arc_swap::ArcSwapOption<tokio_rustls::TlsAcceptor>,
     /// The monitor's poll pace, shared with sessions so a commit can speed it up.
     pub monitor_pace: crate::monitor::Pace,
+    /// Connections that have not finished logging in (see `listener::LoginSlot`).
+    pub pending_logins: std::sync::atomic::AtomicUsize,
+    /// Key of the decoy SCRAM secrets unknown users are challenged with (random per process).
+    decoy_key: [u8; 32],
 }
 
 impl App {
@@ -105,6 +109,8 @@ impl App {
             shutting_down: tokio::sync::watch::channel(false).0,
             tls: arc_swap::ArcSwapOption::empty(),
             monitor_pace: crate::monitor::Pace::default(),
+            pending_logins: std::sync::atomic::AtomicUsize::new(0),
+            decoy_key: rand::random(),
         };
         app.refresh_secrets();
         Arc::new(app)
@@ -120,6 +126,11 @@ impl App {
                 m.insert(u.name.clone(), Arc::new(s));
             }
         }
+    }
+
+    /// The SCRAM secret an unknown user is challenged with (no password matches it).
+    pub fn decoy_secret(&self, user: &str) -> ScramSecret {
+        ScramSecret::decoy(&self.decoy_key, user)
     }
 
     pub fn scram_secret(&self, user: &str) -> Option<Arc<ScramSecret>> {

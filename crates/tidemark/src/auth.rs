@@ -76,10 +76,30 @@ impl ScramSecret {
         })
     }
 
+    /// A secret no password matches, stable per user for a given key: what an unknown user
+    /// is challenged with, so the exchange (salt, iterations) looks like a real user's.
+    pub fn decoy(key: &[u8; 32], user: &str) -> ScramSecret {
+        let salt = hmac(key, format!("salt:{user}").as_bytes());
+        ScramSecret {
+            iterations: ITERATIONS,
+            salt: salt[..16].to_vec(),
+            stored_key: hmac(key, format!("stored:{user}").as_bytes()),
+            server_key: hmac(key, format!("server:{user}").as_bytes()),
+        }
+    }
+
     pub fn for_user(u: &UserConfig) -> Option<ScramSecret> {
         let p = u.password.as_deref()?;
         ScramSecret::parse(p).or_else(|| Some(ScramSecret::from_password(p)))
     }
+}
+
+/// Compares secrets without an early exit on the first differing byte (no timing oracle).
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 fn auth_failed(user: &str) -> ErrorFields {
@@ -125,7 +145,7 @@ pub async fn authenticate(
                 password.as_bytes(),
                 salt,
             );
-            if got == want.as_bytes() {
+            if constant_time_eq(got, want.as_bytes()) {
                 Ok(Ok(()))
             } else {
                 Ok(Err(auth_failed(&user.name)))
@@ -133,14 +153,78 @@ pub async fn authenticate(
         }
         AuthMethod::ScramSha256 => {
             let Some(secret) = scram else {
-                return Ok(Err(auth_failed(&user.name)));
+                // No usable secret: fail the way a wrong password does.
+                let decoy = ScramSecret::decoy(&[0u8; 32], &user.name);
+                return scram_exchange(io, &user.name, &decoy).await;
             };
             scram_exchange(io, &user.name, secret).await
         }
     }
 }
 
-async fn scram_exchange(
+/// The client-first message of SCRAM (SASLInitialResponse body): the gs2 header, the bare
+/// message and the client nonce.
+fn parse_client_first(body: &[u8]) -> Result<(&'static str, &str, &str), ErrorFields> {
+    let Some(nul) = body.iter().position(|b| *b == 0) else {
+        return Err(protocol("malformed SASLInitialResponse"));
+    };
+    if &body[..nul] != b"SCRAM-SHA-256" {
+        return Err(protocol("unsupported SASL mechanism (use SCRAM-SHA-256)"));
+    }
+    let data = body.get(nul + 5..).unwrap_or_default();
+    let Ok(client_first) = std::str::from_utf8(data) else {
+        return Err(protocol("SCRAM message is not UTF-8"));
+    };
+    let (gs2, bare) = if let Some(b) = client_first.strip_prefix("n,,") {
+        ("n,,", b)
+    } else if let Some(b) = client_first.strip_prefix("y,,") {
+        ("y,,", b)
+    } else {
+        return Err(protocol(
+            "SCRAM channel binding is not supported by tidemark (connect with channel_binding=disable or prefer)",
+        ));
+    };
+    let Some(client_nonce) = bare.split(',').find_map(|p| p.strip_prefix("r=")) else {
+        return Err(protocol("SCRAM client-first message has no nonce"));
+    };
+    Ok((gs2, bare, client_nonce))
+}
+
+/// The client-final message: the part before the proof and the 32-byte proof; `Ok(None)`
+/// when the proof is not 32 bytes of base64 (a failed login, like a wrong proof).
+#[allow(clippy::type_complexity)]
+fn parse_client_final<'a>(
+    body: &'a [u8],
+    gs2: &str,
+    nonce: &str,
+) -> Result<Option<(&'a str, Vec<u8>)>, ErrorFields> {
+    let Ok(client_final) = std::str::from_utf8(body) else {
+        return Err(protocol("SCRAM message is not UTF-8"));
+    };
+    let Some((without_proof, proof_b64)) = client_final.rsplit_once(",p=") else {
+        return Err(protocol("SCRAM client-final message has no proof"));
+    };
+    let mut cb_ok = false;
+    let mut nonce_ok = false;
+    for part in without_proof.split(',') {
+        if let Some(c) = part.strip_prefix("c=") {
+            cb_ok = B64.decode(c).ok().as_deref() == Some(gs2.as_bytes());
+        } else if let Some(r) = part.strip_prefix("r=") {
+            nonce_ok = r == nonce;
+        }
+    }
+    if !cb_ok || !nonce_ok {
+        return Err(protocol(
+            "SCRAM client-final message does not match the exchange",
+        ));
+    }
+    match B64.decode(proof_b64) {
+        Ok(p) if p.len() == 32 => Ok(Some((without_proof, p))),
+        _ => Ok(None),
+    }
+}
+
+pub async fn scram_exchange(
     io: &mut ClientIo,
     user: &str,
     secret: &ScramSecret,
@@ -151,30 +235,9 @@ async fn scram_exchange(
         Err(e) => return Ok(Err(e)),
     };
     // SASLInitialResponse: mechanism, int32 length, data.
-    let body = f.body();
-    let Some(nul) = body.iter().position(|b| *b == 0) else {
-        return Ok(Err(protocol("malformed SASLInitialResponse")));
-    };
-    if &body[..nul] != b"SCRAM-SHA-256" {
-        return Ok(Err(protocol(
-            "unsupported SASL mechanism (use SCRAM-SHA-256)",
-        )));
-    }
-    let data = body.get(nul + 5..).unwrap_or_default();
-    let Ok(client_first) = std::str::from_utf8(data) else {
-        return Ok(Err(protocol("SCRAM message is not UTF-8")));
-    };
-    let (gs2, bare) = if let Some(b) = client_first.strip_prefix("n,,") {
-        ("n,,", b)
-    } else if let Some(b) = client_first.strip_prefix("y,,") {
-        ("y,,", b)
-    } else {
-        return Ok(Err(protocol(
-            "SCRAM channel binding is not supported by tidemark (connect with channel_binding=disable or prefer)",
-        )));
-    };
-    let Some(client_nonce) = bare.split(',').find_map(|p| p.strip_prefix("r=")) else {
-        return Ok(Err(protocol("SCRAM client-first message has no nonce")));
+    let (gs2, bare, client_nonce) = match parse_client_first(f.body()) {
+        Ok(v) => v,
+        Err(e) => return Ok(Err(e)),
     };
     let mut sn = [0u8; 18];
     rand::thread_rng().fill_bytes(&mut sn);
@@ -191,32 +254,11 @@ async fn scram_exchange(
         Ok(f) => f,
         Err(e) => return Ok(Err(e)),
     };
-    let Ok(client_final) = std::str::from_utf8(f.body()) else {
-        return Ok(Err(protocol("SCRAM message is not UTF-8")));
+    let (without_proof, proof) = match parse_client_final(f.body(), gs2, &nonce) {
+        Ok(Some(v)) => v,
+        Ok(None) => return Ok(Err(auth_failed(user))),
+        Err(e) => return Ok(Err(e)),
     };
-    let Some((without_proof, proof_b64)) = client_final.rsplit_once(",p=") else {
-        return Ok(Err(protocol("SCRAM client-final message has no proof")));
-    };
-    let mut cb_ok = false;
-    let mut nonce_ok = false;
-    for part in without_proof.split(',') {
-        if let Some(c) = part.strip_prefix("c=") {
-            cb_ok = B64.decode(c).ok().as_deref() == Some(gs2.as_bytes());
-        } else if let Some(r) = part.strip_prefix("r=") {
-            nonce_ok = r == nonce;
-        }
-    }
-    if !cb_ok || !nonce_ok {
-        return Ok(Err(protocol(
-            "SCRAM client-final message does not match the exchange",
-        )));
-    }
-    let Ok(proof) = B64.decode(proof_b64) else {
-        return Ok(Err(auth_failed(user)));
-    };
-    if proof.len() != 32 {
-        return Ok(Err(auth_failed(user)));
-    }
     let auth_message = format!("{bare},{server_first},{without_proof}");
     let client_signature = hmac(&secret.stored_key, auth_message.as_bytes());
     let mut client_key = [0u8; 32];
@@ -224,7 +266,7 @@ async fn scram_exchange(
         client_key[i] = proof[i] ^ client_signature[i];
     }
     let stored: [u8; 32] = Sha256::digest(client_key).into();
-    if stored != secret.stored_key {
+    if !constant_time_eq(&stored, &secret.stored_key) {
         return Ok(Err(auth_failed(user)));
     }
     let server_signature = hmac(&secret.server_key, auth_message.as_bytes());
@@ -236,6 +278,71 @@ async fn scram_exchange(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    fn client_first(data: &[u8]) -> Vec<u8> {
+        let mut v = b"SCRAM-SHA-256\0".to_vec();
+        v.extend_from_slice(&(data.len() as i32).to_be_bytes());
+        v.extend_from_slice(data);
+        v
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+
+        /// The SCRAM message parsers (fed what a client sends during login) never panic.
+        #[test]
+        fn scram_parsers_never_panic(
+            raw in proptest::collection::vec(any::<u8>(), 0..120),
+            text in "(n,,|y,,|p=|r=|c=|,|[a-zA-Z0-9+/=]){0,30}",
+        ) {
+            let _ = parse_client_first(&raw);
+            let _ = parse_client_first(&client_first(&raw));
+            let _ = parse_client_first(&client_first(text.as_bytes()));
+            let _ = parse_client_final(&raw, "n,,", "abc");
+            let _ = parse_client_final(text.as_bytes(), "n,,", "abc");
+            let _ = ScramSecret::parse(&String::from_utf8_lossy(&raw));
+            let _ = ScramSecret::parse(&format!("SCRAM-SHA-256${text}"));
+        }
+    }
+
+    #[test]
+    fn scram_parsers_read_what_libpq_sends() {
+        let first = client_first(b"n,,n=,r=abc");
+        let (gs2, bare, nonce) = parse_client_first(&first).unwrap();
+        assert_eq!((gs2, bare, nonce), ("n,,", "n=,r=abc", "abc"));
+        assert!(parse_client_first(&client_first(b"p=tls-server-end-point,,n=,r=x")).is_err());
+        let proof = B64.encode([7u8; 32]);
+        let fin = format!("c={},r=abcdef,p={proof}", B64.encode("n,,"));
+        let (w, p) = parse_client_final(fin.as_bytes(), "n,,", "abcdef")
+            .unwrap()
+            .unwrap();
+        assert_eq!(w, format!("c={},r=abcdef", B64.encode("n,,")));
+        assert_eq!(p, vec![7u8; 32]);
+        assert!(parse_client_final(fin.as_bytes(), "n,,", "other").is_err());
+        let short = format!(
+            "c={},r=abcdef,p={}",
+            B64.encode("n,,"),
+            B64.encode([1u8; 5])
+        );
+        assert!(parse_client_final(short.as_bytes(), "n,,", "abcdef")
+            .unwrap()
+            .is_none());
+    }
+
+    #[test]
+    fn decoy_secrets_are_stable_per_user_and_key() {
+        let k = [9u8; 32];
+        assert_eq!(ScramSecret::decoy(&k, "a"), ScramSecret::decoy(&k, "a"));
+        assert_ne!(
+            ScramSecret::decoy(&k, "a").salt,
+            ScramSecret::decoy(&k, "b").salt
+        );
+        assert_ne!(
+            ScramSecret::decoy(&k, "a"),
+            ScramSecret::decoy(&[8u8; 32], "a")
+        );
+    }
 
     #[test]
     fn parses_postgres_verifier() {

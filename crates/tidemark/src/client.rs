@@ -39,6 +39,11 @@ impl ClientIo {
         }
     }
 
+    /// Changes the largest message accepted from the client (raised after login).
+    pub fn set_max_message(&mut self, max: usize) {
+        self.codec.set_max(max);
+    }
+
     /// A frame that is already buffered, if any.
     pub fn try_frame(&mut self) -> Result<Option<Frame>, ClientError> {
         Ok(self.codec.decode(&mut self.rbuf)?)

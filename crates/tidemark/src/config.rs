@@ -60,6 +60,8 @@ impl NodeConfig {
 #[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "kebab-case")]
 pub enum AuthMethod {
+    /// `scram-sha-256`, as pg_hba.conf spells it (`scram-sha256` is accepted too).
+    #[serde(rename = "scram-sha-256", alias = "scram-sha256")]
     ScramSha256,
     Md5,
     Trust,
@@ -222,7 +224,21 @@ pub struct LimitsConfig {
     /// How long shutdown waits for running transactions.
     #[serde(with = "humantime_serde_compat")]
     pub shutdown_timeout: Duration,
+    /// Connections that have not finished logging in (startup, TLS, authentication); beyond
+    /// this, new sockets are closed at once (`tidemark_logins_refused_total`).
+    pub max_pending_logins: usize,
+    /// One deadline for the whole login: startup packet, TLS handshake, authentication.
+    #[serde(with = "humantime_serde_compat")]
+    pub login_timeout: Duration,
+    /// Total bytes of statement text a client's named prepared statements may hold.
+    pub max_prepared_bytes_per_client: String,
+    /// Longest key a client may name (`SET tidemark.key`, a `key=` hint), in bytes.
+    pub max_key_length: usize,
 }
+
+/// Largest message accepted before login (password, SASL): PostgreSQL's own startup packet
+/// limit is 10,000 bytes, and no authentication message needs more.
+pub const MAX_LOGIN_MESSAGE: usize = 10_000;
 
 impl Default for LimitsConfig {
     fn default() -> Self {
@@ -231,6 +247,10 @@ impl Default for LimitsConfig {
             max_prepared_per_client: 2000,
             max_clients: 10_000,
             shutdown_timeout: Duration::from_secs(10),
+            max_pending_logins: 1024,
+            login_timeout: Duration::from_secs(15),
+            max_prepared_bytes_per_client: "16MB".into(),
+            max_key_length: 256,
         }
     }
 }
@@ -375,6 +395,14 @@ impl Config {
                     u.auth
                 );
             }
+            if let Some(p) = u.password.as_deref() {
+                if p.starts_with("SCRAM-SHA-256$") && crate::auth::ScramSecret::parse(p).is_none() {
+                    bail!(
+                        "users.{}: password looks like a SCRAM verifier but does not parse (want SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>, base64)",
+                        u.name
+                    );
+                }
+            }
             if u.auth == AuthMethod::Md5
                 && u.password
                     .as_deref()
@@ -386,6 +414,19 @@ impl Config {
                 );
             }
         }
+        for a in &self.admin_users {
+            if self.user(a).is_none() {
+                bail!("admin_users: '{a}' is not one of the [[users]]");
+            }
+        }
+        if self.limits.max_pending_logins == 0 {
+            bail!("limits.max_pending_logins: must be at least 1");
+        }
+        if self.limits.login_timeout.is_zero() {
+            bail!("limits.login_timeout: must be more than 0 (e.g. \"15s\")");
+        }
+        parse_size(&self.limits.max_prepared_bytes_per_client)
+            .map_err(|e| anyhow::anyhow!("limits.max_prepared_bytes_per_client: {e}"))?;
         if self.pool.max_size == 0 {
             bail!("pool.max_size: must be at least 1");
         }
@@ -437,6 +478,10 @@ impl Config {
             .unwrap_or_default()
     }
 
+    pub fn max_prepared_bytes(&self) -> usize {
+        parse_size(&self.limits.max_prepared_bytes_per_client).unwrap_or(16 * 1024 * 1024)
+    }
+
     pub fn max_message_size(&self) -> usize {
         parse_size(&self.limits.max_message_size).unwrap_or(256 * 1024 * 1024)
     }
@@ -456,6 +501,39 @@ mod tests {
 name = "p"
 port = 5432
 "#;
+
+    /// The configuration the README shows loads and validates as it is.
+    #[test]
+    fn readme_config_loads() {
+        let readme = include_str!("../../../README.md");
+        let start = readme
+            .find("```toml\n")
+            .expect("a toml block in the README")
+            + 8;
+        let len = readme[start..].find("```").expect("its end");
+        let c = Config::parse(&readme[start..start + len]).expect("README config parses");
+        c.validate().expect("README config validates");
+        assert_eq!(c.users[0].auth, AuthMethod::ScramSha256);
+    }
+
+    #[test]
+    fn bad_verifiers_and_unknown_admins_are_refused_by_name() {
+        let bad = format!(
+            "{MIN}\n[[users]]\nname = \"app\"\npassword = \"SCRAM-SHA-256$4096:abc$notbase64\"\n"
+        );
+        let e = Config::parse(&bad).and_then(|c| c.validate()).unwrap_err();
+        assert!(e.to_string().contains("users.app"), "{e}");
+        let bad = format!("admin_users = [\"root\"]\n{MIN}");
+        let e = Config::parse(&bad).and_then(|c| c.validate()).unwrap_err();
+        assert!(e.to_string().contains("admin_users: 'root'"), "{e}");
+        for spelling in ["scram-sha-256", "scram-sha256"] {
+            let ok = format!(
+                "{MIN}\n[[users]]\nname = \"app\"\npassword = \"x\"\nauth = \"{spelling}\"\n"
+            );
+            let c = Config::parse(&ok).unwrap();
+            assert_eq!(c.users[0].auth, AuthMethod::ScramSha256);
+        }
+    }
 
     #[test]
     fn minimal_config_has_defaults() {

@@ -51,8 +51,15 @@ impl Proxy {
                 tokio::select! {
                     r = listener.accept() => match r {
                         Ok((stream, peer)) => {
+                            // Sockets that have not logged in yet are bounded: beyond the cap
+                            // they are closed at once, before any work is spent on them.
+                            let Some(pending) = LoginSlot::take(&a2) else {
+                                crate::metrics::login_refused();
+                                drop(stream);
+                                continue;
+                            };
                             let app = a2.clone();
-                            tokio::spawn(async move { handle(app, stream, peer).await });
+                            tokio::spawn(async move { handle(app, stream, peer, pending).await });
                         }
                         Err(e) => {
                             tracing::warn!(error = %e, "accept failed");
@@ -160,6 +167,34 @@ async fn reject<S: AsyncWrite + Unpin>(mut stream: S, e: ErrorFields) {
     let _ = stream.flush().await;
 }
 
+/// One connection that has not finished logging in; freed when it logs in or goes away.
+pub struct LoginSlot(Arc<App>);
+
+impl LoginSlot {
+    fn take(app: &Arc<App>) -> Option<LoginSlot> {
+        let max = app.config.load().limits.max_pending_logins;
+        let n = app
+            .pending_logins
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        if n >= max {
+            app.pending_logins
+                .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+            return None;
+        }
+        crate::metrics::pending_logins(1.0);
+        Some(LoginSlot(app.clone()))
+    }
+}
+
+impl Drop for LoginSlot {
+    fn drop(&mut self) {
+        self.0
+            .pending_logins
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        crate::metrics::pending_logins(-1.0);
+    }
+}
+
 /// What came before the startup message.
 enum Opening {
     Startup(tidemark_wire::StartupParams),
@@ -177,6 +212,7 @@ async fn opening<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
     buf: &mut BytesMut,
     allow_ssl: bool,
+    deadline: tokio::time::Instant,
 ) -> Opening {
     loop {
         if buf.starts_with(&[b'X', 0, 0, 0, 4]) {
@@ -205,7 +241,7 @@ async fn opening<S: AsyncRead + AsyncWrite + Unpin>(
             }
             Ok(Some(StartupPacket::Startup(p))) => return Opening::Startup(p),
             Ok(None) => {
-                let r = tokio::time::timeout(Duration::from_secs(10), stream.read_buf(buf)).await;
+                let r = tokio::time::timeout_at(deadline, stream.read_buf(buf)).await;
                 match r {
                     Ok(Ok(n)) if n > 0 => {}
                     Ok(_) => return Opening::Done,
@@ -227,63 +263,89 @@ async fn opening<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
-async fn handle(app: Arc<App>, mut stream: TcpStream, peer: SocketAddr) {
+async fn handle(app: Arc<App>, mut stream: TcpStream, peer: SocketAddr, slot: LoginSlot) {
     let _ = stream.set_nodelay(true);
+    // One deadline for the whole login (startup, TLS, authentication), not one per read.
+    let deadline = tokio::time::Instant::now() + app.config.load().limits.login_timeout;
     let mut buf = BytesMut::with_capacity(1024);
-    let params =
-        match opening(&app, &mut stream, &mut buf, true).await {
-            Opening::Startup(p) => p,
-            Opening::Done => return,
-            Opening::Ssl => {
-                let Some(acceptor) = app.tls.load_full() else {
-                    if stream.write_all(b"N").await.is_err() {
-                        return;
-                    }
-                    // Go on in plain text: the client may send its startup message now.
-                    if let Opening::Startup(p) = opening(&app, &mut stream, &mut buf, false).await {
-                        let (rd, wr) = stream.into_split();
-                        serve(app, Box::new(rd), Box::new(wr), buf, p, peer, false).await;
-                    }
-                    return;
-                };
-                if !buf.is_empty() {
-                    // Bytes sent after SSLRequest before the handshake would be read as if they
-                    // had come through TLS (CVE-2021-23214-style injection): refuse.
-                    return reject(
-                        stream,
-                        ErrorFields::fatal("08P01", "unencrypted data after SSLRequest"),
-                    )
-                    .await;
-                }
-                if stream.write_all(b"S").await.is_err() {
+    let params = match opening(&app, &mut stream, &mut buf, true, deadline).await {
+        Opening::Startup(p) => p,
+        Opening::Done => return,
+        Opening::Ssl => {
+            let Some(acceptor) = app.tls.load_full() else {
+                if stream.write_all(b"N").await.is_err() {
                     return;
                 }
-                let mut tls =
-                    match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream))
-                        .await
-                    {
-                        Ok(Ok(t)) => t,
-                        Ok(Err(e)) => {
-                            tracing::warn!(peer = %peer, error = %e, "TLS handshake failed");
-                            return;
-                        }
-                        Err(_) => {
-                            tracing::warn!(peer = %peer, "TLS handshake timed out");
-                            return;
-                        }
+                // Go on in plain text: the client may send its startup message now.
+                if let Opening::Startup(p) =
+                    opening(&app, &mut stream, &mut buf, false, deadline).await
+                {
+                    let (rd, wr) = stream.into_split();
+                    let login = Login {
+                        peer,
+                        tls: false,
+                        deadline,
+                        slot,
                     };
-                let mut buf = BytesMut::with_capacity(1024);
-                match opening(&app, &mut tls, &mut buf, false).await {
-                    Opening::Startup(p) => {
-                        let (rd, wr) = tokio::io::split(tls);
-                        return serve(app, Box::new(rd), Box::new(wr), buf, p, peer, true).await;
-                    }
-                    _ => return,
+                    serve(app, Box::new(rd), Box::new(wr), buf, p, login).await;
                 }
+                return;
+            };
+            if !buf.is_empty() {
+                // Bytes sent after SSLRequest before the handshake would be read as if they
+                // had come through TLS (CVE-2021-23214-style injection): refuse.
+                return reject(
+                    stream,
+                    ErrorFields::fatal("08P01", "unencrypted data after SSLRequest"),
+                )
+                .await;
             }
-        };
+            if stream.write_all(b"S").await.is_err() {
+                return;
+            }
+            let mut tls = match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
+                Ok(Ok(t)) => t,
+                Ok(Err(e)) => {
+                    tracing::warn!(peer = %peer, error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::warn!(peer = %peer, "TLS handshake timed out");
+                    return;
+                }
+            };
+            let mut buf = BytesMut::with_capacity(1024);
+            match opening(&app, &mut tls, &mut buf, false, deadline).await {
+                Opening::Startup(p) => {
+                    let (rd, wr) = tokio::io::split(tls);
+                    let login = Login {
+                        peer,
+                        tls: true,
+                        deadline,
+                        slot,
+                    };
+                    return serve(app, Box::new(rd), Box::new(wr), buf, p, login).await;
+                }
+                _ => return,
+            }
+        }
+    };
     let (rd, wr) = stream.into_split();
-    serve(app, Box::new(rd), Box::new(wr), buf, params, peer, false).await
+    let login = Login {
+        peer,
+        tls: false,
+        deadline,
+        slot,
+    };
+    serve(app, Box::new(rd), Box::new(wr), buf, params, login).await
+}
+
+/// A connection being logged in.
+struct Login {
+    peer: SocketAddr,
+    tls: bool,
+    deadline: tokio::time::Instant,
+    slot: LoginSlot,
 }
 
 /// After the startup message: limits, user and database checks, authentication, then the
@@ -294,9 +356,14 @@ async fn serve(
     mut wr: ClientWrite,
     buf: BytesMut,
     params: tidemark_wire::StartupParams,
-    peer: SocketAddr,
-    tls: bool,
+    login: Login,
 ) {
+    let Login {
+        peer,
+        tls,
+        deadline,
+        slot,
+    } = login;
     let cfg = app.config.load_full();
     if !tls && cfg.tls.mode == TlsMode::Require {
         return reject(
@@ -338,32 +405,55 @@ async fn serve(
         return reject(&mut wr, ErrorFields::fatal("0A000", "replication connections are not supported through tidemark; connect to the primary directly")).await;
     }
     let database = params.get("database").unwrap_or(&user).to_string();
+    // Until login completes, messages are small (PostgreSQL's own startup limit).
+    let mut io = ClientIo::new(rd, wr, buf, crate::config::MAX_LOGIN_MESSAGE);
     let Some(ucfg) = cfg.user(&user).cloned() else {
-        return reject(
-            &mut wr,
-            ErrorFields::fatal(
-                "28000",
-                format!("user \"{user}\" is not configured in tidemark"),
-            )
-            .with_hint("add it under [[users]] in the tidemark config"),
-        )
-        .await;
+        // An unknown user gets what a wrong password gets (a full SCRAM exchange, then
+        // 28P01), so users cannot be enumerated; the reason is logged here only.
+        tracing::info!(peer = %peer, user = %user, "login refused: user is not configured in tidemark");
+        let fake = app.decoy_secret(&user);
+        let r =
+            tokio::time::timeout_at(deadline, crate::auth::scram_exchange(&mut io, &user, &fake))
+                .await;
+        if let Ok(Ok(Err(e))) = r {
+            crate::metrics::error(&e.code);
+            let _ = io.send(&e.to_error()).await;
+        }
+        return;
     };
     let startup = match crate::session::startup_to_sets(&params) {
         Ok(s) => s,
-        Err(e) => return reject(&mut wr, ErrorFields::fatal("08P01", e)).await,
+        Err(e) => {
+            let f = ErrorFields::fatal("08P01", e);
+            crate::metrics::error(&f.code);
+            let _ = io.send(&f.to_error()).await;
+            return;
+        }
     };
-    let mut io = ClientIo::new(rd, wr, buf, cfg.max_message_size());
     let secret = app.scram_secret(&user);
-    match crate::auth::authenticate(&mut io, &ucfg, secret.as_deref()).await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => {
+    let auth = tokio::time::timeout_at(
+        deadline,
+        crate::auth::authenticate(&mut io, &ucfg, secret.as_deref()),
+    )
+    .await;
+    match auth {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => {
+            tracing::info!(peer = %peer, user = %user, sqlstate = %e.code, "login refused: {}", e.message);
             crate::metrics::error(&e.code);
             let _ = io.send(&e.to_error()).await;
             return;
         }
-        Err(_) => return,
+        Ok(Err(_)) => return,
+        Err(_) => {
+            let e = ErrorFields::fatal("08P01", "canceling authentication due to timeout");
+            crate::metrics::error(&e.code);
+            let _ = io.send(&e.to_error()).await;
+            return;
+        }
     }
+    drop(slot);
+    io.set_max_message(cfg.max_message_size());
     io.push(&tidemark_wire::backend::auth_ok());
     if database == "tidemark" {
         crate::admin::run(app, io, user).await;

@@ -78,6 +78,14 @@ pub fn install() -> Option<PrometheusHandle> {
 }
 
 fn describe() {
+    describe_gauge!(
+        "tidemark_pending_logins",
+        "Connections that have not finished logging in (startup, TLS, authentication)"
+    );
+    describe_counter!(
+        "tidemark_logins_refused_total",
+        "Connections closed at once because limits.max_pending_logins were logging in"
+    );
     describe_counter!(
         "tidemark_statements_total",
         "Statements (routing units) by class and target role"
@@ -289,6 +297,14 @@ pub fn error(sqlstate: &str) {
     };
     counter!("tidemark_errors_total", "sqlstate" => code).increment(1);
     recent::add(recent::Event::Error);
+}
+
+pub fn pending_logins(delta: f64) {
+    gauge!("tidemark_pending_logins").increment(delta);
+}
+
+pub fn login_refused() {
+    counter!("tidemark_logins_refused_total").increment(1);
 }
 
 pub fn clients(delta: f64) {

@@ -759,6 +759,14 @@ impl Session {
         if !self.real_pid && self.answer_backend_signal(&unit).await? {
             return Ok(());
         }
+        if let Some(k) = &analysis.hints.key {
+            let max = self.app.config.load().limits.max_key_length;
+            if k.len() > max {
+                return self
+                    .send_error_ready(key_too_long(k.len(), max), unit.end)
+                    .await;
+            }
+        }
         for err in &analysis.hints.errors {
             let n = ErrorFields {
                 severity: "WARNING".into(),
@@ -928,6 +936,18 @@ impl Session {
                     parts.push(analysis.clone());
                     if !name.is_empty() {
                         new_named += 1;
+                        let max_bytes = self.app.config.load().max_prepared_bytes();
+                        let used: usize = self.statements.values().map(|s| s.query.len()).sum();
+                        if used + query.len() > max_bytes {
+                            return Err(ErrorFields::error(
+                                "54000",
+                                format!(
+                                    "prepared statements of this connection would hold {} bytes of text, over the limit of {max_bytes} (limits.max_prepared_bytes_per_client)",
+                                    used + query.len()
+                                ),
+                            )
+                            .with_hint("Close (DEALLOCATE) statements you no longer use"));
+                        }
                         if self.statements.len() + new_named > self.max_prepared {
                             return Err(ErrorFields::error(
                                 "53400",
@@ -1034,6 +1054,10 @@ impl Session {
                         Err(e) => return Err(invalid(name, value, &e.to_string())),
                     },
                     "key" => {
+                        let max = self.app.config.load().limits.max_key_length;
+                        if value.len() > max {
+                            return Err(key_too_long(value.len(), max));
+                        }
                         self.key = if value.is_empty() {
                             None
                         } else {
@@ -2344,6 +2368,14 @@ fn own_notification(f: &Frame, server_pid: i32, client_pid: i32) -> Frame {
     let mut b = client_pid.to_be_bytes().to_vec();
     b.extend_from_slice(&body[4..]);
     Frame::new(b'A', &b)
+}
+
+fn key_too_long(len: usize, max: usize) -> ErrorFields {
+    ErrorFields::error(
+        "54000",
+        format!("tidemark key of {len} bytes is longer than the limit of {max} bytes"),
+    )
+    .with_hint("use a shorter key (limits.max_key_length)")
 }
 
 fn unknown_setting(name: &str) -> ErrorFields {

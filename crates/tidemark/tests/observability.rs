@@ -180,9 +180,9 @@ async fn metrics_console_and_status_page_against_a_real_cluster() {
     c.simple_query("/* tidemark: min_lsn=FF/0 */ SELECT 1")
         .await
         .unwrap();
-    // An unknown user is refused by tidemark itself (28000).
+    // An unknown user is refused as a wrong password is (28P01 after a SCRAM exchange).
     let Err(e) = try_connect(&format!(
-        "host={} port={} user=nobody dbname=postgres",
+        "host={} port={} user=nobody password=guess dbname=postgres",
         p.ip(),
         p.port()
     ))
@@ -190,10 +190,7 @@ async fn metrics_console_and_status_page_against_a_real_cluster() {
     else {
         panic!("unknown user refused");
     };
-    assert_eq!(
-        e.code(),
-        Some(&SqlState::INVALID_AUTHORIZATION_SPECIFICATION)
-    );
+    assert_eq!(e.code(), Some(&SqlState::INVALID_PASSWORD));
 
     // --- counters move by exactly the traffic: 50 eventual reads → 50 replica reads ---
     let before = metrics(maddr).await;
@@ -226,7 +223,7 @@ async fn metrics_console_and_status_page_against_a_real_cluster() {
             &[("outcome", "fallback")]
         ) >= 1.0
     );
-    assert!(sample_sum(&after, "tidemark_errors_total", &[("sqlstate", "28000")]) >= 1.0);
+    assert!(sample_sum(&after, "tidemark_errors_total", &[("sqlstate", "28P01")]) >= 1.0);
     assert!(sample_sum(&after, "tidemark_reads_replica_ratio", &[]) > 0.5);
     // Node gauges and the checkout-wait histogram are recorded through handles kept by the
     // monitor and the pools: they must reach the exposition with the right values.

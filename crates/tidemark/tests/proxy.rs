@@ -235,12 +235,15 @@ async fn errors_are_reported_not_dropped() {
     assert!(c.is_closed(), "the session ends with its server session");
     env.client().await.batch_execute("SELECT 1").await.unwrap();
 
-    // Unknown user and wrong password.
-    let e = tokio_postgres::connect(&proxy_dsn_of(&env.proxy, "nobody"), tokio_postgres::NoTls)
-        .await
-        .err()
-        .expect("unknown user refused");
-    assert_eq!(e.code().map(|c| c.code()), Some("28000"));
+    // Unknown user: refused exactly as a wrong password is (no user enumeration).
+    let e = tokio_postgres::connect(
+        &format!("{} password=guess", proxy_dsn_of(&env.proxy, "nobody")),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .err()
+    .expect("unknown user refused");
+    assert_eq!(e.code().map(|c| c.code()), Some("28P01"), "{e}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
