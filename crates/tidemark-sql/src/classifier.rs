@@ -19,6 +19,9 @@ use crate::normalize::normalize;
 
 /// Texts longer than this are classified but not cached (typically one-off bulk statements).
 pub const MAX_CACHED_TEXT: usize = 64 * 1024;
+/// The cache holds at most this many bytes of text (besides its bound in entries), so
+/// 10,000 entries of 64 KiB cannot take 640 MiB.
+pub const MAX_CACHED_BYTES: usize = 16 * 1024 * 1024;
 
 struct Entry {
     text: Box<str>,
@@ -30,6 +33,27 @@ struct Inner {
     generation: u64,
     rules: Arc<FunctionRules>,
     cache: Option<LruCache<u64, Entry>>,
+    /// Bytes of text held by `cache`.
+    bytes: usize,
+}
+
+impl Inner {
+    /// Stores an entry, then evicts least recently used ones while over `MAX_CACHED_BYTES`.
+    fn put(&mut self, key: u64, entry: Entry) {
+        let Some(cache) = self.cache.as_mut() else {
+            return;
+        };
+        self.bytes += entry.text.len();
+        if let Some((_, old)) = cache.push(key, entry) {
+            self.bytes -= old.text.len();
+        }
+        while self.bytes > MAX_CACHED_BYTES {
+            match cache.pop_lru() {
+                Some((_, old)) => self.bytes -= old.text.len(),
+                None => break,
+            }
+        }
+    }
 }
 
 /// Classifies query texts. `Send + Sync`; share one per process behind an `Arc`.
@@ -91,6 +115,7 @@ impl Classifier {
                 generation: 0,
                 rules,
                 cache: NonZeroUsize::new(cache_capacity).map(LruCache::new),
+                bytes: 0,
             }),
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
@@ -108,6 +133,7 @@ impl Classifier {
         if let Some(c) = inner.cache.as_mut() {
             c.clear();
         }
+        inner.bytes = 0;
     }
 
     /// The analysis of `sql`: its class, per-statement classes, whether it pins the session, and
@@ -146,15 +172,13 @@ impl Classifier {
             };
             let mut inner = self.inner.lock();
             if inner.generation == generation {
-                if let Some(cache) = inner.cache.as_mut() {
-                    cache.put(
-                        key,
-                        Entry {
-                            text: text.into(),
-                            analysis: analysis.clone(),
-                        },
-                    );
-                }
+                inner.put(
+                    key,
+                    Entry {
+                        text: text.into(),
+                        analysis: analysis.clone(),
+                    },
+                );
             }
         }
         analysis
@@ -184,15 +208,18 @@ impl Classifier {
     #[cfg(test)]
     pub(crate) fn force_entry(&self, under: &str, sql: &str, analysis: Analysis) {
         let mut inner = self.inner.lock();
-        if let Some(c) = inner.cache.as_mut() {
-            c.put(
-                text_hash(under),
-                Entry {
-                    text: sql.into(),
-                    analysis: Arc::new(analysis),
-                },
-            );
-        }
+        inner.put(
+            text_hash(under),
+            Entry {
+                text: sql.into(),
+                analysis: Arc::new(analysis),
+            },
+        );
+    }
+
+    /// Bytes of text the cache holds.
+    pub fn cached_bytes(&self) -> usize {
+        self.inner.lock().bytes
     }
 }
 
@@ -274,6 +301,19 @@ mod tests {
         c.set_catalog(cat);
         assert_eq!(c.cached_len(), 0);
         assert_eq!(c.classify("SELECT my_read()").class, Class::Read);
+    }
+
+    #[test]
+    fn cache_is_bounded_in_bytes() {
+        let c = Classifier::new(100_000, FunctionPolicy::default());
+        // 350 distinct ~60 KB texts: 21 MB if entries were the only bound.
+        for i in 0..350 {
+            let sql = format!("SELECT {} /* {i} */ FROM t{i}", "x, ".repeat(20_000));
+            c.classify(&sql);
+            assert!(c.cached_bytes() <= MAX_CACHED_BYTES);
+        }
+        assert!(c.cached_bytes() > MAX_CACHED_BYTES / 2);
+        assert!(c.cached_len() < 350);
     }
 
     #[test]

@@ -502,6 +502,22 @@ fn reload(app: &App) -> Result<Output, ErrorFields> {
             "config not reloaded: changing the node list needs a restart in this version",
         ));
     }
+    // A node that moved would be watched at its new address by the monitor while pools kept
+    // sending to the old one: refuse, naming it.
+    if let Some((a, b)) = new
+        .nodes
+        .iter()
+        .zip(&old.nodes)
+        .find(|(a, b)| a.host != b.host || a.port != b.port)
+    {
+        return Err(ErrorFields::error(
+            "0A000",
+            format!(
+                "config not reloaded: node '{}' moved from {}:{} to {}:{}; changing a node's address needs a restart in this version",
+                a.name, b.host, b.port, a.host, a.port
+            ),
+        ));
+    }
     let tls = crate::tls::acceptor(&new.tls)
         .map_err(|e| ErrorFields::error("F0000", format!("config not reloaded: {e}")))?;
     for p in app.pools.all() {

@@ -110,9 +110,17 @@ impl Proxy {
 /// open in every pool in use.
 async fn reaper(app: Arc<App>) {
     let mut t = tokio::time::interval(Duration::from_secs(1));
+    let mut seen = std::collections::HashMap::new();
     loop {
         t.tick().await;
-        let min = app.config.load().pool.min_size;
+        let (min, idle) = {
+            let cfg = app.config.load();
+            (cfg.pool.min_size, cfg.pool.idle_timeout)
+        };
+        if min == 0 {
+            app.pools
+                .drop_idle(&mut seen, idle, std::time::Instant::now());
+        }
         for p in app.pools.all() {
             p.reap();
             if app.view.load().node(p.key.node).is_some_and(|n| n.healthy) {

@@ -341,6 +341,47 @@ impl Pools {
         m.entry(key).or_insert_with(|| Arc::new(make())).clone()
     }
 
+    /// Forgets a pool that holds no connection (a login the server refused: an unknown
+    /// database or role must not leave a pool, metric series and reaper work behind).
+    pub fn remove_if_empty(&self, key: &PoolKey) -> bool {
+        let mut m = self.map.lock();
+        let empty = m.get(key).is_some_and(|p| {
+            p.stats.open.load(Ordering::Relaxed) == 0 && p.stats.in_use.load(Ordering::Relaxed) == 0
+        });
+        if empty {
+            m.remove(key);
+        }
+        empty
+    }
+
+    /// Forgets pools that have had no checkout and no connection for `idle` (the reaper calls
+    /// this every second with what it saw last time: checkouts count and since when).
+    pub fn drop_idle(
+        &self,
+        seen: &mut HashMap<PoolKey, (u64, Instant)>,
+        idle: Duration,
+        now: Instant,
+    ) {
+        let mut m = self.map.lock();
+        m.retain(|key, p| {
+            let checkouts = p.stats.checkouts.load(Ordering::Relaxed);
+            let busy = p.stats.open.load(Ordering::Relaxed) > 0
+                || p.stats.in_use.load(Ordering::Relaxed) > 0
+                || p.stats.waiting.load(Ordering::Relaxed) > 0;
+            let entry = seen.entry(key.clone()).or_insert((checkouts, now));
+            if busy || entry.0 != checkouts {
+                *entry = (checkouts, now);
+                return true;
+            }
+            let keep = now.duration_since(entry.1) < idle;
+            if !keep {
+                tracing::debug!(pool = %p.name, "idle pool dropped");
+                seen.remove(key);
+            }
+            keep
+        });
+    }
+
     pub fn all(&self) -> Vec<Arc<Pool>> {
         let mut v: Vec<_> = self.map.lock().values().cloned().collect();
         v.sort_by(|a, b| a.name.cmp(&b.name));

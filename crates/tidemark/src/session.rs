@@ -83,6 +83,19 @@ fn opaque_analysis() -> Arc<Analysis> {
     })
 }
 
+/// Classifies a statement text. Long texts (whose parse can take milliseconds) are classified
+/// on tokio's blocking pool, so they never stall the event loop other clients share.
+async fn classify(app: &Arc<App>, sql: &str) -> Arc<Analysis> {
+    if sql.len() <= tidemark_sql::INLINE_PARSE_LIMIT {
+        return app.classifier.classify(sql);
+    }
+    let app = app.clone();
+    let text = sql.to_string();
+    tokio::task::spawn_blocking(move || app.classifier.classify(&text))
+        .await
+        .unwrap_or_else(|_| opaque_analysis())
+}
+
 /// What one message sent to the server will produce, in order.
 #[derive(Debug)]
 enum Exp {
@@ -221,8 +234,10 @@ pub struct Session {
     pools: Vec<Option<Arc<crate::pool::Pool>>>,
 }
 
+/// A string literal that means the same whatever `standard_conforming_strings` says: an
+/// escape string (`E'…'`) with backslashes and quotes doubled.
 fn quote_literal(v: &str) -> String {
-    format!("'{}'", v.replace('\'', "''"))
+    format!("E'{}'", v.replace('\\', "\\\\").replace('\'', "''"))
 }
 
 fn is_ident(name: &str) -> bool {
@@ -709,7 +724,7 @@ impl Session {
             return Ok(());
         }
         // What is this unit?
-        let (analysis, stmt_updates) = match self.analyse(&unit) {
+        let (analysis, stmt_updates) = match self.analyse(&unit).await {
             Ok(a) => a,
             Err(e) => return self.send_error_ready(e, unit.end).await,
         };
@@ -896,7 +911,7 @@ impl Session {
     /// Classifies a unit; returns its combined analysis and the prepared statements it
     /// defines (`Some`) or closes (`None`).
     #[allow(clippy::type_complexity)]
-    fn analyse(
+    async fn analyse(
         &mut self,
         unit: &Unit,
     ) -> Result<(Arc<Analysis>, Vec<(String, Option<Arc<Stmt>>)>), ErrorFields> {
@@ -919,7 +934,7 @@ impl Session {
                 .map_err(|e| ErrorFields::error("08P01", e.to_string()))?;
             match msg {
                 FrontendMessage::Query(sql) => {
-                    let a = self.app.classifier.classify(sql);
+                    let a = classify(&self.app, sql).await;
                     self.unit_clears_statements |= clears(&a);
                     parts.push(a);
                 }
@@ -928,7 +943,7 @@ impl Session {
                     query,
                     param_types,
                 } => {
-                    let analysis = self.app.classifier.classify(query);
+                    let analysis = classify(&self.app, query).await;
                     let global = format!(
                         "tm_{:016x}",
                         hash_of(&(query, &param_types, self.state_key))
@@ -1230,6 +1245,16 @@ impl Session {
         } else {
             pool.checkout_nowait().await
         };
+        if let Err(PoolError::Server(
+            ServerError::Auth(_) | ServerError::Server(_) | ServerError::Protocol(_),
+        )) = &r
+        {
+            // The server refused the login (unknown database, role, password): no pool is
+            // kept for it.
+            if self.app.pools.remove_if_empty(&pool.key) {
+                self.pools[node] = None;
+            }
+        }
         match r {
             Ok(c) => Ok(c),
             Err(PoolError::Exhausted { pool, waited, max }) => Err(ErrorFields::error(

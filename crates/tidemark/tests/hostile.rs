@@ -249,3 +249,47 @@ async fn per_client_caps_answer_54000_and_the_session_goes_on() {
     let row = c.query_one(&kept[0], &[]).await.unwrap();
     assert_eq!(row.get::<_, i32>(0), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_logins_and_idle_pools_leave_no_pool_behind() {
+    let env = start(&[], |c| c.pool.idle_timeout = Duration::from_secs(1)).await;
+    for db in ["nope_a", "nope_b", "nope_c"] {
+        let e = tokio_postgres::connect(
+            &format!(
+                "host={} port={} user=postgres dbname={db}",
+                env.proxy.addr.ip(),
+                env.proxy.addr.port()
+            ),
+            tokio_postgres::NoTls,
+        )
+        .await
+        .err()
+        .expect("a missing database is refused");
+        assert_eq!(e.code().map(|c| c.code()), Some("3D000"), "{e}");
+    }
+    let names = |app: &tidemark::app::App| -> Vec<String> {
+        app.pools
+            .all()
+            .iter()
+            .map(|p| p.key.database.clone())
+            .collect()
+    };
+    assert!(
+        !names(&env.proxy.app).iter().any(|d| d.starts_with("nope_")),
+        "{:?}",
+        names(&env.proxy.app)
+    );
+    // A pool nobody uses any more goes away once its connections have.
+    let c = env.client().await;
+    c.simple_query("SELECT 1").await.unwrap();
+    drop(c);
+    let t = Instant::now();
+    while !names(&env.proxy.app).is_empty() {
+        assert!(
+            t.elapsed() < Duration::from_secs(8),
+            "idle pools kept: {:?}",
+            names(&env.proxy.app)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

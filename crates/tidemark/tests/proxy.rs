@@ -426,6 +426,22 @@ async fn reload_applies_a_new_pool_size() {
     );
     let still = pool_size(admin.simple_query("SHOW POOLS").await.unwrap());
     assert_eq!(still, vec!["7".to_string()]);
+    // A node whose address changed is refused by name (pools would keep the old address).
+    let moved = format!(
+        "listen = \"127.0.0.1:0\"\nadmin_users = [\"postgres\"]\n\
+         [[nodes]]\nname = \"primary\"\nport = {}\n[[nodes]]\nname = \"replica_1\"\nport = {}\n\
+         [[users]]\nname = \"postgres\"\nauth = \"trust\"\n",
+        cluster.port(0),
+        cluster.port(1) + 1
+    );
+    std::fs::write(&path, moved).unwrap();
+    let e = admin.simple_query("RELOAD").await.unwrap_err();
+    let msg = e
+        .as_db_error()
+        .map(|d| d.message().to_string())
+        .unwrap_or_default();
+    assert!(msg.contains("node 'replica_1' moved"), "{msg}");
+    c.batch_execute("INSERT INTO r VALUES (2)").await.unwrap();
 }
 
 /// PAUSE holds new transactions until RESUME; running ones finish.
@@ -716,4 +732,36 @@ async fn tls_from_clients() {
     let (ok, _, err) = tokio::task::block_in_place(|| run(port, "sslmode=require", "SELECT 1"));
     assert!(!ok);
     assert!(err.contains("does not support SSL"), "{err}");
+}
+
+/// Startup parameters are replayed as escape-string literals: a value ending in a backslash
+/// reaches the server intact even on a connection another client left with
+/// `standard_conforming_strings=off` (where a plain literal's backslash would escape its quote).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn startup_values_survive_any_string_setting() {
+    let env = start(&[], |c| c.pool.max_size = 1).await;
+    let mut a: tokio_postgres::Config = env.proxy_dsn().parse().unwrap();
+    a.options("-c standard_conforming_strings=off");
+    let (a, conn) = a.connect(tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    let r = rows(
+        &a.simple_query("SHOW standard_conforming_strings")
+            .await
+            .unwrap(),
+    );
+    assert_eq!(r[0][0].as_deref(), Some("off"));
+    let mut b: tokio_postgres::Config = env.proxy_dsn().parse().unwrap();
+    b.application_name("it's\\");
+    let (b, conn) = b.connect(tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    for _ in 0..3 {
+        let r = rows(&b.simple_query("SHOW application_name").await.unwrap());
+        assert_eq!(r[0][0].as_deref(), Some("it's\\"));
+        let r = rows(
+            &a.simple_query("SHOW standard_conforming_strings")
+                .await
+                .unwrap(),
+        );
+        assert_eq!(r[0][0].as_deref(), Some("off"));
+    }
 }
