@@ -37,14 +37,9 @@ fn hmac(key: &[u8], data: &[u8]) -> [u8; 32] {
 }
 
 fn salted_password(password: &[u8], salt: &[u8], iterations: u32) -> [u8; 32] {
-    let mut u = hmac(password, &[salt, &[0, 0, 0, 1]].concat());
-    let mut out = u;
-    for _ in 1..iterations {
-        u = hmac(password, &u);
-        for (o, x) in out.iter_mut().zip(u.iter()) {
-            *o ^= x;
-        }
-    }
+    // SCRAM's Hi() is PBKDF2-HMAC-SHA-256 with a 32-byte output (RFC 5802, 7677).
+    let mut out = [0u8; 32];
+    pbkdf2::pbkdf2_hmac::<Sha256>(password, salt, iterations, &mut out);
     out
 }
 
@@ -96,10 +91,8 @@ impl ScramSecret {
 
 /// Compares secrets without an early exit on the first differing byte (no timing oracle).
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    use subtle::ConstantTimeEq;
+    a.ct_eq(b).into()
 }
 
 fn auth_failed(user: &str) -> ErrorFields {
