@@ -732,10 +732,18 @@ impl Session {
             if unit.end == UnitEnd::Query {
                 return self.tidemark_command(cmd.clone()).await;
             }
-            // Record the statements the unit defines first (a prepared SET/SHOW tidemark.*
-            // is answered here each time it is executed).
+        }
+        let all_tidemark = !analysis.statements.is_empty()
+            && analysis
+                .statements
+                .iter()
+                .all(|c| matches!(c, Class::Tidemark(_)));
+        if all_tidemark && unit.end != UnitEnd::Query {
+            // Extended protocol (prepared, or several in one pipeline): record the statements
+            // the unit defines (a prepared SET/SHOW tidemark.* is answered here each time it
+            // is executed), then answer message by message.
             self.apply_statement_updates(stmt_updates);
-            return self.tidemark_command_extended(&unit, cmd).await;
+            return self.tidemark_command_extended(&unit).await;
         }
         if analysis.statements.len() > 1
             && analysis
@@ -1150,18 +1158,19 @@ impl Session {
     /// A tidemark command sent with the extended protocol (drivers prepare statements they
     /// run often): Parse/Bind/Describe/Execute/Close/Sync answered here, as PostgreSQL would
     /// answer a `SET`/`SHOW` (no parameters; SHOW describes one text column).
-    async fn tidemark_command_extended(
-        &mut self,
-        unit: &Unit,
-        cmd: &TidemarkCommand,
-    ) -> SResult<()> {
-        let column = match cmd {
-            TidemarkCommand::Show { name } => Some(format!("tidemark.{name}")),
+    async fn tidemark_command_extended(&mut self, unit: &Unit) -> SResult<()> {
+        // Which command each statement and the unnamed portal hold, in message order.
+        let mut parsed: HashMap<String, TidemarkCommand> = HashMap::new();
+        let mut portal: Option<TidemarkCommand> = None;
+        let command_of = |a: &Analysis| match &a.class {
+            Class::Tidemark(c) => Some(c.clone()),
             _ => None,
         };
-        let describe = |io: &mut ClientIo| match &column {
-            Some(c) => io.push(&be::row_description(&[c.as_str()])),
-            None => io.push(&be::no_data()),
+        let describe = |io: &mut ClientIo, cmd: Option<&TidemarkCommand>| match cmd {
+            Some(TidemarkCommand::Show { name }) => {
+                io.push(&be::row_description(&[format!("tidemark.{name}").as_str()]))
+            }
+            _ => io.push(&be::no_data()),
         };
         let mut failed = false;
         for f in &unit.frames {
@@ -1169,26 +1178,53 @@ impl Session {
             if failed && !matches!(msg, FrontendMessage::Sync) {
                 continue;
             }
+            let stmt_cmd = |name: &str, parsed: &HashMap<String, TidemarkCommand>| {
+                parsed.get(name).cloned().or_else(|| {
+                    let s = if name.is_empty() {
+                        self.unnamed.clone()
+                    } else {
+                        self.statements.get(name).cloned()
+                    };
+                    s.and_then(|s| command_of(&s.analysis))
+                })
+            };
             match msg {
-                FrontendMessage::Parse { .. } => self.io.push(&be::simple(be::PARSE_COMPLETE)),
-                FrontendMessage::Bind { .. } => self.io.push(&be::simple(b'2')),
-                FrontendMessage::Describe { kind: b'S', .. } => {
-                    self.io.push(&be::parameter_description(&[]));
-                    describe(&mut self.io);
-                }
-                FrontendMessage::Describe { .. } => describe(&mut self.io),
-                FrontendMessage::Execute { .. } => match self.run_tidemark(cmd) {
-                    Ok(TidemarkAnswer::Tag(tag)) => self.io.push(&be::command_complete(tag)),
-                    Ok(TidemarkAnswer::Show { value, .. }) => {
-                        self.io.push(&be::data_row(&[Some(value)]));
-                        self.io.push(&be::command_complete("SHOW"));
+                FrontendMessage::Parse { name, query, .. } => {
+                    if let Some(c) = command_of(&self.app.classifier.classify(query)) {
+                        parsed.insert(name.to_string(), c);
                     }
-                    Err(e) => {
-                        crate::metrics::error(&e.code);
+                    self.io.push(&be::simple(be::PARSE_COMPLETE));
+                }
+                FrontendMessage::Bind { statement, .. } => {
+                    portal = stmt_cmd(statement, &parsed);
+                    self.io.push(&be::simple(b'2'));
+                }
+                FrontendMessage::Describe { kind: b'S', name } => {
+                    let c = stmt_cmd(name, &parsed);
+                    self.io.push(&be::parameter_description(&[]));
+                    describe(&mut self.io, c.as_ref());
+                }
+                FrontendMessage::Describe { .. } => describe(&mut self.io, portal.as_ref()),
+                FrontendMessage::Execute { .. } => {
+                    let Some(cmd) = portal.clone() else {
+                        let e = ErrorFields::error("34000", "portal \"\" does not exist");
                         self.io.push(&e.to_error());
                         failed = true;
+                        continue;
+                    };
+                    match self.run_tidemark(&cmd) {
+                        Ok(TidemarkAnswer::Tag(tag)) => self.io.push(&be::command_complete(tag)),
+                        Ok(TidemarkAnswer::Show { value, .. }) => {
+                            self.io.push(&be::data_row(&[Some(value)]));
+                            self.io.push(&be::command_complete("SHOW"));
+                        }
+                        Err(e) => {
+                            crate::metrics::error(&e.code);
+                            self.io.push(&e.to_error());
+                            failed = true;
+                        }
                     }
-                },
+                }
                 FrontendMessage::Close { .. } => self.io.push(&be::simple(be::CLOSE_COMPLETE)),
                 FrontendMessage::Sync => {
                     failed = false;

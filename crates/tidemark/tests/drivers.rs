@@ -259,6 +259,42 @@ async fn tidemark_commands_over_the_extended_protocol() {
             .get::<_, i64>(0),
         1
     );
+
+    // Several tidemark commands in one pipeline (psycopg's pipeline mode, one Sync).
+    let mut r = common::raw::Raw::connect(env.proxy.addr, "postgres").await;
+    let mut b = bytes::BytesMut::new();
+    use postgres_protocol::message::frontend as pf;
+    for sql in ["SET tidemark.key = 'user:7'", "SHOW tidemark.key"] {
+        pf::parse("", sql, std::iter::empty(), &mut b).unwrap();
+        pf::bind(
+            "",
+            "",
+            std::iter::empty(),
+            std::iter::empty::<()>(),
+            |_, _| -> Result<postgres_protocol::IsNull, Box<dyn std::error::Error + Sync + Send>> {
+                unreachable!()
+            },
+            Some(0),
+            &mut b,
+        )
+        .map_err(|_| ())
+        .unwrap();
+        pf::describe(b'P', "", &mut b).unwrap();
+        pf::execute("", 0, &mut b).unwrap();
+    }
+    pf::sync(&mut b);
+    r.send(&b).await;
+    let msgs = r.until_ready().await;
+    let tags: Vec<char> = msgs.iter().map(|m| m.0 as char).collect();
+    assert_eq!(
+        tags,
+        vec!['1', '2', 'n', 'C', '1', '2', 'T', 'D', 'C', 'Z'],
+        "{msgs:?}"
+    );
+    assert_eq!(
+        common::raw::data_rows(&msgs)[0][0].as_deref(),
+        Some("user:7")
+    );
 }
 
 /// A Terminate sent before the startup packet (node-postgres closing at once) is closed
