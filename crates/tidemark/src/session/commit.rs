@@ -1,0 +1,374 @@
+//! After a unit: transaction status, the commit position the session's later reads depend on (pipelined behind the commit, or read after), outcomes when the connection is lost.
+
+use super::*;
+
+/// Reads the commit position on the connection that just committed (see DESIGN.md: the
+/// insert position after the commit is never below the commit's end).
+/// The commit position after a write (`pg_current_wal_insert_lsn()`, see
+/// `Lsn::normalize_insert_position`).
+pub(super) const CAPTURE_SQL: &str = "SELECT pg_current_wal_insert_lsn()::text";
+
+/// The same, plus the pids of the primary's walsenders whose standby had replayed up to it at
+/// that moment (mapped to nodes with the monitor's view). With `synchronous_commit =
+/// remote_apply` a synchronous standby is among them whenever no other session wrote in
+/// between (then the position read is past this commit and the list may be shorter, never
+/// wrong); without `pg_read_all_stats` the positions are hidden and the list is empty (reads
+/// then wait for replay as usual). Only asked when the primary has a synchronous standby: an
+/// asynchronous one has practically never replayed a commit by the time it returns.
+pub(super) const CAPTURE_APPLIED_SQL: &str = "SELECT l::text, \
+     (SELECT array_agg(w.pid)::text FROM pg_stat_get_wal_senders() w WHERE w.replay_lsn >= l) \
+     FROM pg_current_wal_insert_lsn() l";
+
+pub(super) fn capture_sql(app: &App) -> &'static str {
+    if app.view.load().has_synchronous_standby() {
+        CAPTURE_APPLIED_SQL
+    } else {
+        CAPTURE_SQL
+    }
+}
+
+/// A one-dimensional PostgreSQL integer array in text form (`{1,2,3}`); `None` if malformed.
+pub(super) fn parse_int_array(s: &str) -> Option<Vec<i32>> {
+    let inner = s.strip_prefix('{')?.strip_suffix('}')?;
+    if inner.is_empty() {
+        return Some(Vec::new());
+    }
+    inner.split(',').map(|p| p.trim().parse().ok()).collect()
+}
+
+/// What the commit-position read after a write returned.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct Captured {
+    pub(super) lsn: Lsn,
+    /// Pids of walsenders whose standby had replayed up to `lsn`.
+    pub(super) applied_on: Vec<i32>,
+}
+
+impl Captured {
+    /// From a [`CAPTURE_SQL`] or [`CAPTURE_APPLIED_SQL`] row; `None` if the position is missing
+    /// or malformed. A malformed pid list counts as empty (reads then wait for replay as usual).
+    pub(super) fn parse(row: &[Option<String>]) -> Option<Captured> {
+        let lsn = row.first()?.as_deref()?.parse::<Lsn>().ok()?;
+        let applied_on = row
+            .get(1)
+            .and_then(|v| v.as_deref())
+            .and_then(parse_int_array)
+            .unwrap_or_default();
+        Some(Captured { lsn, applied_on })
+    }
+}
+
+impl Session {
+    /// The server connection broke mid-unit: tell the client, drop the connection. Inside a
+    /// transaction, or when the session holds state on that connection, the client's session
+    /// ends as it would directly (FATAL, then the close); a unit that may have committed ends it
+    /// with 08007, since nobody can say whether it did.
+    pub(super) async fn server_failed(&mut self, e: ServerError, may_commit: bool) -> SResult<()> {
+        let node = self.attached.as_ref().map(|a| a.node);
+        self.attached = None; // dropping closes it
+        self.unit_open = false;
+        self.copy_in = false;
+        self.server_skipping = false;
+        *self.cancel_slot.lock() = None;
+        let name = node.map(|n| self.app.node_name(n)).unwrap_or_default();
+        let was_in_tx = self.tx_status != b'I';
+        self.tx_status = b'I';
+        // A server that said why (an ErrorResponse) did not commit; a connection that just
+        // ended leaves the outcome unknown.
+        let unknown = may_commit && !matches!(e, ServerError::Server(_));
+        if unknown {
+            // Later reads (and keyed readers) must assume the write happened.
+            let wrote = std::mem::take(&mut self.tx_wrote);
+            self.write_unknown = true;
+            if wrote || self.tx_key.is_some() || self.key.is_some() {
+                self.resolve_unknown_write().await;
+            }
+            let f = ErrorFields::fatal(
+                "08007",
+                format!("the connection to node {name} was lost while the transaction was committing: {e}"),
+            )
+            .with_detail("whether the transaction committed is unknown; check before retrying it");
+            crate::metrics::error(&f.code);
+            tracing::warn!(
+                client = self.pid,
+                "connection lost during COMMIT; outcome unknown (08007)"
+            );
+            self.io.send(&f.to_error()).await?;
+            return Err(ClientError::Closed);
+        }
+        self.tx_wrote = false;
+        let mut f = match &e {
+            ServerError::Server(f) => ErrorFields::error(&f.code, f.message.clone()),
+            other => ErrorFields::error(
+                "08006",
+                format!("connection to node {name} was lost: {other}"),
+            ),
+        };
+        if self.pinned || was_in_tx {
+            // The transaction or session state lived on that connection.
+            f.severity = "FATAL".into();
+            crate::metrics::error(&f.code);
+            tracing::warn!(client = self.pid, user = %self.user, sqlstate = %f.code, message = %f.message, "server connection lost inside a transaction or pinned session; ending the client session");
+            self.io.send(&f.to_error()).await?;
+            return Err(ClientError::Closed);
+        }
+        crate::metrics::error(&f.code);
+        tracing::warn!(client = self.pid, user = %self.user, sqlstate = %f.code, message = %f.message, "server connection failed under a client");
+        self.io.push(&f.to_error());
+        self.io.push(&be::ready_for_query(b'I'));
+        self.io.flush().await
+    }
+
+    /// Whether this unit may commit a write: an autocommit write, or the COMMIT of a
+    /// transaction that wrote. If its connection is lost, its outcome is unknown.
+    pub(super) fn unit_may_commit(&self, analysis: &Analysis, may_write: bool) -> bool {
+        let has = |f: fn(&Class) -> bool| analysis.statements.iter().any(f);
+        let begins = has(|c| matches!(c, Class::Transaction(TxControl::Begin { .. })));
+        let ends = has(|c| {
+            matches!(
+                c,
+                Class::Transaction(TxControl::Commit | TxControl::CommitPrepared)
+            )
+        });
+        if self.tx_status == b'I' {
+            (may_write && (!begins || ends))
+                || has(|c| matches!(c, Class::Transaction(TxControl::CommitPrepared)))
+        } else {
+            ends && (self.tx_wrote || may_write)
+        }
+    }
+
+    /// After a write whose commit position is unknown: learns the primary's current position
+    /// (every commit so far is at or below it) and makes this session's reads, and its key's
+    /// readers, wait for it. Leaves `write_unknown` set if the primary cannot be asked (the
+    /// next read then goes to the primary).
+    pub(super) async fn resolve_unknown_write(&mut self) {
+        let view = self.app.view.load_full();
+        let Some(p) = view.primary_id() else {
+            return;
+        };
+        let Ok(mut c) = self.checkout(p).await else {
+            return;
+        };
+        match c.conn.simple_query(CAPTURE_SQL).await {
+            Ok(rows) => {
+                if let Some(l) = rows
+                    .first()
+                    .cloned()
+                    .flatten()
+                    .and_then(|s| s.parse::<Lsn>().ok())
+                {
+                    let l = l.normalize_insert_position();
+                    self.last_write_lsn = self.last_write_lsn.max(l);
+                    self.applied = None;
+                    if let Some(k) = self.tx_key.as_ref().or(self.key.as_ref()) {
+                        self.app.keys.record(k, l);
+                    }
+                    self.write_unknown = false;
+                }
+                c.release();
+            }
+            Err(_) => c.conn.broken = true,
+        }
+    }
+
+    /// After ReadyForQuery: track transaction state, capture the commit LSN after writes,
+    /// record session state, and release the connection when the client is idle.
+    pub(super) async fn after_ready(
+        &mut self,
+        status: u8,
+        errored: bool,
+        may_write: bool,
+        analysis: &Analysis,
+        captured: Option<Captured>,
+        capture_lost: bool,
+    ) -> SResult<()> {
+        let prev = std::mem::replace(&mut self.tx_status, status);
+        self.unit_open = false;
+        if may_write {
+            self.tx_wrote = true;
+            if let Some(k) = &analysis.hints.key {
+                // A keyed write inside a transaction is recorded at its COMMIT.
+                self.tx_key = Some(k.clone());
+            }
+        }
+        self.track_session_state(prev, status, errored, analysis);
+        let Some(att) = self.attached.as_mut() else {
+            return self.io.flush().await;
+        };
+        if self.unit_clears_statements {
+            // DISCARD ALL / DEALLOCATE ALL ran: the server dropped every prepared statement on
+            // this connection, and the client's protocol-level statements are gone too, as on
+            // a direct connection. If the unit failed, whether it ran is unknown: make sure.
+            if errored && att.conn.conn.simple_query("DEALLOCATE ALL").await.is_err() {
+                att.conn.conn.broken = true;
+            }
+            att.conn.conn.prepared.clear();
+            if !errored {
+                self.statements.clear();
+                self.unnamed = None;
+            }
+        }
+        att.conn.conn.state_key = if analysis.opaque_state || self.conn_state_unknown {
+            self.conn_state_unknown = status != b'I';
+            STATE_UNKNOWN
+        } else {
+            self.state_key
+        };
+        let capture = status == b'I'
+            && att.role == Role::Primary
+            && self.tx_wrote
+            && self.app.config.load().routing.track_writes;
+        // A write under a key must be in the key store before the client learns it is
+        // done: readers on other connections only wait for what the store holds.
+        let keyed = self.tx_key.is_some() || self.key.is_some();
+        if capture && capture_lost {
+            // Committed, and the connection was lost before its position was read.
+            self.io.flush().await?;
+            self.write_unknown = true;
+            self.applied = None;
+            self.resolve_unknown_write().await;
+        } else if let (true, Some(c)) = (capture, captured) {
+            // Captured in the same pipeline as the commit: no extra round trip.
+            self.io.flush().await?;
+            self.record_commit(c);
+        } else if capture {
+            if self.report_lsn || keyed {
+                // The client asked for the token with the result, or other connections
+                // depend on it through the key: capture before ReadyForQuery.
+                let z = self.io.take_trailing_ready();
+                self.capture_lsn().await;
+                if let Some(z) = z {
+                    if self.report_lsn {
+                        self.io.push(&be::parameter_status(
+                            "tidemark.commit_lsn",
+                            &self.last_write_lsn.to_string(),
+                        ));
+                    }
+                    self.io.push(&z);
+                }
+                self.io.flush().await?;
+            } else {
+                // Let the client go on; the session's next routing decision waits for this.
+                self.io.flush().await?;
+                self.capture_lsn().await;
+            }
+        } else {
+            self.io.flush().await?;
+        }
+        if status == b'I' {
+            self.tx_wrote = false;
+            self.tx_key = None;
+            if !self.pinned {
+                if let Some(att) = self.attached.take() {
+                    att.conn.release();
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether to pipeline the commit-LSN read right behind this unit: it ends a writing
+    /// transaction (or is an autocommit write) and nobody needs the position before the
+    /// client's ReadyForQuery (keys and `report_lsn` need it first, so they don't pipeline).
+    pub(super) fn pipeline_capture(&self, analysis: &Analysis, may_write: bool) -> bool {
+        if !self.app.config.load().routing.track_writes
+            || self.report_lsn
+            || self.key.is_some()
+            || self.tx_key.is_some()
+            || analysis.hints.key.is_some()
+            || self.unit_open
+        {
+            return false;
+        }
+        let has = |f: fn(&Class) -> bool| analysis.statements.iter().any(f);
+        let begins = has(|c| matches!(c, Class::Transaction(TxControl::Begin { .. })));
+        let ends = has(|c| {
+            matches!(
+                c,
+                Class::Transaction(TxControl::Commit | TxControl::Rollback)
+            )
+        });
+        if self.tx_status == b'I' {
+            may_write && !begins
+        } else {
+            (self.tx_wrote || may_write) && ends
+        }
+    }
+
+    /// A COPY FROM in the unit would read a pipelined query as copy data: such units are
+    /// captured the ordinary way. (A plain text search: false positives only cost the
+    /// pipelining.)
+    pub(super) fn unit_may_copy(&self, unit: &Unit) -> bool {
+        let mentions = |t: &str| {
+            t.as_bytes()
+                .windows(4)
+                .any(|w| w.eq_ignore_ascii_case(b"copy"))
+        };
+        unit.frames.iter().any(|f| match FrontendMessage::parse(f) {
+            Ok(FrontendMessage::Query(q)) => mentions(q),
+            // Text tidemark cannot read may be a COPY.
+            Ok(FrontendMessage::NonUtf8 { .. }) => true,
+            Ok(FrontendMessage::Parse { query, .. }) => mentions(query),
+            Ok(FrontendMessage::Bind { statement, .. }) => {
+                let stmt = if statement.is_empty() {
+                    self.unnamed.as_ref()
+                } else {
+                    self.statements.get(statement)
+                };
+                stmt.is_some_and(|s| mentions(&s.query))
+            }
+            _ => false,
+        })
+    }
+
+    pub(super) fn record_commit(&mut self, c: Captured) {
+        let l = c.lsn.normalize_insert_position();
+        crate::metrics::lsn_captured();
+        self.app.monitor_pace.wake();
+        if l > self.last_write_lsn {
+            self.last_write_lsn = l;
+        }
+        // Standbys the primary saw at or past this position right after the commit.
+        let view = self.app.view.load();
+        let nodes: NodeSet = c
+            .applied_on
+            .iter()
+            .filter_map(|pid| view.node_by_walsender(*pid))
+            .collect();
+        self.applied = self
+            .attached
+            .as_ref()
+            .map(|att| (Applied { lsn: l, nodes }, att.node));
+        if let Some(k) = self.tx_key.as_ref().or(self.key.as_ref()) {
+            self.app.keys.record(k, l);
+        }
+    }
+
+    pub(super) async fn capture_lsn(&mut self) {
+        let Some(att) = self.attached.as_mut() else {
+            return;
+        };
+        match att
+            .conn
+            .conn
+            .simple_query_rows(capture_sql(&self.app))
+            .await
+        {
+            Ok(rows) => {
+                if let Some(c) = rows.first().and_then(|r| Captured::parse(r)) {
+                    self.record_commit(c);
+                }
+            }
+            Err(e) => {
+                // Without the position no replica can be proven to have this write: learn the
+                // primary's current position instead (at or past the commit).
+                tracing::warn!(error = %e, "could not read the commit LSN; using the primary's current position");
+                att.conn.conn.broken = true;
+                self.write_unknown = true;
+                self.applied = None;
+                self.resolve_unknown_write().await;
+            }
+        }
+    }
+}

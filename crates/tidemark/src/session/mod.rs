@@ -1,0 +1,810 @@
+//! One client session: reads routing units from the client (a simple Query, or extended
+//! protocol messages up to Sync/Flush), asks `tidemark-sql` what they are and
+//! `tidemark-core` where they may go, checks out a server connection, re-establishes the
+//! client's session state and prepared statements on it, relays the responses, and after
+//! a write captures the commit LSN the client's later reads depend on.
+//!
+//! Routing rules live in `tidemark_core::route`; the session only carries them out.
+//!
+//! This file is the client loop (`run`, `next_frame`, `next_unit`, `run_unit`, `execute`).
+//! One part per concern beside it:
+//! - `statements`: classifying a unit, the client's prepared statements;
+//! - `settings`: SETs and startup parameters replayed per client, `SET/SHOW tidemark.*`;
+//! - `signals`: `pg_terminate_backend`/`pg_cancel_backend` on tidemark pids;
+//! - `placement`: which node, waiting for a replica, checkout and session-state sync;
+//! - `relay`: rewriting a unit for its server connection and relaying the answers;
+//! - `commit`: after ReadyForQuery: transaction state, commit positions, lost connections;
+//! - `abandon`: a client that leaves with its server connection busy.
+
+use std::collections::hash_map::DefaultHasher;
+use std::collections::{HashMap, VecDeque};
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use tidemark_core::{
+    caught_up, fallback_after_wait, route, Applied, Consistency, Lsn, NodeId, NodeSet, Reason,
+    Role, Route, RouteRequest, TargetHint, Unavailable,
+};
+use tidemark_sql::{Analysis, Class, HintTarget, SessionKind, TidemarkCommand, TxControl};
+use tidemark_wire::backend::{self as be, ErrorFields};
+use tidemark_wire::frontend::{self as fe, FrontendMessage};
+use tidemark_wire::{Frame, StartupParams};
+
+use crate::app::{App, CancelTarget, ClientInfo};
+use crate::client::{ClientError, ClientIo};
+use crate::config::{Balance, PoolMode};
+use crate::pool::{Checked, PoolError};
+use crate::server::ServerError;
+
+mod abandon;
+mod commit;
+mod placement;
+mod relay;
+mod settings;
+mod signals;
+mod statements;
+
+use commit::*;
+use relay::*;
+pub use settings::startup_to_sets;
+use settings::*;
+use signals::*;
+use statements::*;
+
+/// A unit without Sync/Flush larger than this is sent on without waiting for its end.
+const MAX_UNIT_BYTES: usize = 1 << 20;
+/// Client messages read ahead while a unit runs.
+const MAX_PENDING_BYTES: usize = 4 << 20;
+#[derive(Debug, PartialEq, Eq, Clone, Copy)]
+enum UnitEnd {
+    Sync,
+    Query,
+    Func,
+    Flush,
+    Size,
+}
+
+struct Unit {
+    frames: Vec<Frame>,
+    end: UnitEnd,
+}
+
+/// The server connection a session holds across units (transaction, pinned session, or a
+/// unit left open by Flush).
+struct Attached {
+    conn: Checked,
+    node: NodeId,
+    role: Role,
+}
+
+type SResult<T> = Result<T, ClientError>;
+
+pub struct Session {
+    app: Arc<App>,
+    io: ClientIo,
+    user: String,
+    database: String,
+    pid: i32,
+    secret: i32,
+    cancel_slot: Arc<Mutex<Option<CancelTarget>>>,
+    info: Arc<Mutex<ClientInfo>>,
+    /// Woken by `pg_terminate_backend` on this client's pid.
+    kill: Arc<tokio::sync::Notify>,
+    /// Session pooling: the client was given its server's own pid and key.
+    real_pid: bool,
+    /// SET statements from the startup packet, then from the client, by parameter name.
+    startup_sets: Vec<String>,
+    sets: Vec<(String, String)>,
+    state_key: u64,
+    consistency: Consistency,
+    key: Option<String>,
+    token: Lsn,
+    report_lsn: bool,
+    last_write_lsn: Lsn,
+    /// Replicas the primary (this node id) reported at or past the last commit.
+    applied: Option<(Applied, NodeId)>,
+    /// Where the last routing decision sent a unit, and why (`SHOW tidemark.last_route`).
+    last_route: Option<(NodeId, Reason)>,
+    /// This session's spreading seed: sessions are spread over eligible replicas round-robin,
+    /// and one session's reads stay on one replica while it stays eligible (see `decide`).
+    balance: u64,
+    statements: HashMap<String, Arc<Stmt>>,
+    unnamed: Option<Arc<Stmt>>,
+    attached: Option<Attached>,
+    /// The client must stay on one primary connection (LISTEN, temp tables, ...).
+    pinned: bool,
+    tx_status: u8,
+    tx_wrote: bool,
+    /// A Flush-ended unit is open on `attached` until its Sync.
+    unit_open: bool,
+    /// After an error inside an open unit, the server skips until Sync.
+    server_skipping: bool,
+    pending: VecDeque<Frame>,
+    pending_bytes: usize,
+    copy_in: bool,
+    /// Key of a keyed write in the current transaction.
+    tx_key: Option<String>,
+    /// Session-state statements run inside the current transaction (applied at COMMIT).
+    tx_session_state: Vec<Class>,
+    /// A write's commit position could not be read (the connection was lost after the
+    /// commit): the session's next read first learns the primary's current position.
+    write_unknown: bool,
+    /// After tidemark itself failed a Flush-ended unit: ignore messages until Sync.
+    skip_until_sync: bool,
+    /// The unit being run executes `DISCARD ALL` or `DEALLOCATE ALL` (set by `analyse`).
+    unit_clears_statements: bool,
+    /// Something run in the current transaction may have changed session state invisibly:
+    /// the connection is marked unknown when it is released.
+    conn_state_unknown: bool,
+    /// Params reported to the client.
+    params: HashMap<String, String>,
+    max_prepared: usize,
+    /// This client's pool on each node, looked up once (pools live as long as the process).
+    pools: Vec<Option<Arc<crate::pool::Pool>>>,
+}
+
+fn hash_of<T: Hash>(t: &T) -> u64 {
+    let mut h = DefaultHasher::new();
+    t.hash(&mut h);
+    h.finish()
+}
+
+fn class_label(c: &Class) -> &'static str {
+    match c {
+        Class::Read => "read",
+        Class::Write => "write",
+        Class::Transaction(_) => "transaction",
+        Class::SessionState(_) => "session_state",
+        Class::Tidemark(_) => "tidemark",
+        Class::Unknown => "unknown",
+    }
+}
+
+impl Session {
+    /// `startup` comes from [`startup_to_sets`] of the client's startup parameters.
+    pub fn new(
+        app: Arc<App>,
+        io: ClientIo,
+        user: String,
+        database: String,
+        startup: Vec<(String, String)>,
+        addr: String,
+    ) -> Session {
+        let cfg = app.config.load();
+        let consistency = cfg.default_consistency(&user);
+        let max_prepared = cfg.limits.max_prepared_per_client;
+        let pinned = cfg.pool.mode == PoolMode::Session;
+        drop(cfg);
+        let cancel_slot = Arc::new(Mutex::new(None));
+        let info = Arc::new(Mutex::new(ClientInfo {
+            user: user.clone(),
+            database: database.clone(),
+            addr,
+            state: "idle",
+            node: None,
+            consistency: consistency.to_string(),
+        }));
+        let kill = Arc::new(tokio::sync::Notify::new());
+        let (pid, secret) = app.register_client(cancel_slot.clone(), info.clone(), kill.clone());
+        let balance = app.balance.fetch_add(1, Ordering::Relaxed);
+        let mut s = Session {
+            app,
+            io,
+            user,
+            database,
+            pid,
+            secret,
+            cancel_slot,
+            info,
+            kill,
+            real_pid: false,
+            startup_sets: startup.into_iter().map(|(_, s)| s).collect(),
+            sets: Vec::new(),
+            state_key: 0,
+            consistency,
+            key: None,
+            token: Lsn::ZERO,
+            report_lsn: false,
+            last_write_lsn: Lsn::ZERO,
+            applied: None,
+            last_route: None,
+            balance,
+            statements: HashMap::new(),
+            unnamed: None,
+            attached: None,
+            pinned,
+            tx_status: b'I',
+            tx_wrote: false,
+            unit_open: false,
+            server_skipping: false,
+            pending: VecDeque::new(),
+            pending_bytes: 0,
+            copy_in: false,
+            tx_key: None,
+            tx_session_state: Vec::new(),
+            skip_until_sync: false,
+            write_unknown: false,
+            conn_state_unknown: false,
+            unit_clears_statements: false,
+            params: HashMap::new(),
+            max_prepared,
+            pools: Vec::new(),
+        };
+        s.recompute_state_key();
+        s
+    }
+
+    pub fn backend_key(&self) -> i32 {
+        self.pid
+    }
+
+    /// Finishes the login: reports server parameters, BackendKeyData and ReadyForQuery.
+    pub async fn start(&mut self) -> SResult<bool> {
+        let secret = self.secret;
+        // The primary tells the server parameters (tidemark presents itself as the primary:
+        // `in_hot_standby`, `default_transaction_read_only` as it has them); any healthy node
+        // if there is none.
+        let req = RouteRequest {
+            read_only: true,
+            pinned: None,
+            consistency: Consistency::Eventual,
+            required_lsn: Lsn::ZERO,
+            hint: TargetHint::Any,
+            balance: self.balance,
+            applied: None,
+        };
+        let view = self.app.view.load_full();
+        // Session pooling: the client owns one primary connection for its whole life, from
+        // the start, and is given that server's pid and key.
+        let session_mode = self.pinned;
+        let any = match route(&req, &view) {
+            Route::Node { node, .. } => Some(node),
+            _ => view
+                .primary_id()
+                .or_else(|| view.nodes.iter().find(|n| n.healthy).map(|n| n.id)),
+        };
+        let first = if session_mode || view.primary_id().is_some() {
+            view.primary_id()
+        } else {
+            any
+        };
+        let node = first.unwrap_or(0);
+        // Only wait for the primary's pool when nothing else can answer.
+        let wait = session_mode || any.is_none_or(|a| a == node);
+        let (mut conn, node) = match self.checkout_with(node, wait).await {
+            Ok(c) => (c, node),
+            // The primary's pool is saturated or it cannot be reached: a login does not wait
+            // for it; a replica tells the parameters (as the primary's, below).
+            Err(_) if !session_mode && any.is_some_and(|a| a != node) => {
+                let other = any.unwrap_or(node);
+                match self.checkout(other).await {
+                    Ok(c) => (c, other),
+                    Err(mut f) => {
+                        f.severity = "FATAL".into();
+                        self.io.send(&f.to_error()).await?;
+                        return Ok(false);
+                    }
+                }
+            }
+            Err(mut f) => {
+                f.severity = "FATAL".into();
+                self.io.send(&f.to_error()).await?;
+                return Ok(false);
+            }
+        };
+        let from_replica = view.primary_id().is_some_and(|p| p != node);
+        if let Err(e) = self.sync_state(&mut conn).await {
+            let f = match e {
+                ServerError::Server(f) => ErrorFields::fatal(&f.code, f.message),
+                other => ErrorFields::fatal("08006", other.to_string()),
+            };
+            self.io.send(&f.to_error()).await?;
+            return Ok(false);
+        }
+        // The connection's parameters after the client's startup settings were applied
+        // (`ServerConn` records the ParameterStatus messages they caused).
+        for (k, v) in &conn.conn.params {
+            // tidemark presents itself as the primary (writes go there).
+            let v = if from_replica && k == "in_hot_standby" {
+                "off"
+            } else {
+                v.as_str()
+            };
+            self.params.insert(k.clone(), v.to_string());
+            self.io.push(&be::parameter_status(k, v));
+        }
+        let mut secret = secret;
+        if session_mode {
+            let (sp, ss) = (conn.conn.backend_pid, conn.conn.backend_secret);
+            if self.app.rekey_client(self.pid, sp, ss) {
+                self.pid = sp;
+                self.secret = ss;
+                secret = ss;
+                self.real_pid = true;
+            }
+            self.attached = Some(Attached {
+                conn,
+                node,
+                role: Role::Primary,
+            });
+        } else {
+            conn.release();
+        }
+        self.io.push(&be::backend_key_data(self.pid, secret));
+        self.io.push(&be::ready_for_query(b'I'));
+        self.io.flush().await?;
+        Ok(true)
+    }
+
+    /// The session loop. Returns when the client leaves or must be disconnected.
+    pub async fn run(&mut self) {
+        let r = self.run_inner().await;
+        match r {
+            Ok(()) | Err(ClientError::Closed) => {}
+            Err(ClientError::Protocol(e)) => {
+                let f = ErrorFields::fatal("08P01", e.to_string());
+                crate::metrics::error("08P01");
+                let _ = self.io.send(&f.to_error()).await;
+            }
+            Err(ClientError::Io(e)) => tracing::debug!(error = %e, "client connection ended"),
+        }
+        self.detach_close().await;
+        self.app.unregister_client(self.pid);
+    }
+
+    async fn run_inner(&mut self) -> SResult<()> {
+        let mut shutdown = self.app.shutting_down.subscribe();
+        loop {
+            let unit = match self.next_unit(&mut shutdown).await? {
+                Some(u) => u,
+                None => return Ok(()),
+            };
+            self.run_unit(unit).await?;
+        }
+    }
+
+    fn push_pending(&mut self, f: Frame) {
+        self.pending_bytes += f.len();
+        self.pending.push_back(f);
+    }
+
+    async fn next_frame(
+        &mut self,
+        shutdown: &mut tokio::sync::watch::Receiver<bool>,
+    ) -> SResult<Option<Frame>> {
+        if let Some(f) = self.pending.pop_front() {
+            self.pending_bytes -= f.len();
+            return Ok(Some(f));
+        }
+        loop {
+            if let Some(f) = self.io.try_frame()? {
+                return Ok(Some(f));
+            }
+            let idle = self.attached.is_none() && self.tx_status == b'I';
+            // Between units a held server connection (open transaction, pinned session) is
+            // idle: whatever it sends now (LISTEN notifications, notices, a FATAL on
+            // timeout or termination) goes to the client at once.
+            let watch_server = !self.unit_open;
+            let io = &mut self.io;
+            let server = self.attached.as_mut().map(|a| &mut a.conn.conn);
+            enum Event {
+                Client(Result<(), ClientError>),
+                Server(Result<Frame, ServerError>),
+                Shutdown,
+                Killed,
+            }
+            let kill = self.kill.clone();
+            let ev = tokio::select! {
+                _ = kill.notified() => Event::Killed,
+                r = io.fill() => Event::Client(r),
+                r = async {
+                    match server {
+                        Some(c) => c.recv().await,
+                        None => std::future::pending().await,
+                    }
+                }, if watch_server => Event::Server(r),
+                _ = shutdown.changed(), if idle => Event::Shutdown,
+            };
+            match ev {
+                Event::Client(r) => r?,
+                Event::Killed => {
+                    self.io.send(&terminated().to_error()).await?;
+                    return Err(ClientError::Closed);
+                }
+                Event::Shutdown => {
+                    let f = ErrorFields::fatal(
+                        "57P01",
+                        "terminating connection: tidemark is shutting down",
+                    );
+                    self.io.send(&f.to_error()).await?;
+                    return Ok(None);
+                }
+                Event::Server(Ok(f)) if matches!(f.tag(), b'A' | b'N' | b'S') => {
+                    if f.tag() == b'S' {
+                        if let Ok((k, v)) = be::parse_parameter_status(&f) {
+                            self.params.insert(k, v);
+                        }
+                    }
+                    let f = match &self.attached {
+                        Some(a) if f.tag() == b'A' && !self.real_pid => {
+                            own_notification(&f, a.conn.conn.backend_pid, self.pid)
+                        }
+                        _ => f,
+                    };
+                    self.io.send(&f).await?;
+                }
+                Event::Server(r) => {
+                    // The held connection failed or ended (terminated backend,
+                    // idle_in_transaction_session_timeout, crash): its transaction and session
+                    // state are gone. As PostgreSQL does, the client's session ends with the
+                    // server's FATAL (or 08006 when the server said nothing).
+                    let mut e = match r {
+                        Ok(f) => match ErrorFields::parse(&f) {
+                            Ok(e) => e,
+                            Err(_) => ErrorFields::error(
+                                "08006",
+                                "the server connection sent an unexpected message",
+                            ),
+                        },
+                        Err(e) => {
+                            ErrorFields::error("08006", format!("server connection lost: {e}"))
+                        }
+                    };
+                    e.severity = "FATAL".into();
+                    if let Some(mut a) = self.attached.take() {
+                        a.conn.conn.broken = true;
+                    }
+                    tracing::warn!(client = self.pid, sqlstate = %e.code, message = %e.message, "held server connection ended between statements; ending the client session");
+                    crate::metrics::error(&e.code);
+                    self.io.send(&e.to_error()).await?;
+                    return Err(ClientError::Closed);
+                }
+            }
+        }
+    }
+
+    /// Collects the next routing unit.
+    async fn next_unit(
+        &mut self,
+        shutdown: &mut tokio::sync::watch::Receiver<bool>,
+    ) -> SResult<Option<Unit>> {
+        let mut frames = Vec::new();
+        let mut bytes = 0;
+        loop {
+            let Some(f) = self.next_frame(shutdown).await? else {
+                return Ok(None);
+            };
+            // Validate every message up front: malformed input ends this client only.
+            FrontendMessage::parse(&f)?;
+            bytes += f.len();
+            let end = match f.tag() {
+                b'X' => {
+                    if frames.is_empty() {
+                        return Ok(None);
+                    }
+                    // Run what came before, then stop.
+                    self.push_pending(f);
+                    return Ok(Some(Unit {
+                        frames,
+                        end: UnitEnd::Size,
+                    }));
+                }
+                b'Q' if frames.is_empty() => Some(UnitEnd::Query),
+                b'F' if frames.is_empty() => Some(UnitEnd::Func),
+                b'Q' | b'F' => {
+                    // A simple query after unsynced extended messages: finish those first.
+                    self.push_pending(f);
+                    return Ok(Some(Unit {
+                        frames,
+                        end: UnitEnd::Size,
+                    }));
+                }
+                b'S' => Some(UnitEnd::Sync),
+                b'H' => Some(UnitEnd::Flush),
+                b'p' => {
+                    return Err(ClientError::Protocol(tidemark_wire::WireError::Malformed {
+                        tag: 'p',
+                        what: "password message outside authentication",
+                    }))
+                }
+                _ => None,
+            };
+            frames.push(f);
+            if let Some(end) = end {
+                return Ok(Some(Unit { frames, end }));
+            }
+            if bytes > MAX_UNIT_BYTES {
+                return Ok(Some(Unit {
+                    frames,
+                    end: UnitEnd::Size,
+                }));
+            }
+        }
+    }
+
+    async fn send_error_ready(&mut self, e: ErrorFields, end: UnitEnd) -> SResult<()> {
+        crate::metrics::error(&e.code);
+        tracing::warn!(client = self.pid, user = %self.user, sqlstate = %e.code, message = %e.message, "error sent to client");
+        self.io.push(&e.to_error());
+        match end {
+            UnitEnd::Sync | UnitEnd::Query | UnitEnd::Func => {
+                self.io.push(&be::ready_for_query(self.tx_status));
+            }
+            UnitEnd::Flush | UnitEnd::Size => {
+                // Like PostgreSQL after an error: ignore messages until Sync.
+                self.skip_until_sync = true;
+            }
+        }
+        self.io.flush().await
+    }
+
+    async fn run_unit(&mut self, unit: Unit) -> SResult<()> {
+        if unit.end == UnitEnd::Flush && unit.frames.iter().all(|f| f.tag() == b'H') {
+            // A Flush with nothing before it (drivers send one after Sync): every response
+            // to earlier messages was already relayed; there is nothing to route.
+            return self.io.flush().await;
+        }
+        if self.skip_until_sync {
+            if unit.end == UnitEnd::Sync {
+                self.skip_until_sync = false;
+                self.io.push(&be::ready_for_query(self.tx_status));
+                self.io.flush().await?;
+            }
+            return Ok(());
+        }
+        // What is this unit?
+        let (analysis, stmt_updates) = match self.analyse(&unit).await {
+            Ok(a) => a,
+            Err(e) => return self.send_error_ready(e, unit.end).await,
+        };
+        if let Class::Tidemark(cmd) = &analysis.class {
+            if unit.end == UnitEnd::Query {
+                return self.tidemark_command(cmd.clone()).await;
+            }
+        }
+        let all_tidemark = !analysis.statements.is_empty()
+            && analysis
+                .statements
+                .iter()
+                .all(|c| matches!(c, Class::Tidemark(_)));
+        if all_tidemark && unit.end != UnitEnd::Query {
+            // Extended protocol (prepared, or several in one pipeline): record the statements
+            // the unit defines (a prepared SET/SHOW tidemark.* is answered here each time it
+            // is executed), then answer message by message.
+            self.apply_statement_updates(stmt_updates);
+            return self.tidemark_command_extended(&unit).await;
+        }
+        if analysis.statements.len() > 1
+            && analysis
+                .statements
+                .iter()
+                .any(|c| matches!(c, Class::Tidemark(_)))
+        {
+            let e = if unit.end == UnitEnd::Query {
+                ErrorFields::error(
+                    "0A000",
+                    "tidemark commands (SET/SHOW tidemark.*) must be sent alone, not with other statements",
+                )
+            } else {
+                ErrorFields::error(
+                    "0A000",
+                    "tidemark commands (SET/SHOW tidemark.*) must be sent with the simple query protocol",
+                )
+                .with_hint("use the driver's simple-query call (psql, simple_query, exec without parameters), or the /* tidemark: ... */ hints")
+            };
+            return self.send_error_ready(e, unit.end).await;
+        }
+        self.apply_statement_updates(stmt_updates);
+        if unit.end == UnitEnd::Query && self.tx_status != b'E' {
+            if let [Class::SessionState(SessionKind::Deallocate { name: Some(n) })] =
+                analysis.statements.as_slice()
+            {
+                // A protocol-level statement of this client (drivers deallocate theirs with
+                // SQL): the server connections only know tidemark's shared names for it.
+                if self.statements.remove(n).is_some() {
+                    self.io.push(&be::command_complete("DEALLOCATE"));
+                    self.io.push(&be::ready_for_query(self.tx_status));
+                    return self.io.flush().await;
+                }
+            }
+        }
+        if !self.real_pid && self.answer_backend_signal(&unit).await? {
+            return Ok(());
+        }
+        if let Some(k) = &analysis.hints.key {
+            let max = self.app.config.load().limits.max_key_length;
+            if k.len() > max {
+                return self
+                    .send_error_ready(key_too_long(k.len(), max), unit.end)
+                    .await;
+            }
+        }
+        for err in &analysis.hints.errors {
+            let n = ErrorFields {
+                severity: "WARNING".into(),
+                ..ErrorFields::error("01000", format!("{err}; the statement goes to the primary"))
+            };
+            self.io.push(&n.to_notice());
+        }
+        if analysis.pins_session && !self.pinned {
+            self.pinned = true;
+            tracing::debug!(
+                client = self.pid,
+                "session pinned to one primary connection"
+            );
+        }
+        self.execute(unit, analysis).await
+    }
+
+    /// Decides where the unit goes and runs it there.
+    async fn execute(&mut self, unit: Unit, analysis: Arc<Analysis>) -> SResult<()> {
+        // A unit is everything up to Sync, and runs on one node (one implicit transaction).
+        // What follows a Flush may write, so a unit ended by Flush (or by size) that will go on
+        // on the same connection goes to the primary.
+        let read_only = self.unit_read_only(&analysis)
+            && matches!(unit.end, UnitEnd::Sync | UnitEnd::Query | UnitEnd::Func);
+        if self.attached.is_none() {
+            self.wait_while_paused().await;
+            let decision = self.decide(&analysis, read_only).await;
+            let (mut conn, node, role, reason) = match decision {
+                Ok(d) => d,
+                Err(e) => return self.send_error_ready(e, unit.end).await,
+            };
+            if let Err(e) = self.sync_state(&mut conn).await {
+                let f = match e {
+                    ServerError::Server(f) => f,
+                    other => ErrorFields::error("08006", other.to_string()),
+                };
+                return self.send_error_ready(f, unit.end).await;
+            }
+            let target = if role == Role::Primary {
+                "primary"
+            } else {
+                "replica"
+            };
+            crate::metrics::statement(class_label(&analysis.class), target);
+            if read_only {
+                crate::metrics::read_routed(target, reason.as_str());
+            }
+            self.last_route = Some((node, reason));
+            self.attached = Some(Attached { conn, node, role });
+        } else {
+            crate::metrics::statement(class_label(&analysis.class), "pinned");
+        }
+        let may_write = analysis.class.may_write()
+            || matches!(
+                analysis.class,
+                Class::Transaction(TxControl::CommitPrepared | TxControl::RollbackPrepared)
+            );
+        let retryable = read_only && self.tx_status == b'I' && !self.unit_open && !self.pinned;
+        let may_commit = self.unit_may_commit(&analysis, may_write);
+        let pipeline = self.pipeline_capture(&analysis, may_write) && !self.unit_may_copy(&unit);
+        let frames_for_retry = if retryable {
+            Some(unit.frames.clone())
+        } else {
+            None
+        };
+        // Until the unit's outcome is known (a client may vanish before it), the connection's
+        // session state is not what its key says.
+        if let Some(att) = self.attached.as_mut() {
+            let key = &mut att.conn.conn.state_key;
+            if analysis.opaque_state {
+                *key = STATE_UNKNOWN;
+            } else if *key != STATE_UNKNOWN
+                && analysis
+                    .statements
+                    .iter()
+                    .any(|c| matches!(c, Class::SessionState(_)))
+            {
+                *key = STATE_DIRTY;
+            }
+        }
+        let outcome = self.send_and_relay(&unit, retryable, pipeline).await;
+        match outcome {
+            Ok(RelayOutcome::Done(status, errored, lsn, lost)) => {
+                self.after_ready(status, errored, may_write, &analysis, lsn, lost)
+                    .await?;
+            }
+            Ok(RelayOutcome::Open) => {
+                self.unit_open = true;
+                if may_write {
+                    self.tx_wrote = true;
+                }
+            }
+            Ok(RelayOutcome::RetryOnPrimary(why)) => {
+                // Nothing reached the client: run the unit again on the primary. A replica
+                // that refused a write (25006) proves the unit writes: its commit position is
+                // recorded like any write's.
+                tracing::info!(client = self.pid, reason = %why, "read retried on the primary");
+                let may_write = may_write || why.starts_with("25006");
+                let pipeline = pipeline
+                    || (self.pipeline_capture(&analysis, may_write) && !self.unit_may_copy(&unit));
+                crate::metrics::fallback("replica_error");
+                let Some(frames) = frames_for_retry else {
+                    return Ok(());
+                };
+                let view = self.app.view.load_full();
+                let retry = match view.primary_id() {
+                    Some(p) => self.checkout(p).await.map(|c| (c, p)),
+                    None => Err(ErrorFields::error(
+                        "08006",
+                        format!("{why}; no primary is available to retry on"),
+                    )),
+                };
+                match retry {
+                    Ok((mut conn, p)) => {
+                        if let Err(e) = self.sync_state(&mut conn).await {
+                            return self
+                                .send_error_ready(
+                                    ErrorFields::error("08006", e.to_string()),
+                                    unit.end,
+                                )
+                                .await;
+                        }
+                        self.attached = Some(Attached {
+                            conn,
+                            node: p,
+                            role: Role::Primary,
+                        });
+                        let unit = Unit {
+                            frames,
+                            end: unit.end,
+                        };
+                        match self.send_and_relay(&unit, false, pipeline).await {
+                            Ok(RelayOutcome::Done(status, errored, lsn, lost)) => {
+                                self.after_ready(status, errored, may_write, &analysis, lsn, lost)
+                                    .await?
+                            }
+                            Ok(RelayOutcome::Open) => self.unit_open = true,
+                            Ok(RelayOutcome::RetryOnPrimary(_)) => {}
+                            Err(RelayError::Client(e)) => return Err(e),
+                            Err(RelayError::Server(e)) => self.server_failed(e, may_commit).await?,
+                        }
+                    }
+                    Err(e) => return self.send_error_ready(e, unit.end).await,
+                }
+            }
+            Err(RelayError::Client(e)) => return Err(e),
+            Err(RelayError::Server(e)) => self.server_failed(e, may_commit).await?,
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s(v: &str) -> Option<String> {
+        Some(v.to_string())
+    }
+
+    #[test]
+    fn captured_row_parses_position_and_walsenders() {
+        let c = Captured::parse(&[s("0/3000060"), s("{4242,17}")]).unwrap();
+        assert_eq!(c.lsn, "0/3000060".parse::<Lsn>().unwrap());
+        assert_eq!(c.applied_on, vec![4242, 17]);
+        // The plain capture, or no standby at the position (or no privilege to see it).
+        assert!(Captured::parse(&[s("0/10")]).unwrap().applied_on.is_empty());
+        assert!(Captured::parse(&[s("0/10"), None])
+            .unwrap()
+            .applied_on
+            .is_empty());
+        assert!(Captured::parse(&[s("0/10"), s("{}")])
+            .unwrap()
+            .applied_on
+            .is_empty());
+        // A malformed list is an empty list, never a guess.
+        for bad in ["{4242", "4242}", "{42,x}", "{,}", "[1]"] {
+            let c = Captured::parse(&[s("0/10"), s(bad)]).unwrap();
+            assert!(c.applied_on.is_empty(), "{bad}");
+        }
+        // The position is required.
+        assert_eq!(Captured::parse(&[None, s("{}")]), None);
+        assert_eq!(Captured::parse(&[s("zz")]), None);
+        assert_eq!(Captured::parse(&[]), None);
+    }
+}

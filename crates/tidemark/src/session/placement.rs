@@ -1,0 +1,318 @@
+//! Placement: which node a unit runs on (tidemark_core::route, waiting for a replica to catch up), checking out a connection and bringing it to the client's session state.
+
+use super::*;
+
+/// Most prepared statements one server connection keeps before tidemark deallocates them.
+pub(super) const MAX_PREPARED_PER_SERVER: usize = 5000;
+pub(super) fn unavailable_error(u: &Unavailable, app: &App) -> ErrorFields {
+    match u {
+        Unavailable::SplitBrain(ids) => {
+            let names: Vec<String> = ids.iter().map(|i| app.node_name(*i)).collect();
+            ErrorFields::error(
+                "25006",
+                format!(
+                    "writes are refused: several nodes accept writes ({}) — split brain",
+                    names.join(", ")
+                ),
+            )
+            .with_hint("demote or stop all but one primary, or name it in routing.primary")
+        }
+        Unavailable::NoPrimary => {
+            ErrorFields::error("08006", "no primary is available for this statement").with_hint(
+                "the primary is down or in recovery; reads that replicas can serve still work",
+            )
+        }
+        Unavailable::NoHealthyNode => ErrorFields::error("08006", "no database node is reachable"),
+        Unavailable::PinnedNodeDown(n) => ErrorFields::error(
+            "08006",
+            format!(
+                "the node this session is bound to ({}) is down",
+                app.node_name(*n)
+            ),
+        ),
+    }
+}
+
+impl Session {
+    /// The LSN this read depends on.
+    pub(super) fn required_lsn(&self, analysis: &Analysis) -> Lsn {
+        let mut l = self.last_write_lsn.max(self.token);
+        if let Some(m) = analysis.hints.min_lsn {
+            l = l.max(m);
+        }
+        let key = analysis.hints.key.as_ref().or(self.key.as_ref());
+        if let Some(k) = key {
+            if let Some(kl) = self.app.keys.get(k) {
+                l = l.max(kl);
+            }
+        }
+        l
+    }
+
+    pub(super) async fn checkout(&mut self, node: NodeId) -> Result<Checked, ErrorFields> {
+        self.checkout_with(node, true).await
+    }
+
+    pub(super) async fn checkout_with(
+        &mut self,
+        node: NodeId,
+        wait: bool,
+    ) -> Result<Checked, ErrorFields> {
+        let cached = self.pools.get(node).cloned().flatten();
+        let pool = match cached {
+            Some(p) => p,
+            None => {
+                let Some(p) = self.app.pool(node, &self.database, &self.user) else {
+                    return Err(ErrorFields::error(
+                        "08006",
+                        format!("node {node} is not configured"),
+                    ));
+                };
+                if self.pools.len() <= node {
+                    self.pools.resize(node + 1, None);
+                }
+                self.pools[node] = Some(p.clone());
+                p
+            }
+        };
+        let r = if wait {
+            pool.checkout().await
+        } else {
+            pool.checkout_nowait().await
+        };
+        if let Err(PoolError::Server(
+            ServerError::Auth(_) | ServerError::Server(_) | ServerError::Protocol(_),
+        )) = &r
+        {
+            // The server refused the login (unknown database, role, password): no pool is
+            // kept for it.
+            if self.app.pools.remove_if_empty(&pool.key) {
+                self.pools[node] = None;
+            }
+        }
+        match r {
+            Ok(c) => Ok(c),
+            Err(PoolError::Exhausted { pool, waited, max }) => Err(ErrorFields::error(
+                "53300",
+                format!("no server connection available in pool {pool} after {waited:?} (all {max} in use)"),
+            )
+            .with_hint("raise pool.max_size or pool.checkout_timeout, or make transactions shorter")),
+            Err(PoolError::Server(ServerError::Server(f))) => Err(f),
+            Err(PoolError::Server(e)) => Err(ErrorFields::error(
+                "08006",
+                format!("cannot connect to node {}: {e}", self.app.node_name(node)),
+            )),
+        }
+    }
+
+    /// Brings a server connection to this session's SET state.
+    pub(super) async fn sync_state(&mut self, c: &mut Checked) -> Result<(), ServerError> {
+        if c.conn.prepared.len() > MAX_PREPARED_PER_SERVER {
+            c.conn.simple_query("DEALLOCATE ALL").await?;
+            c.conn.prepared.clear();
+        }
+        if c.conn.state_key == self.state_key {
+            return Ok(());
+        }
+        if c.conn.state_key == STATE_UNKNOWN {
+            // The last client ran something whose effects on the session tidemark cannot see
+            // (a DO block, a user function): reset everything, prepared statements included.
+            c.conn.simple_query("DISCARD ALL").await?;
+            c.conn.prepared.clear();
+        }
+        let sql = if self.state_key == 0 {
+            RESET_SQL.to_string()
+        } else {
+            self.state_sql()
+        };
+        c.conn.simple_query(&sql).await?;
+        c.conn.state_key = self.state_key;
+        Ok(())
+    }
+
+    pub(super) fn unit_read_only(&self, analysis: &Analysis) -> bool {
+        if analysis.hints.target == Some(HintTarget::Primary) || !analysis.hints.errors.is_empty() {
+            return false;
+        }
+        match &analysis.class {
+            Class::Read => true,
+            Class::Transaction(TxControl::Begin { read_only, .. }) => *read_only,
+            _ => false,
+        }
+    }
+
+    /// While an operator has paused tidemark (admin `PAUSE`), new transactions wait.
+    pub(super) async fn wait_while_paused(&self) {
+        let mut rx = self.app.paused.subscribe();
+        while *rx.borrow_and_update() {
+            if rx.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Routes a unit that is not bound to a connection yet, waiting for a replica to
+    /// catch up when needed. Returns the checked-out connection.
+    pub(super) async fn decide(
+        &mut self,
+        analysis: &Analysis,
+        read_only: bool,
+    ) -> Result<(Checked, NodeId, Role, Reason), ErrorFields> {
+        let consistency = analysis.hints.consistency.unwrap_or(self.consistency);
+        if read_only && self.write_unknown {
+            self.resolve_unknown_write().await;
+        }
+        let required = if read_only {
+            self.required_lsn(analysis)
+        } else {
+            Lsn::ZERO
+        };
+        let hint = match analysis.hints.target {
+            _ if read_only && self.write_unknown => TargetHint::Primary,
+            Some(HintTarget::Primary) => TargetHint::Primary,
+            Some(HintTarget::Replica) => TargetHint::Replica,
+            None => TargetHint::Any,
+        };
+        let view = self.app.view.load_full();
+        // Only while the primary that reported it is still the primary.
+        let applied = self
+            .applied
+            .filter(|(_, p)| view.primary_id() == Some(*p))
+            .map(|(a, _)| a);
+        let req = RouteRequest {
+            read_only: read_only && !self.pinned,
+            pinned: None,
+            consistency,
+            required_lsn: required,
+            hint,
+            balance: match self.app.config.load().routing.balance {
+                Balance::Session => self.balance,
+                Balance::Statement => self.app.balance.fetch_add(1, Ordering::Relaxed),
+            },
+            applied,
+        };
+        match route(&req, &view) {
+            Route::Node { node, role, reason } => {
+                if read_only && role == Role::Primary {
+                    crate::metrics::fallback(reason.as_str());
+                    tracing::debug!(client = self.pid, reason = reason.as_str(), required_lsn = %required, "read routed to the primary");
+                }
+                match self.checkout(node).await {
+                    Ok(c) => Ok((c, node, role, reason)),
+                    // A replica that cannot be reached: the read goes to the primary
+                    // (the monitor bans the replica on its next poll).
+                    Err(e) if role == Role::Replica && e.code != "53300" => {
+                        let Some(p) = view.primary_id() else {
+                            return Err(e);
+                        };
+                        crate::metrics::fallback("replica_error");
+                        tracing::info!(client = self.pid, node = %self.app.node_name(node), error = %e.message, "replica unreachable; read routed to the primary");
+                        let c = self.checkout(p).await?;
+                        Ok((c, p, Role::Primary, Reason::NoReplica))
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+            Route::CheckReplicas {
+                candidates,
+                required_lsn,
+                fallback,
+            } => {
+                self.wait_for_replica(candidates, required_lsn, fallback)
+                    .await
+            }
+            Route::Unavailable(u) => Err(unavailable_error(&u, &self.app)),
+        }
+    }
+
+    /// Asks the most advanced replica for its replay position with a separate statement
+    /// before the read, polling until it reaches `required` or `max_wait` passes.
+    pub(super) async fn wait_for_replica(
+        &mut self,
+        candidates: Vec<NodeId>,
+        required: Lsn,
+        fallback: Option<NodeId>,
+    ) -> Result<(Checked, NodeId, Role, Reason), ErrorFields> {
+        let start = Instant::now();
+        let max_wait = self.app.config.load().routing.max_wait;
+        let deadline = start + max_wait;
+        // A replica whose time lag is over max_wait will not replay a write made just now
+        // within max_wait: don't wait for it.
+        let view = self.app.view.load_full();
+        let candidates: Vec<NodeId> = candidates
+            .into_iter()
+            .filter(|c| view.node(*c).is_some_and(|n| n.lag <= max_wait))
+            .collect();
+        let mut conns: Vec<(NodeId, Checked)> = Vec::new();
+        'outer: loop {
+            if candidates.is_empty() {
+                break 'outer;
+            }
+            for &cand in &candidates {
+                let idx = conns.iter().position(|(n, _)| *n == cand);
+                let idx = match idx {
+                    Some(i) => i,
+                    None => match self.checkout(cand).await {
+                        Ok(c) => {
+                            conns.push((cand, c));
+                            conns.len() - 1
+                        }
+                        Err(_) => continue,
+                    },
+                };
+                let r = conns[idx]
+                    .1
+                    .conn
+                    .simple_query("SELECT pg_last_wal_replay_lsn()")
+                    .await;
+                let reported = match r {
+                    Ok(rows) => rows
+                        .first()
+                        .cloned()
+                        .flatten()
+                        .and_then(|s| s.parse::<Lsn>().ok())
+                        .unwrap_or(Lsn::ZERO),
+                    Err(_) => {
+                        conns.remove(idx);
+                        continue;
+                    }
+                };
+                if let Some(Route::Node { node, role, reason }) =
+                    caught_up(cand, reported, required)
+                {
+                    let (_, c) = conns.remove(idx);
+                    for (_, other) in conns {
+                        other.release();
+                    }
+                    crate::metrics::lsn_wait(start.elapsed(), "replica");
+                    return Ok((c, node, role, reason));
+                }
+            }
+            if Instant::now() >= deadline || conns.is_empty() {
+                break 'outer;
+            }
+            // Wait for the next monitor sample or a millisecond, whichever comes first.
+            let notified = self.app.view_changed.notified();
+            let _ = tokio::time::timeout(Duration::from_millis(1), notified).await;
+            if Instant::now() >= deadline {
+                break 'outer;
+            }
+        }
+        for (_, c) in conns {
+            c.release();
+        }
+        crate::metrics::lsn_wait(start.elapsed(), "fallback");
+        match fallback_after_wait(fallback) {
+            Route::Node { node, role, reason } => {
+                crate::metrics::fallback(reason.as_str());
+                tracing::debug!(client = self.pid, reason = reason.as_str(), required_lsn = %required, waited_ms = start.elapsed().as_millis() as u64, "no replica reached the required LSN in time; read routed to the primary");
+                let c = self.checkout(node).await?;
+                Ok((c, node, role, reason))
+            }
+            Route::Unavailable(u) => Err(unavailable_error(&u, &self.app)),
+            Route::CheckReplicas { .. } => {
+                Err(ErrorFields::error("XX000", "internal routing error"))
+            }
+        }
+    }
+}

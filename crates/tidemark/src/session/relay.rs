@@ -1,0 +1,730 @@
+//! The relay: rewriting a unit for the server connection it runs on (prepared-statement names, Parses the connection lacks), sending it, and relaying the answers with the responses each message owes.
+
+use super::*;
+
+/// Output held back from a replica (so a failed read can be retried invisibly).
+pub(super) const MAX_HELD_OUTPUT: usize = 256 * 1024;
+
+/// What one message sent to the server will produce, in order.
+#[derive(Debug)]
+pub(super) enum Exp {
+    Parse {
+        visible: bool,
+        register: Option<String>,
+    },
+    Bind,
+    Describe,
+    Execute,
+    Close,
+    Sync,
+    Query,
+    Func,
+    /// tidemark's own `SELECT pg_current_wal_insert_lsn()`, pipelined after a unit that
+    /// ends a writing transaction; its responses are read, never relayed.
+    Capture,
+    /// A response tidemark makes itself (e.g. ParseComplete for a statement the server
+    /// connection already has), emitted in its place in the stream.
+    Synth(Frame),
+}
+
+/// How a relay ended.
+pub(super) enum RelayEnd {
+    /// ReadyForQuery with this status; `true` if the unit had an error; the commit LSN if
+    /// it was captured in the same pipeline.
+    Ready(u8, bool, Option<Captured>),
+    /// Flushed unit: all responses so far are relayed, the unit stays open.
+    Open,
+    /// ReadyForQuery with this status was relayed, then the connection was lost before the
+    /// pipelined commit-position read was answered: the unit committed, its position is unknown.
+    CaptureLost(u8, bool),
+}
+
+pub(super) enum RelayError {
+    Client(ClientError),
+    Server(ServerError),
+}
+
+impl From<ClientError> for RelayError {
+    fn from(e: ClientError) -> Self {
+        RelayError::Client(e)
+    }
+}
+impl From<ServerError> for RelayError {
+    fn from(e: ServerError) -> Self {
+        RelayError::Server(e)
+    }
+}
+
+pub(super) enum RelayOutcome {
+    /// Status, errored, the captured commit position, whether the capture was lost.
+    Done(u8, bool, Option<Captured>, bool),
+    Open,
+    RetryOnPrimary(String),
+}
+
+pub(super) enum RelayFail {
+    Client(ClientError),
+    Server(ServerError),
+    Retry(String),
+}
+
+pub(super) fn exp_registers(exp: &VecDeque<Exp>, global: &str) -> bool {
+    exp.iter()
+        .any(|e| matches!(e, Exp::Parse { register: Some(g), .. } if g == global))
+}
+
+pub(super) fn unit_parses_unnamed(frames: &[Frame]) -> bool {
+    frames.iter().any(|f| {
+        matches!(
+            FrontendMessage::parse(f),
+            Ok(FrontendMessage::Parse { name: "", .. })
+                | Ok(FrontendMessage::NonUtf8 {
+                    tag: b'P',
+                    name: "",
+                    ..
+                })
+        )
+    })
+}
+
+/// Relays server responses to the client for the messages in `exp`, reading client
+/// input (COPY data, pipelined messages) at the same time.
+/// [`relay_inner`], plus: a failure after the unit's own ReadyForQuery was relayed (while
+/// reading the pipelined commit-position read) does not fail the unit, which the client was
+/// already told about; it ends as [`RelayEnd::CaptureLost`].
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn relay(
+    watch: &NodeWatch<'_>,
+    io: &mut ClientIo,
+    conn: &mut crate::server::ServerConn,
+    exp: &mut VecDeque<Exp>,
+    pending: &mut VecDeque<Frame>,
+    pending_bytes: &mut usize,
+    copy_in: &mut bool,
+    skipping: &mut bool,
+    params: &mut HashMap<String, String>,
+    hold: bool,
+    client: (&tokio::sync::Notify, Option<i32>),
+) -> Result<RelayEnd, RelayFail> {
+    let mut unit_ready = None;
+    let r = relay_inner(
+        watch,
+        io,
+        conn,
+        exp,
+        pending,
+        pending_bytes,
+        copy_in,
+        skipping,
+        params,
+        hold,
+        client,
+        &mut unit_ready,
+    )
+    .await;
+    match (r, unit_ready) {
+        (Err(RelayFail::Server(e)), Some((status, errored)))
+            if matches!(exp.front(), Some(Exp::Capture)) =>
+        {
+            tracing::warn!(error = %e, "server connection lost after a commit, before its position was read");
+            conn.broken = true;
+            io.flush().await.map_err(RelayFail::Client)?;
+            Ok(RelayEnd::CaptureLost(status, errored))
+        }
+        (r, _) => r,
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn relay_inner(
+    watch: &NodeWatch<'_>,
+    io: &mut ClientIo,
+    conn: &mut crate::server::ServerConn,
+    exp: &mut VecDeque<Exp>,
+    pending: &mut VecDeque<Frame>,
+    pending_bytes: &mut usize,
+    copy_in: &mut bool,
+    skipping: &mut bool,
+    params: &mut HashMap<String, String>,
+    hold: bool,
+    (kill, notify_pid): (&tokio::sync::Notify, Option<i32>),
+    unit_ready: &mut Option<(u8, bool)>,
+) -> Result<RelayEnd, RelayFail> {
+    let start_out = io.pending_out();
+    let mut flushed = false;
+    let mut copy = CopyState::default();
+    let mut last_heard = Instant::now();
+    let mut errored = false;
+    let mut captured: Option<Captured> = None;
+    let check = tokio::time::sleep(NODE_CHECK_INTERVAL);
+    tokio::pin!(check);
+    loop {
+        // Emit leading synthesized responses.
+        while let Some(front) = exp.front() {
+            match front {
+                Exp::Synth(_) => {
+                    if let Some(Exp::Synth(f)) = exp.pop_front() {
+                        io.push(&f);
+                    }
+                }
+                _ => break,
+            }
+        }
+        if exp.is_empty() {
+            io.flush().await.map_err(RelayFail::Client)?;
+            return Ok(RelayEnd::Open);
+        }
+        // Process everything already buffered before waiting.
+        let frame = match conn.try_buffered() {
+            Ok(Some(f)) => f,
+            Ok(None) => {
+                if io.pending_out() > 0 && (!hold || io.pending_out() - start_out > MAX_HELD_OUTPUT)
+                {
+                    io.flush().await.map_err(RelayFail::Client)?;
+                    flushed = true;
+                }
+                let read_client = *copy_in || *pending_bytes < MAX_PENDING_BYTES;
+                tokio::select! {
+                    biased;
+                    _ = kill.notified() => {
+                        // pg_terminate_backend on this client: end its session now.
+                        io.truncate_out(start_out);
+                        io.push(&terminated().to_error());
+                        io.flush().await.map_err(RelayFail::Client)?;
+                        return Err(RelayFail::Client(ClientError::Closed));
+                    }
+                    r = conn.recv() => match r {
+                        Ok(f) => {
+                            // Frames already buffered were heard with this read: one clock
+                            // read per socket read, not per message.
+                            last_heard = Instant::now();
+                            f
+                        }
+                        Err(e) => {
+                            if hold && !flushed {
+                                io.truncate_out(start_out);
+                                return Err(RelayFail::Retry(e.to_string()));
+                            }
+                            return Err(RelayFail::Server(e));
+                        }
+                    },
+                    _ = &mut check => {
+                        check.as_mut().reset(tokio::time::Instant::now() + NODE_CHECK_INTERVAL);
+                        if watch.looks_dead(last_heard) {
+                            let e = ServerError::Protocol(format!(
+                                "node {} stopped answering (no response for {:?} and the monitor cannot reach it)",
+                                watch.app.node_name(watch.node),
+                                last_heard.elapsed()
+                            ));
+                            conn.broken = true;
+                            if hold && !flushed {
+                                io.truncate_out(start_out);
+                                return Err(RelayFail::Retry(e.to_string()));
+                            }
+                            return Err(RelayFail::Server(e));
+                        }
+                        continue;
+                    }
+                    r = io.fill(), if read_client => {
+                        r.map_err(RelayFail::Client)?;
+                        while let Some(f) = io.try_frame().map_err(RelayFail::Client)? {
+                            if copy.takes(&f, *copy_in) {
+                                conn.send(f.raw()).await.map_err(RelayFail::Server)?;
+                                if copy.done_by(&f) {
+                                    *copy_in = false;
+                                }
+                            } else {
+                                *pending_bytes += f.len();
+                                pending.push_back(f);
+                            }
+                        }
+                        continue;
+                    }
+                }
+            }
+            Err(e) => return Err(RelayFail::Server(e)),
+        };
+        let tag = frame.tag();
+        tracing::trace!(tag = %(tag as char), front = ?exp.front().map(|e| format!("{e:?}").chars().take(20).collect::<String>()), "server frame");
+        match tag {
+            b'N' => {
+                io.push(&frame);
+                continue;
+            }
+            b'A' => {
+                match notify_pid {
+                    Some(p) => io.push(&own_notification(&frame, conn.backend_pid, p)),
+                    None => io.push(&frame),
+                }
+                continue;
+            }
+            b'S' => {
+                if let Ok((k, v)) = be::parse_parameter_status(&frame) {
+                    params.insert(k.clone(), v.clone());
+                    upsert(&mut conn.params, k, v);
+                }
+                io.push(&frame);
+                continue;
+            }
+            _ => {}
+        }
+        if matches!(exp.front(), Some(Exp::Capture)) {
+            // The client already has its ReadyForQuery; read the pipelined capture.
+            match tag {
+                b'D' => {
+                    captured = be::data_row_values(&frame)
+                        .ok()
+                        .and_then(|r| Captured::parse(&r));
+                }
+                b'Z' => {
+                    exp.pop_front();
+                    let (status, e) = unit_ready.unwrap_or((b'I', errored));
+                    if exp.is_empty() {
+                        return Ok(RelayEnd::Ready(status, e, captured));
+                    }
+                }
+                b'E' => captured = None,
+                _ => {}
+            }
+            continue;
+        }
+        if tag == b'E' {
+            if let Ok(f) = ErrorFields::parse(&frame) {
+                if f.severity == "FATAL" || f.severity == "PANIC" {
+                    // The server connection is ending (terminated backend, shutdown): the
+                    // client's connection to tidemark is not. Report it once, as an ERROR.
+                    conn.broken = true;
+                    if hold && !flushed {
+                        io.truncate_out(start_out);
+                        return Err(RelayFail::Retry(format!("{} {}", f.code, f.message)));
+                    }
+                    return Err(RelayFail::Server(ServerError::Server(f)));
+                }
+            }
+            if hold && !flushed {
+                if let Ok(f) = ErrorFields::parse(&frame) {
+                    let recovery_only = f.code == "0A000" && f.message.contains("during recovery");
+                    if f.code == "25006" || recovery_only {
+                        // A replica refused a write it was sent, or a relation it cannot read
+                        // (unlogged, temporary): retry on the primary.
+                        io.truncate_out(start_out);
+                        drain_to_ready(conn, exp).await.map_err(RelayFail::Server)?;
+                        return Err(RelayFail::Retry(format!("25006 {}", f.message)));
+                    }
+                }
+            }
+            if let Ok(f) = ErrorFields::parse(&frame) {
+                crate::metrics::error(&f.code);
+            }
+            io.push(&frame);
+            errored = true;
+            *copy_in = false;
+            match exp.front() {
+                Some(Exp::Query) | Some(Exp::Func) => {}
+                _ => {
+                    void_until_sync(exp);
+                    *skipping = true;
+                }
+            }
+            continue;
+        }
+        let Some(front) = exp.front() else {
+            return Err(RelayFail::Server(ServerError::Protocol(format!(
+                "unexpected message '{}' from server",
+                tag as char
+            ))));
+        };
+        let mut pop = false;
+        match (front, tag) {
+            (Exp::Parse { visible, register }, b'1') => {
+                if *visible {
+                    io.push(&frame);
+                }
+                if let Some(g) = register {
+                    conn.prepared.insert(g.clone());
+                }
+                pop = true;
+            }
+            (Exp::Bind, b'2') | (Exp::Close, b'3') => {
+                io.push(&frame);
+                pop = true;
+            }
+            (Exp::Describe, b'T' | b'n') => {
+                io.push(&frame);
+                pop = true;
+            }
+            (Exp::Execute, b'C' | b'I' | b's') => {
+                io.push(&frame);
+                pop = true;
+            }
+            (Exp::Sync | Exp::Query | Exp::Func, b'Z') => {
+                io.push(&frame);
+                exp.pop_front();
+                *skipping = false;
+                *copy_in = false;
+                let status = be::ready_status(&frame)
+                    .map_err(|e| RelayFail::Server(ServerError::Protocol(e.to_string())))?;
+                *unit_ready = Some((status, errored));
+                if exp.is_empty() {
+                    return Ok(RelayEnd::Ready(status, errored, None));
+                }
+                continue;
+            }
+            (front, b'G') => {
+                io.push(&frame);
+                *copy_in = true;
+                copy.extended = matches!(front, Exp::Execute);
+                // Copy data the client sent ahead goes to the server now.
+                while let Some(f) = pending.front() {
+                    if !copy.takes(f, *copy_in) {
+                        break;
+                    }
+                    let f = pending.pop_front().unwrap_or_else(|| unreachable!());
+                    *pending_bytes -= f.len();
+                    conn.send(f.raw()).await.map_err(RelayFail::Server)?;
+                    if copy.done_by(&f) {
+                        *copy_in = false;
+                    }
+                }
+                io.flush().await.map_err(RelayFail::Client)?;
+                flushed = true;
+            }
+            _ => io.push(&frame),
+        }
+        if pop {
+            exp.pop_front();
+        }
+    }
+}
+
+pub(super) const NODE_CHECK_INTERVAL: Duration = Duration::from_millis(250);
+
+/// Lets a relay notice that the node it waits on is gone (blackholed or dead without a
+/// TCP reset), so no client waits forever: the node must be silent for longer than the
+/// monitor timeout *and* reported unreachable by the monitor.
+pub(super) struct NodeWatch<'a> {
+    pub(super) app: &'a App,
+    pub(super) node: NodeId,
+    pub(super) timeout: Duration,
+}
+
+impl NodeWatch<'_> {
+    pub(super) fn looks_dead(&self, last_heard: Instant) -> bool {
+        last_heard.elapsed() > self.timeout
+            && !self
+                .app
+                .view
+                .load()
+                .node(self.node)
+                .is_some_and(|n| n.healthy)
+    }
+}
+
+/// COPY FROM STDIN in progress: which client messages go straight to the server.
+#[derive(Default)]
+pub(super) struct CopyState {
+    /// Started by Execute (extended protocol): the server ignored the unit's Sync while
+    /// copying, so the Sync the client sends after CopyDone/CopyFail goes to it as well.
+    pub(super) extended: bool,
+    pub(super) sync_follows: bool,
+}
+
+impl CopyState {
+    pub(super) fn takes(&mut self, f: &Frame, copy_in: bool) -> bool {
+        match f.tag() {
+            b'd' | b'c' | b'f' if copy_in => true,
+            b'S' if self.sync_follows => {
+                self.sync_follows = false;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    pub(super) fn done_by(&mut self, f: &Frame) -> bool {
+        let done = matches!(f.tag(), b'c' | b'f');
+        if done && self.extended {
+            self.sync_follows = true;
+        }
+        done
+    }
+}
+
+pub(super) fn upsert(v: &mut Vec<(String, String)>, k: String, val: String) {
+    if let Some(e) = v.iter_mut().find(|(n, _)| *n == k) {
+        e.1 = val;
+    } else {
+        v.push((k, val));
+    }
+}
+
+/// After an error, the server skips everything up to Sync: so do the expectations.
+pub(super) fn void_until_sync(exp: &mut VecDeque<Exp>) {
+    while let Some(e) = exp.front() {
+        if matches!(e, Exp::Sync) {
+            break;
+        }
+        exp.pop_front();
+    }
+}
+
+/// Reads and drops server output up to the ReadyForQuery that ends `exp`.
+pub(super) async fn drain_to_ready(
+    conn: &mut crate::server::ServerConn,
+    exp: &mut VecDeque<Exp>,
+) -> Result<(), ServerError> {
+    let needs = exp
+        .iter()
+        .any(|e| matches!(e, Exp::Sync | Exp::Query | Exp::Func));
+    if !needs {
+        conn.broken = true;
+        return Ok(());
+    }
+    loop {
+        let f = conn.recv().await?;
+        if f.tag() == b'Z' {
+            exp.clear();
+            return Ok(());
+        }
+    }
+}
+
+impl Session {
+    /// Rewrites the unit for the attached server connection, sends it and relays responses.
+    pub(super) async fn send_and_relay(
+        &mut self,
+        unit: &Unit,
+        retryable: bool,
+        pipeline_capture: bool,
+    ) -> Result<RelayOutcome, RelayError> {
+        let Some(att) = self.attached.as_mut() else {
+            return Err(RelayError::Server(ServerError::Closed));
+        };
+        let mut out = bytes::BytesMut::new();
+        let mut exp: VecDeque<Exp> = VecDeque::new();
+        let skipping = self.server_skipping;
+        let conn = &mut att.conn.conn;
+        for f in &unit.frames {
+            let msg = FrontendMessage::parse(f).map_err(|e| RelayError::Client(e.into()))?;
+            let push_exp = |e: Exp, exp: &mut VecDeque<Exp>| {
+                if !skipping || matches!(e, Exp::Sync) {
+                    exp.push_back(e);
+                }
+            };
+            match msg {
+                FrontendMessage::Parse { name, .. }
+                | FrontendMessage::NonUtf8 {
+                    tag: b'P', name, ..
+                } if !name.is_empty() => {
+                    let Some(stmt) = self.statements.get(name).cloned() else {
+                        out.extend_from_slice(f.raw());
+                        push_exp(
+                            Exp::Parse {
+                                visible: true,
+                                register: None,
+                            },
+                            &mut exp,
+                        );
+                        continue;
+                    };
+                    if conn.prepared.contains(&stmt.global) {
+                        push_exp(Exp::Synth(be::simple(be::PARSE_COMPLETE)), &mut exp);
+                    } else {
+                        out.extend_from_slice(stmt.parse_frame(&stmt.global).raw());
+                        push_exp(
+                            Exp::Parse {
+                                visible: true,
+                                register: Some(stmt.global.clone()),
+                            },
+                            &mut exp,
+                        );
+                    }
+                }
+                FrontendMessage::Bind { statement, .. } => {
+                    let stmt = if statement.is_empty() {
+                        None
+                    } else {
+                        self.statements.get(statement).cloned()
+                    };
+                    match stmt {
+                        Some(stmt) => {
+                            if !conn.prepared.contains(&stmt.global)
+                                && !exp_registers(&exp, &stmt.global)
+                            {
+                                out.extend_from_slice(stmt.parse_frame(&stmt.global).raw());
+                                push_exp(
+                                    Exp::Parse {
+                                        visible: false,
+                                        register: Some(stmt.global.clone()),
+                                    },
+                                    &mut exp,
+                                );
+                            }
+                            let renamed = fe::rename_bind(f, &stmt.global)
+                                .map_err(|e| RelayError::Client(e.into()))?;
+                            out.extend_from_slice(renamed.raw());
+                        }
+                        None => {
+                            if statement.is_empty() && !unit_parses_unnamed(&unit.frames) {
+                                // The unnamed statement was parsed in an earlier unit, maybe on
+                                // another connection: parse it again here.
+                                if let Some(u) = &self.unnamed {
+                                    out.extend_from_slice(u.parse_frame("").raw());
+                                    push_exp(
+                                        Exp::Parse {
+                                            visible: false,
+                                            register: None,
+                                        },
+                                        &mut exp,
+                                    );
+                                }
+                            }
+                            out.extend_from_slice(f.raw());
+                        }
+                    }
+                    push_exp(Exp::Bind, &mut exp);
+                }
+                FrontendMessage::Describe { kind: b'S', name } if !name.is_empty() => {
+                    match self.statements.get(name).cloned() {
+                        Some(stmt) => {
+                            if !conn.prepared.contains(&stmt.global)
+                                && !exp_registers(&exp, &stmt.global)
+                            {
+                                out.extend_from_slice(stmt.parse_frame(&stmt.global).raw());
+                                push_exp(
+                                    Exp::Parse {
+                                        visible: false,
+                                        register: Some(stmt.global.clone()),
+                                    },
+                                    &mut exp,
+                                );
+                            }
+                            out.extend_from_slice(
+                                fe::describe_or_close(b'D', b'S', &stmt.global).raw(),
+                            );
+                        }
+                        None => out.extend_from_slice(f.raw()),
+                    }
+                    push_exp(Exp::Describe, &mut exp);
+                }
+                FrontendMessage::Close { kind: b'S', name } if !name.is_empty() => {
+                    // The server keeps the statement for other clients with the same text.
+                    push_exp(Exp::Synth(be::simple(be::CLOSE_COMPLETE)), &mut exp);
+                }
+                FrontendMessage::Parse { .. } | FrontendMessage::NonUtf8 { tag: b'P', .. } => {
+                    out.extend_from_slice(f.raw());
+                    push_exp(
+                        Exp::Parse {
+                            visible: true,
+                            register: None,
+                        },
+                        &mut exp,
+                    );
+                }
+                FrontendMessage::Describe { .. } => {
+                    out.extend_from_slice(f.raw());
+                    push_exp(Exp::Describe, &mut exp);
+                }
+                FrontendMessage::Close { .. } => {
+                    out.extend_from_slice(f.raw());
+                    push_exp(Exp::Close, &mut exp);
+                }
+                FrontendMessage::Execute { .. } => {
+                    out.extend_from_slice(f.raw());
+                    push_exp(Exp::Execute, &mut exp);
+                }
+                FrontendMessage::Sync => {
+                    out.extend_from_slice(f.raw());
+                    push_exp(Exp::Sync, &mut exp);
+                }
+                FrontendMessage::Query(_) | FrontendMessage::NonUtf8 { .. } => {
+                    out.extend_from_slice(f.raw());
+                    push_exp(Exp::Query, &mut exp);
+                }
+                FrontendMessage::FunctionCall => {
+                    out.extend_from_slice(f.raw());
+                    push_exp(Exp::Func, &mut exp);
+                }
+                FrontendMessage::Flush
+                | FrontendMessage::CopyData
+                | FrontendMessage::CopyDone
+                | FrontendMessage::CopyFail => out.extend_from_slice(f.raw()),
+                FrontendMessage::Terminate | FrontendMessage::Password => {}
+            }
+        }
+        *self.cancel_slot.lock() = Some(CancelTarget {
+            host: self
+                .app
+                .config
+                .load()
+                .nodes
+                .get(att.node)
+                .map(|n| n.host.clone())
+                .unwrap_or_default(),
+            port: self
+                .app
+                .config
+                .load()
+                .nodes
+                .get(att.node)
+                .map(|n| n.port)
+                .unwrap_or_default(),
+            pid: conn.backend_pid,
+            secret: conn.backend_secret,
+        });
+        {
+            let mut info = self.info.lock();
+            info.state = "active";
+            info.node = Some(att.node);
+        }
+        if pipeline_capture
+            && att.role == Role::Primary
+            && matches!(unit.end, UnitEnd::Sync | UnitEnd::Query)
+            && !skipping
+        {
+            out.extend_from_slice(fe::query(capture_sql(&self.app)).raw());
+            exp.push_back(Exp::Capture);
+        }
+        if !out.is_empty() {
+            conn.send(&out).await?;
+        }
+        let hold = retryable && att.role == Role::Replica;
+        let watch = NodeWatch {
+            app: &self.app,
+            node: att.node,
+            timeout: self.app.config.load().monitor.timeout,
+        };
+        let notify_pid = (!self.real_pid).then_some(self.pid);
+        let kill = self.kill.clone();
+        let r = relay(
+            &watch,
+            &mut self.io,
+            conn,
+            &mut exp,
+            &mut self.pending,
+            &mut self.pending_bytes,
+            &mut self.copy_in,
+            &mut self.server_skipping,
+            &mut self.params,
+            hold,
+            (&kill, notify_pid),
+        )
+        .await;
+        *self.cancel_slot.lock() = None;
+        self.info.lock().state = "idle";
+        match r {
+            Ok(RelayEnd::Ready(s, e, l)) => Ok(RelayOutcome::Done(s, e, l, false)),
+            Ok(RelayEnd::CaptureLost(s, e)) => Ok(RelayOutcome::Done(s, e, None, true)),
+            Ok(RelayEnd::Open) => Ok(RelayOutcome::Open),
+            Err(RelayFail::Retry(why)) => {
+                // Drop the replica connection (it may be mid-response) and retry.
+                self.attached = None;
+                self.server_skipping = false;
+                self.copy_in = false;
+                Ok(RelayOutcome::RetryOnPrimary(why))
+            }
+            Err(RelayFail::Client(e)) => Err(RelayError::Client(e)),
+            Err(RelayFail::Server(e)) => Err(RelayError::Server(e)),
+        }
+    }
+}
