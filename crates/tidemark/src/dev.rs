@@ -127,17 +127,4 @@ pub async fn run(opts: DevOptions) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-            return;
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {},
-        _ = term.recv() => {},
-    }
-}
+pub use crate::signals::wait_for_signal;

@@ -14,13 +14,15 @@
 //! - [`http`] / [`status`]: `/metrics`, the status page and its JSON
 //! - [`admin`]: the admin console (database `tidemark`)
 //! - [`slots`]: replication slot retained-WAL polling
-//! - [`dev`]: `tidemark dev`, the embedded local cluster
+//! - [`dev`]: `tidemark dev`, the embedded local cluster (feature `dev`, on by default)
+//! - [`signals`]: waiting for SIGTERM / Ctrl-C
 
 pub mod admin;
 pub mod app;
 pub mod auth;
 pub mod client;
 pub mod config;
+#[cfg(feature = "dev")]
 pub mod dev;
 pub mod http;
 pub mod listener;
@@ -29,6 +31,7 @@ pub mod monitor;
 pub mod pool;
 pub mod server;
 pub mod session;
+pub mod signals;
 pub mod slots;
 pub mod status;
 pub mod tls;

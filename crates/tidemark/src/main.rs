@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+#[cfg(feature = "dev")]
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
@@ -30,6 +31,7 @@ enum Cmd {
     /// Serve with the config file (the default).
     Run,
     /// Start a local primary + replicas and tidemark in front of them, until Ctrl-C.
+    #[cfg(feature = "dev")]
     Dev {
         /// Number of replicas.
         #[arg(long, default_value_t = 2)]
@@ -49,6 +51,7 @@ enum Cmd {
     },
 }
 
+#[cfg(feature = "dev")]
 fn parse_duration(s: &str) -> Result<Duration, String> {
     if s == "0" {
         return Ok(Duration::ZERO);
@@ -104,6 +107,7 @@ fn main() -> ExitCode {
     };
     let r = rt.block_on(async move {
         match cli.cmd {
+            #[cfg(feature = "dev")]
             Some(Cmd::Dev {
                 replicas,
                 replica_delay,
@@ -133,7 +137,7 @@ fn main() -> ExitCode {
                 tidemark::app::set_config_path(path);
                 let proxy = tidemark::listener::Proxy::start(cfg).await?;
                 tracing::info!(addr = %proxy.addr, "tidemark is listening");
-                tidemark::dev::wait_for_signal().await;
+                tidemark::signals::wait_for_signal().await;
                 tracing::info!("shutting down");
                 proxy.shutdown().await;
                 Ok(())

@@ -1,7 +1,9 @@
 //! TLS for client connections: the acceptor built from the configured PEM files (rustls with
 //! the `ring` provider), and a self-signed certificate for `tidemark dev`.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
+#[cfg(feature = "dev")]
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -49,6 +51,7 @@ fn load_key(path: &Path) -> anyhow::Result<pki_types::PrivateKeyDer<'static>> {
 
 /// Writes a self-signed certificate for `localhost`/`127.0.0.1` and its key into `dir`;
 /// returns (cert path, key path). For `tidemark dev` and tests only.
+#[cfg(feature = "dev")]
 pub fn self_signed(dir: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
     let ck = rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()])
         .context("generating a self-signed certificate")?;
@@ -64,6 +67,7 @@ mod tests {
     use super::*;
 
     #[test]
+    #[cfg(feature = "dev")]
     fn acceptor_from_files_and_clear_errors() {
         let dir = tempfile::tempdir().unwrap();
         assert!(acceptor(&TlsConfig::default()).unwrap().is_none());
