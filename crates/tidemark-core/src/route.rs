@@ -281,7 +281,7 @@ pub fn route(req: &RouteRequest, view: &ClusterView) -> Route {
     let mut usable: Vec<&NodeStatus> = view
         .nodes
         .iter()
-        .filter(|n| n.healthy && n.role == Role::Replica && n.in_rotation)
+        .filter(|n| n.healthy && n.role == Role::Replica && n.in_rotation && n.follows_primary)
         .collect();
     usable.sort_by_key(|n| n.id);
 
@@ -382,7 +382,38 @@ mod tests {
             sync_state: crate::view::SyncState::Unknown,
             walsender_pid: None,
             synchronous_apply: false,
+            follows_primary: true,
         }
+    }
+
+    /// A replica the primary does not stream to (on a dead primary, or forked off the old
+    /// timeline with a replay LSN that looks ahead) serves no read, whatever its LSN.
+    #[test]
+    fn replicas_not_streaming_from_the_primary_serve_no_reads() {
+        let mut v = cluster();
+        // Replica 1 sits at 2000 on an old timeline: numerically past every commit.
+        v.nodes[1].replay_lsn = Lsn(2000);
+        v.nodes[1].follows_primary = false;
+        for consistency in [Consistency::Session, Consistency::Eventual] {
+            for balance in 0..4 {
+                let mut r = RouteRequest::read(consistency, Lsn(1000));
+                r.balance = balance;
+                match route(&r, &v) {
+                    Route::Node { node, .. } => assert_ne!(node, 1, "{consistency:?}"),
+                    Route::CheckReplicas { candidates, .. } => assert!(!candidates.contains(&1)),
+                    Route::Unavailable(u) => panic!("{u:?}"),
+                }
+            }
+        }
+        v.nodes[2].follows_primary = false;
+        assert_eq!(
+            route(&RouteRequest::read(Consistency::Eventual, Lsn::ZERO), &v),
+            Route::Node {
+                node: 0,
+                role: Role::Primary,
+                reason: Reason::NoReplica
+            }
+        );
     }
 
     /// Primary 0 at 1000, replicas 1 (at 900) and 2 (at 500).
@@ -807,6 +838,7 @@ mod tests {
                     sync_state: crate::view::SyncState::Unknown,
                     walsender_pid: None,
                     synchronous_apply: sync,
+                    follows_primary: true,
                 })
                 .collect();
             let len = nodes.len();

@@ -56,6 +56,13 @@ pub struct NodeStatus {
     /// role, session and transaction), it trusts [`crate::Applied`], which is measured for
     /// each commit.
     pub synchronous_apply: bool,
+    /// The current primary streams to this replica (it has a walsender for it, not in
+    /// `startup`/`stopping`). A replica that is not streaming from the current primary — still
+    /// pointed at a dead one, or left past the fork point of a promotion on the old timeline —
+    /// can report a replay LSN that numerically covers commits it does not have (LSNs of two
+    /// timelines are not comparable), so it serves no reads. The monitor sets it; `new` starts
+    /// it true.
+    pub follows_primary: bool,
 }
 
 /// `pg_stat_replication.sync_state` of a standby as the primary reports it.
@@ -141,6 +148,7 @@ impl NodeStatus {
             sync_state: SyncState::Unknown,
             walsender_pid: None,
             synchronous_apply: false,
+            follows_primary: true,
         }
     }
 

@@ -17,7 +17,7 @@ pub mod state;
 
 pub use frame::{Frame, FrameCodec};
 pub use startup::{StartupPacket, StartupParams};
-pub use state::{Phase, ServerState};
+pub use state::{Phase, ServerState, TxStatus};
 
 /// A malformed or oversized protocol message.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

@@ -10,6 +10,37 @@
 
 use std::collections::VecDeque;
 
+/// The transaction status a ReadyForQuery reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TxStatus {
+    /// 'I': not in a transaction block.
+    Idle,
+    /// 'T': in a transaction block.
+    InBlock,
+    /// 'E': in a failed transaction block (statements refused until it ends).
+    Failed,
+}
+
+impl TxStatus {
+    pub fn from_byte(b: u8) -> Option<TxStatus> {
+        match b {
+            b'I' => Some(TxStatus::Idle),
+            b'T' => Some(TxStatus::InBlock),
+            b'E' => Some(TxStatus::Failed),
+            _ => None,
+        }
+    }
+
+    /// The byte ReadyForQuery carries.
+    pub fn byte(self) -> u8 {
+        match self {
+            TxStatus::Idle => b'I',
+            TxStatus::InBlock => b'T',
+            TxStatus::Failed => b'E',
+        }
+    }
+}
+
 /// What a server connection is doing, for logs and the pool's decision.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Phase {

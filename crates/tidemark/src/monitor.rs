@@ -24,11 +24,29 @@ const POLL_SQL: &str = "SELECT pg_is_in_recovery(), \
 /// On a primary, less often (see [`SYNC_EVERY`]): its `synchronous_commit` default and each
 /// walsender's standby name and sync state (`sync_state` needs `pg_monitor` or
 /// `pg_read_all_stats`; without it the states are NULL and nodes show `-`).
-const SYNC_SQL: &str = "SELECT current_setting('synchronous_commit'), s.names, s.states, s.pids \
+///
+/// The walsender list is also how a replica is known to follow this primary: a replica the
+/// primary does not stream to (in `streaming` or `catchup` state; the state is NULL without
+/// those privileges and then not required) serves no reads (`NodeStatus::follows_primary`).
+const SYNC_SQL: &str =
+    "SELECT current_setting('synchronous_commit'), s.names, s.states, s.pids, s.wstates \
      FROM (SELECT array_agg(a.application_name ORDER BY w.pid) AS names, \
                   array_agg(w.sync_state ORDER BY w.pid) AS states, \
-                  array_agg(w.pid ORDER BY w.pid) AS pids \
+                  array_agg(w.pid ORDER BY w.pid) AS pids, \
+                  array_agg(w.state ORDER BY w.pid) AS wstates \
            FROM pg_stat_get_wal_senders() w, pg_stat_get_activity(w.pid) a) s";
+
+/// One walsender of a primary, as `SYNC_SQL` lists it.
+#[derive(Clone, Debug)]
+struct Standby {
+    /// The standby's `application_name`.
+    name: String,
+    /// `sync_state` (NULL without `pg_monitor`/`pg_read_all_stats`).
+    sync_state: Option<String>,
+    pid: i32,
+    /// The walsender's `state` (NULL without those privileges).
+    state: Option<String>,
+}
 
 /// How often the synchronous-standby state is read: it is for display (routing measures what
 /// each commit reached), so every 100 ms is plenty and keeps the frequent poll trivial.
@@ -108,8 +126,8 @@ struct Sample {
     system_id: String,
     /// Primaries: `synchronous_commit` default is `remote_apply`.
     remote_apply: bool,
-    /// Primaries: (standby application_name, sync_state, walsender pid) per walsender.
-    standbys: Vec<(String, String, i32)>,
+    /// Primaries: one entry per walsender.
+    standbys: Vec<Standby>,
     at: Instant,
 }
 
@@ -257,13 +275,27 @@ impl Monitor {
                             let names: Option<Vec<Option<String>>> = row.get(1);
                             let states: Option<Vec<Option<String>>> = row.get(2);
                             let pids: Option<Vec<Option<i32>>> = row.get(3);
+                            let wstates: Option<Vec<Option<String>>> = row.get(4);
                             remote_apply = sync_commit.as_deref() == Some("remote_apply");
+                            let names = names.unwrap_or_default();
+                            let n = names.len();
+                            let mut states = states.unwrap_or_default();
+                            let mut wstates = wstates.unwrap_or_default();
+                            states.resize(n, None);
+                            wstates.resize(n, None);
                             standbys = names
-                                .unwrap_or_default()
                                 .into_iter()
-                                .zip(states.unwrap_or_default())
+                                .zip(states)
                                 .zip(pids.unwrap_or_default())
-                                .filter_map(|((n, s), p)| Some((n?, s?, p?)))
+                                .zip(wstates)
+                                .filter_map(|(((name, sync_state), pid), state)| {
+                                    Some(Standby {
+                                        name: name?,
+                                        sync_state,
+                                        pid: pid?,
+                                        state,
+                                    })
+                                })
                                 .collect();
                             sync_read = Some(Instant::now());
                         }
@@ -386,16 +418,32 @@ impl Monitor {
             statuses.push(st);
         }
         let primary = decide_primary(&statuses, cfg.primary_index());
+        // A replica serves reads only while the current primary streams to it (see SYNC_SQL).
+        // Without a primary (it is down and nobody was promoted yet) no timeline is newer
+        // than the replicas', and they go on serving reads.
+        if let PrimaryState::One(_) = &primary {
+            for st in statuses.iter_mut() {
+                st.follows_primary = false;
+            }
+        }
         if let PrimaryState::One(p) = &primary {
             if let Some(s) = &nodes[*p].sample {
-                for (name, state, pid) in &s.standbys {
-                    let Some(i) = cfg.nodes.iter().position(|n| n.standby_name() == name) else {
+                for sb in &s.standbys {
+                    let Some(i) = cfg.nodes.iter().position(|n| n.standby_name() == sb.name) else {
                         continue;
                     };
                     if let Some(st) = statuses.get_mut(i).filter(|st| st.role == Role::Replica) {
-                        st.sync_state = SyncState::parse(state);
-                        st.walsender_pid = Some(*pid);
+                        st.sync_state = sb
+                            .sync_state
+                            .as_deref()
+                            .map(SyncState::parse)
+                            .unwrap_or(SyncState::Unknown);
+                        st.walsender_pid = Some(sb.pid);
                         st.synchronous_apply = s.remote_apply && st.sync_state == SyncState::Sync;
+                        st.follows_primary = sb
+                            .state
+                            .as_deref()
+                            .is_none_or(|w| w == "streaming" || w == "catchup");
                     }
                 }
             }

@@ -582,3 +582,90 @@ async fn remote_apply_standby_serves_reads_of_a_write_without_waiting() {
     assert_eq!(stale, 0);
     assert_eq!(on_r1, 0);
 }
+
+/// A replica left past the fork point of a promotion (it replayed WAL the promoted replica
+/// never received) reports a replay LSN that numerically covers the new primary's commits
+/// without having them. It is not streaming from the new primary, so it serves no reads:
+/// read-your-writes holds across such a failover, and even `eventual` reads avoid it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_left_on_the_old_timeline_serves_no_reads() {
+    let mut env = start(&[None, None], |c| {
+        c.pool.connect_timeout = Duration::from_secs(2);
+    })
+    .await;
+    let direct = env.node(0).await;
+    direct
+        .batch_execute("CREATE TABLE forked (id int PRIMARY KEY, pad text)")
+        .await
+        .unwrap();
+    tokio::task::block_in_place(|| wait_all_replayed(&env.cluster));
+    // Replica 1 stops; replica 2 replays a lot more of timeline 1.
+    tokio::task::block_in_place(|| env.cluster.stop(1)).unwrap();
+    direct
+        .batch_execute(
+            "INSERT INTO forked SELECT g, repeat('x', 200) FROM generate_series(-3000, -1) g",
+        )
+        .await
+        .unwrap();
+    let lsn = env.cluster.current_lsn(0).unwrap();
+    env.cluster
+        .wait_replayed(2, &lsn, Duration::from_secs(20))
+        .unwrap();
+    drop(direct);
+    // The primary dies; replica 1 (behind) is promoted: timeline 2 forks before replica 2's
+    // position, and replica 2 cannot follow it.
+    env.cluster.kill(0).unwrap();
+    tokio::task::block_in_place(|| env.cluster.start_node(1)).unwrap();
+    env.cluster.promote(1).unwrap();
+    let c = env.client().await;
+    let t = Instant::now();
+    loop {
+        match c
+            .execute("INSERT INTO forked VALUES (0, 'first')", &[])
+            .await
+        {
+            Ok(_) => break,
+            Err(_) if t.elapsed() < Duration::from_secs(15) => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            Err(e) => panic!("writes never reached the promoted replica: {e}"),
+        }
+    }
+    let replica2 = env.cluster.port(2) as i32;
+    let mut stale = 0;
+    let mut on_forked = 0;
+    for i in 1..200 {
+        c.execute("INSERT INTO forked VALUES ($1, 'new')", &[&i])
+            .await
+            .unwrap();
+        let row = c
+            .query_one(
+                "SELECT count(*), inet_server_port() FROM forked WHERE id = $1",
+                &[&i],
+            )
+            .await
+            .unwrap();
+        if row.get::<_, i64>(0) != 1 {
+            stale += 1;
+        }
+        if row.get::<_, i32>(1) == replica2 {
+            on_forked += 1;
+        }
+    }
+    let e = env.client().await;
+    e.batch_execute("SET tidemark.consistency = 'eventual'")
+        .await
+        .unwrap();
+    for _ in 0..50 {
+        let port: i32 = e
+            .query_one("SELECT inet_server_port()", &[])
+            .await
+            .unwrap()
+            .get(0);
+        if port == replica2 {
+            on_forked += 1;
+        }
+    }
+    assert_eq!(stale, 0, "stale reads served by the forked replica");
+    assert_eq!(on_forked, 0, "the forked replica served reads");
+}

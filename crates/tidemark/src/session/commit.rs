@@ -71,8 +71,8 @@ impl Session {
         self.server_skipping = false;
         *self.cancel_slot.lock() = None;
         let name = node.map(|n| self.app.node_name(n)).unwrap_or_default();
-        let was_in_tx = self.tx_status != b'I';
-        self.tx_status = b'I';
+        let was_in_tx = self.tx_status != TxStatus::Idle;
+        self.tx_status = TxStatus::Idle;
         // A server that said why (an ErrorResponse) did not commit; a connection that just
         // ended leaves the outcome unknown.
         let unknown = may_commit && !matches!(e, ServerError::Server(_));
@@ -130,7 +130,7 @@ impl Session {
                 Class::Transaction(TxControl::Commit | TxControl::CommitPrepared)
             )
         });
-        if self.tx_status == b'I' {
+        if self.tx_status == TxStatus::Idle {
             (may_write && (!begins || ends))
                 || has(|c| matches!(c, Class::Transaction(TxControl::CommitPrepared)))
         } else {
@@ -176,7 +176,7 @@ impl Session {
     /// record session state, and release the connection when the client is idle.
     pub(super) async fn after_ready(
         &mut self,
-        status: u8,
+        status: TxStatus,
         errored: bool,
         may_write: bool,
         analysis: &Analysis,
@@ -210,12 +210,12 @@ impl Session {
             }
         }
         att.conn.conn.state_key = if analysis.opaque_state || self.conn_state_unknown {
-            self.conn_state_unknown = status != b'I';
+            self.conn_state_unknown = status != TxStatus::Idle;
             STATE_UNKNOWN
         } else {
             self.state_key
         };
-        let capture = status == b'I'
+        let capture = status == TxStatus::Idle
             && att.role == Role::Primary
             && self.tx_wrote
             && self.app.config.load().routing.track_writes;
@@ -256,7 +256,7 @@ impl Session {
         } else {
             self.io.flush().await?;
         }
-        if status == b'I' {
+        if status == TxStatus::Idle {
             self.tx_wrote = false;
             self.tx_key = None;
             if !self.pinned {
@@ -289,7 +289,7 @@ impl Session {
                 Class::Transaction(TxControl::Commit | TxControl::Rollback)
             )
         });
-        if self.tx_status == b'I' {
+        if self.tx_status == TxStatus::Idle {
             may_write && !begins
         } else {
             (self.tx_wrote || may_write) && ends

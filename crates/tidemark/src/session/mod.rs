@@ -31,7 +31,7 @@ use tidemark_core::{
 use tidemark_sql::{Analysis, Class, HintTarget, SessionKind, TidemarkCommand, TxControl};
 use tidemark_wire::backend::{self as be, ErrorFields};
 use tidemark_wire::frontend::{self as fe, FrontendMessage};
-use tidemark_wire::{Frame, StartupParams};
+use tidemark_wire::{Frame, StartupParams, TxStatus};
 
 use crate::app::{App, CancelTarget, ClientInfo};
 use crate::client::{ClientError, ClientIo};
@@ -116,7 +116,7 @@ pub struct Session {
     attached: Option<Attached>,
     /// The client must stay on one primary connection (LISTEN, temp tables, ...).
     pinned: bool,
-    tx_status: u8,
+    tx_status: TxStatus,
     tx_wrote: bool,
     /// A Flush-ended unit is open on `attached` until its Sync.
     unit_open: bool,
@@ -216,7 +216,7 @@ impl Session {
             unnamed: None,
             attached: None,
             pinned,
-            tx_status: b'I',
+            tx_status: TxStatus::Idle,
             tx_wrote: false,
             unit_open: false,
             server_skipping: false,
@@ -383,7 +383,7 @@ impl Session {
             if let Some(f) = self.io.try_frame()? {
                 return Ok(Some(f));
             }
-            let idle = self.attached.is_none() && self.tx_status == b'I';
+            let idle = self.attached.is_none() && self.tx_status == TxStatus::Idle;
             // Between units a held server connection (open transaction, pinned session) is
             // idle: whatever it sends now (LISTEN notifications, notices, a FATAL on
             // timeout or termination) goes to the client at once.
@@ -531,7 +531,7 @@ impl Session {
         self.io.push(&e.to_error());
         match end {
             UnitEnd::Sync | UnitEnd::Query | UnitEnd::Func => {
-                self.io.push(&be::ready_for_query(self.tx_status));
+                self.io.push(&be::ready_for_query(self.tx_status.byte()));
             }
             UnitEnd::Flush | UnitEnd::Size => {
                 // Like PostgreSQL after an error: ignore messages until Sync.
@@ -550,7 +550,7 @@ impl Session {
         if self.skip_until_sync {
             if unit.end == UnitEnd::Sync {
                 self.skip_until_sync = false;
-                self.io.push(&be::ready_for_query(self.tx_status));
+                self.io.push(&be::ready_for_query(self.tx_status.byte()));
                 self.io.flush().await?;
             }
             return Ok(());
@@ -598,7 +598,7 @@ impl Session {
             return self.send_error_ready(e, unit.end).await;
         }
         self.apply_statement_updates(stmt_updates);
-        if unit.end == UnitEnd::Query && self.tx_status != b'E' {
+        if unit.end == UnitEnd::Query && self.tx_status != TxStatus::Failed {
             if let [Class::SessionState(SessionKind::Deallocate { name: Some(n) })] =
                 analysis.statements.as_slice()
             {
@@ -606,7 +606,7 @@ impl Session {
                 // SQL): the server connections only know tidemark's shared names for it.
                 if self.statements.remove(n).is_some() {
                     self.io.push(&be::command_complete("DEALLOCATE"));
-                    self.io.push(&be::ready_for_query(self.tx_status));
+                    self.io.push(&be::ready_for_query(self.tx_status.byte()));
                     return self.io.flush().await;
                 }
             }
@@ -679,7 +679,8 @@ impl Session {
                 analysis.class,
                 Class::Transaction(TxControl::CommitPrepared | TxControl::RollbackPrepared)
             );
-        let retryable = read_only && self.tx_status == b'I' && !self.unit_open && !self.pinned;
+        let retryable =
+            read_only && self.tx_status == TxStatus::Idle && !self.unit_open && !self.pinned;
         let may_commit = self.unit_may_commit(&analysis, may_write);
         let pipeline = self.pipeline_capture(&analysis, may_write) && !self.unit_may_copy(&unit);
         let frames_for_retry = if retryable {

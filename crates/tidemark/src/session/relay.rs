@@ -31,12 +31,12 @@ pub(super) enum Exp {
 pub(super) enum RelayEnd {
     /// ReadyForQuery with this status; `true` if the unit had an error; the commit LSN if
     /// it was captured in the same pipeline.
-    Ready(u8, bool, Option<Captured>),
+    Ready(TxStatus, bool, Option<Captured>),
     /// Flushed unit: all responses so far are relayed, the unit stays open.
     Open,
     /// ReadyForQuery with this status was relayed, then the connection was lost before the
     /// pipelined commit-position read was answered: the unit committed, its position is unknown.
-    CaptureLost(u8, bool),
+    CaptureLost(TxStatus, bool),
 }
 
 pub(super) enum RelayError {
@@ -57,7 +57,7 @@ impl From<ServerError> for RelayError {
 
 pub(super) enum RelayOutcome {
     /// Status, errored, the captured commit position, whether the capture was lost.
-    Done(u8, bool, Option<Captured>, bool),
+    Done(TxStatus, bool, Option<Captured>, bool),
     Open,
     RetryOnPrimary(String),
 }
@@ -148,7 +148,7 @@ pub(super) async fn relay_inner(
     params: &mut HashMap<String, String>,
     hold: bool,
     (kill, notify_pid): (&tokio::sync::Notify, Option<i32>),
-    unit_ready: &mut Option<(u8, bool)>,
+    unit_ready: &mut Option<(TxStatus, bool)>,
 ) -> Result<RelayEnd, RelayFail> {
     let start_out = io.pending_out();
     let mut flushed = false;
@@ -278,7 +278,7 @@ pub(super) async fn relay_inner(
                 }
                 b'Z' => {
                     exp.pop_front();
-                    let (status, e) = unit_ready.unwrap_or((b'I', errored));
+                    let (status, e) = unit_ready.unwrap_or((TxStatus::Idle, errored));
                     if exp.is_empty() {
                         return Ok(RelayEnd::Ready(status, e, captured));
                     }
@@ -363,7 +363,13 @@ pub(super) async fn relay_inner(
                 *skipping = false;
                 *copy_in = false;
                 let status = be::ready_status(&frame)
-                    .map_err(|e| RelayFail::Server(ServerError::Protocol(e.to_string())))?;
+                    .ok()
+                    .and_then(TxStatus::from_byte)
+                    .ok_or_else(|| {
+                        RelayFail::Server(ServerError::Protocol(
+                            "ReadyForQuery with an unknown transaction status".into(),
+                        ))
+                    })?;
                 *unit_ready = Some((status, errored));
                 if exp.is_empty() {
                     return Ok(RelayEnd::Ready(status, errored, None));

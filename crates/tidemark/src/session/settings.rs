@@ -212,7 +212,7 @@ impl Session {
             }
             Err(e) => return self.send_error_ready(e, UnitEnd::Query).await,
         }
-        self.io.push(&be::ready_for_query(self.tx_status));
+        self.io.push(&be::ready_for_query(self.tx_status.byte()));
         self.io.flush().await
     }
 
@@ -289,7 +289,7 @@ impl Session {
                 FrontendMessage::Close { .. } => self.io.push(&be::simple(be::CLOSE_COMPLETE)),
                 FrontendMessage::Sync => {
                     failed = false;
-                    self.io.push(&be::ready_for_query(self.tx_status));
+                    self.io.push(&be::ready_for_query(self.tx_status.byte()));
                 }
                 _ => {}
             }
@@ -306,18 +306,18 @@ impl Session {
     /// as rolled back.
     pub(super) fn track_session_state(
         &mut self,
-        prev: u8,
-        status: u8,
+        prev: TxStatus,
+        status: TxStatus,
         errored: bool,
         analysis: &Analysis,
     ) {
         if errored {
-            if status == b'I' {
+            if status == TxStatus::Idle {
                 self.tx_session_state.clear();
             }
             return;
         }
-        let mut in_tx = prev != b'I';
+        let mut in_tx = prev != TxStatus::Idle;
         for c in &analysis.statements {
             match c {
                 Class::Transaction(TxControl::Begin { .. }) => in_tx = true,
@@ -335,7 +335,7 @@ impl Session {
                 _ => {}
             }
         }
-        if status == b'I' {
+        if status == TxStatus::Idle {
             self.tx_session_state.clear();
         }
     }

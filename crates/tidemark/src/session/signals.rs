@@ -113,7 +113,7 @@ impl Session {
         }
         self.io.push(&be::bool_data_row(true, format));
         self.io.push(&be::command_complete("SELECT 1"));
-        self.io.push(&be::ready_for_query(self.tx_status));
+        self.io.push(&be::ready_for_query(self.tx_status.byte()));
         self.io.flush().await?;
         Ok(true)
     }
