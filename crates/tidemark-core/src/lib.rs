@@ -16,8 +16,8 @@ pub use keys::{KeyStore, MemoryKeyStore};
 pub use lagclock::LagClock;
 pub use lsn::{Lsn, LsnParseError};
 pub use route::{
-    caught_up, fallback_after_wait, route, Applied, Reason, Route, RouteRequest, TargetHint,
-    Unavailable,
+    after_unreachable_replica, caught_up, fallback_after_wait, route, Applied, Reason, Route,
+    RouteRequest, TargetHint, Unavailable,
 };
 pub use view::{
     decide_primary, ClusterView, NodeId, NodeSet, NodeStatus, PrimaryState, Role, SyncState,

@@ -5,6 +5,7 @@
 use crate::consistency::Consistency;
 use crate::lsn::Lsn;
 use crate::view::{ClusterView, NodeId, NodeSet, NodeStatus, PrimaryState, Role};
+use std::time::Duration;
 
 /// Per-statement target hint (`/* tidemark: primary */`, `/* tidemark: replica */`).
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Default)]
@@ -34,6 +35,10 @@ pub struct RouteRequest {
     /// Replicas the primary reported as having replayed the session's last commit when it was
     /// acknowledged (measured per commit, see [`Applied`]).
     pub applied: Option<Applied>,
+    /// How long the session may wait for a replica to catch up (`routing.max_wait`); a replica
+    /// whose time lag is already above it will not replay a commit made just now in time, so
+    /// it is not worth asking. `None`: no limit.
+    pub max_wait: Option<Duration>,
 }
 
 /// Replicas known to have replayed WAL up to `lsn`: the primary's `pg_stat_replication`
@@ -57,6 +62,7 @@ impl RouteRequest {
             hint: TargetHint::Any,
             balance: 0,
             applied: None,
+            max_wait: None,
         }
     }
 
@@ -318,6 +324,7 @@ pub fn route(req: &RouteRequest, view: &ClusterView) -> Route {
         .iter()
         .copied()
         .filter(|n| within_bound(n) && !lsn_ok(n, req))
+        .filter(|n| req.max_wait.is_none_or(|w| n.lag <= w))
         .collect();
     if !behind.is_empty() && req.consistency != Consistency::Eventual {
         behind.sort_by(|a, b| b.replay_lsn.cmp(&a.replay_lsn).then(a.id.cmp(&b.id)));
@@ -345,6 +352,14 @@ pub fn caught_up(candidate: NodeId, reported: Lsn, required_lsn: Lsn) -> Option<
         role: Role::Replica,
         reason: Reason::ReplicaCaughtUp,
     })
+}
+
+/// A replica `route` chose could not be reached (its connection failed; the monitor takes it
+/// out at its next poll): the read goes to the primary with `Reason::NoReplica`, or is
+/// `Unavailable` without one. A replica whose pool is only exhausted is not unreachable: the
+/// caller reports that instead of moving load to the primary.
+pub fn after_unreachable_replica(view: &ClusterView) -> Route {
+    to_primary(view, Reason::NoReplica)
 }
 
 /// After `Route::CheckReplicas` timed out (`max_wait` passed with no candidate caught up): the
@@ -384,6 +399,35 @@ mod tests {
             synchronous_apply: false,
             follows_primary: true,
         }
+    }
+
+    /// A replica already lagging more than the session may wait is not asked to catch up.
+    #[test]
+    fn replicas_lagging_beyond_max_wait_are_not_waited_for() {
+        let mut v = cluster();
+        v.nodes[1].lag = Duration::from_millis(500);
+        v.nodes[2].lag = Duration::from_millis(5);
+        let mut r = RouteRequest::read(Consistency::Session, Lsn(950));
+        r.max_wait = Some(Duration::from_millis(20));
+        assert_eq!(
+            route(&r, &v),
+            Route::CheckReplicas {
+                candidates: vec![2],
+                required_lsn: Lsn(950),
+                fallback: Some(0)
+            }
+        );
+        v.nodes[2].lag = Duration::from_millis(50);
+        assert_eq!(
+            route(&r, &v),
+            node(0, Role::Primary, Reason::ReplicasBehind)
+        );
+        r.max_wait = None;
+        assert!(matches!(route(&r, &v), Route::CheckReplicas { .. }));
+        assert_eq!(
+            after_unreachable_replica(&v),
+            node(0, Role::Primary, Reason::NoReplica)
+        );
     }
 
     /// A replica the primary does not stream to (on a dead primary, or forked off the old
@@ -892,6 +936,7 @@ mod tests {
                 RouteRequest {
                     read_only,
                     pinned: None,
+                    max_wait: None,
                     consistency,
                     required_lsn: Lsn(lsn),
                     hint,

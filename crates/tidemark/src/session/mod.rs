@@ -255,6 +255,7 @@ impl Session {
             hint: TargetHint::Any,
             balance: self.balance,
             applied: None,
+            max_wait: None,
         };
         let view = self.app.view.load_full();
         // Session pooling: the client owns one primary connection for its whole life, from

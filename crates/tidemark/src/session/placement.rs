@@ -58,15 +58,26 @@ impl Session {
         node: NodeId,
         wait: bool,
     ) -> Result<Checked, ErrorFields> {
+        self.checkout_typed(node, wait)
+            .await
+            .map_err(CheckoutFailure::into_error)
+    }
+
+    /// A checkout whose failure says what failed (see [`CheckoutFailure`]).
+    pub(super) async fn checkout_typed(
+        &mut self,
+        node: NodeId,
+        wait: bool,
+    ) -> Result<Checked, CheckoutFailure> {
         let cached = self.pools.get(node).cloned().flatten();
         let pool = match cached {
             Some(p) => p,
             None => {
                 let Some(p) = self.app.pool(node, &self.database, &self.user) else {
-                    return Err(ErrorFields::error(
+                    return Err(CheckoutFailure::Unreachable(ErrorFields::error(
                         "08006",
                         format!("node {node} is not configured"),
-                    ));
+                    )));
                 };
                 if self.pools.len() <= node {
                     self.pools.resize(node + 1, None);
@@ -92,16 +103,16 @@ impl Session {
         }
         match r {
             Ok(c) => Ok(c),
-            Err(PoolError::Exhausted { pool, waited, max }) => Err(ErrorFields::error(
+            Err(PoolError::Exhausted { pool, waited, max }) => Err(CheckoutFailure::Exhausted(ErrorFields::error(
                 "53300",
                 format!("no server connection available in pool {pool} after {waited:?} (all {max} in use)"),
             )
-            .with_hint("raise pool.max_size or pool.checkout_timeout, or make transactions shorter")),
-            Err(PoolError::Server(ServerError::Server(f))) => Err(f),
-            Err(PoolError::Server(e)) => Err(ErrorFields::error(
+            .with_hint("raise pool.max_size or pool.checkout_timeout, or make transactions shorter"))),
+            Err(PoolError::Server(ServerError::Server(f))) => Err(CheckoutFailure::Refused(f)),
+            Err(PoolError::Server(e)) => Err(CheckoutFailure::Unreachable(ErrorFields::error(
                 "08006",
                 format!("cannot connect to node {}: {e}", self.app.node_name(node)),
-            )),
+            ))),
         }
     }
 
@@ -190,6 +201,7 @@ impl Session {
                 Balance::Statement => self.app.balance.fetch_add(1, Ordering::Relaxed),
             },
             applied,
+            max_wait: Some(self.app.config.load().routing.max_wait),
         };
         match route(&req, &view) {
             Route::Node { node, role, reason } => {
@@ -197,20 +209,28 @@ impl Session {
                     crate::metrics::fallback(reason.as_str());
                     tracing::debug!(client = self.pid, reason = reason.as_str(), required_lsn = %required, "read routed to the primary");
                 }
-                match self.checkout(node).await {
+                match self.checkout_typed(node, true).await {
                     Ok(c) => Ok((c, node, role, reason)),
-                    // A replica that cannot be reached: the read goes to the primary
-                    // (the monitor bans the replica on its next poll).
-                    Err(e) if role == Role::Replica && e.code != "53300" => {
-                        let Some(p) = view.primary_id() else {
-                            return Err(e);
-                        };
-                        crate::metrics::fallback("replica_error");
-                        tracing::info!(client = self.pid, node = %self.app.node_name(node), error = %e.message, "replica unreachable; read routed to the primary");
-                        let c = self.checkout(p).await?;
-                        Ok((c, p, Role::Primary, Reason::NoReplica))
+                    // Not reachable, or refusing logins (starting up, shutting down): the
+                    // read goes to the primary; an exhausted pool is reported, not moved.
+                    Err(CheckoutFailure::Unreachable(e) | CheckoutFailure::Refused(e))
+                        if role == Role::Replica =>
+                    {
+                        match tidemark_core::after_unreachable_replica(&view) {
+                            Route::Node {
+                                node: p,
+                                role,
+                                reason,
+                            } => {
+                                crate::metrics::fallback("replica_error");
+                                tracing::info!(client = self.pid, node = %self.app.node_name(node), error = %e.message, "replica unreachable; read routed to the primary");
+                                let c = self.checkout(p).await?;
+                                Ok((c, p, role, reason))
+                            }
+                            _ => Err(e),
+                        }
                     }
-                    Err(e) => Err(e),
+                    Err(f) => Err(f.into_error()),
                 }
             }
             Route::CheckReplicas {
@@ -236,13 +256,6 @@ impl Session {
         let start = Instant::now();
         let max_wait = self.app.config.load().routing.max_wait;
         let deadline = start + max_wait;
-        // A replica whose time lag is over max_wait will not replay a write made just now
-        // within max_wait: don't wait for it.
-        let view = self.app.view.load_full();
-        let candidates: Vec<NodeId> = candidates
-            .into_iter()
-            .filter(|c| view.node(*c).is_some_and(|n| n.lag <= max_wait))
-            .collect();
         let mut conns: Vec<(NodeId, Checked)> = Vec::new();
         'outer: loop {
             if candidates.is_empty() {
@@ -313,6 +326,27 @@ impl Session {
             Route::CheckReplicas { .. } => {
                 Err(ErrorFields::error("XX000", "internal routing error"))
             }
+        }
+    }
+}
+
+/// Why a checkout failed: what routing may do next depends on it (an unreachable replica's
+/// read goes to the primary; an exhausted pool or a refused login is the client's answer).
+pub(super) enum CheckoutFailure {
+    /// Every connection of the pool is in use (53300).
+    Exhausted(ErrorFields),
+    /// The node could not be reached (08006).
+    Unreachable(ErrorFields),
+    /// The server answered the login with an error (unknown database, role, password).
+    Refused(ErrorFields),
+}
+
+impl CheckoutFailure {
+    pub(super) fn into_error(self) -> ErrorFields {
+        match self {
+            CheckoutFailure::Exhausted(e)
+            | CheckoutFailure::Unreachable(e)
+            | CheckoutFailure::Refused(e) => e,
         }
     }
 }
