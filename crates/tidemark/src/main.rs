@@ -61,6 +61,7 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let open_files = tidemark::signals::raise_open_file_limit();
     // RUST_LOG wins; else the config's log_level; else info.
     let from_config = cli
         .config
@@ -136,7 +137,7 @@ fn main() -> ExitCode {
                 }
                 tidemark::app::set_config_path(path);
                 let proxy = tidemark::listener::Proxy::start(cfg).await?;
-                tracing::info!(addr = %proxy.addr, "tidemark is listening");
+                tracing::info!(addr = %proxy.addr, open_files, "tidemark is listening");
                 tidemark::signals::wait_for_signal().await;
                 tracing::info!("shutting down");
                 proxy.shutdown().await;

@@ -95,8 +95,10 @@ async fn silent_sockets_are_closed_by_the_login_deadline_and_never_slow_a_client
         c.limits.login_timeout = Duration::from_secs(2);
     })
     .await;
+    // 1,000 sockets here and 1,000 in the proxy (same process): raise the open-file limit.
+    tidemark::signals::raise_open_file_limit();
     let mut silent = Vec::new();
-    for i in 0..300 {
+    for i in 0..1000 {
         let mut s = TcpStream::connect(env.proxy.addr).await.unwrap();
         if i % 2 == 0 {
             // Half send a byte now and then, which a per-read timeout would not catch.
@@ -111,7 +113,7 @@ async fn silent_sockets_are_closed_by_the_login_deadline_and_never_slow_a_client
         c.simple_query("SELECT 1").await.unwrap();
     }
     let took = t.elapsed();
-    println!("login + 20 statements beside 300 silent sockets: {took:?}");
+    println!("login + 20 statements beside 1000 silent sockets: {took:?}");
     assert!(took < Duration::from_secs(1), "{took:?}");
     // Trickle one more byte into the half that started, well before the deadline.
     tokio::time::sleep(Duration::from_millis(800)).await;
@@ -125,7 +127,7 @@ async fn silent_sockets_are_closed_by_the_login_deadline_and_never_slow_a_client
             "a silent socket outlived the login deadline"
         );
     }
-    println!("all 300 closed {:?} after the last trickle", t.elapsed());
+    println!("all 1000 closed {:?} after the last trickle", t.elapsed());
     assert_eq!(
         env.proxy
             .app
