@@ -39,5 +39,5 @@ pub fn raise_open_file_limit() -> u64 {
             }
         }
     }
-    lim.rlim_cur as u64
+    lim.rlim_cur
 }
