@@ -101,6 +101,7 @@ pub(crate) fn analyze(sql: &str, rules: &FunctionRules) -> Analysis {
                 pins_session: false,
                 // Unparsable: nothing is known about what it does.
                 opaque_state: true,
+                signal_call: false,
                 hints,
             };
         }
@@ -123,6 +124,7 @@ pub(crate) fn analyze(sql: &str, rules: &FunctionRules) -> Analysis {
             },
         )
         .collect();
+    let signal_call = statements.len() == 1 && backend_signal(sql).is_some();
     let mut hints = hints;
     if cx.primary_only && hints.target.is_none() {
         hints.target = Some(crate::hints::HintTarget::Primary);
@@ -132,6 +134,7 @@ pub(crate) fn analyze(sql: &str, rules: &FunctionRules) -> Analysis {
         statements,
         pins_session: cx.pins,
         opaque_state: cx.opaque,
+        signal_call,
         hints,
     }
 }

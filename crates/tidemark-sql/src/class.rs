@@ -120,6 +120,9 @@ pub struct Analysis {
     /// create temp tables, take advisory locks, `LISTEN`). A server connection that ran it is
     /// reset completely (`DISCARD ALL`) before anyone uses it again.
     pub opaque_state: bool,
+    /// The text is `SELECT pg_terminate_backend(…)` / `pg_cancel_backend(…)` of one literal or
+    /// parameter (see [`crate::backend_signal`]): the proxy looks at the pid it names.
+    pub signal_call: bool,
     /// `tidemark:` hints from the leading comments.
     pub hints: Hints,
 }

@@ -612,7 +612,7 @@ impl Session {
                 }
             }
         }
-        if !self.real_pid && self.answer_backend_signal(&unit).await? {
+        if analysis.signal_call && !self.real_pid && self.answer_backend_signal(&unit).await? {
             return Ok(());
         }
         if let Some(k) = &analysis.hints.key {

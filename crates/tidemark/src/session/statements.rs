@@ -35,6 +35,7 @@ pub(super) fn opaque_analysis() -> Arc<Analysis> {
         statements: vec![Class::Unknown],
         pins_session: false,
         opaque_state: true,
+        signal_call: false,
         hints: Default::default(),
     })
 }
@@ -64,6 +65,7 @@ pub(super) fn combine_analyses(parts: Vec<Arc<Analysis>>) -> Arc<Analysis> {
             statements: vec![],
             pins_session: false,
             opaque_state: false,
+            signal_call: false,
             hints: Default::default(),
         });
     }
@@ -83,6 +85,7 @@ pub(super) fn combine_analyses(parts: Vec<Arc<Analysis>>) -> Arc<Analysis> {
         statements,
         pins_session: parts.iter().any(|a| a.pins_session),
         opaque_state: parts.iter().any(|a| a.opaque_state),
+        signal_call: parts.iter().any(|a| a.signal_call),
         hints,
     })
 }
