@@ -114,19 +114,10 @@ impl FrameCodec {
     }
 }
 
-/// Reads a NUL-terminated string from the front of `buf`.
+/// Reads a NUL-terminated UTF-8 string from the front of `buf`.
 pub(crate) fn read_cstr<'a>(buf: &mut &'a [u8], tag: u8) -> Result<&'a str, WireError> {
-    let end = buf
-        .iter()
-        .position(|b| *b == 0)
-        .ok_or(WireError::Malformed {
-            tag: tag as char,
-            what: "missing string terminator",
-        })?;
-    let s =
-        std::str::from_utf8(&buf[..end]).map_err(|_| WireError::NotUtf8 { tag: tag as char })?;
-    *buf = &buf[end + 1..];
-    Ok(s)
+    let bytes = read_cbytes(buf, tag)?;
+    std::str::from_utf8(bytes).map_err(|_| WireError::NotUtf8 { tag: tag as char })
 }
 
 /// A NUL-terminated string as bytes (no UTF-8 check).

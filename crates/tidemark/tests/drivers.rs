@@ -265,22 +265,7 @@ async fn tidemark_commands_over_the_extended_protocol() {
     let mut b = bytes::BytesMut::new();
     use postgres_protocol::message::frontend as pf;
     for sql in ["SET tidemark.key = 'user:7'", "SHOW tidemark.key"] {
-        pf::parse("", sql, std::iter::empty(), &mut b).unwrap();
-        pf::bind(
-            "",
-            "",
-            std::iter::empty(),
-            std::iter::empty::<()>(),
-            |_, _| -> Result<postgres_protocol::IsNull, Box<dyn std::error::Error + Sync + Send>> {
-                unreachable!()
-            },
-            Some(0),
-            &mut b,
-        )
-        .map_err(|_| ())
-        .unwrap();
-        pf::describe(b'P', "", &mut b).unwrap();
-        pf::execute("", 0, &mut b).unwrap();
+        common::raw::unnamed_statement(sql, true, &mut b);
     }
     pf::sync(&mut b);
     r.send(&b).await;

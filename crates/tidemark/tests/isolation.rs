@@ -112,27 +112,11 @@ async fn client_leaving_mid_copy_or_mid_pipeline_leaves_nothing_behind() {
         // Mid-pipeline: Parse/Bind/Execute of a slow statement, flushed, no Sync.
         let mut a = Raw::connect(env.proxy.addr, "postgres").await;
         let mut b = BytesMut::new();
-        frontend::parse(
-            "",
+        common::raw::unnamed_statement(
             "select 'secret-of-A' as who from pg_sleep(1.5)",
-            std::iter::empty(),
+            false,
             &mut b,
-        )
-        .unwrap();
-        frontend::bind(
-            "",
-            "",
-            std::iter::empty(),
-            std::iter::empty::<()>(),
-            |_, _| -> Result<postgres_protocol::IsNull, Box<dyn std::error::Error + Sync + Send>> {
-                unreachable!()
-            },
-            Some(0),
-            &mut b,
-        )
-        .map_err(|_| ())
-        .unwrap();
-        frontend::execute("", 0, &mut b).unwrap();
+        );
         frontend::flush(&mut b);
         a.send(&b).await;
         tokio::time::sleep(Duration::from_millis(300)).await;

@@ -96,6 +96,29 @@ impl Raw {
     }
 }
 
+/// Parse (unnamed), Bind (no parameters, text results), Describe portal and Execute of `sql`,
+/// without a Sync: one statement of an extended-protocol unit or pipeline.
+pub fn unnamed_statement(sql: &str, describe: bool, buf: &mut BytesMut) {
+    frontend::parse("", sql, std::iter::empty(), buf).expect("parse");
+    frontend::bind(
+        "",
+        "",
+        std::iter::empty(),
+        std::iter::empty::<()>(),
+        |_, _| -> Result<postgres_protocol::IsNull, Box<dyn std::error::Error + Sync + Send>> {
+            Ok(postgres_protocol::IsNull::Yes)
+        },
+        Some(0),
+        buf,
+    )
+    .map_err(|_| ())
+    .expect("bind");
+    if describe {
+        frontend::describe(b'P', "", buf).expect("describe");
+    }
+    frontend::execute("", 0, buf).expect("execute");
+}
+
 /// The SQLSTATE of an ErrorResponse/NoticeResponse body.
 pub fn sqlstate(body: &[u8]) -> String {
     field(body, b'C')
