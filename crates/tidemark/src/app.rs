@@ -76,7 +76,7 @@ pub struct App {
     /// TLS for clients (`[tls]`), rebuilt on RELOAD.
     pub tls: arc_swap::ArcSwapOption<tokio_rustls::TlsAcceptor>,
     /// The monitor's poll pace, shared with sessions so a commit can speed it up.
-    pub monitor_pace: crate::monitor::Pace,
+    pub monitor_pace: crate::pace::Pace,
     /// Connections that have not finished logging in (see `listener::LoginSlot`).
     pub pending_logins: std::sync::atomic::AtomicUsize,
     /// Key of the decoy SCRAM secrets unknown users are challenged with (random per process).
@@ -108,7 +108,7 @@ impl App {
             paused: tokio::sync::watch::channel(false).0,
             shutting_down: tokio::sync::watch::channel(false).0,
             tls: arc_swap::ArcSwapOption::empty(),
-            monitor_pace: crate::monitor::Pace::default(),
+            monitor_pace: crate::pace::Pace::default(),
             pending_logins: std::sync::atomic::AtomicUsize::new(0),
             decoy_key: rand::random(),
         };

@@ -61,7 +61,7 @@ async fn serve(app: Arc<App>, mut s: tokio::net::TcpStream) {
     } else {
         match path {
             "/metrics" => {
-                crate::metrics::refresh_from(&app);
+                refresh_from(&app);
                 (
                     "200 OK",
                     "text/plain; version=0.0.4",
@@ -82,4 +82,34 @@ async fn serve(app: Arc<App>, mut s: tokio::net::TcpStream) {
         let _ = s.write_all(body.as_bytes()).await;
     }
     let _ = s.shutdown().await;
+}
+
+/// Refreshes the gauges that are read off shared state rather than recorded as events:
+/// per-pool connection counts and the last minute's routing split. Called before each
+/// `/metrics` render.
+pub fn refresh_from(app: &App) {
+    for p in app.pools.all() {
+        let s = &p.stats;
+        let active = s.in_use.load(std::sync::atomic::Ordering::Relaxed);
+        let idle = p.idle_count();
+        let name = p.name.clone();
+        metrics::gauge!("tidemark_pool_server_connections", "pool" => name.clone(), "state" => "active")
+            .set(active as f64);
+        metrics::gauge!("tidemark_pool_server_connections", "pool" => name.clone(), "state" => "idle")
+            .set(idle as f64);
+        metrics::gauge!("tidemark_pool_max_connections", "pool" => name.clone())
+            .set(p.max_size() as f64);
+        metrics::gauge!("tidemark_pool_clients_waiting", "pool" => name.clone())
+            .set(s.waiting.load(std::sync::atomic::Ordering::Relaxed) as f64);
+        metrics::counter!("tidemark_pool_checkout_timeouts_total", "pool" => name)
+            .absolute(s.timeouts.load(std::sync::atomic::Ordering::Relaxed));
+    }
+    let m = crate::metrics::recent::summary(60);
+    let reads = m.replica_reads + m.primary_reads;
+    metrics::gauge!("tidemark_reads_replica_ratio").set(if reads == 0 {
+        0.0
+    } else {
+        m.replica_reads as f64 / reads as f64
+    });
+    crate::metrics::paused(*app.paused.borrow());
 }

@@ -10,6 +10,7 @@
 //! - [`pool`]: server connection pools
 //! - [`auth`]: client authentication (SCRAM, md5, trust)
 //! - [`monitor`]: node polling and the published cluster view
+//! - [`pace`]: the monitor's poll pace, which a commit speeds up
 //! - [`metrics`]: Prometheus metrics and the last minute's per-second counters
 //! - [`http`] / [`status`]: `/metrics`, the status page and its JSON
 //! - [`admin`]: the admin console (database `tidemark`)
@@ -28,6 +29,7 @@ pub mod http;
 pub mod listener;
 pub mod metrics;
 pub mod monitor;
+pub mod pace;
 pub mod pool;
 pub mod server;
 pub mod session;

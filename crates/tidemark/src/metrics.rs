@@ -18,8 +18,6 @@ use metrics::{
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tidemark_core::route::Reason;
 
-use crate::app::App;
-
 /// Fallback reasons that do not come from [`Reason`].
 pub const EXTRA_FALLBACK_REASONS: [&str; 1] = ["replica_error"];
 
@@ -408,35 +406,6 @@ pub fn replication_slot(slot: &str, retained_bytes: f64, active: bool) {
     gauge!("tidemark_replication_slot_retained_bytes", "slot" => slot.to_string())
         .set(retained_bytes);
     gauge!("tidemark_replication_slot_active", "slot" => slot.to_string()).set(active as u8 as f64);
-}
-
-/// Refreshes the gauges that are read off shared state rather than recorded as events:
-/// per-pool connection counts and the last minute's routing split. Called before each
-/// `/metrics` render.
-pub fn refresh_from(app: &App) {
-    for p in app.pools.all() {
-        let s = &p.stats;
-        let active = s.in_use.load(Ordering::Relaxed);
-        let idle = p.idle_count();
-        let name = p.name.clone();
-        gauge!("tidemark_pool_server_connections", "pool" => name.clone(), "state" => "active")
-            .set(active as f64);
-        gauge!("tidemark_pool_server_connections", "pool" => name.clone(), "state" => "idle")
-            .set(idle as f64);
-        gauge!("tidemark_pool_max_connections", "pool" => name.clone()).set(p.max_size() as f64);
-        gauge!("tidemark_pool_clients_waiting", "pool" => name.clone())
-            .set(s.waiting.load(Ordering::Relaxed) as f64);
-        counter!("tidemark_pool_checkout_timeouts_total", "pool" => name)
-            .absolute(s.timeouts.load(Ordering::Relaxed));
-    }
-    let m = recent::summary(60);
-    let reads = m.replica_reads + m.primary_reads;
-    gauge!("tidemark_reads_replica_ratio").set(if reads == 0 {
-        0.0
-    } else {
-        m.replica_reads as f64 / reads as f64
-    });
-    paused(*app.paused.borrow());
 }
 
 /// The last minute, second by second, for the status page.
