@@ -127,7 +127,63 @@ pub struct Analysis {
     pub hints: Hints,
 }
 
+impl Analysis {
+    /// Combines the analyses of the statements of one routing unit (several Parse/Query
+    /// messages up to Sync): the strongest class wins ([`combine`]), the statements are
+    /// concatenated, any flag set by one part is set, hints come from the first part that has
+    /// any. One part is returned as it is; none is an empty read.
+    pub fn combine(parts: Vec<std::sync::Arc<Analysis>>) -> std::sync::Arc<Analysis> {
+        use std::sync::Arc;
+        if parts.len() == 1 {
+            if let Some(one) = parts.into_iter().next() {
+                return one;
+            }
+            unreachable!("one part");
+        }
+        if parts.is_empty() {
+            return Arc::new(Analysis {
+                class: Class::Read,
+                statements: vec![],
+                pins_session: false,
+                opaque_state: false,
+                signal_call: false,
+                hints: Default::default(),
+            });
+        }
+        let statements: Vec<Class> = parts
+            .iter()
+            .flat_map(|a| a.statements.iter().cloned())
+            .collect();
+        let classes: Vec<Class> = parts.iter().map(|a| a.class.clone()).collect();
+        let hints = parts
+            .iter()
+            .find(|a| a.hints != Default::default())
+            .map(|a| a.hints.clone())
+            .unwrap_or_default();
+        Arc::new(Analysis {
+            class: combine(&classes),
+            statements,
+            pins_session: parts.iter().any(|a| a.pins_session),
+            opaque_state: parts.iter().any(|a| a.opaque_state),
+            signal_call: parts.iter().any(|a| a.signal_call),
+            hints,
+        })
+    }
+}
+
 impl Class {
+    /// The class as a metric label.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Class::Read => "read",
+            Class::Write => "write",
+            Class::Transaction(_) => "transaction",
+            Class::SessionState(_) => "session_state",
+            Class::Tidemark(_) => "tidemark",
+            Class::Unknown => "unknown",
+        }
+    }
+
     /// True for classes that must run on the primary when outside a transaction: `Write` and
     /// `Unknown`.
     pub fn may_write(&self) -> bool {
@@ -184,6 +240,31 @@ mod tests {
             name: "a".into(),
             value_sql: Some("1".into()),
         })
+    }
+
+    #[test]
+    fn analyses_of_a_unit_combine() {
+        use std::sync::Arc;
+        let a = |class: Class, pins: bool| {
+            Arc::new(Analysis {
+                class: class.clone(),
+                statements: vec![class],
+                pins_session: pins,
+                opaque_state: false,
+                signal_call: false,
+                hints: Default::default(),
+            })
+        };
+        let one = a(Class::Read, false);
+        assert!(Arc::ptr_eq(&Analysis::combine(vec![one.clone()]), &one));
+        let c = Analysis::combine(vec![a(Class::Read, false), a(Class::Write, true)]);
+        assert_eq!(c.class, Class::Write);
+        assert_eq!(c.statements, vec![Class::Read, Class::Write]);
+        assert!(c.pins_session);
+        let empty = Analysis::combine(vec![]);
+        assert_eq!(empty.class, Class::Read);
+        assert!(empty.statements.is_empty());
+        assert_eq!(Class::Write.label(), "write");
     }
 
     #[test]

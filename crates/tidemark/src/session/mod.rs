@@ -152,17 +152,6 @@ fn hash_of<T: Hash>(t: &T) -> u64 {
     h.finish()
 }
 
-fn class_label(c: &Class) -> &'static str {
-    match c {
-        Class::Read => "read",
-        Class::Write => "write",
-        Class::Transaction(_) => "transaction",
-        Class::SessionState(_) => "session_state",
-        Class::Tidemark(_) => "tidemark",
-        Class::Unknown => "unknown",
-    }
-}
-
 impl Session {
     /// `startup` comes from [`startup_to_sets`] of the client's startup parameters.
     pub fn new(
@@ -666,14 +655,14 @@ impl Session {
             } else {
                 "replica"
             };
-            crate::metrics::statement(class_label(&analysis.class), target);
+            crate::metrics::statement(analysis.class.label(), target);
             if read_only {
                 crate::metrics::read_routed(target, reason.as_str());
             }
             self.last_route = Some((node, reason));
             self.attached = Some(Attached { conn, node, role });
         } else {
-            crate::metrics::statement(class_label(&analysis.class), "pinned");
+            crate::metrics::statement(analysis.class.label(), "pinned");
         }
         let may_write = analysis.class.may_write()
             || matches!(

@@ -53,43 +53,6 @@ pub(super) async fn classify(app: &Arc<App>, sql: &str) -> Arc<Analysis> {
         .unwrap_or_else(|_| opaque_analysis())
 }
 
-/// Combines the analyses of the statements of one unit: the strongest class wins, hints
-/// come from the first statement that has any.
-pub(super) fn combine_analyses(parts: Vec<Arc<Analysis>>) -> Arc<Analysis> {
-    if parts.len() == 1 {
-        return parts.into_iter().next().unwrap_or_else(|| unreachable!());
-    }
-    if parts.is_empty() {
-        return Arc::new(Analysis {
-            class: Class::Read,
-            statements: vec![],
-            pins_session: false,
-            opaque_state: false,
-            signal_call: false,
-            hints: Default::default(),
-        });
-    }
-    let statements: Vec<Class> = parts
-        .iter()
-        .flat_map(|a| a.statements.iter().cloned())
-        .collect();
-    let classes: Vec<Class> = parts.iter().map(|a| a.class.clone()).collect();
-    let class = tidemark_sql::combine(&classes);
-    let hints = parts
-        .iter()
-        .find(|a| a.hints != Default::default())
-        .map(|a| a.hints.clone())
-        .unwrap_or_default();
-    Arc::new(Analysis {
-        class,
-        statements,
-        pins_session: parts.iter().any(|a| a.pins_session),
-        opaque_state: parts.iter().any(|a| a.opaque_state),
-        signal_call: parts.iter().any(|a| a.signal_call),
-        hints,
-    })
-}
-
 impl Session {
     pub(super) fn apply_statement_updates(&mut self, updates: Vec<(String, Option<Arc<Stmt>>)>) {
         for (name, stmt) in updates {
@@ -228,7 +191,7 @@ impl Session {
         }
         // One statement parsed, described and bound in the same unit counts once.
         parts.dedup_by(|a, b| Arc::ptr_eq(a, b));
-        Ok((combine_analyses(parts), updates))
+        Ok((Analysis::combine(parts), updates))
     }
 
     pub(super) fn lookup_stmt(
