@@ -87,69 +87,51 @@ pub(super) fn unit_parses_unnamed(frames: &[Frame]) -> bool {
     })
 }
 
-/// Relays server responses to the client for the messages in `exp`, reading client
-/// input (COPY data, pipelined messages) at the same time.
-/// [`relay_inner`], plus: a failure after the unit's own ReadyForQuery was relayed (while
-/// reading the pipelined commit-position read) does not fail the unit, which the client was
-/// already told about; it ends as [`RelayEnd::CaptureLost`].
-#[allow(clippy::too_many_arguments)]
-pub(super) async fn relay(
-    watch: &NodeWatch<'_>,
-    io: &mut ClientIo,
-    conn: &mut crate::server::ServerConn,
-    exp: &mut VecDeque<Exp>,
-    pending: &mut VecDeque<Frame>,
-    pending_bytes: &mut usize,
-    copy_in: &mut bool,
-    skipping: &mut bool,
-    params: &mut HashMap<String, String>,
-    hold: bool,
-    client: (&tokio::sync::Notify, Option<i32>),
-) -> Result<RelayEnd, RelayFail> {
-    let mut unit_ready = None;
-    let r = relay_inner(
-        watch,
-        io,
-        conn,
-        exp,
-        pending,
-        pending_bytes,
-        copy_in,
-        skipping,
-        params,
-        hold,
-        client,
-        &mut unit_ready,
-    )
-    .await;
-    match (r, unit_ready) {
-        (Err(RelayFail::Server(e)), Some((status, errored)))
-            if matches!(exp.front(), Some(Exp::Capture)) =>
-        {
-            tracing::warn!(error = %e, "server connection lost after a commit, before its position was read");
-            conn.broken = true;
-            io.flush().await.map_err(RelayFail::Client)?;
-            Ok(RelayEnd::CaptureLost(status, errored))
-        }
-        (r, _) => r,
-    }
+/// One unit's relay: what it reads and writes while server responses are relayed to the
+/// client for the messages in `exp` (client input — COPY data, pipelined messages — is read at
+/// the same time).
+pub(super) struct Relay<'a> {
+    pub(super) watch: NodeWatch<'a>,
+    pub(super) io: &'a mut ClientIo,
+    pub(super) conn: &'a mut crate::server::ServerConn,
+    pub(super) exp: &'a mut VecDeque<Exp>,
+    pub(super) pending: &'a mut VecDeque<Frame>,
+    pub(super) pending_bytes: &'a mut usize,
+    pub(super) copy_in: &'a mut bool,
+    pub(super) skipping: &'a mut bool,
+    pub(super) params: &'a mut HashMap<String, String>,
+    /// Output held back from a replica so that a failed read can be retried invisibly.
+    pub(super) hold: bool,
+    /// Woken by `pg_terminate_backend` on this client.
+    pub(super) kill: &'a tokio::sync::Notify,
+    /// The pid the client was given, for its own notifications (transaction pooling).
+    pub(super) notify_pid: Option<i32>,
 }
 
-#[allow(clippy::too_many_arguments)]
-pub(super) async fn relay_inner(
-    watch: &NodeWatch<'_>,
-    io: &mut ClientIo,
-    conn: &mut crate::server::ServerConn,
-    exp: &mut VecDeque<Exp>,
-    pending: &mut VecDeque<Frame>,
-    pending_bytes: &mut usize,
-    copy_in: &mut bool,
-    skipping: &mut bool,
-    params: &mut HashMap<String, String>,
-    hold: bool,
-    (kill, notify_pid): (&tokio::sync::Notify, Option<i32>),
-    unit_ready: &mut Option<(TxStatus, bool)>,
-) -> Result<RelayEnd, RelayFail> {
+impl Relay<'_> {
+    /// Relays until the unit's last ReadyForQuery (or, for a Flush-ended unit, until every
+    /// answer owed so far). A failure after the unit's own ReadyForQuery was relayed (while
+    /// reading the pipelined commit-position read) does not fail the unit, which the client
+    /// was already told about; it ends as [`RelayEnd::CaptureLost`].
+    pub(super) async fn run(self) -> Result<RelayEnd, RelayFail> {
+        let Relay {
+            watch,
+            io,
+            conn,
+            exp,
+            pending,
+            pending_bytes,
+            copy_in,
+            skipping,
+            params,
+            hold,
+            kill,
+            notify_pid,
+        } = self;
+        let watch = &watch;
+        let mut unit_ready_slot: Option<(TxStatus, bool)> = None;
+        let unit_ready = &mut unit_ready_slot;
+        let r: Result<RelayEnd, RelayFail> = async {
     let start_out = io.pending_out();
     let mut flushed = false;
     let mut copy = CopyState::default();
@@ -399,6 +381,20 @@ pub(super) async fn relay_inner(
         }
         if pop {
             exp.pop_front();
+        }
+    }
+        }
+        .await;
+        match (r, unit_ready_slot) {
+            (Err(RelayFail::Server(e)), Some((status, errored)))
+                if matches!(exp.front(), Some(Exp::Capture)) =>
+            {
+                tracing::warn!(error = %e, "server connection lost after a commit, before its position was read");
+                conn.broken = true;
+                io.flush().await.map_err(RelayFail::Client)?;
+                Ok(RelayEnd::CaptureLost(status, errored))
+            }
+            (r, _) => r,
         }
     }
 }
@@ -702,19 +698,21 @@ impl Session {
         };
         let notify_pid = (!self.real_pid).then_some(self.pid);
         let kill = self.kill.clone();
-        let r = relay(
-            &watch,
-            &mut self.io,
+        let r = Relay {
+            watch,
+            io: &mut self.io,
             conn,
-            &mut exp,
-            &mut self.pending,
-            &mut self.pending_bytes,
-            &mut self.copy_in,
-            &mut self.server_skipping,
-            &mut self.params,
+            exp: &mut exp,
+            pending: &mut self.pending,
+            pending_bytes: &mut self.pending_bytes,
+            copy_in: &mut self.copy_in,
+            skipping: &mut self.server_skipping,
+            params: &mut self.params,
             hold,
-            (&kill, notify_pid),
-        )
+            kill: &kill,
+            notify_pid,
+        }
+        .run()
         .await;
         *self.cancel_slot.lock() = None;
         self.info.lock().state = "idle";
