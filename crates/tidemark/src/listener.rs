@@ -169,6 +169,12 @@ pub async fn load_catalog(app: &App, node: usize) -> anyhow::Result<usize> {
     Ok(len)
 }
 
+/// Sends a login error on a client connection already framed by `ClientIo`, counted by SQLSTATE.
+async fn refuse(io: &mut ClientIo, e: ErrorFields) {
+    crate::metrics::error(&e.code);
+    let _ = io.send(&e.to_error()).await;
+}
+
 async fn reject<S: AsyncWrite + Unpin>(mut stream: S, e: ErrorFields) {
     crate::metrics::error(&e.code);
     let _ = stream.write_all(e.to_error().raw()).await;
@@ -275,6 +281,12 @@ async fn handle(app: Arc<App>, mut stream: TcpStream, peer: SocketAddr, slot: Lo
     let _ = stream.set_nodelay(true);
     // One deadline for the whole login (startup, TLS, authentication), not one per read.
     let deadline = tokio::time::Instant::now() + app.config.load().limits.login_timeout;
+    let mut login = Login {
+        peer,
+        tls: false,
+        deadline,
+        slot,
+    };
     let mut buf = BytesMut::with_capacity(1024);
     let params = match opening(&app, &mut stream, &mut buf, true, deadline).await {
         Opening::Startup(p) => p,
@@ -289,12 +301,6 @@ async fn handle(app: Arc<App>, mut stream: TcpStream, peer: SocketAddr, slot: Lo
                     opening(&app, &mut stream, &mut buf, false, deadline).await
                 {
                     let (rd, wr) = stream.into_split();
-                    let login = Login {
-                        peer,
-                        tls: false,
-                        deadline,
-                        slot,
-                    };
                     serve(app, Box::new(rd), Box::new(wr), buf, p, login).await;
                 }
                 return;
@@ -326,12 +332,7 @@ async fn handle(app: Arc<App>, mut stream: TcpStream, peer: SocketAddr, slot: Lo
             match opening(&app, &mut tls, &mut buf, false, deadline).await {
                 Opening::Startup(p) => {
                     let (rd, wr) = tokio::io::split(tls);
-                    let login = Login {
-                        peer,
-                        tls: true,
-                        deadline,
-                        slot,
-                    };
+                    login.tls = true;
                     return serve(app, Box::new(rd), Box::new(wr), buf, p, login).await;
                 }
                 _ => return,
@@ -339,12 +340,6 @@ async fn handle(app: Arc<App>, mut stream: TcpStream, peer: SocketAddr, slot: Lo
         }
     };
     let (rd, wr) = stream.into_split();
-    let login = Login {
-        peer,
-        tls: false,
-        deadline,
-        slot,
-    };
     serve(app, Box::new(rd), Box::new(wr), buf, params, login).await
 }
 
@@ -424,19 +419,13 @@ async fn serve(
             tokio::time::timeout_at(deadline, crate::auth::scram_exchange(&mut io, &user, &fake))
                 .await;
         if let Ok(Ok(Err(e))) = r {
-            crate::metrics::error(&e.code);
-            let _ = io.send(&e.to_error()).await;
+            refuse(&mut io, e).await;
         }
         return;
     };
     let startup = match crate::session::startup_to_sets(&params) {
         Ok(s) => s,
-        Err(e) => {
-            let f = ErrorFields::fatal("08P01", e);
-            crate::metrics::error(&f.code);
-            let _ = io.send(&f.to_error()).await;
-            return;
-        }
+        Err(e) => return refuse(&mut io, ErrorFields::fatal("08P01", e)).await,
     };
     let secret = app.scram_secret(&user);
     let auth = tokio::time::timeout_at(
@@ -448,16 +437,12 @@ async fn serve(
         Ok(Ok(Ok(()))) => {}
         Ok(Ok(Err(e))) => {
             tracing::info!(peer = %peer, user = %user, sqlstate = %e.code, "login refused: {}", e.message);
-            crate::metrics::error(&e.code);
-            let _ = io.send(&e.to_error()).await;
-            return;
+            return refuse(&mut io, e).await;
         }
         Ok(Err(_)) => return,
         Err(_) => {
             let e = ErrorFields::fatal("08P01", "canceling authentication due to timeout");
-            crate::metrics::error(&e.code);
-            let _ = io.send(&e.to_error()).await;
-            return;
+            return refuse(&mut io, e).await;
         }
     }
     drop(slot);

@@ -386,7 +386,7 @@ impl Session {
                 Shutdown,
                 Killed,
             }
-            let kill = self.kill.clone();
+            let kill = &self.kill;
             let ev = tokio::select! {
                 _ = kill.notified() => Event::Killed,
                 r = io.fill() => Event::Client(r),

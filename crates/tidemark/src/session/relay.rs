@@ -68,6 +68,28 @@ pub(super) enum RelayFail {
     Retry(String),
 }
 
+/// Queues an invisible Parse of `stmt` under its shared name before a Bind or Describe of it,
+/// unless the server connection already has it or the unit parses it already.
+fn ensure_prepared(
+    stmt: &Stmt,
+    prepared: &std::collections::HashSet<String>,
+    out: &mut bytes::BytesMut,
+    exp: &mut VecDeque<Exp>,
+    skipping: bool,
+) {
+    if prepared.contains(&stmt.global) || exp_registers(exp, &stmt.global) {
+        return;
+    }
+    out.extend_from_slice(stmt.parse_frame(&stmt.global).raw());
+    // After an error the server skips to Sync: it owes nothing for this Parse.
+    if !skipping {
+        exp.push_back(Exp::Parse {
+            visible: false,
+            register: Some(stmt.global.clone()),
+        });
+    }
+}
+
 pub(super) fn exp_registers(exp: &VecDeque<Exp>, global: &str) -> bool {
     exp.iter()
         .any(|e| matches!(e, Exp::Parse { register: Some(g), .. } if g == global))
@@ -550,18 +572,7 @@ impl Session {
                     };
                     match stmt {
                         Some(stmt) => {
-                            if !conn.prepared.contains(&stmt.global)
-                                && !exp_registers(&exp, &stmt.global)
-                            {
-                                out.extend_from_slice(stmt.parse_frame(&stmt.global).raw());
-                                push_exp(
-                                    Exp::Parse {
-                                        visible: false,
-                                        register: Some(stmt.global.clone()),
-                                    },
-                                    &mut exp,
-                                );
-                            }
+                            ensure_prepared(&stmt, &conn.prepared, &mut out, &mut exp, skipping);
                             let renamed = fe::rename_bind(f, &stmt.global)
                                 .map_err(|e| RelayError::Client(e.into()))?;
                             out.extend_from_slice(renamed.raw());
@@ -589,18 +600,7 @@ impl Session {
                 FrontendMessage::Describe { kind: b'S', name } if !name.is_empty() => {
                     match self.statements.get(name).cloned() {
                         Some(stmt) => {
-                            if !conn.prepared.contains(&stmt.global)
-                                && !exp_registers(&exp, &stmt.global)
-                            {
-                                out.extend_from_slice(stmt.parse_frame(&stmt.global).raw());
-                                push_exp(
-                                    Exp::Parse {
-                                        visible: false,
-                                        register: Some(stmt.global.clone()),
-                                    },
-                                    &mut exp,
-                                );
-                            }
+                            ensure_prepared(&stmt, &conn.prepared, &mut out, &mut exp, skipping);
                             out.extend_from_slice(
                                 fe::describe_or_close(b'D', b'S', &stmt.global).raw(),
                             );
@@ -697,7 +697,6 @@ impl Session {
             timeout: self.app.config.load().monitor.timeout,
         };
         let notify_pid = (!self.real_pid).then_some(self.pid);
-        let kill = self.kill.clone();
         let r = Relay {
             watch,
             io: &mut self.io,
@@ -709,7 +708,7 @@ impl Session {
             skipping: &mut self.server_skipping,
             params: &mut self.params,
             hold,
-            kill: &kill,
+            kill: &self.kill,
             notify_pid,
         }
         .run()
