@@ -765,3 +765,25 @@ async fn startup_values_survive_any_string_setting() {
         assert_eq!(r[0][0].as_deref(), Some("off"));
     }
 }
+
+/// `DISCARD PLANS/SEQUENCES/TEMP` leave the client's SETs in place (only `DISCARD ALL` drops
+/// them), on whichever server connection serves the client next.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partial_discard_keeps_the_clients_settings() {
+    let env = start(&[], |c| c.pool.max_size = 1).await;
+    let a = env.client().await;
+    a.batch_execute("SET work_mem = '7MB'").await.unwrap();
+    for d in ["DISCARD PLANS", "DISCARD SEQUENCES", "DISCARD TEMP"] {
+        a.batch_execute(d).await.unwrap();
+        // Another client takes the only connection, so `a`'s settings must be replayed.
+        let b = env.client().await;
+        let r = rows(&b.simple_query("SHOW work_mem").await.unwrap());
+        assert_eq!(r[0][0].as_deref(), Some("4MB"));
+        drop(b);
+        let r = rows(&a.simple_query("SHOW work_mem").await.unwrap());
+        assert_eq!(r[0][0].as_deref(), Some("7MB"), "after {d}");
+    }
+    a.batch_execute("DISCARD ALL").await.unwrap();
+    let r = rows(&a.simple_query("SHOW work_mem").await.unwrap());
+    assert_eq!(r[0][0].as_deref(), Some("4MB"));
+}
