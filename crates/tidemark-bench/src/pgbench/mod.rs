@@ -1,0 +1,273 @@
+//! Owns `tidemark-bench pgbench`: throughput and latency of `pgbench` against the primary
+//! directly, through tidemark (session, eventual, write tracking off), PgBouncer and Pgpool-II,
+//! interleaved over repetitions in one run on one cluster, reported as medians and ratios to
+//! direct; plus the memory each proxy needs per idle client connection.
+//!
+//! Parts: `runs` (starting targets, pgbench runs, idle-client memory) and `results`
+//! (summaries, comparison tables and the files written).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use serde::Serialize;
+use tidemark_cluster::{Cluster, ClusterConfig};
+
+use crate::parse_duration;
+use crate::procs::{self, TidemarkOpts};
+
+mod results;
+mod runs;
+
+use results::report_results;
+use runs::run_all;
+
+#[derive(Args, Debug)]
+pub struct PgbenchArgs {
+    /// Length of each pgbench run (whole seconds).
+    #[arg(long, default_value = "4s", value_parser = parse_duration)]
+    pub duration: Duration,
+    /// Repetitions; targets are interleaved within each one and results are medians.
+    #[arg(long, default_value_t = 3)]
+    pub reps: usize,
+    /// Client counts for `pgbench -S`.
+    #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
+    pub clients: Vec<u32>,
+    /// Clients for the TPC-B-like default script (0 to skip it).
+    #[arg(long, default_value_t = 8)]
+    pub tpcb_clients: u32,
+    /// pgbench scale factor for `pgbench -i`.
+    #[arg(long, default_value_t = 10)]
+    pub scale: u32,
+    /// Targets: direct, tidemark-session, tidemark-eventual, tidemark-notrack, pgbouncer, pgpool.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "direct,tidemark-session,tidemark-eventual,tidemark-notrack,pgbouncer,pgpool"
+    )]
+    pub targets: Vec<String>,
+    /// Idle client connections opened to each proxy for the memory figure (0 to skip).
+    #[arg(long, default_value_t = 1000)]
+    pub idle_clients: usize,
+    /// Directory for pgbench.csv, pgbench.json and pgbench.md.
+    #[arg(long, default_value = "target/bench")]
+    pub out: PathBuf,
+    /// Short run: 1 repetition of 2 s, 100 idle clients.
+    #[arg(long)]
+    pub quick: bool,
+    /// The tidemark binary (default: next to this one, rebuilt with cargo first).
+    #[arg(long)]
+    pub tidemark_bin: Option<PathBuf>,
+    /// Don't run `cargo build -p tidemark` before starting.
+    #[arg(long)]
+    pub no_build: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+enum Target {
+    Direct,
+    TidemarkSession,
+    TidemarkEventual,
+    TidemarkNotrack,
+    Pgbouncer,
+    Pgpool,
+}
+
+impl Target {
+    fn parse(s: &str) -> Result<Target> {
+        Ok(match s {
+            "direct" => Target::Direct,
+            "tidemark-session" | "tidemark" => Target::TidemarkSession,
+            "tidemark-eventual" => Target::TidemarkEventual,
+            "tidemark-notrack" => Target::TidemarkNotrack,
+            "pgbouncer" => Target::Pgbouncer,
+            "pgpool" => Target::Pgpool,
+            _ => bail!(
+                "--targets: unknown target '{s}' (direct, tidemark-session, tidemark-eventual, \
+                 tidemark-notrack, pgbouncer, pgpool)"
+            ),
+        })
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Target::Direct => "direct",
+            Target::TidemarkSession => "tidemark (session)",
+            Target::TidemarkEventual => "tidemark (eventual)",
+            Target::TidemarkNotrack => "tidemark (track_writes off)",
+            Target::Pgbouncer => "PgBouncer (transaction)",
+            Target::Pgpool => "Pgpool-II (SR + LB)",
+        }
+    }
+
+    fn tidemark(self) -> Option<TidemarkOpts> {
+        let (consistency, track_writes) = match self {
+            Target::TidemarkSession => ("session", true),
+            Target::TidemarkEventual => ("eventual", true),
+            Target::TidemarkNotrack => ("session", false),
+            _ => return None,
+        };
+        Some(TidemarkOpts {
+            consistency,
+            track_writes,
+            max_wait: "20ms".into(),
+        })
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+struct Workload {
+    /// `select-simple`, `select-prepared` or `tpcb`.
+    name: &'static str,
+    clients: u32,
+}
+
+impl Workload {
+    fn label(&self) -> String {
+        match self.name {
+            "select-simple" => "-S -M simple".into(),
+            "select-prepared" => "-S -M prepared".into(),
+            _ => "TPC-B-like (default)".into(),
+        }
+    }
+
+    fn args(&self) -> Vec<String> {
+        let mut a = vec![];
+        match self.name {
+            "select-simple" => a.extend(["-S".to_string(), "-M".into(), "simple".into()]),
+            "select-prepared" => a.extend(["-S".to_string(), "-M".into(), "prepared".into()]),
+            _ => a.extend(["-M".to_string(), "simple".into()]),
+        }
+        a
+    }
+
+    /// The TPC-B-like script is only run where it means something different.
+    fn applies_to(&self, t: Target) -> bool {
+        self.name != "tpcb" || t != Target::TidemarkEventual
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+struct RunResult {
+    rep: usize,
+    target: Target,
+    workload: String,
+    clients: u32,
+    tps: f64,
+    lat_avg_ms: f64,
+    lat_p99_ms: f64,
+    error: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+struct Memory {
+    proxy: String,
+    clients: usize,
+    rss_before_kib: u64,
+    rss_after_kib: u64,
+    kib_per_client: f64,
+    note: String,
+}
+
+struct Bins {
+    pgbench: PathBuf,
+    tidemark: Option<PathBuf>,
+    pgbouncer: Option<PathBuf>,
+    pgpool: Option<PathBuf>,
+    owner: Option<(u32, u32)>,
+}
+
+pub async fn run(mut args: PgbenchArgs) -> Result<()> {
+    if args.quick {
+        args.duration = Duration::from_secs(2);
+        args.reps = 1;
+        args.idle_clients = args.idle_clients.min(100);
+    }
+    if args.reps == 0 {
+        bail!("--reps must be at least 1");
+    }
+    let targets: Vec<Target> = args
+        .targets
+        .iter()
+        .map(|t| Target::parse(t))
+        .collect::<Result<_>>()?;
+    let started = Instant::now();
+    let needs_tidemark = targets.iter().any(|t| t.tidemark().is_some());
+    let tidemark = if needs_tidemark {
+        Some(procs::tidemark_binary(
+            args.tidemark_bin.as_deref(),
+            !args.no_build,
+        )?)
+    } else {
+        None
+    };
+    let pgbouncer = if targets.contains(&Target::Pgbouncer) {
+        procs::ensure_program("pgbouncer", "pgbouncer")
+    } else {
+        None
+    };
+    let pgpool = if targets.contains(&Target::Pgpool) {
+        procs::ensure_program("pgpool", "pgpool2")
+    } else {
+        None
+    };
+    let targets: Vec<Target> = targets
+        .into_iter()
+        .filter(|t| match t {
+            Target::Pgbouncer => pgbouncer.is_some(),
+            Target::Pgpool => pgpool.is_some(),
+            _ => true,
+        })
+        .collect();
+    let owner = if procs::is_root() {
+        Some(procs::lookup_account("postgres").context(
+            "running as root, and PgBouncer/Pgpool-II must not: create a `postgres` account \
+             (apt-get install postgresql does)",
+        )?)
+    } else {
+        None
+    };
+    eprintln!("starting a primary and 2 replicas...");
+    let cluster = tokio::task::spawn_blocking(|| {
+        let mut cfg = ClusterConfig::with_replicas(2);
+        cfg.extra_conf.push("max_connections = 400".into());
+        Cluster::start(cfg)
+    })
+    .await??;
+    let cluster = Arc::new(cluster);
+    let bins = Bins {
+        pgbench: cluster.bindir().join("pgbench"),
+        tidemark,
+        pgbouncer,
+        pgpool,
+        owner,
+    };
+    let result = run_all(&args, &targets, &cluster, &bins).await;
+    tokio::task::spawn_blocking(move || drop(cluster)).await?;
+    let (runs, memory) = result?;
+    report_results(&args, &targets, &runs, &memory)?;
+    eprintln!(
+        "pgbench finished in {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn workloads(args: &PgbenchArgs) -> Vec<Workload> {
+    let mut w = vec![];
+    for name in ["select-simple", "select-prepared"] {
+        for &clients in &args.clients {
+            w.push(Workload { name, clients });
+        }
+    }
+    if args.tpcb_clients > 0 {
+        w.push(Workload {
+            name: "tpcb",
+            clients: args.tpcb_clients,
+        });
+    }
+    w
+}

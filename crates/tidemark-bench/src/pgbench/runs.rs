@@ -1,0 +1,358 @@
+//! Running the benchmark: starting each target, pgbench runs over repetitions, idle-client memory.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use tidemark_cluster::Cluster;
+use tokio_postgres::NoTls;
+
+use super::{workloads, Bins, Memory, PgbenchArgs, RunResult, Target, Workload};
+use crate::procs::{self, ProcGuard, PGPOOL_CHILDREN};
+use crate::report::{f0, f2, percentile};
+
+/// Runs pgbench once and reads tps, average latency and (from the per-transaction log) p99.
+async fn pgbench_once(
+    pgbench: &Path,
+    port: u16,
+    w: &Workload,
+    duration: Duration,
+) -> Result<(f64, f64, f64)> {
+    let logdir = tempfile::Builder::new()
+        .prefix("tidemark-bench-pgbench")
+        .tempdir()
+        .context("creating a log directory")?;
+    let prefix = logdir.path().join("log");
+    let threads = if w.clients >= 2 { 2 } else { 1 };
+    let out = tokio::process::Command::new(pgbench)
+        .args(["-h", "127.0.0.1", "-U", "postgres", "-n"])
+        .arg("-p")
+        .arg(port.to_string())
+        .arg("-T")
+        .arg(duration.as_secs().max(1).to_string())
+        .arg("-c")
+        .arg(w.clients.to_string())
+        .arg("-j")
+        .arg(threads.to_string())
+        .args(w.args())
+        .arg("-l")
+        .arg(format!("--log-prefix={}", prefix.display()))
+        .arg("postgres")
+        .env("PGCONNECT_TIMEOUT", "10")
+        .kill_on_drop(true)
+        .output()
+        .await
+        .context("running pgbench")?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let tps = stdout
+        .lines()
+        .find(|l| l.starts_with("tps = "))
+        .and_then(|l| l.split_whitespace().nth(2)?.parse::<f64>().ok());
+    let lat = stdout
+        .lines()
+        .find(|l| l.starts_with("latency average = "))
+        .and_then(|l| l.split_whitespace().nth(3)?.parse::<f64>().ok());
+    let failed = stdout
+        .lines()
+        .find(|l| l.starts_with("number of failed transactions"))
+        .and_then(|l| l.split_whitespace().nth(4)?.parse::<u64>().ok())
+        .unwrap_or(0);
+    if !out.status.success() || failed > 0 {
+        let line = stderr
+            .lines()
+            .find(|l| l.contains("error") || l.contains("ERROR") || l.contains("FATAL"))
+            .or_else(|| stderr.lines().next())
+            .unwrap_or("no message");
+        // Keep what the server or proxy said, not pgbench's prefixes.
+        let msg = ["ERROR:", "FATAL:", "error:"]
+            .iter()
+            .find_map(|p| line.rfind(p).map(|i| &line[i + p.len()..]))
+            .unwrap_or(line)
+            .trim();
+        bail!("{msg}");
+    }
+    let (Some(tps), Some(lat)) = (tps, lat) else {
+        bail!("could not read tps/latency from pgbench output:\n{stdout}\n{stderr}");
+    };
+    let mut lats: Vec<u32> = Vec::new();
+    let rd = std::fs::read_dir(logdir.path()).context("reading the pgbench logs")?;
+    for e in rd.flatten() {
+        let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+        lats.extend(
+            text.lines()
+                .filter_map(|l| l.split_whitespace().nth(2)?.parse::<u32>().ok()),
+        );
+    }
+    lats.sort_unstable();
+    Ok((tps, lat, percentile(&lats, 99.0) as f64 / 1000.0))
+}
+
+/// A running target: the process (none for direct) and its files. Fields drop in order: the
+/// process stops before its directory is removed.
+struct Running {
+    guard: Option<ProcGuard>,
+    _dir: Option<tempfile::TempDir>,
+    port: u16,
+}
+
+/// Starts whatever serves `target`.
+async fn start_target(t: Target, cluster: &Cluster, bins: &Bins, dir: &Path) -> Result<Running> {
+    if let Some(opts) = t.tidemark() {
+        let bin = bins.tidemark.as_deref().context("no tidemark binary")?;
+        let tag = format!("{t:?}").to_lowercase();
+        let (g, port) = procs::start_tidemark(bin, cluster, &opts, dir, &tag).await?;
+        return Ok(Running {
+            guard: Some(g),
+            _dir: None,
+            port,
+        });
+    }
+    match t {
+        Target::Direct => Ok(Running {
+            guard: None,
+            _dir: None,
+            port: cluster.port(0),
+        }),
+        Target::Pgbouncer => {
+            let bin = bins
+                .pgbouncer
+                .as_deref()
+                .context("pgbouncer is not installed")?;
+            let d = procs::scratch_dir("tidemark-bench-pgbouncer", bins.owner)?;
+            let (g, port) = procs::start_pgbouncer(bin, cluster, d.path(), bins.owner).await?;
+            Ok(Running {
+                guard: Some(g),
+                _dir: Some(d),
+                port,
+            })
+        }
+        Target::Pgpool => {
+            let bin = bins.pgpool.as_deref().context("pgpool is not installed")?;
+            let d = procs::scratch_dir("tidemark-bench-pgpool", bins.owner)?;
+            let (g, port) =
+                procs::start_pgpool(bin, cluster, d.path(), bins.owner, "transaction").await?;
+            Ok(Running {
+                guard: Some(g),
+                _dir: Some(d),
+                port,
+            })
+        }
+        _ => bail!("unhandled target {t:?}"),
+    }
+}
+
+pub(super) async fn run_all(
+    args: &PgbenchArgs,
+    targets: &[Target],
+    cluster: &Arc<Cluster>,
+    bins: &Bins,
+) -> Result<(Vec<RunResult>, Vec<Memory>)> {
+    eprintln!("pgbench -i -s {} on the primary...", args.scale);
+    let init = tokio::process::Command::new(&bins.pgbench)
+        .args(["-i", "-q", "-h", "127.0.0.1", "-U", "postgres", "-s"])
+        .arg(args.scale.to_string())
+        .arg("-p")
+        .arg(cluster.port(0).to_string())
+        .arg("postgres")
+        .output()
+        .await
+        .context("running pgbench -i")?;
+    if !init.status.success() {
+        bail!(
+            "pgbench -i failed: {}",
+            String::from_utf8_lossy(&init.stderr).trim()
+        );
+    }
+    {
+        let c = Arc::clone(cluster);
+        tokio::task::spawn_blocking(move || -> Result<()> {
+            let lsn = c.current_lsn(0)?;
+            for r in 1..c.node_count() {
+                c.wait_replayed(r, &lsn, Duration::from_secs(60))?;
+            }
+            Ok(())
+        })
+        .await??;
+    }
+    let scratch = procs::scratch_dir("tidemark-bench-pgbench", None)?;
+    let wl = workloads(args);
+    let runs_per_rep: usize = targets
+        .iter()
+        .map(|t| wl.iter().filter(|w| w.applies_to(*t)).count())
+        .sum();
+    eprintln!(
+        "{} repetitions × {} runs of {} s (about {} s)",
+        args.reps,
+        runs_per_rep,
+        args.duration.as_secs(),
+        args.reps as u64 * (runs_per_rep as u64 * (args.duration.as_secs() + 1) + 8)
+    );
+    let mut runs = Vec::new();
+    for rep in 0..args.reps {
+        // Rotate the order so no target always runs first (or right after another).
+        let mut order = targets.to_vec();
+        order.rotate_left(rep % targets.len().max(1));
+        for &t in &order {
+            let running = start_target(t, cluster, bins, scratch.path())
+                .await
+                .with_context(|| format!("starting {}", t.name()))?;
+            let port = running.port;
+            for w in wl.iter().filter(|w| w.applies_to(t)) {
+                let r = pgbench_once(&bins.pgbench, port, w, args.duration).await;
+                let rr = match r {
+                    Ok((tps, lat, p99)) => RunResult {
+                        rep,
+                        target: t,
+                        workload: w.name.into(),
+                        clients: w.clients,
+                        tps,
+                        lat_avg_ms: lat,
+                        lat_p99_ms: p99,
+                        error: None,
+                    },
+                    Err(e) => RunResult {
+                        rep,
+                        target: t,
+                        workload: w.name.into(),
+                        clients: w.clients,
+                        tps: f64::NAN,
+                        lat_avg_ms: f64::NAN,
+                        lat_p99_ms: f64::NAN,
+                        error: Some(format!("{e:#}")),
+                    },
+                };
+                eprintln!(
+                    "rep {} {:<28} {:<16} c={:<3} tps {:>9}  lat {:>7} ms  p99 {:>7} ms{}",
+                    rep + 1,
+                    t.name(),
+                    w.label(),
+                    w.clients,
+                    f0(rr.tps),
+                    f2(rr.lat_avg_ms),
+                    f2(rr.lat_p99_ms),
+                    rr.error
+                        .as_deref()
+                        .map(|e| format!("  {e}"))
+                        .unwrap_or_default()
+                );
+                runs.push(rr);
+            }
+            drop(running);
+        }
+    }
+    let mut memory = Vec::new();
+    if args.idle_clients > 0 {
+        for &t in targets {
+            if matches!(
+                t,
+                Target::TidemarkSession | Target::Pgbouncer | Target::Pgpool
+            ) {
+                match measure_memory(t, cluster, bins, scratch.path(), args.idle_clients).await {
+                    Ok(m) => {
+                        eprintln!(
+                            "memory {:<24} {} idle clients: {} -> {} KiB, {:.1} KiB per client {}",
+                            m.proxy,
+                            m.clients,
+                            m.rss_before_kib,
+                            m.rss_after_kib,
+                            m.kib_per_client,
+                            m.note
+                        );
+                        memory.push(m);
+                    }
+                    Err(e) => eprintln!("memory {}: {e:#}", t.name()),
+                }
+            }
+        }
+    }
+    Ok((runs, memory))
+}
+
+/// Opens `n` idle client connections to the proxy serving `t` and reports its memory before
+/// and after. Pgpool-II serves at most `num_init_children` clients, one process each, so it
+/// gets that many at most and its figure is the whole process group's.
+async fn measure_memory(
+    t: Target,
+    cluster: &Cluster,
+    bins: &Bins,
+    dir: &Path,
+    n: usize,
+) -> Result<Memory> {
+    let running = start_target(t, cluster, bins, dir).await?;
+    let port = running.port;
+    let pid = running
+        .guard
+        .as_ref()
+        .map(|g| g.pid())
+        .context("no process to measure")?;
+    let group = t == Target::Pgpool;
+    let n = if group { n.min(PGPOOL_CHILDREN - 4) } else { n };
+    let mem = |pid| {
+        if group {
+            procs::group_memory_kib(pid)
+        } else {
+            let r = procs::rss_kib(pid).unwrap_or(0);
+            (r, r)
+        }
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (before_rss, before_pss) = mem(pid);
+    let conninfo =
+        format!("host=127.0.0.1 port={port} user=postgres dbname=postgres connect_timeout=10");
+    let mut clients = Vec::with_capacity(n);
+    let mut tasks = Vec::with_capacity(n);
+    let mut batch = tokio::task::JoinSet::new();
+    let mut opened = 0;
+    while opened < n {
+        let k = (n - opened).min(25);
+        for _ in 0..k {
+            let ci = conninfo.clone();
+            batch.spawn(async move { tokio_postgres::connect(&ci, NoTls).await });
+        }
+        while let Some(r) = batch.join_next().await {
+            let (client, conn) = r
+                .context("a connect task panicked")?
+                .with_context(|| format!("opening idle client {} of {n}", opened + 1))?;
+            tasks.push(tokio::spawn(async move {
+                let _ = conn.await;
+            }));
+            clients.push(client);
+        }
+        opened += k;
+    }
+    // One round trip on each so the proxy has fully set the client up.
+    for c in &clients {
+        c.simple_query("SELECT 1")
+            .await
+            .context("SELECT 1 on an idle client")?;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (after_rss, after_pss) = mem(pid);
+    drop(clients);
+    for t in tasks {
+        let _ = t.await;
+    }
+    drop(running);
+    let (before, after, note) = if group {
+        (
+            before_pss,
+            after_pss,
+            format!(
+                "sum of Pss over the process group ({PGPOOL_CHILDREN} pre-forked children; \
+                 one process per client, so {n} clients at most here); RSS sum {before_rss} -> {after_rss} KiB"
+            ),
+        )
+    } else {
+        (before_rss, after_rss, "VmRSS of the process".to_string())
+    };
+    Ok(Memory {
+        proxy: t.name().to_string(),
+        clients: n,
+        rss_before_kib: before,
+        rss_after_kib: after,
+        kib_per_client: (after as f64 - before as f64) / n as f64,
+        note,
+    })
+}
