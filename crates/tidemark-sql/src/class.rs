@@ -171,6 +171,24 @@ impl Analysis {
     }
 }
 
+impl Analysis {
+    /// What counts as a read: a text that may run on a replica. A `Read`, or a `BEGIN …
+    /// READ ONLY`; never a text with a `tidemark: primary` hint, or with hints tidemark could
+    /// not read (the statement goes to the primary, with a warning). The proxy adds the
+    /// protocol's own condition: the unit must end with Sync or be a simple query, because
+    /// what follows a Flush may write on the same connection.
+    pub fn is_read(&self) -> bool {
+        if self.hints.target == Some(crate::HintTarget::Primary) || !self.hints.errors.is_empty() {
+            return false;
+        }
+        match &self.class {
+            Class::Read => true,
+            Class::Transaction(TxControl::Begin { read_only, .. }) => *read_only,
+            _ => false,
+        }
+    }
+}
+
 impl Class {
     /// The class as a metric label.
     pub fn label(&self) -> &'static str {
@@ -233,6 +251,31 @@ pub fn combine(statements: &[Class]) -> Class {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn what_counts_as_a_read() {
+        let c = crate::Classifier::new(10, crate::FunctionPolicy::default());
+        for (sql, read) in [
+            ("SELECT 1", true),
+            ("SELECT * FROM t WHERE id = $1", true),
+            ("BEGIN READ ONLY", true),
+            (
+                "START TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY",
+                true,
+            ),
+            ("BEGIN", false),
+            ("INSERT INTO t VALUES (1)", false),
+            ("SELECT 1; INSERT INTO t VALUES (1)", false),
+            ("SELECT nextval('s')", false),
+            ("SET search_path = a", false),
+            ("/* tidemark: primary */ SELECT 1", false),
+            ("/* tidemark: no-such-hint */ SELECT 1", false),
+            ("/* tidemark: replica */ SELECT 1", true),
+            ("not sql at all", false),
+        ] {
+            assert_eq!(c.classify(sql).is_read(), read, "{sql}");
+        }
+    }
 
     fn set() -> Class {
         Class::SessionState(SessionKind::Set {

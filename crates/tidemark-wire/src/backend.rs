@@ -12,6 +12,120 @@ pub const PARSE_COMPLETE: u8 = b'1';
 pub const BIND_COMPLETE: u8 = b'2';
 pub const CLOSE_COMPLETE: u8 = b'3';
 
+/// The kind of a backend (server → client) message, named after the protocol
+/// documentation, so code that relays server answers matches names, not tag bytes.
+/// The body stays in the [`Frame`]; the few bodies the proxy reads have parsers below.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendMessage {
+    Authentication,
+    BackendKeyData,
+    BindComplete,
+    CloseComplete,
+    CommandComplete,
+    CopyData,
+    CopyDone,
+    CopyInResponse,
+    CopyOutResponse,
+    CopyBothResponse,
+    DataRow,
+    EmptyQueryResponse,
+    ErrorResponse,
+    FunctionCallResponse,
+    NegotiateProtocolVersion,
+    NoData,
+    NoticeResponse,
+    NotificationResponse,
+    ParameterDescription,
+    ParameterStatus,
+    ParseComplete,
+    PortalSuspended,
+    ReadyForQuery,
+    RowDescription,
+    /// A tag the protocol does not define: a broken or hostile server.
+    Unknown(u8),
+}
+
+impl BackendMessage {
+    pub const fn of(tag: u8) -> BackendMessage {
+        use BackendMessage::*;
+        match tag {
+            b'R' => Authentication,
+            b'K' => BackendKeyData,
+            b'2' => BindComplete,
+            b'3' => CloseComplete,
+            b'C' => CommandComplete,
+            b'd' => CopyData,
+            b'c' => CopyDone,
+            b'G' => CopyInResponse,
+            b'H' => CopyOutResponse,
+            b'W' => CopyBothResponse,
+            b'D' => DataRow,
+            b'I' => EmptyQueryResponse,
+            b'E' => ErrorResponse,
+            b'V' => FunctionCallResponse,
+            b'v' => NegotiateProtocolVersion,
+            b'n' => NoData,
+            b'N' => NoticeResponse,
+            b'A' => NotificationResponse,
+            b't' => ParameterDescription,
+            b'S' => ParameterStatus,
+            b'1' => ParseComplete,
+            b's' => PortalSuspended,
+            b'Z' => ReadyForQuery,
+            b'T' => RowDescription,
+            other => Unknown(other),
+        }
+    }
+
+    pub const fn tag(self) -> u8 {
+        use BackendMessage::*;
+        match self {
+            Authentication => b'R',
+            BackendKeyData => b'K',
+            BindComplete => b'2',
+            CloseComplete => b'3',
+            CommandComplete => b'C',
+            CopyData => b'd',
+            CopyDone => b'c',
+            CopyInResponse => b'G',
+            CopyOutResponse => b'H',
+            CopyBothResponse => b'W',
+            DataRow => b'D',
+            EmptyQueryResponse => b'I',
+            ErrorResponse => b'E',
+            FunctionCallResponse => b'V',
+            NegotiateProtocolVersion => b'v',
+            NoData => b'n',
+            NoticeResponse => b'N',
+            NotificationResponse => b'A',
+            ParameterDescription => b't',
+            ParameterStatus => b'S',
+            ParseComplete => b'1',
+            PortalSuspended => b's',
+            ReadyForQuery => b'Z',
+            RowDescription => b'T',
+            Unknown(t) => t,
+        }
+    }
+
+    /// Sent by the server at any time, not as an answer to a client message.
+    pub const fn is_asynchronous(self) -> bool {
+        matches!(
+            self,
+            BackendMessage::NoticeResponse
+                | BackendMessage::NotificationResponse
+                | BackendMessage::ParameterStatus
+        )
+    }
+}
+
+impl Frame {
+    /// What kind of backend message this frame is (only meaningful for server frames).
+    pub fn backend(&self) -> BackendMessage {
+        BackendMessage::of(self.tag())
+    }
+}
+
 /// Severity and SQLSTATE plus message parts of an ErrorResponse / NoticeResponse.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ErrorFields {
@@ -328,5 +442,14 @@ mod tests {
         assert_eq!(ready_status(&ready_for_query(b'T')).unwrap(), b'T');
         assert!(ready_status(&Frame::new(b'Z', b"")).is_err());
         assert!(ready_status(&Frame::new(b'Z', b"Q")).is_err());
+    }
+
+    #[test]
+    fn every_backend_tag_maps_back_to_itself() {
+        for tag in 0..=255u8 {
+            assert_eq!(BackendMessage::of(tag).tag(), tag);
+        }
+        assert_eq!(BackendMessage::of(b'Z'), BackendMessage::ReadyForQuery);
+        assert_eq!(BackendMessage::of(b'x'), BackendMessage::Unknown(b'x'));
     }
 }

@@ -5,30 +5,49 @@ use crate::frame::{read_cbytes, read_cstr, read_i16, read_i32, Frame};
 use crate::WireError;
 use bytes::{BufMut, BytesMut};
 
-/// A parsed frontend message. Strings borrow from the frame.
-#[derive(Debug, PartialEq, Eq)]
-pub enum FrontendMessage<'a> {
-    Query(&'a str),
+/// UTF-8 text that shares the frame's buffer: decoding a message copies no strings.
+pub type Text = bytestring::ByteString;
+
+/// What a Describe or Close message names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    Statement,
+    Portal,
+}
+
+impl Target {
+    pub fn byte(self) -> u8 {
+        match self {
+            Target::Statement => b'S',
+            Target::Portal => b'P',
+        }
+    }
+}
+
+/// A decoded frontend message. Its strings share the frame's buffer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FrontendMessage {
+    Query(Text),
     Parse {
-        name: &'a str,
-        query: &'a str,
+        name: Text,
+        query: Text,
         param_types: Vec<u32>,
     },
     Bind {
-        portal: &'a str,
-        statement: &'a str,
+        portal: Text,
+        statement: Text,
     },
     Describe {
-        kind: u8,
-        name: &'a str,
+        target: Target,
+        name: Text,
     },
     Execute {
-        portal: &'a str,
+        portal: Text,
         max_rows: i32,
     },
     Close {
-        kind: u8,
-        name: &'a str,
+        target: Target,
+        name: Text,
     },
     Sync,
     Flush,
@@ -39,32 +58,59 @@ pub enum FrontendMessage<'a> {
     /// PasswordMessage / SASLInitialResponse / SASLResponse (all tagged 'p').
     Password,
     FunctionCall,
-    /// A Query (`tag` 'Q') or Parse ('P', with its statement `name`) whose statement text is
-    /// not UTF-8: the client set a non-UTF-8 `client_encoding`. Its bytes are relayed
-    /// untouched; it cannot be classified.
+    /// A Query (`simple`) or Parse (with its statement `name`) whose statement text is not
+    /// UTF-8: the client set a non-UTF-8 `client_encoding`. Its bytes are relayed untouched;
+    /// it cannot be classified.
     NonUtf8 {
-        tag: u8,
-        name: &'a str,
+        simple: bool,
+        name: Text,
         param_types: Vec<u32>,
     },
 }
 
-impl<'a> FrontendMessage<'a> {
-    pub fn parse(frame: &'a Frame) -> Result<FrontendMessage<'a>, WireError> {
+/// A client message decoded once, at intake: the frame as received (relayed untouched when
+/// nothing must change) and its typed form, which every later step reads.
+#[derive(Debug, Clone)]
+pub struct ClientMessage {
+    pub frame: Frame,
+    pub msg: FrontendMessage,
+}
+
+impl ClientMessage {
+    pub fn decode(frame: Frame) -> Result<ClientMessage, WireError> {
+        let msg = FrontendMessage::parse(&frame)?;
+        Ok(ClientMessage { frame, msg })
+    }
+}
+
+/// A NUL-terminated UTF-8 string of `frame`, sharing its buffer.
+fn read_text(frame: &Frame, b: &mut &[u8], tag: u8) -> Result<Text, WireError> {
+    let bytes = read_cbytes(b, tag)?;
+    Text::try_from(frame.raw().slice_ref(bytes))
+        .map_err(|_| WireError::NotUtf8 { tag: tag as char })
+}
+
+impl FrontendMessage {
+    pub fn parse(frame: &Frame) -> Result<FrontendMessage, WireError> {
         let tag = frame.tag();
         let mut b = frame.body();
         let msg = match tag {
-            b'Q' => match std::str::from_utf8(read_cbytes(&mut b, tag)?) {
+            b'Q' => match read_text(frame, &mut b, tag) {
                 Ok(sql) => FrontendMessage::Query(sql),
-                Err(_) => FrontendMessage::NonUtf8 {
-                    tag,
-                    name: "",
+                Err(WireError::NotUtf8 { .. }) => FrontendMessage::NonUtf8 {
+                    simple: true,
+                    name: Text::new(),
                     param_types: Vec::new(),
                 },
+                Err(e) => return Err(e),
             },
             b'P' => {
-                let name = read_cstr(&mut b, tag)?;
-                let query = std::str::from_utf8(read_cbytes(&mut b, tag)?).ok();
+                let name = read_text(frame, &mut b, tag)?;
+                let query = match read_text(frame, &mut b, tag) {
+                    Ok(q) => Some(q),
+                    Err(WireError::NotUtf8 { .. }) => None,
+                    Err(e) => return Err(e),
+                };
                 let n = read_i16(&mut b, tag)?;
                 if n < 0 || b.len() < n as usize * 4 {
                     return Err(WireError::Malformed {
@@ -83,38 +129,44 @@ impl<'a> FrontendMessage<'a> {
                         param_types,
                     },
                     None => FrontendMessage::NonUtf8 {
-                        tag,
+                        simple: false,
                         name,
                         param_types,
                     },
                 }
             }
             b'B' => {
-                let portal = read_cstr(&mut b, tag)?;
-                let statement = read_cstr(&mut b, tag)?;
+                let portal = read_text(frame, &mut b, tag)?;
+                let statement = read_text(frame, &mut b, tag)?;
                 FrontendMessage::Bind { portal, statement }
             }
             b'D' | b'C' => {
-                let kind = *b.first().ok_or(WireError::Malformed {
-                    tag: tag as char,
-                    what: "missing kind byte",
-                })?;
-                if kind != b'S' && kind != b'P' {
-                    return Err(WireError::Malformed {
-                        tag: tag as char,
-                        what: "kind must be 'S' or 'P'",
-                    });
-                }
+                let target = match b.first() {
+                    Some(b'S') => Target::Statement,
+                    Some(b'P') => Target::Portal,
+                    Some(_) => {
+                        return Err(WireError::Malformed {
+                            tag: tag as char,
+                            what: "kind must be 'S' or 'P'",
+                        })
+                    }
+                    None => {
+                        return Err(WireError::Malformed {
+                            tag: tag as char,
+                            what: "missing kind byte",
+                        })
+                    }
+                };
                 b = &b[1..];
-                let name = read_cstr(&mut b, tag)?;
+                let name = read_text(frame, &mut b, tag)?;
                 if tag == b'D' {
-                    FrontendMessage::Describe { kind, name }
+                    FrontendMessage::Describe { target, name }
                 } else {
-                    FrontendMessage::Close { kind, name }
+                    FrontendMessage::Close { target, name }
                 }
             }
             b'E' => {
-                let portal = read_cstr(&mut b, tag)?;
+                let portal = read_text(frame, &mut b, tag)?;
                 let max_rows = read_i32(&mut b, tag)?;
                 FrontendMessage::Execute { portal, max_rows }
             }
@@ -134,6 +186,19 @@ impl<'a> FrontendMessage<'a> {
             }
         };
         Ok(msg)
+    }
+
+    /// A Parse message (UTF-8 or not) and the statement name it defines.
+    pub fn parse_name(&self) -> Option<&str> {
+        match self {
+            FrontendMessage::Parse { name, .. }
+            | FrontendMessage::NonUtf8 {
+                simple: false,
+                name,
+                ..
+            } => Some(name),
+            _ => None,
+        }
     }
 }
 
@@ -177,9 +242,9 @@ pub fn query(sql: &str) -> Frame {
 }
 
 /// Encodes Describe/Close of a statement or portal.
-pub fn describe_or_close(tag: u8, kind: u8, name: &str) -> Frame {
+pub fn describe_or_close(tag: u8, target: Target, name: &str) -> Frame {
     let mut b = BytesMut::with_capacity(name.len() + 2);
-    b.put_u8(kind);
+    b.put_u8(target.byte());
     put_cstr(&mut b, name);
     Frame::new(tag, &b)
 }
@@ -296,19 +361,15 @@ mod tests {
         let q = Frame::new(b'Q', &body);
         assert!(matches!(
             FrontendMessage::parse(&q),
-            Ok(FrontendMessage::NonUtf8 {
-                tag: b'Q',
-                name: "",
-                ..
-            })
+            Ok(FrontendMessage::NonUtf8 { simple: true, ref name, .. }) if name.is_empty()
         ));
         let p = parse_bytes("s1", b"select '\xe9'", &[25]);
         match FrontendMessage::parse(&p) {
             Ok(FrontendMessage::NonUtf8 {
-                tag: b'P',
-                name: "s1",
+                simple: false,
+                name,
                 param_types,
-            }) => assert_eq!(param_types, vec![25]),
+            }) if name == "s1" => assert_eq!(param_types, vec![25]),
             other => panic!("{other:?}"),
         }
         assert_eq!(parse_query_bytes(&p).unwrap(), b"select '\xe9'");
@@ -316,10 +377,7 @@ mod tests {
         let p = parse("s2", "select 'é'", &[]);
         assert!(matches!(
             FrontendMessage::parse(&p),
-            Ok(FrontendMessage::Parse {
-                query: "select 'é'",
-                ..
-            })
+            Ok(FrontendMessage::Parse { ref query, .. }) if query == "select 'é'"
         ));
     }
 
@@ -331,8 +389,8 @@ mod tests {
         assert_eq!(
             FrontendMessage::parse(&f).unwrap(),
             FrontendMessage::Parse {
-                name: "s1",
-                query: "SELECT $1",
+                name: "s1".into(),
+                query: "SELECT $1".into(),
                 param_types: vec![23]
             }
         );
@@ -349,8 +407,8 @@ mod tests {
         assert_eq!(
             FrontendMessage::parse(&r).unwrap(),
             FrontendMessage::Bind {
-                portal: "",
-                statement: "tm_abc"
+                portal: "".into(),
+                statement: "tm_abc".into()
             }
         );
         assert!(r.body().ends_with(&[0, 0, 0, 1, 0, 0, 0, 1, b'7', 0, 0]));

@@ -10,6 +10,8 @@
 
 use std::collections::VecDeque;
 
+use crate::backend::BackendMessage;
+
 /// The transaction status a ReadyForQuery reports.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TxStatus {
@@ -144,9 +146,9 @@ impl ServerState {
 
     /// Records one backend message: its tag, and for ReadyForQuery its status byte, for
     /// ErrorResponse whether it is FATAL or PANIC.
-    pub fn received(&mut self, tag: u8, status_or_fatal: u8) {
-        match tag {
-            b'Z' => {
+    pub fn received(&mut self, msg: BackendMessage, status_or_fatal: u8) {
+        match msg {
+            BackendMessage::ReadyForQuery => {
                 if self.owed.pop_front().is_none() {
                     self.lost = true;
                 }
@@ -155,7 +157,7 @@ impl ServerState {
                     self.lost = true;
                 }
             }
-            b'G' => match self.owed.front() {
+            BackendMessage::CopyInResponse => match self.owed.front() {
                 // COPY FROM STDIN by a simple query: its ReadyForQuery follows the COPY.
                 Some(b'Q') => {
                     if self.copy_ends_ahead > 0 {
@@ -168,8 +170,8 @@ impl ServerState {
                 // timing tidemark cannot see. Such a connection is not reused.
                 _ => self.lost = true,
             },
-            b'W' => self.lost = true,
-            b'E' => {
+            BackendMessage::CopyBothResponse => self.lost = true,
+            BackendMessage::ErrorResponse => {
                 if status_or_fatal != 0 {
                     self.lost = true;
                 }
@@ -461,7 +463,7 @@ mod tests {
                     }
                     _ => {
                         if let Some((tag, b)) = out.pop_front() {
-                            st.received(tag, b);
+                            st.received(BackendMessage::of(tag), b);
                         }
                     }
                 }
@@ -503,21 +505,21 @@ mod tests {
         assert_eq!(s.phase(), Phase::Idle);
         s.sent(&[b'Q', 0, 0, 0, 5, 0]);
         assert_eq!(s.phase(), Phase::Busy(1));
-        s.received(b'Z', b'T');
+        s.received(BackendMessage::ReadyForQuery, b'T');
         assert_eq!(s.phase(), Phase::InTransaction);
         s.sent(&[b'P', 0, 0, 0, 4, b'H', 0, 0, 0, 4]);
         assert_eq!(s.phase(), Phase::Unsynced);
         s.sent(&[b'S', 0, 0, 0, 4]);
-        s.received(b'Z', b'E');
+        s.received(BackendMessage::ReadyForQuery, b'E');
         assert_eq!(s.phase(), Phase::FailedTransaction);
-        s.received(b'Z', b'I');
+        s.received(BackendMessage::ReadyForQuery, b'I');
         assert_eq!(s.phase(), Phase::Lost, "a ReadyForQuery nobody asked for");
         let mut s = ServerState::default();
         s.sent(&[b'Q', 0, 0]);
         assert_eq!(s.phase(), Phase::Lost, "a partial frame");
         let mut s = ServerState::default();
         s.sent(&[b'Q', 0, 0, 0, 5, 0]);
-        s.received(b'E', 1);
+        s.received(BackendMessage::ErrorResponse, 1);
         assert_eq!(s.phase(), Phase::Lost, "FATAL");
     }
 }

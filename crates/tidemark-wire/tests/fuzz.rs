@@ -14,8 +14,8 @@ fn seeds() -> Vec<Vec<u8>> {
     let mut v = vec![
         fe::query("SELECT 1").raw().to_vec(),
         fe::parse("s1", "SELECT $1", &[23]).raw().to_vec(),
-        fe::describe_or_close(b'D', b'S', "s1").raw().to_vec(),
-        fe::describe_or_close(b'C', b'P', "").raw().to_vec(),
+        fe::describe_or_close(b'D', fe::Target::Statement, "s1").raw().to_vec(),
+        fe::describe_or_close(b'C', fe::Target::Portal, "").raw().to_vec(),
         fe::sync().raw().to_vec(),
         fe::parse_bytes("", b"select '\xe9'", &[]).raw().to_vec(),
     ];
@@ -106,7 +106,7 @@ fn look(f: &Frame) {
                 }
                 let _ = fe::rename_bind(f, "tm_x");
             }
-            FrontendMessage::Parse { .. } | FrontendMessage::NonUtf8 { tag: b'P', .. } => {
+            FrontendMessage::Parse { .. } | FrontendMessage::NonUtf8 { simple: false, .. } => {
                 let _ = fe::parse_query_bytes(f);
             }
             _ => {}

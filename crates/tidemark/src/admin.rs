@@ -161,7 +161,7 @@ pub async fn run(app: Arc<App>, mut io: ClientIo, user: String) {
                 }
             }
             Ok(FrontendMessage::Terminate) | Err(_) => return,
-            Ok(FrontendMessage::NonUtf8 { tag: b'Q', .. }) => {
+            Ok(FrontendMessage::NonUtf8 { simple: true, .. }) => {
                 let e = ErrorFields::error(
                     "22021",
                     "the tidemark console reads commands in UTF-8 (ASCII) only",

@@ -9,7 +9,9 @@ use bytes::{Buf, BytesMut};
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256, SCRAM_SHA_256};
 use postgres_protocol::message::{backend, frontend as pgfe};
 use tidemark_core::NodeId;
-use tidemark_wire::backend::{data_row_values, parse_parameter_status, ErrorFields};
+use tidemark_wire::backend::{
+    data_row_values, parse_parameter_status, BackendMessage, ErrorFields,
+};
 use tidemark_wire::{Frame, FrameCodec};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -133,29 +135,28 @@ impl ServerConn {
         c.authenticate(t).await?;
         loop {
             let f = c.recv().await?;
-            match f.tag() {
-                b'S' => {
+            match f.backend() {
+                BackendMessage::ParameterStatus => {
                     let kv = parse_parameter_status(&f)
                         .map_err(|e| ServerError::Protocol(e.to_string()))?;
                     c.params.push(kv);
                 }
-                b'K' => {
+                BackendMessage::BackendKeyData => {
                     let (pid, secret) = tidemark_wire::backend::parse_backend_key_data(&f)
                         .map_err(|e| ServerError::Protocol(e.to_string()))?;
                     c.backend_pid = pid;
                     c.backend_secret = secret;
                 }
-                b'Z' => {
+                BackendMessage::ReadyForQuery => {
                     // The startup exchange is not part of what is owed.
                     c.proto = tidemark_wire::ServerState::default();
                     return Ok(c);
                 }
-                b'E' => return Err(server_error(&f)),
-                b'N' => {}
+                BackendMessage::ErrorResponse => return Err(server_error(&f)),
+                BackendMessage::NoticeResponse => {}
                 other => {
                     return Err(ServerError::Protocol(format!(
-                        "unexpected message '{}' during startup",
-                        other as char
+                        "unexpected message {other:?} during startup"
                     )))
                 }
             }
@@ -166,7 +167,7 @@ impl ServerConn {
         let mut scram: Option<ScramSha256> = None;
         loop {
             let f = self.recv().await?;
-            if f.tag() == b'E' {
+            if f.backend() == BackendMessage::ErrorResponse {
                 return Err(match server_error(&f) {
                     ServerError::Server(e) => {
                         ServerError::Auth(format!("{} ({})", e.message, e.code))
@@ -277,16 +278,17 @@ impl ServerConn {
 
     /// Feeds a received frame to the protocol state.
     fn observe(&mut self, f: &Frame) {
-        let extra = match f.tag() {
-            b'Z' => tidemark_wire::backend::ready_status(f).unwrap_or(0),
-            b'E' => match ErrorFields::parse(f) {
+        let kind = f.backend();
+        let extra = match kind {
+            BackendMessage::ReadyForQuery => tidemark_wire::backend::ready_status(f).unwrap_or(0),
+            BackendMessage::ErrorResponse => match ErrorFields::parse(f) {
                 Ok(e) if e.severity == "FATAL" || e.severity == "PANIC" => 1,
                 Ok(_) => 0,
                 Err(_) => 1,
             },
             _ => 0,
         };
-        self.proto.received(f.tag(), extra);
+        self.proto.received(kind, extra);
     }
 
     /// Writes whole frontend frames.
@@ -341,10 +343,10 @@ impl ServerConn {
         let mut err = None;
         loop {
             let f = self.recv().await?;
-            match f.tag() {
-                b'D' => rows
+            match f.backend() {
+                BackendMessage::DataRow => rows
                     .push(data_row_values(&f).map_err(|e| ServerError::Protocol(e.to_string()))?),
-                b'S' => {
+                BackendMessage::ParameterStatus => {
                     if let Ok((k, v)) = parse_parameter_status(&f) {
                         match self.params.iter_mut().find(|(n, _)| *n == k) {
                             Some(e) => e.1 = v,
@@ -352,8 +354,8 @@ impl ServerConn {
                         }
                     }
                 }
-                b'E' => err = Some(server_error(&f)),
-                b'Z' => {
+                BackendMessage::ErrorResponse => err = Some(server_error(&f)),
+                BackendMessage::ReadyForQuery => {
                     if tidemark_wire::backend::ready_status(&f) != Ok(b'I') {
                         self.broken = true;
                     }

@@ -305,16 +305,16 @@ impl Session {
                 .windows(4)
                 .any(|w| w.eq_ignore_ascii_case(b"copy"))
         };
-        unit.frames.iter().any(|f| match FrontendMessage::parse(f) {
-            Ok(FrontendMessage::Query(q)) => mentions(q),
+        unit.msgs.iter().any(|m| match &m.msg {
+            FrontendMessage::Query(q) => mentions(q),
             // Text tidemark cannot read may be a COPY.
-            Ok(FrontendMessage::NonUtf8 { .. }) => true,
-            Ok(FrontendMessage::Parse { query, .. }) => mentions(query),
-            Ok(FrontendMessage::Bind { statement, .. }) => {
+            FrontendMessage::NonUtf8 { .. } => true,
+            FrontendMessage::Parse { query, .. } => mentions(query),
+            FrontendMessage::Bind { statement, .. } => {
                 let stmt = if statement.is_empty() {
                     self.unnamed.as_ref()
                 } else {
-                    self.statements.get(statement)
+                    self.statements.get(&**statement)
                 };
                 stmt.is_some_and(|s| mentions(&s.query))
             }

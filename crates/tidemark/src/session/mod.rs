@@ -6,13 +6,15 @@
 //!
 //! Routing rules live in `tidemark_core::route`; the session only carries them out.
 //!
-//! This file is the client loop (`run`, `next_frame`, `next_unit`, `run_unit`, `execute`).
+//! This file is the client loop (`run`, `next_message`, `next_unit`, `run_unit`, `execute`).
 //! One part per concern beside it:
 //! - `statements`: classifying a unit, the client's prepared statements;
 //! - `settings`: SETs and startup parameters replayed per client, `SET/SHOW tidemark.*`;
 //! - `signals`: `pg_terminate_backend`/`pg_cancel_backend` on tidemark pids;
 //! - `placement`: which node, waiting for a replica, checkout and session-state sync;
-//! - `relay`: rewriting a unit for its server connection and relaying the answers;
+//! - `rewrite`: a unit as sent to one server connection (shared statement names, the
+//!   Parses it lacks) and the answers it owes;
+//! - `relay`: sending a rewritten unit and relaying the answers;
 //! - `commit`: after ReadyForQuery: transaction state, commit positions, lost connections;
 //! - `abandon`: a client that leaves with its server connection busy.
 
@@ -29,8 +31,8 @@ use tidemark_core::{
     Role, Route, RouteRequest, TargetHint, Unavailable,
 };
 use tidemark_sql::{Analysis, Class, HintTarget, SessionKind, TidemarkCommand, TxControl};
-use tidemark_wire::backend::{self as be, ErrorFields};
-use tidemark_wire::frontend::{self as fe, FrontendMessage};
+use tidemark_wire::backend::{self as be, BackendMessage, ErrorFields};
+use tidemark_wire::frontend::{self as fe, ClientMessage, FrontendMessage, Target};
 use tidemark_wire::{Frame, StartupParams, TxStatus};
 
 use crate::app::{App, CancelTarget, ClientInfo};
@@ -43,12 +45,14 @@ mod abandon;
 mod commit;
 mod placement;
 mod relay;
+mod rewrite;
 mod settings;
 mod signals;
 mod statements;
 
 use commit::*;
 use relay::*;
+use rewrite::*;
 pub use settings::startup_to_sets;
 use settings::*;
 use signals::*;
@@ -67,8 +71,9 @@ enum UnitEnd {
     Size,
 }
 
+/// A routing unit: client messages decoded once at intake, and what ended the unit.
 struct Unit {
-    frames: Vec<Frame>,
+    msgs: Vec<ClientMessage>,
     end: UnitEnd,
 }
 
@@ -122,8 +127,11 @@ pub struct Session {
     unit_open: bool,
     /// After an error inside an open unit, the server skips until Sync.
     server_skipping: bool,
+    /// Client frames read ahead while a unit ran (decoded when their unit is collected).
     pending: VecDeque<Frame>,
     pending_bytes: usize,
+    /// A decoded message that ended the previous unit's collection and starts the next.
+    held: Option<ClientMessage>,
     copy_in: bool,
     /// Key of a keyed write in the current transaction.
     tx_key: Option<String>,
@@ -211,6 +219,7 @@ impl Session {
             server_skipping: false,
             pending: VecDeque::new(),
             pending_bytes: 0,
+            held: None,
             copy_in: false,
             tx_key: None,
             tx_session_state: Vec::new(),
@@ -356,9 +365,25 @@ impl Session {
         }
     }
 
-    fn push_pending(&mut self, f: Frame) {
-        self.pending_bytes += f.len();
-        self.pending.push_back(f);
+    /// Keeps a decoded message that ends the unit being collected for the next one.
+    fn hold_for_next_unit(&mut self, m: ClientMessage) {
+        debug_assert!(self.held.is_none());
+        self.held = Some(m);
+    }
+
+    /// The next client message, decoded (the one place client messages are decoded):
+    /// malformed input ends this client only.
+    async fn next_message(
+        &mut self,
+        shutdown: &mut tokio::sync::watch::Receiver<bool>,
+    ) -> SResult<Option<ClientMessage>> {
+        if let Some(m) = self.held.take() {
+            return Ok(Some(m));
+        }
+        Ok(match self.next_frame(shutdown).await? {
+            Some(f) => Some(ClientMessage::decode(f)?),
+            None => None,
+        })
     }
 
     async fn next_frame(
@@ -461,40 +486,44 @@ impl Session {
         &mut self,
         shutdown: &mut tokio::sync::watch::Receiver<bool>,
     ) -> SResult<Option<Unit>> {
-        let mut frames = Vec::new();
+        let mut msgs: Vec<ClientMessage> = Vec::new();
         let mut bytes = 0;
         loop {
-            let Some(f) = self.next_frame(shutdown).await? else {
+            let Some(m) = self.next_message(shutdown).await? else {
                 return Ok(None);
             };
-            // Validate every message up front: malformed input ends this client only.
-            FrontendMessage::parse(&f)?;
-            bytes += f.len();
-            let end = match f.tag() {
-                b'X' => {
-                    if frames.is_empty() {
+            bytes += m.frame.len();
+            let end = match &m.msg {
+                FrontendMessage::Terminate => {
+                    if msgs.is_empty() {
                         return Ok(None);
                     }
                     // Run what came before, then stop.
-                    self.push_pending(f);
+                    self.hold_for_next_unit(m);
                     return Ok(Some(Unit {
-                        frames,
+                        msgs,
                         end: UnitEnd::Size,
                     }));
                 }
-                b'Q' if frames.is_empty() => Some(UnitEnd::Query),
-                b'F' if frames.is_empty() => Some(UnitEnd::Func),
-                b'Q' | b'F' => {
+                FrontendMessage::Query(_) | FrontendMessage::NonUtf8 { simple: true, .. }
+                    if msgs.is_empty() =>
+                {
+                    Some(UnitEnd::Query)
+                }
+                FrontendMessage::FunctionCall if msgs.is_empty() => Some(UnitEnd::Func),
+                FrontendMessage::Query(_)
+                | FrontendMessage::NonUtf8 { simple: true, .. }
+                | FrontendMessage::FunctionCall => {
                     // A simple query after unsynced extended messages: finish those first.
-                    self.push_pending(f);
+                    self.hold_for_next_unit(m);
                     return Ok(Some(Unit {
-                        frames,
+                        msgs,
                         end: UnitEnd::Size,
                     }));
                 }
-                b'S' => Some(UnitEnd::Sync),
-                b'H' => Some(UnitEnd::Flush),
-                b'p' => {
+                FrontendMessage::Sync => Some(UnitEnd::Sync),
+                FrontendMessage::Flush => Some(UnitEnd::Flush),
+                FrontendMessage::Password => {
                     return Err(ClientError::Protocol(tidemark_wire::WireError::Malformed {
                         tag: 'p',
                         what: "password message outside authentication",
@@ -502,13 +531,13 @@ impl Session {
                 }
                 _ => None,
             };
-            frames.push(f);
+            msgs.push(m);
             if let Some(end) = end {
-                return Ok(Some(Unit { frames, end }));
+                return Ok(Some(Unit { msgs, end }));
             }
             if bytes > MAX_UNIT_BYTES {
                 return Ok(Some(Unit {
-                    frames,
+                    msgs,
                     end: UnitEnd::Size,
                 }));
             }
@@ -532,7 +561,7 @@ impl Session {
     }
 
     async fn run_unit(&mut self, unit: Unit) -> SResult<()> {
-        if unit.end == UnitEnd::Flush && unit.frames.iter().all(|f| f.tag() == b'H') {
+        if unit.end == UnitEnd::Flush && unit.msgs.iter().all(|m| m.msg == FrontendMessage::Flush) {
             // A Flush with nothing before it (drivers send one after Sync): every response
             // to earlier messages was already relayed; there is nothing to route.
             return self.io.flush().await;
@@ -634,7 +663,7 @@ impl Session {
         // A unit is everything up to Sync, and runs on one node (one implicit transaction).
         // What follows a Flush may write, so a unit ended by Flush (or by size) that will go on
         // on the same connection goes to the primary.
-        let read_only = self.unit_read_only(&analysis)
+        let read_only = analysis.is_read()
             && matches!(unit.end, UnitEnd::Sync | UnitEnd::Query | UnitEnd::Func);
         if self.attached.is_none() {
             self.wait_while_paused().await;
@@ -673,11 +702,6 @@ impl Session {
             read_only && self.tx_status == TxStatus::Idle && !self.unit_open && !self.pinned;
         let may_commit = self.unit_may_commit(&analysis, may_write);
         let pipeline = self.pipeline_capture(&analysis, may_write) && !self.unit_may_copy(&unit);
-        let frames_for_retry = if retryable {
-            Some(unit.frames.clone())
-        } else {
-            None
-        };
         // Until the unit's outcome is known (a client may vanish before it), the connection's
         // session state is not what its key says.
         if let Some(att) = self.attached.as_mut() {
@@ -695,9 +719,21 @@ impl Session {
         }
         let outcome = self.send_and_relay(&unit, retryable, pipeline).await;
         match outcome {
-            Ok(RelayOutcome::Done(status, errored, lsn, lost)) => {
-                self.after_ready(status, errored, may_write, &analysis, lsn, lost)
-                    .await?;
+            Ok(RelayOutcome::Done {
+                status,
+                errored,
+                captured,
+                capture_lost,
+            }) => {
+                self.after_ready(
+                    status,
+                    errored,
+                    may_write,
+                    &analysis,
+                    captured,
+                    capture_lost,
+                )
+                .await?;
             }
             Ok(RelayOutcome::Open) => {
                 self.unit_open = true;
@@ -714,9 +750,9 @@ impl Session {
                 let pipeline = pipeline
                     || (self.pipeline_capture(&analysis, may_write) && !self.unit_may_copy(&unit));
                 crate::metrics::fallback("replica_error");
-                let Some(frames) = frames_for_retry else {
+                if !retryable {
                     return Ok(());
-                };
+                }
                 let view = self.app.view.load_full();
                 let retry = match view.primary_id() {
                     Some(p) => self.checkout(p).await.map(|c| (c, p)),
@@ -740,14 +776,22 @@ impl Session {
                             node: p,
                             role: Role::Primary,
                         });
-                        let unit = Unit {
-                            frames,
-                            end: unit.end,
-                        };
                         match self.send_and_relay(&unit, false, pipeline).await {
-                            Ok(RelayOutcome::Done(status, errored, lsn, lost)) => {
-                                self.after_ready(status, errored, may_write, &analysis, lsn, lost)
-                                    .await?
+                            Ok(RelayOutcome::Done {
+                                status,
+                                errored,
+                                captured,
+                                capture_lost,
+                            }) => {
+                                self.after_ready(
+                                    status,
+                                    errored,
+                                    may_write,
+                                    &analysis,
+                                    captured,
+                                    capture_lost,
+                                )
+                                .await?
                             }
                             Ok(RelayOutcome::Open) => self.unit_open = true,
                             Ok(RelayOutcome::RetryOnPrimary(_)) => {}

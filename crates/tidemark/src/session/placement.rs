@@ -141,17 +141,6 @@ impl Session {
         Ok(())
     }
 
-    pub(super) fn unit_read_only(&self, analysis: &Analysis) -> bool {
-        if analysis.hints.target == Some(HintTarget::Primary) || !analysis.hints.errors.is_empty() {
-            return false;
-        }
-        match &analysis.class {
-            Class::Read => true,
-            Class::Transaction(TxControl::Begin { read_only, .. }) => *read_only,
-            _ => false,
-        }
-    }
-
     /// While an operator has paused tidemark (admin `PAUSE`), new transactions wait.
     pub(super) async fn wait_while_paused(&self) {
         let mut rx = self.app.paused.subscribe();

@@ -27,18 +27,27 @@ pub(super) enum Exp {
     Synth(Frame),
 }
 
-/// How a relay ended.
-pub(super) enum RelayEnd {
-    /// ReadyForQuery with this status; `true` if the unit had an error; the commit LSN if
-    /// it was captured in the same pipeline.
-    Ready(TxStatus, bool, Option<Captured>),
+/// How a unit's relay ended.
+pub(super) enum RelayOutcome {
+    /// The unit's last ReadyForQuery was relayed.
+    Done {
+        status: TxStatus,
+        /// The unit had an error.
+        errored: bool,
+        /// The commit position read in the same pipeline, if any.
+        captured: Option<Captured>,
+        /// The connection was lost after the ReadyForQuery, before the pipelined
+        /// commit-position read was answered: the unit committed, its position is unknown.
+        capture_lost: bool,
+    },
     /// Flushed unit: all responses so far are relayed, the unit stays open.
     Open,
-    /// ReadyForQuery with this status was relayed, then the connection was lost before the
-    /// pipelined commit-position read was answered: the unit committed, its position is unknown.
-    CaptureLost(TxStatus, bool),
+    /// Nothing reached the client (a read held back from a replica failed): run the unit
+    /// again on the primary. The reason, with its SQLSTATE first when the server gave one.
+    RetryOnPrimary(String),
 }
 
+/// Why a relay failed: the client's side or the server's.
 pub(super) enum RelayError {
     Client(ClientError),
     Server(ServerError),
@@ -53,60 +62,6 @@ impl From<ServerError> for RelayError {
     fn from(e: ServerError) -> Self {
         RelayError::Server(e)
     }
-}
-
-pub(super) enum RelayOutcome {
-    /// Status, errored, the captured commit position, whether the capture was lost.
-    Done(TxStatus, bool, Option<Captured>, bool),
-    Open,
-    RetryOnPrimary(String),
-}
-
-pub(super) enum RelayFail {
-    Client(ClientError),
-    Server(ServerError),
-    Retry(String),
-}
-
-/// Queues an invisible Parse of `stmt` under its shared name before a Bind or Describe of it,
-/// unless the server connection already has it or the unit parses it already.
-fn ensure_prepared(
-    stmt: &Stmt,
-    prepared: &std::collections::HashSet<String>,
-    out: &mut bytes::BytesMut,
-    exp: &mut VecDeque<Exp>,
-    skipping: bool,
-) {
-    if prepared.contains(&stmt.global) || exp_registers(exp, &stmt.global) {
-        return;
-    }
-    out.extend_from_slice(stmt.parse_frame(&stmt.global).raw());
-    // After an error the server skips to Sync: it owes nothing for this Parse.
-    if !skipping {
-        exp.push_back(Exp::Parse {
-            visible: false,
-            register: Some(stmt.global.clone()),
-        });
-    }
-}
-
-pub(super) fn exp_registers(exp: &VecDeque<Exp>, global: &str) -> bool {
-    exp.iter()
-        .any(|e| matches!(e, Exp::Parse { register: Some(g), .. } if g == global))
-}
-
-pub(super) fn unit_parses_unnamed(frames: &[Frame]) -> bool {
-    frames.iter().any(|f| {
-        matches!(
-            FrontendMessage::parse(f),
-            Ok(FrontendMessage::Parse { name: "", .. })
-                | Ok(FrontendMessage::NonUtf8 {
-                    tag: b'P',
-                    name: "",
-                    ..
-                })
-        )
-    })
 }
 
 /// One unit's relay: what it reads and writes while server responses are relayed to the
@@ -134,8 +89,8 @@ impl Relay<'_> {
     /// Relays until the unit's last ReadyForQuery (or, for a Flush-ended unit, until every
     /// answer owed so far). A failure after the unit's own ReadyForQuery was relayed (while
     /// reading the pipelined commit-position read) does not fail the unit, which the client
-    /// was already told about; it ends as [`RelayEnd::CaptureLost`].
-    pub(super) async fn run(self) -> Result<RelayEnd, RelayFail> {
+    /// was already told about; it ends as `RelayOutcome::Done` with `capture_lost`.
+    pub(super) async fn run(self) -> Result<RelayOutcome, RelayError> {
         let Relay {
             watch,
             io,
@@ -153,7 +108,7 @@ impl Relay<'_> {
         let watch = &watch;
         let mut unit_ready_slot: Option<(TxStatus, bool)> = None;
         let unit_ready = &mut unit_ready_slot;
-        let r: Result<RelayEnd, RelayFail> = async {
+        let r: Result<RelayOutcome, RelayError> = async {
     let start_out = io.pending_out();
     let mut flushed = false;
     let mut copy = CopyState::default();
@@ -175,8 +130,8 @@ impl Relay<'_> {
             }
         }
         if exp.is_empty() {
-            io.flush().await.map_err(RelayFail::Client)?;
-            return Ok(RelayEnd::Open);
+            io.flush().await.map_err(RelayError::Client)?;
+            return Ok(RelayOutcome::Open);
         }
         // Process everything already buffered before waiting.
         let frame = match conn.try_buffered() {
@@ -184,7 +139,7 @@ impl Relay<'_> {
             Ok(None) => {
                 if io.pending_out() > 0 && (!hold || io.pending_out() - start_out > MAX_HELD_OUTPUT)
                 {
-                    io.flush().await.map_err(RelayFail::Client)?;
+                    io.flush().await.map_err(RelayError::Client)?;
                     flushed = true;
                 }
                 let read_client = *copy_in || *pending_bytes < MAX_PENDING_BYTES;
@@ -194,8 +149,8 @@ impl Relay<'_> {
                         // pg_terminate_backend on this client: end its session now.
                         io.truncate_out(start_out);
                         io.push(&terminated().to_error());
-                        io.flush().await.map_err(RelayFail::Client)?;
-                        return Err(RelayFail::Client(ClientError::Closed));
+                        io.flush().await.map_err(RelayError::Client)?;
+                        return Err(RelayError::Client(ClientError::Closed));
                     }
                     r = conn.recv() => match r {
                         Ok(f) => {
@@ -207,9 +162,9 @@ impl Relay<'_> {
                         Err(e) => {
                             if hold && !flushed {
                                 io.truncate_out(start_out);
-                                return Err(RelayFail::Retry(e.to_string()));
+                                return Ok(RelayOutcome::RetryOnPrimary(e.to_string()));
                             }
-                            return Err(RelayFail::Server(e));
+                            return Err(RelayError::Server(e));
                         }
                     },
                     _ = &mut check => {
@@ -223,17 +178,17 @@ impl Relay<'_> {
                             conn.broken = true;
                             if hold && !flushed {
                                 io.truncate_out(start_out);
-                                return Err(RelayFail::Retry(e.to_string()));
+                                return Ok(RelayOutcome::RetryOnPrimary(e.to_string()));
                             }
-                            return Err(RelayFail::Server(e));
+                            return Err(RelayError::Server(e));
                         }
                         continue;
                     }
                     r = io.fill(), if read_client => {
-                        r.map_err(RelayFail::Client)?;
-                        while let Some(f) = io.try_frame().map_err(RelayFail::Client)? {
+                        r.map_err(RelayError::Client)?;
+                        while let Some(f) = io.try_frame().map_err(RelayError::Client)? {
                             if copy.takes(&f, *copy_in) {
-                                conn.send(f.raw()).await.map_err(RelayFail::Server)?;
+                                conn.send(f.raw()).await.map_err(RelayError::Server)?;
                                 if copy.done_by(&f) {
                                     *copy_in = false;
                                 }
@@ -246,23 +201,23 @@ impl Relay<'_> {
                     }
                 }
             }
-            Err(e) => return Err(RelayFail::Server(e)),
+            Err(e) => return Err(RelayError::Server(e)),
         };
-        let tag = frame.tag();
-        tracing::trace!(tag = %(tag as char), front = ?exp.front().map(|e| format!("{e:?}").chars().take(20).collect::<String>()), "server frame");
-        match tag {
-            b'N' => {
+        let kind = frame.backend();
+        tracing::trace!(?kind, front = ?exp.front().map(|e| format!("{e:?}").chars().take(20).collect::<String>()), "server frame");
+        match kind {
+            BackendMessage::NoticeResponse => {
                 io.push(&frame);
                 continue;
             }
-            b'A' => {
+            BackendMessage::NotificationResponse => {
                 match notify_pid {
                     Some(p) => io.push(&own_notification(&frame, conn.backend_pid, p)),
                     None => io.push(&frame),
                 }
                 continue;
             }
-            b'S' => {
+            BackendMessage::ParameterStatus => {
                 if let Ok((k, v)) = be::parse_parameter_status(&frame) {
                     params.insert(k.clone(), v.clone());
                     upsert(&mut conn.params, k, v);
@@ -274,25 +229,30 @@ impl Relay<'_> {
         }
         if matches!(exp.front(), Some(Exp::Capture)) {
             // The client already has its ReadyForQuery; read the pipelined capture.
-            match tag {
-                b'D' => {
+            match kind {
+                BackendMessage::DataRow => {
                     captured = be::data_row_values(&frame)
                         .ok()
                         .and_then(|r| Captured::parse(&r));
                 }
-                b'Z' => {
+                BackendMessage::ReadyForQuery => {
                     exp.pop_front();
                     let (status, e) = unit_ready.unwrap_or((TxStatus::Idle, errored));
                     if exp.is_empty() {
-                        return Ok(RelayEnd::Ready(status, e, captured));
+                        return Ok(RelayOutcome::Done {
+                            status,
+                            errored: e,
+                            captured,
+                            capture_lost: false,
+                        });
                     }
                 }
-                b'E' => captured = None,
+                BackendMessage::ErrorResponse => captured = None,
                 _ => {}
             }
             continue;
         }
-        if tag == b'E' {
+        if kind == BackendMessage::ErrorResponse {
             if let Ok(f) = ErrorFields::parse(&frame) {
                 if f.severity == "FATAL" || f.severity == "PANIC" {
                     // The server connection is ending (terminated backend, shutdown): the
@@ -300,9 +260,9 @@ impl Relay<'_> {
                     conn.broken = true;
                     if hold && !flushed {
                         io.truncate_out(start_out);
-                        return Err(RelayFail::Retry(format!("{} {}", f.code, f.message)));
+                        return Ok(RelayOutcome::RetryOnPrimary(format!("{} {}", f.code, f.message)));
                     }
-                    return Err(RelayFail::Server(ServerError::Server(f)));
+                    return Err(RelayError::Server(ServerError::Server(f)));
                 }
             }
             if hold && !flushed {
@@ -312,8 +272,8 @@ impl Relay<'_> {
                         // A replica refused a write it was sent, or a relation it cannot read
                         // (unlogged, temporary): retry on the primary.
                         io.truncate_out(start_out);
-                        drain_to_ready(conn, exp).await.map_err(RelayFail::Server)?;
-                        return Err(RelayFail::Retry(format!("25006 {}", f.message)));
+                        drain_to_ready(conn, exp).await.map_err(RelayError::Server)?;
+                        return Ok(RelayOutcome::RetryOnPrimary(format!("25006 {}", f.message)));
                     }
                 }
             }
@@ -333,14 +293,14 @@ impl Relay<'_> {
             continue;
         }
         let Some(front) = exp.front() else {
-            return Err(RelayFail::Server(ServerError::Protocol(format!(
-                "unexpected message '{}' from server",
-                tag as char
+            return Err(RelayError::Server(ServerError::Protocol(format!(
+                "unexpected message {kind:?} from server"
             ))));
         };
         let mut pop = false;
-        match (front, tag) {
-            (Exp::Parse { visible, register }, b'1') => {
+        use BackendMessage as B;
+        match (front, kind) {
+            (Exp::Parse { visible, register }, B::ParseComplete) => {
                 if *visible {
                     io.push(&frame);
                 }
@@ -349,19 +309,19 @@ impl Relay<'_> {
                 }
                 pop = true;
             }
-            (Exp::Bind, b'2') | (Exp::Close, b'3') => {
+            (Exp::Bind, B::BindComplete) | (Exp::Close, B::CloseComplete) => {
                 io.push(&frame);
                 pop = true;
             }
-            (Exp::Describe, b'T' | b'n') => {
+            (Exp::Describe, B::RowDescription | B::NoData) => {
                 io.push(&frame);
                 pop = true;
             }
-            (Exp::Execute, b'C' | b'I' | b's') => {
+            (Exp::Execute, B::CommandComplete | B::EmptyQueryResponse | B::PortalSuspended) => {
                 io.push(&frame);
                 pop = true;
             }
-            (Exp::Sync | Exp::Query | Exp::Func, b'Z') => {
+            (Exp::Sync | Exp::Query | Exp::Func, B::ReadyForQuery) => {
                 io.push(&frame);
                 exp.pop_front();
                 *skipping = false;
@@ -370,17 +330,22 @@ impl Relay<'_> {
                     .ok()
                     .and_then(TxStatus::from_byte)
                     .ok_or_else(|| {
-                        RelayFail::Server(ServerError::Protocol(
+                        RelayError::Server(ServerError::Protocol(
                             "ReadyForQuery with an unknown transaction status".into(),
                         ))
                     })?;
                 *unit_ready = Some((status, errored));
                 if exp.is_empty() {
-                    return Ok(RelayEnd::Ready(status, errored, None));
+                    return Ok(RelayOutcome::Done {
+                        status,
+                        errored,
+                        captured: None,
+                        capture_lost: false,
+                    });
                 }
                 continue;
             }
-            (front, b'G') => {
+            (front, B::CopyInResponse) => {
                 io.push(&frame);
                 *copy_in = true;
                 copy.extended = matches!(front, Exp::Execute);
@@ -391,12 +356,12 @@ impl Relay<'_> {
                     }
                     let f = pending.pop_front().unwrap_or_else(|| unreachable!());
                     *pending_bytes -= f.len();
-                    conn.send(f.raw()).await.map_err(RelayFail::Server)?;
+                    conn.send(f.raw()).await.map_err(RelayError::Server)?;
                     if copy.done_by(&f) {
                         *copy_in = false;
                     }
                 }
-                io.flush().await.map_err(RelayFail::Client)?;
+                io.flush().await.map_err(RelayError::Client)?;
                 flushed = true;
             }
             _ => io.push(&frame),
@@ -408,13 +373,18 @@ impl Relay<'_> {
         }
         .await;
         match (r, unit_ready_slot) {
-            (Err(RelayFail::Server(e)), Some((status, errored)))
+            (Err(RelayError::Server(e)), Some((status, errored)))
                 if matches!(exp.front(), Some(Exp::Capture)) =>
             {
                 tracing::warn!(error = %e, "server connection lost after a commit, before its position was read");
                 conn.broken = true;
-                io.flush().await.map_err(RelayFail::Client)?;
-                Ok(RelayEnd::CaptureLost(status, errored))
+                io.flush().await.map_err(RelayError::Client)?;
+                Ok(RelayOutcome::Done {
+                    status,
+                    errored,
+                    captured: None,
+                    capture_lost: true,
+                })
             }
             (r, _) => r,
         }
@@ -506,7 +476,7 @@ pub(super) async fn drain_to_ready(
     }
     loop {
         let f = conn.recv().await?;
-        if f.tag() == b'Z' {
+        if f.backend() == BackendMessage::ReadyForQuery {
             exp.clear();
             return Ok(());
         }
@@ -524,136 +494,18 @@ impl Session {
         let Some(att) = self.attached.as_mut() else {
             return Err(RelayError::Server(ServerError::Closed));
         };
-        let mut out = bytes::BytesMut::new();
-        let mut exp: VecDeque<Exp> = VecDeque::new();
         let skipping = self.server_skipping;
         let conn = &mut att.conn.conn;
-        for f in &unit.frames {
-            let msg = FrontendMessage::parse(f).map_err(|e| RelayError::Client(e.into()))?;
-            let push_exp = |e: Exp, exp: &mut VecDeque<Exp>| {
-                if !skipping || matches!(e, Exp::Sync) {
-                    exp.push_back(e);
-                }
-            };
-            match msg {
-                FrontendMessage::Parse { name, .. }
-                | FrontendMessage::NonUtf8 {
-                    tag: b'P', name, ..
-                } if !name.is_empty() => {
-                    let Some(stmt) = self.statements.get(name).cloned() else {
-                        out.extend_from_slice(f.raw());
-                        push_exp(
-                            Exp::Parse {
-                                visible: true,
-                                register: None,
-                            },
-                            &mut exp,
-                        );
-                        continue;
-                    };
-                    if conn.prepared.contains(&stmt.global) {
-                        push_exp(Exp::Synth(be::simple(be::PARSE_COMPLETE)), &mut exp);
-                    } else {
-                        out.extend_from_slice(stmt.parse_frame(&stmt.global).raw());
-                        push_exp(
-                            Exp::Parse {
-                                visible: true,
-                                register: Some(stmt.global.clone()),
-                            },
-                            &mut exp,
-                        );
-                    }
-                }
-                FrontendMessage::Bind { statement, .. } => {
-                    let stmt = if statement.is_empty() {
-                        None
-                    } else {
-                        self.statements.get(statement).cloned()
-                    };
-                    match stmt {
-                        Some(stmt) => {
-                            ensure_prepared(&stmt, &conn.prepared, &mut out, &mut exp, skipping);
-                            let renamed = fe::rename_bind(f, &stmt.global)
-                                .map_err(|e| RelayError::Client(e.into()))?;
-                            out.extend_from_slice(renamed.raw());
-                        }
-                        None => {
-                            if statement.is_empty() && !unit_parses_unnamed(&unit.frames) {
-                                // The unnamed statement was parsed in an earlier unit, maybe on
-                                // another connection: parse it again here.
-                                if let Some(u) = &self.unnamed {
-                                    out.extend_from_slice(u.parse_frame("").raw());
-                                    push_exp(
-                                        Exp::Parse {
-                                            visible: false,
-                                            register: None,
-                                        },
-                                        &mut exp,
-                                    );
-                                }
-                            }
-                            out.extend_from_slice(f.raw());
-                        }
-                    }
-                    push_exp(Exp::Bind, &mut exp);
-                }
-                FrontendMessage::Describe { kind: b'S', name } if !name.is_empty() => {
-                    match self.statements.get(name).cloned() {
-                        Some(stmt) => {
-                            ensure_prepared(&stmt, &conn.prepared, &mut out, &mut exp, skipping);
-                            out.extend_from_slice(
-                                fe::describe_or_close(b'D', b'S', &stmt.global).raw(),
-                            );
-                        }
-                        None => out.extend_from_slice(f.raw()),
-                    }
-                    push_exp(Exp::Describe, &mut exp);
-                }
-                FrontendMessage::Close { kind: b'S', name } if !name.is_empty() => {
-                    // The server keeps the statement for other clients with the same text.
-                    push_exp(Exp::Synth(be::simple(be::CLOSE_COMPLETE)), &mut exp);
-                }
-                FrontendMessage::Parse { .. } | FrontendMessage::NonUtf8 { tag: b'P', .. } => {
-                    out.extend_from_slice(f.raw());
-                    push_exp(
-                        Exp::Parse {
-                            visible: true,
-                            register: None,
-                        },
-                        &mut exp,
-                    );
-                }
-                FrontendMessage::Describe { .. } => {
-                    out.extend_from_slice(f.raw());
-                    push_exp(Exp::Describe, &mut exp);
-                }
-                FrontendMessage::Close { .. } => {
-                    out.extend_from_slice(f.raw());
-                    push_exp(Exp::Close, &mut exp);
-                }
-                FrontendMessage::Execute { .. } => {
-                    out.extend_from_slice(f.raw());
-                    push_exp(Exp::Execute, &mut exp);
-                }
-                FrontendMessage::Sync => {
-                    out.extend_from_slice(f.raw());
-                    push_exp(Exp::Sync, &mut exp);
-                }
-                FrontendMessage::Query(_) | FrontendMessage::NonUtf8 { .. } => {
-                    out.extend_from_slice(f.raw());
-                    push_exp(Exp::Query, &mut exp);
-                }
-                FrontendMessage::FunctionCall => {
-                    out.extend_from_slice(f.raw());
-                    push_exp(Exp::Func, &mut exp);
-                }
-                FrontendMessage::Flush
-                | FrontendMessage::CopyData
-                | FrontendMessage::CopyDone
-                | FrontendMessage::CopyFail => out.extend_from_slice(f.raw()),
-                FrontendMessage::Terminate | FrontendMessage::Password => {}
-            }
-        }
+        let Rewritten { mut out, mut exp } = rewrite(
+            unit,
+            &Prepared {
+                statements: &self.statements,
+                unnamed: self.unnamed.as_deref(),
+                on_server: &conn.prepared,
+            },
+            skipping,
+        )
+        .map_err(|e| RelayError::Client(e.into()))?;
         *self.cancel_slot.lock() = Some(CancelTarget {
             host: self
                 .app
@@ -715,19 +567,12 @@ impl Session {
         .await;
         *self.cancel_slot.lock() = None;
         self.info.lock().state = "idle";
-        match r {
-            Ok(RelayEnd::Ready(s, e, l)) => Ok(RelayOutcome::Done(s, e, l, false)),
-            Ok(RelayEnd::CaptureLost(s, e)) => Ok(RelayOutcome::Done(s, e, None, true)),
-            Ok(RelayEnd::Open) => Ok(RelayOutcome::Open),
-            Err(RelayFail::Retry(why)) => {
-                // Drop the replica connection (it may be mid-response) and retry.
-                self.attached = None;
-                self.server_skipping = false;
-                self.copy_in = false;
-                Ok(RelayOutcome::RetryOnPrimary(why))
-            }
-            Err(RelayFail::Client(e)) => Err(RelayError::Client(e)),
-            Err(RelayFail::Server(e)) => Err(RelayError::Server(e)),
+        if let Ok(RelayOutcome::RetryOnPrimary(_)) = &r {
+            // Drop the replica connection (it may be mid-response) and retry.
+            self.attached = None;
+            self.server_skipping = false;
+            self.copy_in = false;
         }
+        r
     }
 }

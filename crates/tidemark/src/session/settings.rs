@@ -234,8 +234,8 @@ impl Session {
             _ => io.push(&be::no_data()),
         };
         let mut failed = false;
-        for f in &unit.frames {
-            let msg = FrontendMessage::parse(f)?;
+        for m in &unit.msgs {
+            let msg = &m.msg;
             if failed && !matches!(msg, FrontendMessage::Sync) {
                 continue;
             }
@@ -258,9 +258,12 @@ impl Session {
                 }
                 FrontendMessage::Bind { statement, .. } => {
                     portal = stmt_cmd(statement, &parsed);
-                    self.io.push(&be::simple(b'2'));
+                    self.io.push(&be::simple(be::BIND_COMPLETE));
                 }
-                FrontendMessage::Describe { kind: b'S', name } => {
+                FrontendMessage::Describe {
+                    target: Target::Statement,
+                    name,
+                } => {
                     let c = stmt_cmd(name, &parsed);
                     self.io.push(&be::parameter_description(&[]));
                     describe(&mut self.io, c.as_ref());

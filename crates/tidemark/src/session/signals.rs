@@ -33,9 +33,9 @@ impl Session {
         let mut bind: Option<&Frame> = None;
         let mut parse = false;
         let mut describe = false;
-        for f in &unit.frames {
-            match FrontendMessage::parse(f)? {
-                FrontendMessage::Query(q) if unit.frames.len() == 1 => sql = Some(q),
+        for m in &unit.msgs {
+            match &m.msg {
+                FrontendMessage::Query(q) if unit.msgs.len() == 1 => sql = Some(q),
                 FrontendMessage::Parse { query, .. } if !parse && bind.is_none() => {
                     parse = true;
                     sql = Some(query);
@@ -45,14 +45,15 @@ impl Session {
                         stmt = if statement.is_empty() {
                             self.unnamed.clone()
                         } else {
-                            self.statements.get(statement).cloned()
+                            self.statements.get(&**statement).cloned()
                         };
                     }
-                    bind = Some(f);
+                    bind = Some(&m.frame);
                 }
-                FrontendMessage::Describe { kind: b'P', .. } if bind.is_some() && !describe => {
-                    describe = true
-                }
+                FrontendMessage::Describe {
+                    target: Target::Portal,
+                    ..
+                } if bind.is_some() && !describe => describe = true,
                 FrontendMessage::Execute { .. } | FrontendMessage::Sync if bind.is_some() => {}
                 _ => return Ok(false),
             }

@@ -89,10 +89,8 @@ impl Session {
             })
         };
         self.unit_clears_statements = false;
-        for f in &unit.frames {
-            let msg = FrontendMessage::parse(f)
-                .map_err(|e| ErrorFields::error("08P01", e.to_string()))?;
-            match msg {
+        for m in &unit.msgs {
+            match &m.msg {
                 FrontendMessage::Query(sql) => {
                     let a = classify(&self.app, sql).await;
                     self.unit_clears_statements |= clears(&a);
@@ -103,11 +101,10 @@ impl Session {
                     query,
                     param_types,
                 } => {
+                    let query: &str = query;
                     let analysis = classify(&self.app, query).await;
-                    let global = format!(
-                        "tm_{:016x}",
-                        hash_of(&(query, &param_types, self.state_key))
-                    );
+                    let global =
+                        format!("tm_{:016x}", hash_of(&(query, param_types, self.state_key)));
                     parts.push(analysis.clone());
                     if !name.is_empty() {
                         new_named += 1;
@@ -138,7 +135,7 @@ impl Session {
                         Some(Arc::new(Stmt {
                             query: query.to_string(),
                             wire: None,
-                            param_types,
+                            param_types: param_types.clone(),
                             global,
                             analysis,
                         })),
@@ -150,27 +147,31 @@ impl Session {
                         parts.push(s.analysis.clone());
                     }
                 }
-                FrontendMessage::Describe { kind: b'S', name } => {
+                FrontendMessage::Describe {
+                    target: Target::Statement,
+                    name,
+                } => {
                     if let Some(s) = self.lookup_stmt(name, &updates) {
                         parts.push(s.analysis.clone());
                     }
                 }
-                FrontendMessage::Close { kind: b'S', name } if !name.is_empty() => {
+                FrontendMessage::Close {
+                    target: Target::Statement,
+                    name,
+                } if !name.is_empty() => {
                     updates.push((name.to_string(), None));
                 }
-                FrontendMessage::FunctionCall | FrontendMessage::NonUtf8 { tag: b'Q', .. } => {
+                FrontendMessage::FunctionCall | FrontendMessage::NonUtf8 { simple: true, .. } => {
                     parts.push(opaque_analysis())
                 }
                 FrontendMessage::NonUtf8 {
                     name, param_types, ..
                 } => {
-                    let bytes = fe::parse_query_bytes(f)
+                    let bytes = fe::parse_query_bytes(&m.frame)
                         .map_err(|e| ErrorFields::error("08P01", e.to_string()))?;
                     let analysis = opaque_analysis();
-                    let global = format!(
-                        "tm_{:016x}",
-                        hash_of(&(bytes, &param_types, self.state_key))
-                    );
+                    let global =
+                        format!("tm_{:016x}", hash_of(&(bytes, param_types, self.state_key)));
                     parts.push(analysis.clone());
                     if !name.is_empty() {
                         new_named += 1;
@@ -180,7 +181,7 @@ impl Session {
                         Some(Arc::new(Stmt {
                             query: String::from_utf8_lossy(bytes).into_owned(),
                             wire: Some(bytes.to_vec()),
-                            param_types,
+                            param_types: param_types.clone(),
                             global,
                             analysis,
                         })),
