@@ -14,8 +14,12 @@ fn seeds() -> Vec<Vec<u8>> {
     let mut v = vec![
         fe::query("SELECT 1").raw().to_vec(),
         fe::parse("s1", "SELECT $1", &[23]).raw().to_vec(),
-        fe::describe_or_close(b'D', fe::Target::Statement, "s1").raw().to_vec(),
-        fe::describe_or_close(b'C', fe::Target::Portal, "").raw().to_vec(),
+        fe::describe_or_close(b'D', fe::Target::Statement, "s1")
+            .raw()
+            .to_vec(),
+        fe::describe_or_close(b'C', fe::Target::Portal, "")
+            .raw()
+            .to_vec(),
         fe::sync().raw().to_vec(),
         fe::parse_bytes("", b"select '\xe9'", &[]).raw().to_vec(),
     ];
