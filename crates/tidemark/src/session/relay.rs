@@ -264,20 +264,14 @@ impl Relay<'_> {
                     }
                     return Err(RelayError::Server(ServerError::Server(f)));
                 }
-            }
-            if hold && !flushed {
-                if let Ok(f) = ErrorFields::parse(&frame) {
-                    let recovery_only = f.code == "0A000" && f.message.contains("during recovery");
-                    if f.code == "25006" || recovery_only {
-                        // A replica refused a write it was sent, or a relation it cannot read
-                        // (unlogged, temporary): retry on the primary.
-                        io.truncate_out(start_out);
-                        drain_to_ready(conn, exp).await.map_err(RelayError::Server)?;
-                        return Ok(RelayOutcome::RetryOnPrimary(format!("25006 {}", f.message)));
-                    }
+                let recovery_only = f.code == "0A000" && f.message.contains("during recovery");
+                if hold && !flushed && (f.code == "25006" || recovery_only) {
+                    // A replica refused a write it was sent, or a relation it cannot read
+                    // (unlogged, temporary): retry on the primary.
+                    io.truncate_out(start_out);
+                    drain_to_ready(conn, exp).await.map_err(RelayError::Server)?;
+                    return Ok(RelayOutcome::RetryOnPrimary(format!("25006 {}", f.message)));
                 }
-            }
-            if let Ok(f) = ErrorFields::parse(&frame) {
                 crate::metrics::error(&f.code);
             }
             io.push(&frame);
