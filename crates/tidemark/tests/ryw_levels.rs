@@ -10,11 +10,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use common::raw::{data_rows, param_status, Raw};
 use common::*;
 use tidemark_cluster::{ClusterConfig, ReplicaConfig};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio_postgres::{Client, SimpleQueryMessage};
+use tokio_postgres::Client;
 
 /// Apply delay of the "certainly stale" replica: a read it serves right after a write
 /// never sees that write.
@@ -23,35 +22,6 @@ const DELAY: Duration = Duration::from_millis(150);
 // ---------------------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------------------
-
-fn rows(msgs: &[SimpleQueryMessage]) -> Vec<Vec<Option<String>>> {
-    msgs.iter()
-        .filter_map(|m| match m {
-            SimpleQueryMessage::Row(r) => {
-                Some((0..r.len()).map(|i| r.get(i).map(str::to_string)).collect())
-            }
-            _ => None,
-        })
-        .collect()
-}
-
-/// First column of the first row of a simple query.
-async fn scalar(c: &Client, sql: &str) -> String {
-    let msgs = c
-        .simple_query(sql)
-        .await
-        .unwrap_or_else(|e| panic!("{sql}: {e}"));
-    rows(&msgs)
-        .first()
-        .and_then(|r| r.first().cloned().flatten())
-        .unwrap_or_else(|| panic!("{sql}: no value"))
-}
-
-async fn exec(c: &Client, sql: &str) {
-    c.simple_query(sql)
-        .await
-        .unwrap_or_else(|e| panic!("{sql}: {e}"));
-}
 
 /// `SELECT count(*), pg_is_in_recovery() FROM {table} WHERE id = {id}` with an optional
 /// leading hint comment. Returns (row found, served by a replica).
@@ -143,160 +113,6 @@ fn replicas(delays: &[Option<Duration>]) -> Vec<ReplicaConfig> {
         .map(|d| ReplicaConfig {
             apply_delay: *d,
             ..Default::default()
-        })
-        .collect()
-}
-
-/// A tiny protocol-v3 client for what tokio-postgres does not expose: ParameterStatus
-/// messages after the login, and several statements in one extended-protocol unit.
-struct Raw {
-    s: tokio::net::TcpStream,
-    buf: BytesMut,
-}
-
-/// One backend message: tag and body.
-type Msg = (u8, Bytes);
-
-fn frame(tag: u8, body: &[u8]) -> Vec<u8> {
-    let mut v = Vec::with_capacity(body.len() + 5);
-    v.push(tag);
-    v.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
-    v.extend_from_slice(body);
-    v
-}
-
-fn cstr(v: &mut Vec<u8>, s: &str) {
-    v.extend_from_slice(s.as_bytes());
-    v.push(0);
-}
-
-impl Raw {
-    async fn connect(addr: std::net::SocketAddr) -> Raw {
-        let s = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let mut r = Raw {
-            s,
-            buf: BytesMut::new(),
-        };
-        let mut body = Vec::new();
-        body.put_i32(196608);
-        for kv in ["user", "postgres", "database", "postgres"] {
-            cstr(&mut body, kv);
-        }
-        body.push(0);
-        let mut startup = Vec::new();
-        startup.put_i32(body.len() as i32 + 4);
-        startup.extend_from_slice(&body);
-        r.s.write_all(&startup).await.unwrap();
-        let msgs = r.until_ready().await;
-        assert!(
-            msgs.iter()
-                .any(|(t, b)| *t == b'R' && b[..] == [0, 0, 0, 0]),
-            "trust login expected"
-        );
-        r
-    }
-
-    async fn recv(&mut self) -> Msg {
-        loop {
-            if self.buf.len() >= 5 {
-                let len = i32::from_be_bytes(self.buf[1..5].try_into().unwrap()) as usize;
-                if self.buf.len() > len {
-                    let tag = self.buf[0];
-                    self.buf.advance(5);
-                    let body = self.buf.split_to(len - 4).freeze();
-                    return (tag, body);
-                }
-            }
-            let n = tokio::time::timeout(Duration::from_secs(10), self.s.read_buf(&mut self.buf))
-                .await
-                .expect("server answers within 10 s")
-                .unwrap();
-            assert!(n > 0, "proxy closed the connection");
-        }
-    }
-
-    /// Messages up to and including ReadyForQuery; panics on an ErrorResponse.
-    async fn until_ready(&mut self) -> Vec<Msg> {
-        let mut out = Vec::new();
-        loop {
-            let m = self.recv().await;
-            if m.0 == b'E' {
-                panic!("server error: {}", String::from_utf8_lossy(&m.1));
-            }
-            let done = m.0 == b'Z';
-            out.push(m);
-            if done {
-                return out;
-            }
-        }
-    }
-
-    async fn query(&mut self, sql: &str) -> Vec<Msg> {
-        let mut body = Vec::new();
-        cstr(&mut body, sql);
-        self.s.write_all(&frame(b'Q', &body)).await.unwrap();
-        self.until_ready().await
-    }
-
-    /// Parse/Bind/Execute of every statement (no parameters), then one Sync: a single
-    /// routing unit, one implicit transaction on the server.
-    async fn extended_unit(&mut self, stmts: &[&str]) -> Vec<Msg> {
-        let mut out = Vec::new();
-        for sql in stmts {
-            let mut p = Vec::new();
-            cstr(&mut p, "");
-            cstr(&mut p, sql);
-            p.put_i16(0);
-            out.extend(frame(b'P', &p));
-            let mut b = Vec::new();
-            cstr(&mut b, "");
-            cstr(&mut b, "");
-            b.put_i16(0);
-            b.put_i16(0);
-            b.put_i16(0);
-            out.extend(frame(b'B', &b));
-            let mut e = Vec::new();
-            cstr(&mut e, "");
-            e.put_i32(0);
-            out.extend(frame(b'E', &e));
-        }
-        out.extend(frame(b'S', &[]));
-        self.s.write_all(&out).await.unwrap();
-        self.until_ready().await
-    }
-}
-
-/// Values of ParameterStatus messages named `name`.
-fn param_status(msgs: &[Msg], name: &str) -> Vec<String> {
-    msgs.iter()
-        .filter(|(t, _)| *t == b'S')
-        .filter_map(|(_, b)| {
-            let mut parts = b.split(|c| *c == 0);
-            let k = parts.next()?;
-            let v = parts.next()?;
-            (k == name.as_bytes()).then(|| String::from_utf8_lossy(v).into_owned())
-        })
-        .collect()
-}
-
-/// Text values of DataRow messages.
-fn data_rows(msgs: &[Msg]) -> Vec<Vec<Option<String>>> {
-    msgs.iter()
-        .filter(|(t, _)| *t == b'D')
-        .map(|(_, b)| {
-            let mut b = b.clone();
-            let n = b.get_i16();
-            (0..n)
-                .map(|_| {
-                    let len = b.get_i32();
-                    if len < 0 {
-                        None
-                    } else {
-                        let v = b.split_to(len as usize);
-                        Some(String::from_utf8_lossy(&v).into_owned())
-                    }
-                })
-                .collect()
         })
         .collect()
 }
@@ -463,8 +279,7 @@ async fn key_carries_a_write_to_another_connection() {
 
 /// A writes and reads `SHOW tidemark.commit_lsn`; B passes it as `SET tidemark.min_lsn`
 /// (even rounds) or as the `min_lsn` hint (odd rounds) and always sees the write.
-/// Control: a reader without the token sees stale rows. Then the same with the token
-/// delivered as a ParameterStatus (`tidemark.report_lsn = on`).
+/// Control: a reader without the token sees stale rows.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_carries_a_write_to_another_connection() {
     let env = start_rr(&[None, Some(DELAY)], |_| {}).await;
@@ -510,24 +325,24 @@ async fn token_carries_a_write_to_another_connection() {
         ctl.stale > ctl.reads / 4,
         "without the token the reads should often be stale"
     );
-
-    report_lsn_sends_the_token_as_parameter_status(&env).await;
 }
 
 /// `SET tidemark.report_lsn = on`: after each write the client gets a ParameterStatus
 /// `tidemark.commit_lsn` (before ReadyForQuery) equal to `SHOW tidemark.commit_lsn`, and
 /// that value works as a token on another connection. Off (the default): no such message.
 /// (A raw protocol client: tokio-postgres does not expose ParameterStatus messages.)
-async fn report_lsn_sends_the_token_as_parameter_status(env: &Env) {
-    let mut a = Raw::connect(env.proxy.addr).await;
-    a.query("CREATE TABLE reported (id bigint PRIMARY KEY, v text)")
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn report_lsn_sends_the_token_as_a_parameter_status() {
+    let env = start_rr(&[None, Some(DELAY)], |_| {}).await;
+    let mut a = Raw::connect(env.proxy.addr, "postgres").await;
+    a.query_ok("CREATE TABLE reported (id bigint PRIMARY KEY, v text)")
         .await;
-    let m = a.query("INSERT INTO reported VALUES (-1, 'x')").await;
+    let m = a.query_ok("INSERT INTO reported VALUES (-1, 'x')").await;
     assert!(
         param_status(&m, "tidemark.commit_lsn").is_empty(),
         "report_lsn is off by default: no ParameterStatus expected"
     );
-    a.query("SET tidemark.report_lsn = on").await;
+    a.query_ok("SET tidemark.report_lsn = on").await;
     let b = env.client().await;
 
     let n = 200;
@@ -535,7 +350,7 @@ async fn report_lsn_sends_the_token_as_parameter_status(env: &Env) {
     let mut prev = 0;
     for i in 0..n {
         let msgs = if i % 2 == 0 {
-            a.query(&format!("INSERT INTO reported VALUES ({i}, 'x')"))
+            a.query_ok(&format!("INSERT INTO reported VALUES ({i}, 'x')"))
                 .await
         } else {
             a.extended_unit(&[&format!("INSERT INTO reported VALUES ({i}, 'x')")])
@@ -553,7 +368,7 @@ async fn report_lsn_sends_the_token_as_parameter_status(env: &Env) {
         let token = &reported[0];
         assert!(lsn(token) > prev, "reported tokens move forward");
         prev = lsn(token);
-        let shown = data_rows(&a.query("SHOW tidemark.commit_lsn").await);
+        let shown = data_rows(&a.query_ok("SHOW tidemark.commit_lsn").await);
         assert_eq!(shown[0][0].as_deref(), Some(token.as_str()));
         t.add(
             read_back(
@@ -663,7 +478,7 @@ async fn extended_protocol_and_pipelining_read_their_writes() {
 
     // INSERT and SELECT in one unit (one implicit transaction): the SELECT must run on the
     // primary in that same transaction.
-    let mut raw = Raw::connect(env.proxy.addr).await;
+    let mut raw = Raw::connect(env.proxy.addr, "postgres").await;
     let mut unit = Tally::default();
     for i in 20_000..20_100i64 {
         let msgs = raw
@@ -840,7 +655,7 @@ fn transitions(s: &Samples) -> usize {
 async fn reads_on_port(c: &Client, n: usize, port: u16) -> usize {
     let mut hits = 0;
     for _ in 0..n {
-        if scalar(c, "SELECT inet_server_port()").await == port.to_string() {
+        if served_by(c).await.unwrap() == port {
             hits += 1;
         }
     }
