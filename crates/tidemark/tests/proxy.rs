@@ -291,26 +291,16 @@ async fn passwords_and_bad_input() {
         &b"?\x00\x00\x00\x04"[..],           // unknown message type
         &b"P\x00\x00\x00\x08s\x00q\x00"[..], // truncated Parse
     ] {
-        let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-        let mut startup = Vec::new();
-        let body = b"\x00\x03\x00\x00user\x00postgres\x00database\x00postgres\x00\x00";
-        startup.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
-        startup.extend_from_slice(body);
-        s.write_all(&startup).await.unwrap();
-        let mut buf = vec![0u8; 8192];
-        // Read until ReadyForQuery.
-        let mut got = Vec::new();
-        while !got.windows(6).any(|w| w == b"Z\x00\x00\x00\x05I") {
-            let n = s.read(&mut buf).await.unwrap();
-            assert!(n > 0);
-            got.extend_from_slice(&buf[..n]);
-        }
-        s.write_all(garbage).await.unwrap();
-        let mut reply = Vec::new();
-        let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut reply)).await;
-        assert_eq!(reply.first(), Some(&b'E'), "error response for {garbage:?}");
-        assert!(
-            reply.windows(6).any(|w| w == b"C08P01"),
+        let mut s = raw::Raw::connect(proxy.addr, "postgres").await;
+        s.send(garbage).await;
+        let (tag, body) = s
+            .recv_within(Duration::from_secs(5))
+            .await
+            .unwrap_or_else(|| panic!("no answer to {garbage:?}"));
+        assert_eq!(tag, b'E', "error response for {garbage:?}");
+        assert_eq!(
+            raw::sqlstate(&body),
+            "08P01",
             "SQLSTATE 08P01 for {garbage:?}"
         );
         bystander.batch_execute("SELECT 1").await.unwrap();
@@ -583,16 +573,15 @@ async fn psql_works_through_tidemark() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_keep_to_one_replica_per_session_unless_balance_is_statement() {
     let env = start(&[None, None], |_| {}).await;
-    async fn ports(c: &tokio_postgres::Client) -> std::collections::BTreeSet<i32> {
+    async fn ports(c: &tokio_postgres::Client) -> std::collections::BTreeSet<u16> {
         let mut seen = std::collections::BTreeSet::new();
         for _ in 0..10 {
-            let r = c.query_one("SELECT inet_server_port()", &[]).await.unwrap();
-            seen.insert(r.get::<_, i32>(0));
+            seen.insert(served_by(c).await.unwrap());
         }
         seen
     }
-    let replicas: std::collections::BTreeSet<i32> =
-        [env.cluster.port(1) as i32, env.cluster.port(2) as i32].into();
+    let replicas: std::collections::BTreeSet<u16> =
+        [env.cluster.port(1), env.cluster.port(2)].into();
     let mut all = std::collections::BTreeSet::new();
     for _ in 0..4 {
         let c = env.client().await;
