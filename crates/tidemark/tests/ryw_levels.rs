@@ -512,16 +512,21 @@ async fn extended_protocol_and_pipelining_read_their_writes() {
 // 6. Transactions and consistency levels
 // ---------------------------------------------------------------------------------------
 
-/// A transaction that writes then reads sees its write on the primary (also under
-/// `eventual`); a read-only transaction after an autocommit write sees it (session level);
-/// `BEGIN READ ONLY` under `eventual` runs on a replica. Control: the read-only transaction
-/// under `eventual` right after a write is stale.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn transactions_and_consistency_levels() {
+/// A cluster with an undelayed and a delayed replica, reads spread per statement, and an
+/// empty table `txs` every replica has.
+async fn with_txs() -> (Env, Client) {
     let env = start_rr(&[None, Some(DELAY)], |_| {}).await;
     let c = env.client().await;
     exec(&c, "CREATE TABLE txs (id bigint PRIMARY KEY, v text)").await;
     blocking(|| wait_all_replayed(&env.cluster));
+    (env, c)
+}
+
+/// A transaction that writes then reads sees its write on the primary, statement by
+/// statement and as one simple query; under `eventual` too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writing_transaction_reads_its_write_on_the_primary_even_under_eventual() {
+    let (env, c) = with_txs().await;
 
     // A writing transaction, statement by statement, and as one simple query.
     let mut tx = Tally::default();
@@ -551,18 +556,7 @@ async fn transactions_and_consistency_levels() {
         "a writing transaction runs on the primary"
     );
 
-    // A read-only transaction after an autocommit write (session level) sees the write.
-    let mut ro = Tally::default();
-    for i in 2000..2200 {
-        insert(&c, "txs", i).await;
-        exec(&c, "BEGIN READ ONLY").await;
-        ro.add(read_back(&c, "", "txs", i).await);
-        exec(&c, "COMMIT").await;
-    }
-    ro.show("session level, BEGIN READ ONLY after a write");
-    assert_eq!(ro.stale, 0);
-
-    // Under eventual: a writing transaction still stays on the primary...
+    // Under eventual: a writing transaction still stays on the primary.
     let e = env.client().await;
     exec(&e, "SET tidemark.consistency = 'eventual'").await;
     assert_eq!(scalar(&e, "SHOW tidemark.consistency").await, "eventual");
@@ -576,8 +570,57 @@ async fn transactions_and_consistency_levels() {
     etx.show("eventual, read inside a writing transaction");
     assert_eq!(etx.stale, 0);
     assert_eq!(etx.on_replica, 0);
+}
 
-    // ... and a read-only transaction runs on a replica.
+/// A read-only transaction after an autocommit write sees the write (session level).
+/// Control: under `eventual`, the read-only transaction right after a write does not wait
+/// for it and is often stale.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_transaction_after_a_write_sees_it_unless_consistency_is_eventual() {
+    let (env, c) = with_txs().await;
+    let mut ro = Tally::default();
+    for i in 2000..2200 {
+        insert(&c, "txs", i).await;
+        exec(&c, "BEGIN READ ONLY").await;
+        ro.add(read_back(&c, "", "txs", i).await);
+        exec(&c, "COMMIT").await;
+    }
+    ro.show("session level, BEGIN READ ONLY after a write");
+    assert_eq!(ro.stale, 0);
+
+    // Control: under eventual, the read-only transaction right after a write does not wait
+    // for it, so the session-level check above could fail.
+    let e = env.client().await;
+    exec(&e, "SET tidemark.consistency = 'eventual'").await;
+    assert_eq!(scalar(&e, "SHOW tidemark.consistency").await, "eventual");
+    let mut ctl = Tally::default();
+    for i in 4000..4100 {
+        alternate(&e, i).await;
+        insert(&e, "txs", i).await;
+        exec(&e, "BEGIN READ ONLY").await;
+        ctl.add(read_back(&e, "", "txs", i).await);
+        exec(&e, "COMMIT").await;
+    }
+    ctl.show("control, eventual, BEGIN READ ONLY after a write");
+    assert!(
+        ctl.stale > ctl.reads / 4,
+        "under eventual, read-only transactions right after a write should often be stale"
+    );
+}
+
+/// `BEGIN READ ONLY` under `eventual` runs on a replica, statement by statement and as one
+/// simple query, even in a session that has written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_transaction_under_eventual_runs_on_a_replica() {
+    let (env, _) = with_txs().await;
+    let e = env.client().await;
+    exec(&e, "SET tidemark.consistency = 'eventual'").await;
+    assert_eq!(scalar(&e, "SHOW tidemark.consistency").await, "eventual");
+    for i in 3000..3050 {
+        exec(&e, "BEGIN").await;
+        insert(&e, "txs", i).await;
+        exec(&e, "COMMIT").await;
+    }
     let mut on_replica = 0;
     for k in 0..40 {
         let r = if k % 2 == 0 {
@@ -601,22 +644,6 @@ async fn transactions_and_consistency_levels() {
     assert_eq!(
         on_replica, 40,
         "read-only transactions under eventual use replicas"
-    );
-
-    // Control: under eventual, the read-only transaction right after a write does not wait
-    // for it, so the session-level check above could fail.
-    let mut ctl = Tally::default();
-    for i in 4000..4100 {
-        alternate(&e, i).await;
-        insert(&e, "txs", i).await;
-        exec(&e, "BEGIN READ ONLY").await;
-        ctl.add(read_back(&e, "", "txs", i).await);
-        exec(&e, "COMMIT").await;
-    }
-    ctl.show("control, eventual, BEGIN READ ONLY after a write");
-    assert!(
-        ctl.stale > ctl.reads / 4,
-        "under eventual, read-only transactions right after a write should often be stale"
     );
 }
 
