@@ -708,32 +708,41 @@ async fn wait_rotation(
     t0.elapsed()
 }
 
-/// Replay paused on replica 1 while writes go on: it leaves rotation (once, no flapping
-/// while held over the threshold) and eventual reads stop going to it; after resume it
-/// returns. With lag hovering at the threshold (apply delay = max_lag), hysteresis allows
-/// at most one transition; the control — a gate without hysteresis (1 sample, return
-/// threshold = max_lag) watching the same replica — flaps.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn lag_gate_takes_a_lagging_replica_out_and_back() {
-    let max_lag = Duration::from_millis(300);
+/// The lag gate's threshold in these tests.
+const MAX_LAG: Duration = Duration::from_millis(300);
+
+/// A writer on the primary, one row every ~5 ms until stopped.
+struct Writer {
+    stop: Arc<AtomicBool>,
+    handle: tokio::task::JoinHandle<u64>,
+}
+
+impl Writer {
+    /// Stops the writer; prints how many rows it wrote.
+    async fn finish(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let writes = self.handle.await.unwrap();
+        println!("lag gate: {writes} background writes");
+    }
+}
+
+/// Two undelayed replicas behind a lag gate at [`MAX_LAG`] (back below 100 ms, 3 samples),
+/// reads spread per statement, and a [`Writer`] running for the whole test.
+async fn lag_gate_env() -> (Env, Writer) {
     let env = start_rr(&[None, None], |c| {
-        c.monitor.max_lag = max_lag;
+        c.monitor.max_lag = MAX_LAG;
         c.monitor.return_below = Duration::from_millis(100);
         c.monitor.samples = 3;
     })
     .await;
-    let app = env.proxy.app.clone();
-    let port1 = env.cluster.port(1);
     let w = env.node(0).await;
     w.batch_execute("CREATE TABLE gate (id bigserial PRIMARY KEY, at timestamptz DEFAULT now())")
         .await
         .unwrap();
     blocking(|| wait_all_replayed(&env.cluster));
-
-    // A writer on the primary, every ~5 ms, for the whole test.
-    let stop_writer = Arc::new(AtomicBool::new(false));
-    let writer = {
-        let stop = stop_writer.clone();
+    let stop = Arc::new(AtomicBool::new(false));
+    let handle = {
+        let stop = stop.clone();
         tokio::spawn(async move {
             let mut n = 0u64;
             while !stop.load(Ordering::Relaxed) {
@@ -746,6 +755,17 @@ async fn lag_gate_takes_a_lagging_replica_out_and_back() {
             n
         })
     };
+    (env, Writer { stop, handle })
+}
+
+/// Replay paused on replica 1 while writes go on: it leaves rotation (once, no flapping
+/// while held over the threshold) and eventual reads stop going to it; after resume it
+/// returns and serves eventual reads again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lagging_replica_leaves_rotation_once_and_returns_after_resume() {
+    let (env, writer) = lag_gate_env().await;
+    let app = env.proxy.app.clone();
+    let port1 = env.cluster.port(1);
     let e = env.client().await;
     exec(&e, "SET tidemark.consistency = 'eventual'").await;
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -806,6 +826,19 @@ async fn lag_gate_takes_a_lagging_replica_out_and_back() {
     println!("lag gate: after resume, {back} of 40 eventual reads on replica 1");
     assert!(back > 0, "replica 1 serves eventual reads again");
 
+    writer.finish().await;
+}
+
+/// With lag hovering at the threshold (apply delay = max_lag), hysteresis allows at most
+/// one transition; the control — a gate without hysteresis (1 sample, return threshold =
+/// max_lag) watching the same replica — flaps.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hysteresis_keeps_a_replica_hovering_at_max_lag_from_flapping() {
+    let (env, writer) = lag_gate_env().await;
+    let app = env.proxy.app.clone();
+    let max_lag = MAX_LAG;
+    wait_rotation(&app, 1, true, Duration::from_secs(5)).await;
+
     // Hovering at the threshold: apply delay = max_lag keeps the lag around 300 ms.
     // The control proxy watches the same replica with a gate without hysteresis, set at the
     // median lag measured first: the lag saw-tooths by a few ms around it with every write,
@@ -854,9 +887,7 @@ async fn lag_gate_takes_a_lagging_replica_out_and_back() {
          (otherwise the lag did not hover and this check proves nothing)"
     );
 
-    stop_writer.store(true, Ordering::Relaxed);
-    let writes = writer.await.unwrap();
-    println!("lag gate: {writes} background writes");
+    writer.finish().await;
 }
 
 // ---------------------------------------------------------------------------------------
