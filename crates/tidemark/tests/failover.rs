@@ -10,12 +10,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use tidemark_cluster::{ClusterConfig, Fault, FaultProxy, ReplicaConfig};
 
-/// Which node served a read, by its port.
-async fn served_by(c: &tokio_postgres::Client, sql: &str) -> Result<i32, tokio_postgres::Error> {
-    let r = c.query_one(sql, &[]).await?;
-    Ok(r.get(0))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replica_killed_and_restarted_under_pgbench() {
     let mut env = start(&[None, None], |c| c.pool.max_size = 10).await;
@@ -69,7 +63,7 @@ async fn replica_killed_and_restarted_under_pgbench() {
     // replica (routing.balance = session) and sessions are spread round robin: fresh
     // sessions meet both replicas.
     let deadline = Instant::now() + Duration::from_secs(10);
-    let replica1 = env.cluster.port(1) as i32;
+    let replica1 = env.cluster.port(1);
     let mut seen = false;
     while Instant::now() < deadline && !seen {
         for _ in 0..4 {
@@ -77,7 +71,7 @@ async fn replica_killed_and_restarted_under_pgbench() {
             c.batch_execute("SET tidemark.consistency = 'eventual'")
                 .await
                 .unwrap();
-            if served_by(&c, "SELECT inet_server_port()").await.unwrap() == replica1 {
+            if served_by(&c).await.unwrap() == replica1 {
                 seen = true;
             }
         }
@@ -284,10 +278,10 @@ async fn blackholed_replica_is_routed_around() {
     c.batch_execute("SET tidemark.consistency = 'eventual'")
         .await
         .unwrap();
-    let r1 = cluster.port(1) as i32;
+    let r1 = cluster.port(1);
     let mut before = 0;
     for _ in 0..20 {
-        if served_by(&c, "SELECT inet_server_port()").await.unwrap() == r1 {
+        if served_by(&c).await.unwrap() == r1 {
             before += 1;
         }
     }
@@ -298,13 +292,10 @@ async fn blackholed_replica_is_routed_around() {
     let mut late_hits = 0;
     while t.elapsed() < Duration::from_secs(4) {
         let s = Instant::now();
-        let port = tokio::time::timeout(
-            Duration::from_secs(5),
-            served_by(&c, "SELECT inet_server_port()"),
-        )
-        .await
-        .expect("a read hung on the blackholed replica")
-        .expect("reads keep working");
+        let port = tokio::time::timeout(Duration::from_secs(5), served_by(&c))
+            .await
+            .expect("a read hung on the blackholed replica")
+            .expect("reads keep working");
         worst = worst.max(s.elapsed());
         if port == r1 && t.elapsed() > Duration::from_secs(2) {
             late_hits += 1;
@@ -386,12 +377,12 @@ async fn rejoined_old_primary_serves_reads_as_replica() {
     c.batch_execute("SET tidemark.consistency = 'eventual'")
         .await
         .unwrap();
-    let node0 = env.cluster.port(0) as i32;
+    let node0 = env.cluster.port(0);
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut seen = false;
     while Instant::now() < deadline && !seen {
         for _ in 0..20 {
-            if served_by(&c, "SELECT inet_server_port()").await.unwrap() == node0 {
+            if served_by(&c).await.unwrap() == node0 {
                 seen = true;
             }
         }
@@ -657,12 +648,7 @@ async fn a_replica_left_on_the_old_timeline_serves_no_reads() {
         .await
         .unwrap();
     for _ in 0..50 {
-        let port: i32 = e
-            .query_one("SELECT inet_server_port()", &[])
-            .await
-            .unwrap()
-            .get(0);
-        if port == replica2 {
+        if served_by(&e).await.unwrap() == env.cluster.port(2) {
             on_forked += 1;
         }
     }

@@ -12,7 +12,7 @@ use common::*;
 use tidemark::config::{AuthMethod, UserConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_postgres::error::SqlState;
-use tokio_postgres::{Client, SimpleQueryMessage, SimpleQueryRow};
+use tokio_postgres::Client;
 
 /// GET over plain HTTP/1.1; returns (status line, body).
 async fn get(addr: SocketAddr, path: &str) -> (String, String) {
@@ -118,18 +118,9 @@ fn dashboard_metric_names() -> BTreeSet<String> {
     names
 }
 
-fn rows(msgs: &[SimpleQueryMessage]) -> Vec<&SimpleQueryRow> {
-    msgs.iter()
-        .filter_map(|m| match m {
-            SimpleQueryMessage::Row(r) => Some(r),
-            _ => None,
-        })
-        .collect()
-}
-
 async fn stat(console: &Client, key: &str) -> String {
     let msgs = console.simple_query("SHOW STATS").await.unwrap();
-    rows(&msgs)
+    rows_by_name(&msgs)
         .into_iter()
         .find(|r| r.get("stat") == Some(key))
         .and_then(|r| r.get("value").map(str::to_string))
@@ -299,7 +290,7 @@ async fn metrics_console_and_status_page_against_a_real_cluster() {
     );
     let console = connect(&console_dsn).await;
     let msgs = console.simple_query("SHOW NODES").await.unwrap();
-    let nodes = rows(&msgs);
+    let nodes = rows_by_name(&msgs);
     assert_eq!(nodes.len(), names.len());
     for (r, n) in nodes.iter().zip(&names) {
         assert_eq!(r.get("node"), Some(n.as_str()));
@@ -307,7 +298,7 @@ async fn metrics_console_and_status_page_against_a_real_cluster() {
     }
     assert_eq!(nodes[0].get("role"), Some("primary"));
     let msgs = console.simple_query("show   servers;").await.unwrap();
-    let servers = rows(&msgs);
+    let servers = rows_by_name(&msgs);
     assert!(
         !servers.is_empty(),
         "SHOW SERVERS lists the pooled connections"
@@ -363,7 +354,11 @@ async fn metrics_console_and_status_page_against_a_real_cluster() {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let msgs = console.simple_query("SHOW NODES").await.unwrap();
-        let lag: u64 = rows(&msgs)[1].get("lag_bytes").unwrap().parse().unwrap();
+        let lag: u64 = rows_by_name(&msgs)[1]
+            .get("lag_bytes")
+            .unwrap()
+            .parse()
+            .unwrap();
         let gauge = sample_sum(
             &metrics(maddr).await,
             "tidemark_replica_lag_bytes",

@@ -8,12 +8,24 @@ use std::time::{Duration, Instant};
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+/// A cluster of a primary and one replica behind tidemark with a pool of 4 connections per
+/// node, and a client with a table `items (id int PRIMARY KEY, name text)`.
+async fn with_items() -> (Env, tokio_postgres::Client) {
+    let env = start(&[None], |c| c.pool.max_size = 4).await;
+    let c = env.client().await;
+    c.batch_execute("CREATE TABLE items (id int PRIMARY KEY, name text)")
+        .await
+        .unwrap();
+    (env, c)
+}
+
+/// A read with no prior write goes to the replica; writes and transactions to the primary,
+/// and an explicit transaction stays there across statements.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn routing_protocols_and_session_state() {
+async fn a_plain_read_goes_to_the_replica_and_a_writing_transaction_to_the_primary() {
     let env = start(&[None], |c| c.pool.max_size = 4).await;
     let c = env.client().await;
 
-    // A read with no prior write goes to the replica; writes and transactions to the primary.
     let r = rows(&c.simple_query("SELECT pg_is_in_recovery()").await.unwrap());
     assert_eq!(
         r[0][0].as_deref(),
@@ -41,9 +53,13 @@ async fn routing_protocols_and_session_state() {
     assert!(!row.get::<_, bool>(0));
     assert_eq!(row.get::<_, i64>(1), 2);
     c.batch_execute("COMMIT").await.unwrap();
+}
 
-    // Named prepared statements survive transaction pooling across server connections:
-    // several clients, more statements than pool connections.
+/// Named prepared statements survive transaction pooling across server connections:
+/// several clients, more statements than pool connections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn named_prepared_statements_survive_transaction_pooling() {
+    let (env, c) = with_items().await;
     // Other sessions do not depend on this one's writes unless told: pass the token.
     let token = rows(&c.simple_query("SHOW tidemark.commit_lsn").await.unwrap())[0][0]
         .clone()
@@ -76,8 +92,13 @@ async fn routing_protocols_and_session_state() {
     for h in handles {
         h.await.unwrap();
     }
+}
 
-    // Pipelined extended-protocol queries (tokio-postgres pipelines concurrent futures).
+/// Pipelined extended-protocol queries (tokio-postgres pipelines concurrent futures): every
+/// insert of the pipeline is visible to the read after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_inserts_are_all_visible_to_the_next_read() {
+    let (_env, c) = with_items().await;
     let ins = c
         .prepare("INSERT INTO items VALUES ($1, 'p')")
         .await
@@ -97,8 +118,37 @@ async fn routing_protocols_and_session_state() {
         .unwrap()
         .get(0);
     assert_eq!(n, 20, "every pipelined insert is visible to the next read");
+}
 
-    // Session SETs follow the client to whichever connection serves it.
+/// COPY FROM STDIN through tidemark, then a read of the copied rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_in_is_visible_to_the_next_read() {
+    let (_env, c) = with_items().await;
+    let sink = c
+        .copy_in::<_, bytes::Bytes>("COPY items (id, name) FROM STDIN")
+        .await
+        .unwrap();
+    let mut sink = Box::pin(sink);
+    use futures_util::SinkExt;
+    sink.send(bytes::Bytes::from_static(b"9001\tc1\n9002\tc2\n"))
+        .await
+        .unwrap();
+    sink.as_mut().finish().await.unwrap();
+    let n: i64 = c
+        .query_one("SELECT count(*) FROM items WHERE id > 9000", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 2);
+}
+
+/// Session SETs follow the client to whichever connection serves it and do not leak to
+/// other clients. A SET that fails, or that runs in a transaction rolled back, is not
+/// replayed; one in a committed transaction is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_sets_that_took_effect_follow_the_client_and_never_other_clients() {
+    let env = start(&[None], |c| c.pool.max_size = 4).await;
+    let c = env.client().await;
     c.batch_execute("SET application_name = 'tm-test'; SET statement_timeout = '12s'")
         .await
         .unwrap();
@@ -142,26 +192,14 @@ async fn routing_protocols_and_session_state() {
             vec![Some("12s".into()), Some("4MB".into()), Some("3s".into())]
         );
     }
+}
 
-    // COPY in and out.
-    let sink = c
-        .copy_in::<_, bytes::Bytes>("COPY items (id, name) FROM STDIN")
-        .await
-        .unwrap();
-    let mut sink = Box::pin(sink);
-    use futures_util::SinkExt;
-    sink.send(bytes::Bytes::from_static(b"9001\tc1\n9002\tc2\n"))
-        .await
-        .unwrap();
-    sink.as_mut().finish().await.unwrap();
-    let n: i64 = c
-        .query_one("SELECT count(*) FROM items WHERE id > 9000", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(n, 2);
-
-    // tidemark settings are answered by tidemark.
+/// tidemark's own settings are answered by tidemark (an invalid value 22023, an unknown
+/// name 42704); a SQL error keeps the session usable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tidemark_answers_its_own_settings_and_errors_leave_the_session_usable() {
+    let env = start(&[None], |c| c.pool.max_size = 4).await;
+    let c = env.client().await;
     let r = rows(&c.simple_query("SHOW tidemark.consistency").await.unwrap());
     assert_eq!(r[0][0].as_deref(), Some("session"));
     let e = c
@@ -291,26 +329,16 @@ async fn passwords_and_bad_input() {
         &b"?\x00\x00\x00\x04"[..],           // unknown message type
         &b"P\x00\x00\x00\x08s\x00q\x00"[..], // truncated Parse
     ] {
-        let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-        let mut startup = Vec::new();
-        let body = b"\x00\x03\x00\x00user\x00postgres\x00database\x00postgres\x00\x00";
-        startup.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
-        startup.extend_from_slice(body);
-        s.write_all(&startup).await.unwrap();
-        let mut buf = vec![0u8; 8192];
-        // Read until ReadyForQuery.
-        let mut got = Vec::new();
-        while !got.windows(6).any(|w| w == b"Z\x00\x00\x00\x05I") {
-            let n = s.read(&mut buf).await.unwrap();
-            assert!(n > 0);
-            got.extend_from_slice(&buf[..n]);
-        }
-        s.write_all(garbage).await.unwrap();
-        let mut reply = Vec::new();
-        let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut reply)).await;
-        assert_eq!(reply.first(), Some(&b'E'), "error response for {garbage:?}");
-        assert!(
-            reply.windows(6).any(|w| w == b"C08P01"),
+        let mut s = raw::Raw::connect(proxy.addr, "postgres").await;
+        s.send(garbage).await;
+        let (tag, body) = s
+            .recv_within(Duration::from_secs(5))
+            .await
+            .unwrap_or_else(|| panic!("no answer to {garbage:?}"));
+        assert_eq!(tag, b'E', "error response for {garbage:?}");
+        assert_eq!(
+            raw::sqlstate(&body),
+            "08P01",
             "SQLSTATE 08P01 for {garbage:?}"
         );
         bystander.batch_execute("SELECT 1").await.unwrap();
@@ -583,16 +611,15 @@ async fn psql_works_through_tidemark() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_keep_to_one_replica_per_session_unless_balance_is_statement() {
     let env = start(&[None, None], |_| {}).await;
-    async fn ports(c: &tokio_postgres::Client) -> std::collections::BTreeSet<i32> {
+    async fn ports(c: &tokio_postgres::Client) -> std::collections::BTreeSet<u16> {
         let mut seen = std::collections::BTreeSet::new();
         for _ in 0..10 {
-            let r = c.query_one("SELECT inet_server_port()", &[]).await.unwrap();
-            seen.insert(r.get::<_, i32>(0));
+            seen.insert(served_by(c).await.unwrap());
         }
         seen
     }
-    let replicas: std::collections::BTreeSet<i32> =
-        [env.cluster.port(1) as i32, env.cluster.port(2) as i32].into();
+    let replicas: std::collections::BTreeSet<u16> =
+        [env.cluster.port(1), env.cluster.port(2)].into();
     let mut all = std::collections::BTreeSet::new();
     for _ in 0..4 {
         let c = env.client().await;

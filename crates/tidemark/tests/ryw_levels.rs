@@ -10,11 +10,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use common::raw::{data_rows, param_status, Raw};
 use common::*;
 use tidemark_cluster::{ClusterConfig, ReplicaConfig};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio_postgres::{Client, SimpleQueryMessage};
+use tokio_postgres::Client;
 
 /// Apply delay of the "certainly stale" replica: a read it serves right after a write
 /// never sees that write.
@@ -23,35 +22,6 @@ const DELAY: Duration = Duration::from_millis(150);
 // ---------------------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------------------
-
-fn rows(msgs: &[SimpleQueryMessage]) -> Vec<Vec<Option<String>>> {
-    msgs.iter()
-        .filter_map(|m| match m {
-            SimpleQueryMessage::Row(r) => {
-                Some((0..r.len()).map(|i| r.get(i).map(str::to_string)).collect())
-            }
-            _ => None,
-        })
-        .collect()
-}
-
-/// First column of the first row of a simple query.
-async fn scalar(c: &Client, sql: &str) -> String {
-    let msgs = c
-        .simple_query(sql)
-        .await
-        .unwrap_or_else(|e| panic!("{sql}: {e}"));
-    rows(&msgs)
-        .first()
-        .and_then(|r| r.first().cloned().flatten())
-        .unwrap_or_else(|| panic!("{sql}: no value"))
-}
-
-async fn exec(c: &Client, sql: &str) {
-    c.simple_query(sql)
-        .await
-        .unwrap_or_else(|e| panic!("{sql}: {e}"));
-}
 
 /// `SELECT count(*), pg_is_in_recovery() FROM {table} WHERE id = {id}` with an optional
 /// leading hint comment. Returns (row found, served by a replica).
@@ -143,160 +113,6 @@ fn replicas(delays: &[Option<Duration>]) -> Vec<ReplicaConfig> {
         .map(|d| ReplicaConfig {
             apply_delay: *d,
             ..Default::default()
-        })
-        .collect()
-}
-
-/// A tiny protocol-v3 client for what tokio-postgres does not expose: ParameterStatus
-/// messages after the login, and several statements in one extended-protocol unit.
-struct Raw {
-    s: tokio::net::TcpStream,
-    buf: BytesMut,
-}
-
-/// One backend message: tag and body.
-type Msg = (u8, Bytes);
-
-fn frame(tag: u8, body: &[u8]) -> Vec<u8> {
-    let mut v = Vec::with_capacity(body.len() + 5);
-    v.push(tag);
-    v.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
-    v.extend_from_slice(body);
-    v
-}
-
-fn cstr(v: &mut Vec<u8>, s: &str) {
-    v.extend_from_slice(s.as_bytes());
-    v.push(0);
-}
-
-impl Raw {
-    async fn connect(addr: std::net::SocketAddr) -> Raw {
-        let s = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let mut r = Raw {
-            s,
-            buf: BytesMut::new(),
-        };
-        let mut body = Vec::new();
-        body.put_i32(196608);
-        for kv in ["user", "postgres", "database", "postgres"] {
-            cstr(&mut body, kv);
-        }
-        body.push(0);
-        let mut startup = Vec::new();
-        startup.put_i32(body.len() as i32 + 4);
-        startup.extend_from_slice(&body);
-        r.s.write_all(&startup).await.unwrap();
-        let msgs = r.until_ready().await;
-        assert!(
-            msgs.iter()
-                .any(|(t, b)| *t == b'R' && b[..] == [0, 0, 0, 0]),
-            "trust login expected"
-        );
-        r
-    }
-
-    async fn recv(&mut self) -> Msg {
-        loop {
-            if self.buf.len() >= 5 {
-                let len = i32::from_be_bytes(self.buf[1..5].try_into().unwrap()) as usize;
-                if self.buf.len() > len {
-                    let tag = self.buf[0];
-                    self.buf.advance(5);
-                    let body = self.buf.split_to(len - 4).freeze();
-                    return (tag, body);
-                }
-            }
-            let n = tokio::time::timeout(Duration::from_secs(10), self.s.read_buf(&mut self.buf))
-                .await
-                .expect("server answers within 10 s")
-                .unwrap();
-            assert!(n > 0, "proxy closed the connection");
-        }
-    }
-
-    /// Messages up to and including ReadyForQuery; panics on an ErrorResponse.
-    async fn until_ready(&mut self) -> Vec<Msg> {
-        let mut out = Vec::new();
-        loop {
-            let m = self.recv().await;
-            if m.0 == b'E' {
-                panic!("server error: {}", String::from_utf8_lossy(&m.1));
-            }
-            let done = m.0 == b'Z';
-            out.push(m);
-            if done {
-                return out;
-            }
-        }
-    }
-
-    async fn query(&mut self, sql: &str) -> Vec<Msg> {
-        let mut body = Vec::new();
-        cstr(&mut body, sql);
-        self.s.write_all(&frame(b'Q', &body)).await.unwrap();
-        self.until_ready().await
-    }
-
-    /// Parse/Bind/Execute of every statement (no parameters), then one Sync: a single
-    /// routing unit, one implicit transaction on the server.
-    async fn extended_unit(&mut self, stmts: &[&str]) -> Vec<Msg> {
-        let mut out = Vec::new();
-        for sql in stmts {
-            let mut p = Vec::new();
-            cstr(&mut p, "");
-            cstr(&mut p, sql);
-            p.put_i16(0);
-            out.extend(frame(b'P', &p));
-            let mut b = Vec::new();
-            cstr(&mut b, "");
-            cstr(&mut b, "");
-            b.put_i16(0);
-            b.put_i16(0);
-            b.put_i16(0);
-            out.extend(frame(b'B', &b));
-            let mut e = Vec::new();
-            cstr(&mut e, "");
-            e.put_i32(0);
-            out.extend(frame(b'E', &e));
-        }
-        out.extend(frame(b'S', &[]));
-        self.s.write_all(&out).await.unwrap();
-        self.until_ready().await
-    }
-}
-
-/// Values of ParameterStatus messages named `name`.
-fn param_status(msgs: &[Msg], name: &str) -> Vec<String> {
-    msgs.iter()
-        .filter(|(t, _)| *t == b'S')
-        .filter_map(|(_, b)| {
-            let mut parts = b.split(|c| *c == 0);
-            let k = parts.next()?;
-            let v = parts.next()?;
-            (k == name.as_bytes()).then(|| String::from_utf8_lossy(v).into_owned())
-        })
-        .collect()
-}
-
-/// Text values of DataRow messages.
-fn data_rows(msgs: &[Msg]) -> Vec<Vec<Option<String>>> {
-    msgs.iter()
-        .filter(|(t, _)| *t == b'D')
-        .map(|(_, b)| {
-            let mut b = b.clone();
-            let n = b.get_i16();
-            (0..n)
-                .map(|_| {
-                    let len = b.get_i32();
-                    if len < 0 {
-                        None
-                    } else {
-                        let v = b.split_to(len as usize);
-                        Some(String::from_utf8_lossy(&v).into_owned())
-                    }
-                })
-                .collect()
         })
         .collect()
 }
@@ -463,8 +279,7 @@ async fn key_carries_a_write_to_another_connection() {
 
 /// A writes and reads `SHOW tidemark.commit_lsn`; B passes it as `SET tidemark.min_lsn`
 /// (even rounds) or as the `min_lsn` hint (odd rounds) and always sees the write.
-/// Control: a reader without the token sees stale rows. Then the same with the token
-/// delivered as a ParameterStatus (`tidemark.report_lsn = on`).
+/// Control: a reader without the token sees stale rows.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_carries_a_write_to_another_connection() {
     let env = start_rr(&[None, Some(DELAY)], |_| {}).await;
@@ -510,24 +325,24 @@ async fn token_carries_a_write_to_another_connection() {
         ctl.stale > ctl.reads / 4,
         "without the token the reads should often be stale"
     );
-
-    report_lsn_sends_the_token_as_parameter_status(&env).await;
 }
 
 /// `SET tidemark.report_lsn = on`: after each write the client gets a ParameterStatus
 /// `tidemark.commit_lsn` (before ReadyForQuery) equal to `SHOW tidemark.commit_lsn`, and
 /// that value works as a token on another connection. Off (the default): no such message.
 /// (A raw protocol client: tokio-postgres does not expose ParameterStatus messages.)
-async fn report_lsn_sends_the_token_as_parameter_status(env: &Env) {
-    let mut a = Raw::connect(env.proxy.addr).await;
-    a.query("CREATE TABLE reported (id bigint PRIMARY KEY, v text)")
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn report_lsn_sends_the_token_as_a_parameter_status() {
+    let env = start_rr(&[None, Some(DELAY)], |_| {}).await;
+    let mut a = Raw::connect(env.proxy.addr, "postgres").await;
+    a.query_ok("CREATE TABLE reported (id bigint PRIMARY KEY, v text)")
         .await;
-    let m = a.query("INSERT INTO reported VALUES (-1, 'x')").await;
+    let m = a.query_ok("INSERT INTO reported VALUES (-1, 'x')").await;
     assert!(
         param_status(&m, "tidemark.commit_lsn").is_empty(),
         "report_lsn is off by default: no ParameterStatus expected"
     );
-    a.query("SET tidemark.report_lsn = on").await;
+    a.query_ok("SET tidemark.report_lsn = on").await;
     let b = env.client().await;
 
     let n = 200;
@@ -535,7 +350,7 @@ async fn report_lsn_sends_the_token_as_parameter_status(env: &Env) {
     let mut prev = 0;
     for i in 0..n {
         let msgs = if i % 2 == 0 {
-            a.query(&format!("INSERT INTO reported VALUES ({i}, 'x')"))
+            a.query_ok(&format!("INSERT INTO reported VALUES ({i}, 'x')"))
                 .await
         } else {
             a.extended_unit(&[&format!("INSERT INTO reported VALUES ({i}, 'x')")])
@@ -553,7 +368,7 @@ async fn report_lsn_sends_the_token_as_parameter_status(env: &Env) {
         let token = &reported[0];
         assert!(lsn(token) > prev, "reported tokens move forward");
         prev = lsn(token);
-        let shown = data_rows(&a.query("SHOW tidemark.commit_lsn").await);
+        let shown = data_rows(&a.query_ok("SHOW tidemark.commit_lsn").await);
         assert_eq!(shown[0][0].as_deref(), Some(token.as_str()));
         t.add(
             read_back(
@@ -663,7 +478,7 @@ async fn extended_protocol_and_pipelining_read_their_writes() {
 
     // INSERT and SELECT in one unit (one implicit transaction): the SELECT must run on the
     // primary in that same transaction.
-    let mut raw = Raw::connect(env.proxy.addr).await;
+    let mut raw = Raw::connect(env.proxy.addr, "postgres").await;
     let mut unit = Tally::default();
     for i in 20_000..20_100i64 {
         let msgs = raw
@@ -697,16 +512,21 @@ async fn extended_protocol_and_pipelining_read_their_writes() {
 // 6. Transactions and consistency levels
 // ---------------------------------------------------------------------------------------
 
-/// A transaction that writes then reads sees its write on the primary (also under
-/// `eventual`); a read-only transaction after an autocommit write sees it (session level);
-/// `BEGIN READ ONLY` under `eventual` runs on a replica. Control: the read-only transaction
-/// under `eventual` right after a write is stale.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn transactions_and_consistency_levels() {
+/// A cluster with an undelayed and a delayed replica, reads spread per statement, and an
+/// empty table `txs` every replica has.
+async fn with_txs() -> (Env, Client) {
     let env = start_rr(&[None, Some(DELAY)], |_| {}).await;
     let c = env.client().await;
     exec(&c, "CREATE TABLE txs (id bigint PRIMARY KEY, v text)").await;
     blocking(|| wait_all_replayed(&env.cluster));
+    (env, c)
+}
+
+/// A transaction that writes then reads sees its write on the primary, statement by
+/// statement and as one simple query; under `eventual` too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writing_transaction_reads_its_write_on_the_primary_even_under_eventual() {
+    let (env, c) = with_txs().await;
 
     // A writing transaction, statement by statement, and as one simple query.
     let mut tx = Tally::default();
@@ -736,18 +556,7 @@ async fn transactions_and_consistency_levels() {
         "a writing transaction runs on the primary"
     );
 
-    // A read-only transaction after an autocommit write (session level) sees the write.
-    let mut ro = Tally::default();
-    for i in 2000..2200 {
-        insert(&c, "txs", i).await;
-        exec(&c, "BEGIN READ ONLY").await;
-        ro.add(read_back(&c, "", "txs", i).await);
-        exec(&c, "COMMIT").await;
-    }
-    ro.show("session level, BEGIN READ ONLY after a write");
-    assert_eq!(ro.stale, 0);
-
-    // Under eventual: a writing transaction still stays on the primary...
+    // Under eventual: a writing transaction still stays on the primary.
     let e = env.client().await;
     exec(&e, "SET tidemark.consistency = 'eventual'").await;
     assert_eq!(scalar(&e, "SHOW tidemark.consistency").await, "eventual");
@@ -761,8 +570,57 @@ async fn transactions_and_consistency_levels() {
     etx.show("eventual, read inside a writing transaction");
     assert_eq!(etx.stale, 0);
     assert_eq!(etx.on_replica, 0);
+}
 
-    // ... and a read-only transaction runs on a replica.
+/// A read-only transaction after an autocommit write sees the write (session level).
+/// Control: under `eventual`, the read-only transaction right after a write does not wait
+/// for it and is often stale.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_transaction_after_a_write_sees_it_unless_consistency_is_eventual() {
+    let (env, c) = with_txs().await;
+    let mut ro = Tally::default();
+    for i in 2000..2200 {
+        insert(&c, "txs", i).await;
+        exec(&c, "BEGIN READ ONLY").await;
+        ro.add(read_back(&c, "", "txs", i).await);
+        exec(&c, "COMMIT").await;
+    }
+    ro.show("session level, BEGIN READ ONLY after a write");
+    assert_eq!(ro.stale, 0);
+
+    // Control: under eventual, the read-only transaction right after a write does not wait
+    // for it, so the session-level check above could fail.
+    let e = env.client().await;
+    exec(&e, "SET tidemark.consistency = 'eventual'").await;
+    assert_eq!(scalar(&e, "SHOW tidemark.consistency").await, "eventual");
+    let mut ctl = Tally::default();
+    for i in 4000..4100 {
+        alternate(&e, i).await;
+        insert(&e, "txs", i).await;
+        exec(&e, "BEGIN READ ONLY").await;
+        ctl.add(read_back(&e, "", "txs", i).await);
+        exec(&e, "COMMIT").await;
+    }
+    ctl.show("control, eventual, BEGIN READ ONLY after a write");
+    assert!(
+        ctl.stale > ctl.reads / 4,
+        "under eventual, read-only transactions right after a write should often be stale"
+    );
+}
+
+/// `BEGIN READ ONLY` under `eventual` runs on a replica, statement by statement and as one
+/// simple query, even in a session that has written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_transaction_under_eventual_runs_on_a_replica() {
+    let (env, _) = with_txs().await;
+    let e = env.client().await;
+    exec(&e, "SET tidemark.consistency = 'eventual'").await;
+    assert_eq!(scalar(&e, "SHOW tidemark.consistency").await, "eventual");
+    for i in 3000..3050 {
+        exec(&e, "BEGIN").await;
+        insert(&e, "txs", i).await;
+        exec(&e, "COMMIT").await;
+    }
     let mut on_replica = 0;
     for k in 0..40 {
         let r = if k % 2 == 0 {
@@ -786,22 +644,6 @@ async fn transactions_and_consistency_levels() {
     assert_eq!(
         on_replica, 40,
         "read-only transactions under eventual use replicas"
-    );
-
-    // Control: under eventual, the read-only transaction right after a write does not wait
-    // for it, so the session-level check above could fail.
-    let mut ctl = Tally::default();
-    for i in 4000..4100 {
-        alternate(&e, i).await;
-        insert(&e, "txs", i).await;
-        exec(&e, "BEGIN READ ONLY").await;
-        ctl.add(read_back(&e, "", "txs", i).await);
-        exec(&e, "COMMIT").await;
-    }
-    ctl.show("control, eventual, BEGIN READ ONLY after a write");
-    assert!(
-        ctl.stale > ctl.reads / 4,
-        "under eventual, read-only transactions right after a write should often be stale"
     );
 }
 
@@ -840,7 +682,7 @@ fn transitions(s: &Samples) -> usize {
 async fn reads_on_port(c: &Client, n: usize, port: u16) -> usize {
     let mut hits = 0;
     for _ in 0..n {
-        if scalar(c, "SELECT inet_server_port()").await == port.to_string() {
+        if served_by(c).await.unwrap() == port {
             hits += 1;
         }
     }
@@ -866,32 +708,41 @@ async fn wait_rotation(
     t0.elapsed()
 }
 
-/// Replay paused on replica 1 while writes go on: it leaves rotation (once, no flapping
-/// while held over the threshold) and eventual reads stop going to it; after resume it
-/// returns. With lag hovering at the threshold (apply delay = max_lag), hysteresis allows
-/// at most one transition; the control — a gate without hysteresis (1 sample, return
-/// threshold = max_lag) watching the same replica — flaps.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn lag_gate_takes_a_lagging_replica_out_and_back() {
-    let max_lag = Duration::from_millis(300);
+/// The lag gate's threshold in these tests.
+const MAX_LAG: Duration = Duration::from_millis(300);
+
+/// A writer on the primary, one row every ~5 ms until stopped.
+struct Writer {
+    stop: Arc<AtomicBool>,
+    handle: tokio::task::JoinHandle<u64>,
+}
+
+impl Writer {
+    /// Stops the writer; prints how many rows it wrote.
+    async fn finish(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let writes = self.handle.await.unwrap();
+        println!("lag gate: {writes} background writes");
+    }
+}
+
+/// Two undelayed replicas behind a lag gate at [`MAX_LAG`] (back below 100 ms, 3 samples),
+/// reads spread per statement, and a [`Writer`] running for the whole test.
+async fn lag_gate_env() -> (Env, Writer) {
     let env = start_rr(&[None, None], |c| {
-        c.monitor.max_lag = max_lag;
+        c.monitor.max_lag = MAX_LAG;
         c.monitor.return_below = Duration::from_millis(100);
         c.monitor.samples = 3;
     })
     .await;
-    let app = env.proxy.app.clone();
-    let port1 = env.cluster.port(1);
     let w = env.node(0).await;
     w.batch_execute("CREATE TABLE gate (id bigserial PRIMARY KEY, at timestamptz DEFAULT now())")
         .await
         .unwrap();
     blocking(|| wait_all_replayed(&env.cluster));
-
-    // A writer on the primary, every ~5 ms, for the whole test.
-    let stop_writer = Arc::new(AtomicBool::new(false));
-    let writer = {
-        let stop = stop_writer.clone();
+    let stop = Arc::new(AtomicBool::new(false));
+    let handle = {
+        let stop = stop.clone();
         tokio::spawn(async move {
             let mut n = 0u64;
             while !stop.load(Ordering::Relaxed) {
@@ -904,6 +755,17 @@ async fn lag_gate_takes_a_lagging_replica_out_and_back() {
             n
         })
     };
+    (env, Writer { stop, handle })
+}
+
+/// Replay paused on replica 1 while writes go on: it leaves rotation (once, no flapping
+/// while held over the threshold) and eventual reads stop going to it; after resume it
+/// returns and serves eventual reads again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lagging_replica_leaves_rotation_once_and_returns_after_resume() {
+    let (env, writer) = lag_gate_env().await;
+    let app = env.proxy.app.clone();
+    let port1 = env.cluster.port(1);
     let e = env.client().await;
     exec(&e, "SET tidemark.consistency = 'eventual'").await;
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -964,6 +826,19 @@ async fn lag_gate_takes_a_lagging_replica_out_and_back() {
     println!("lag gate: after resume, {back} of 40 eventual reads on replica 1");
     assert!(back > 0, "replica 1 serves eventual reads again");
 
+    writer.finish().await;
+}
+
+/// With lag hovering at the threshold (apply delay = max_lag), hysteresis allows at most
+/// one transition; the control — a gate without hysteresis (1 sample, return threshold =
+/// max_lag) watching the same replica — flaps.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hysteresis_keeps_a_replica_hovering_at_max_lag_from_flapping() {
+    let (env, writer) = lag_gate_env().await;
+    let app = env.proxy.app.clone();
+    let max_lag = MAX_LAG;
+    wait_rotation(&app, 1, true, Duration::from_secs(5)).await;
+
     // Hovering at the threshold: apply delay = max_lag keeps the lag around 300 ms.
     // The control proxy watches the same replica with a gate without hysteresis, set at the
     // median lag measured first: the lag saw-tooths by a few ms around it with every write,
@@ -1012,9 +887,7 @@ async fn lag_gate_takes_a_lagging_replica_out_and_back() {
          (otherwise the lag did not hover and this check proves nothing)"
     );
 
-    stop_writer.store(true, Ordering::Relaxed);
-    let writes = writer.await.unwrap();
-    println!("lag gate: {writes} background writes");
+    writer.finish().await;
 }
 
 // ---------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ use std::time::Duration;
 use tidemark::config::Config;
 use tidemark::listener::Proxy;
 use tidemark_cluster::{Cluster, ClusterConfig, ReplicaConfig};
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::{Client, NoTls, SimpleQueryMessage, SimpleQueryRow};
 
 pub struct Env {
     pub proxy: Proxy,
@@ -138,13 +138,52 @@ pub fn wait_all_replayed(cluster: &Cluster) {
 }
 
 /// The rows of a simple-query answer, every column as text.
-pub fn rows(msgs: &[tokio_postgres::SimpleQueryMessage]) -> Vec<Vec<Option<String>>> {
+pub fn rows(msgs: &[SimpleQueryMessage]) -> Vec<Vec<Option<String>>> {
+    rows_by_name(msgs)
+        .into_iter()
+        .map(|r| (0..r.len()).map(|i| r.get(i).map(str::to_string)).collect())
+        .collect()
+}
+
+/// The rows of a simple-query answer as they came, for lookups by column name.
+pub fn rows_by_name(msgs: &[SimpleQueryMessage]) -> Vec<&SimpleQueryRow> {
     msgs.iter()
         .filter_map(|m| match m {
-            tokio_postgres::SimpleQueryMessage::Row(r) => {
-                Some((0..r.len()).map(|i| r.get(i).map(str::to_string)).collect())
-            }
+            SimpleQueryMessage::Row(r) => Some(r),
             _ => None,
         })
         .collect()
+}
+
+/// Runs `sql` as a simple query; panics naming the statement if it fails.
+pub async fn exec(c: &Client, sql: &str) {
+    c.simple_query(sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+}
+
+/// First column of the first row of a simple-query answer, if any and not NULL.
+fn first_value(msgs: &[SimpleQueryMessage]) -> Option<String> {
+    rows_by_name(msgs)
+        .first()?
+        .try_get(0)
+        .ok()?
+        .map(str::to_string)
+}
+
+/// First column of the first row of a simple query.
+pub async fn scalar(c: &Client, sql: &str) -> String {
+    let msgs = c
+        .simple_query(sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    first_value(&msgs).unwrap_or_else(|| panic!("{sql}: no value"))
+}
+
+/// Which node served a read through `c`: the port of the server that answered
+/// `SELECT inet_server_port()` (compare with `Cluster::port`).
+pub async fn served_by(c: &Client) -> Result<u16, tokio_postgres::Error> {
+    let msgs = c.simple_query("SELECT inet_server_port()").await?;
+    let port = first_value(&msgs).expect("inet_server_port() answers a port");
+    Ok(port.parse().expect("a port number"))
 }

@@ -1,33 +1,43 @@
-//! A raw protocol client for tests that need what drivers hide: the BackendKeyData, a
-//! connection dropped mid-statement, mid-COPY or mid-pipeline.
+//! A raw protocol client for tests that need what drivers hide: the BackendKeyData,
+//! ParameterStatus messages, several statements in one extended-protocol unit, a connection
+//! dropped mid-statement, mid-COPY or mid-pipeline. Messages are encoded with
+//! `postgres_protocol` and decoded with `tidemark_wire`.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use bytes::{Buf, BytesMut};
+use bytes::BytesMut;
 use postgres_protocol::message::frontend;
+use tidemark_wire::{backend, Frame, FrameCodec};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 pub struct Raw {
     pub stream: TcpStream,
     buf: BytesMut,
+    codec: FrameCodec,
     pub pid: i32,
     pub secret: i32,
+    /// The login's answer up to and including ReadyForQuery: AuthenticationOk, the
+    /// ParameterStatus messages, BackendKeyData.
+    pub login: Vec<Msg>,
 }
 
 /// One backend message: its tag and body.
 pub type Msg = (u8, Vec<u8>);
 
 impl Raw {
-    /// Connects with trust authentication and reads up to the first ReadyForQuery.
+    /// Connects with trust authentication and reads up to the first ReadyForQuery (kept in
+    /// `login`).
     pub async fn connect(addr: SocketAddr, user: &str) -> Raw {
         let stream = TcpStream::connect(addr).await.expect("raw connect");
         let mut r = Raw {
             stream,
             buf: BytesMut::new(),
+            codec: FrameCodec::default(),
             pid: 0,
             secret: 0,
+            login: Vec::new(),
         };
         let mut b = BytesMut::new();
         frontend::startup_message([("user", user), ("database", "postgres")], &mut b)
@@ -36,13 +46,22 @@ impl Raw {
         loop {
             let (tag, body) = r.recv().await.expect("login answer");
             match tag {
+                b'R' => assert_eq!(
+                    body[..],
+                    [0, 0, 0, 0],
+                    "trust login expected (AuthenticationOk)"
+                ),
                 b'K' => {
-                    r.pid = i32::from_be_bytes(body[0..4].try_into().unwrap());
-                    r.secret = i32::from_be_bytes(body[4..8].try_into().unwrap());
+                    (r.pid, r.secret) = backend::parse_backend_key_data(&Frame::new(tag, &body))
+                        .expect("BackendKeyData");
                 }
-                b'Z' => return r,
                 b'E' => panic!("login failed: {}", String::from_utf8_lossy(&body)),
                 _ => {}
+            }
+            let done = tag == b'Z';
+            r.login.push((tag, body));
+            if done {
+                return r;
             }
         }
     }
@@ -54,14 +73,8 @@ impl Raw {
     /// The next message, or `None` when the connection closed.
     pub async fn recv(&mut self) -> Option<Msg> {
         loop {
-            if self.buf.len() >= 5 {
-                let len = u32::from_be_bytes(self.buf[1..5].try_into().unwrap()) as usize;
-                if self.buf.len() > len {
-                    let tag = self.buf[0];
-                    self.buf.advance(5);
-                    let body = self.buf.split_to(len - 4).to_vec();
-                    return Some((tag, body));
-                }
+            if let Some(f) = self.codec.decode(&mut self.buf).expect("backend framing") {
+                return Some((f.tag(), f.body().to_vec()));
             }
             match self.stream.read_buf(&mut self.buf).await {
                 Ok(0) | Err(_) => return None,
@@ -88,11 +101,50 @@ impl Raw {
         out
     }
 
-    pub async fn query(&mut self, sql: &str) -> Vec<Msg> {
+    /// Messages up to and including ReadyForQuery, which must come within 10 s; panics on
+    /// an ErrorResponse or a close.
+    pub async fn until_ready_ok(&mut self) -> Vec<Msg> {
+        let msgs = tokio::time::timeout(Duration::from_secs(10), self.until_ready())
+            .await
+            .expect("server answers within 10 s");
+        if let Some((_, body)) = msgs.iter().find(|m| m.0 == b'E') {
+            panic!("server error: {}", String::from_utf8_lossy(body));
+        }
+        assert!(
+            msgs.last().is_some_and(|m| m.0 == b'Z'),
+            "the connection closed before ReadyForQuery"
+        );
+        msgs
+    }
+
+    async fn send_query(&mut self, sql: &str) {
         let mut b = BytesMut::new();
         frontend::query(sql, &mut b).expect("query");
         self.send(&b).await;
+    }
+
+    /// A simple query; the answer up to ReadyForQuery, whatever it is.
+    pub async fn query(&mut self, sql: &str) -> Vec<Msg> {
+        self.send_query(sql).await;
         self.until_ready().await
+    }
+
+    /// A simple query that must succeed (see [`Raw::until_ready_ok`]).
+    pub async fn query_ok(&mut self, sql: &str) -> Vec<Msg> {
+        self.send_query(sql).await;
+        self.until_ready_ok().await
+    }
+
+    /// Parse/Bind/Execute of every statement (no parameters), then one Sync: a single
+    /// routing unit, one implicit transaction on the server. Must succeed.
+    pub async fn extended_unit(&mut self, stmts: &[&str]) -> Vec<Msg> {
+        let mut b = BytesMut::new();
+        for sql in stmts {
+            unnamed_statement(sql, false, &mut b);
+        }
+        frontend::sync(&mut b);
+        self.send(&b).await;
+        self.until_ready_ok().await
     }
 }
 
@@ -146,24 +198,18 @@ pub fn field(body: &[u8], code: u8) -> String {
 pub fn data_rows(msgs: &[Msg]) -> Vec<Vec<Option<String>>> {
     msgs.iter()
         .filter(|m| m.0 == b'D')
-        .map(|(_, body)| {
-            let n = u16::from_be_bytes([body[0], body[1]]) as usize;
-            let mut at = 2;
-            let mut row = Vec::with_capacity(n);
-            for _ in 0..n {
-                let len = i32::from_be_bytes(body[at..at + 4].try_into().unwrap());
-                at += 4;
-                if len < 0 {
-                    row.push(None);
-                } else {
-                    let l = len as usize;
-                    row.push(Some(
-                        String::from_utf8_lossy(&body[at..at + l]).into_owned(),
-                    ));
-                    at += l;
-                }
-            }
-            row
+        .map(|(tag, body)| backend::data_row_values(&Frame::new(*tag, body)).expect("DataRow"))
+        .collect()
+}
+
+/// The values of the ParameterStatus messages named `name` among `msgs`.
+pub fn param_status(msgs: &[Msg], name: &str) -> Vec<String> {
+    msgs.iter()
+        .filter(|m| m.0 == b'S')
+        .map(|(tag, body)| {
+            backend::parse_parameter_status(&Frame::new(*tag, body)).expect("ParameterStatus")
         })
+        .filter(|(k, _)| k == name)
+        .map(|(_, v)| v)
         .collect()
 }
