@@ -3,6 +3,7 @@
 //!
 //! Module map (one concern each):
 //! - [`config`]: the TOML config and its validation
+//! - [`config_file`]: secrets from files/environment, file permissions, error key paths
 //! - [`app`]: process-wide shared state
 //! - [`listener`]: accepting clients, startup, authentication hand-off, shutdown
 //! - [`session`]: one client's routing units, relaying, LSN capture
@@ -23,6 +24,7 @@ pub mod app;
 pub mod auth;
 pub mod client;
 pub mod config;
+pub mod config_file;
 #[cfg(feature = "dev")]
 pub mod dev;
 pub mod http;
