@@ -161,6 +161,39 @@ fn every_config_key_is_documented() {
     );
 }
 
+/// Environment variables the binary reads (`env::var("NAME")` in src/) are documented.
+#[test]
+fn environment_variables_are_documented() {
+    let doc = std::fs::read_to_string(repo().join("docs/configuration.md"))
+        .expect("docs/configuration.md");
+    let mut dirs = vec![Path::new(env!("CARGO_MANIFEST_DIR")).join("src")];
+    let mut found = BTreeSet::new();
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(&d).expect("src dir").flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                dirs.push(p);
+            } else if p.extension().is_some_and(|x| x == "rs") {
+                let text = std::fs::read_to_string(&p).expect("source");
+                for part in text.split("env::var(\"").skip(1) {
+                    if let Some(name) = part.split('"').next() {
+                        found.insert(name.to_string());
+                    }
+                }
+            }
+        }
+    }
+    assert!(found.contains("TIDEMARK_WORKER_THREADS"), "{found:?}");
+    let missing: Vec<&String> = found
+        .iter()
+        .filter(|v| !doc.contains(&format!("`{v}`")))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "environment variables missing from docs/configuration.md: {missing:?}"
+    );
+}
+
 /// ```toml blocks of a markdown file, with their line numbers.
 fn toml_blocks(text: &str) -> Vec<(usize, String)> {
     let mut out = vec![];

@@ -311,11 +311,16 @@ async fn json_logs_with_a_line_per_client_connect_and_close() {
         &path,
         format!(
             "listen = \"127.0.0.1:{port}\"\nlog_format = \"json\"\nadmin_users = [\"postgres\"]\n\
-             [[nodes]]\nname = \"p\"\nport = {}\n[[users]]\nname = \"postgres\"\nauth = \"trust\"\n",
+             [[nodes]]\nname = \"p\"\nport = {}\n[[users]]\nname = \"postgres\"\nauth = \"trust\"\n\
+             [[users]]\nname = \"app\"\npassword = \"in-clear\"\n",
             free_port()
         ),
     )
     .unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
     let served = Served::start(&path, &dir.path().join("stderr.log"));
     {
         let c = admin(port).await;
@@ -352,4 +357,11 @@ async fn json_logs_with_a_line_per_client_connect_and_close() {
         "{closed}"
     );
     assert!(closed["fields"]["duration_ms"].is_u64(), "{closed}");
+    // The file holds a password and others can read it: a warning at startup.
+    let log = served.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("\"WARN\"") && l.contains("readable by group or others")),
+        "no permission warning:\n{log}"
+    );
 }
