@@ -481,6 +481,13 @@ fn resume(app: &App) -> Result<Output, ErrorFields> {
 }
 
 fn reload(app: &App) -> Result<Output, ErrorFields> {
+    apply_reload(app)?;
+    Ok(Output::Done("RELOAD"))
+}
+
+/// Re-reads the config file and applies it (the console's RELOAD and SIGHUP). A refused
+/// reload changes nothing: the old config stays in force.
+pub fn apply_reload(app: &App) -> Result<(), ErrorFields> {
     let Some(path) = crate::app::config_path() else {
         return Err(ErrorFields::error(
             "55000",
@@ -527,5 +534,5 @@ fn reload(app: &App) -> Result<Output, ErrorFields> {
     app.config.store(Arc::new(new));
     app.refresh_secrets();
     tracing::info!("config reloaded");
-    Ok(Output::Done("RELOAD"))
+    Ok(())
 }

@@ -35,6 +35,17 @@ pub struct Config {
     /// Log filter (`info`, `debug`, `tidemark=debug,warn`, ...); `RUST_LOG` overrides it.
     #[serde(default)]
     pub log_level: Option<String>,
+    /// Log line format on stderr: `text` (default) or `json` (one JSON object per line).
+    #[serde(default)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -75,7 +86,7 @@ pub struct UserConfig {
     #[serde(default)]
     pub password: Option<String>,
     /// How clients authenticate to tidemark.
-    #[serde(default = "default_auth")]
+    #[serde(default = "default_auth", alias = "auth_type")]
     pub auth: AuthMethod,
     /// Password tidemark uses towards the servers; defaults to `password` when that is plain.
     #[serde(default)]
@@ -83,6 +94,16 @@ pub struct UserConfig {
     /// Default consistency for this user's sessions (overrides `routing.consistency`).
     #[serde(default)]
     pub consistency: Option<String>,
+    /// `password` read from this file (trailing newline dropped) / this environment variable.
+    #[serde(default)]
+    pub password_file: Option<std::path::PathBuf>,
+    #[serde(default)]
+    pub password_env: Option<String>,
+    /// `server_password` read from this file / this environment variable.
+    #[serde(default)]
+    pub server_password_file: Option<std::path::PathBuf>,
+    #[serde(default)]
+    pub server_password_env: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, Default)]
@@ -96,16 +117,20 @@ pub enum PoolMode {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PoolConfig {
+    // The aliases are PgBouncer's names (docs/configuration.md, "Coming from PgBouncer").
+    #[serde(alias = "pool_mode")]
     pub mode: PoolMode,
+    #[serde(alias = "min_pool_size")]
     pub min_size: usize,
+    #[serde(alias = "default_pool_size")]
     pub max_size: usize,
-    #[serde(with = "humantime_serde_compat")]
+    #[serde(with = "humantime_serde_compat", alias = "server_idle_timeout")]
     pub idle_timeout: Duration,
     #[serde(with = "humantime_serde_compat")]
     pub server_lifetime: Duration,
-    #[serde(with = "humantime_serde_compat")]
+    #[serde(with = "humantime_serde_compat", alias = "query_wait_timeout")]
     pub checkout_timeout: Duration,
-    #[serde(with = "humantime_serde_compat")]
+    #[serde(with = "humantime_serde_compat", alias = "server_connect_timeout")]
     pub connect_timeout: Duration,
 }
 
@@ -185,6 +210,9 @@ pub struct MonitorConfig {
     pub idle_interval: Duration,
     pub user: String,
     pub password: Option<String>,
+    /// `password` read from this file / this environment variable.
+    pub password_file: Option<std::path::PathBuf>,
+    pub password_env: Option<String>,
     pub database: String,
     #[serde(with = "humantime_serde_compat")]
     pub max_lag: Duration,
@@ -203,6 +231,8 @@ impl Default for MonitorConfig {
             idle_interval: Duration::from_millis(100),
             user: "postgres".into(),
             password: None,
+            password_file: None,
+            password_env: None,
             database: "postgres".into(),
             max_lag: Duration::from_secs(5),
             return_below: Duration::from_secs(1),
@@ -220,6 +250,7 @@ pub struct LimitsConfig {
     pub max_message_size: String,
     /// Named prepared statements remembered per client.
     pub max_prepared_per_client: usize,
+    #[serde(alias = "max_client_conn")]
     pub max_clients: usize,
     /// How long shutdown waits for running transactions.
     #[serde(with = "humantime_serde_compat")]
@@ -335,7 +366,12 @@ impl Config {
     }
 
     pub fn parse(text: &str) -> anyhow::Result<Config> {
-        let cfg: Config = toml::from_str(text).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let mut cfg: Config =
+            toml::from_str(text).map_err(|e| match crate::config_file::key_at(text, e.span()) {
+                Some(key) => anyhow::anyhow!("{key}: {}\n{e}", e.message()),
+                None => anyhow::anyhow!("{e}"),
+            })?;
+        crate::config_file::resolve_secrets(&mut cfg)?;
         cfg.validate()?;
         Ok(cfg)
     }

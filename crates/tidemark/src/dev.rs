@@ -39,6 +39,10 @@ pub fn config_for(cluster: &Cluster, listen: &str) -> Config {
         auth: AuthMethod::Trust,
         server_password: None,
         consistency: None,
+        password_file: None,
+        password_env: None,
+        server_password_file: None,
+        server_password_env: None,
     }];
     cfg.admin_users = vec![cluster.superuser().to_string()];
     cfg

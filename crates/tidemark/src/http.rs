@@ -1,6 +1,7 @@
 //! The HTTP endpoint on `metrics.listen`: `GET /metrics` (Prometheus text format),
-//! `GET /` (the status page) and `GET /status.json` (its data, see [`crate::status`]).
-//! Hand-written on tokio: three fixed routes do not justify an HTTP framework dependency.
+//! `GET /` (the status page), `GET /status.json` (its data, see [`crate::status`]),
+//! `GET /healthz` (200 while the process is up) and `GET /readyz` (200 when a primary is
+//! known, else 503). Hand-written on tokio: a few fixed routes do not justify an HTTP framework dependency.
 //! Starting it also starts the replication slot poller ([`crate::slots`]), whose only
 //! consumers are the metrics and the status page.
 
@@ -70,6 +71,8 @@ async fn serve(app: Arc<App>, mut s: tokio::net::TcpStream) {
             }
             "/" => ("200 OK", "text/html; charset=utf-8", status::page(&app)),
             "/status.json" => ("200 OK", "application/json", status::json(&app).to_string()),
+            "/healthz" => ("200 OK", "text/plain", "ok\n".to_string()),
+            "/readyz" => readyz(&app),
             _ => ("404 Not Found", "text/plain", "not found\n".to_string()),
         }
     };
@@ -82,6 +85,23 @@ async fn serve(app: Arc<App>, mut s: tokio::net::TcpStream) {
         let _ = s.write_all(body.as_bytes()).await;
     }
     let _ = s.shutdown().await;
+}
+
+/// `/readyz`: ready when the cluster view has a primary (writes can be served).
+fn readyz(app: &App) -> (&'static str, &'static str, String) {
+    let view = app.view.load();
+    match view.primary_id() {
+        Some(id) => (
+            "200 OK",
+            "text/plain",
+            format!("ready: primary is {}\n", app.node_name(id)),
+        ),
+        None => (
+            "503 Service Unavailable",
+            "text/plain",
+            "not ready: no primary known\n".to_string(),
+        ),
+    }
 }
 
 /// Refreshes the gauges that are read off shared state rather than recorded as events:

@@ -3,12 +3,14 @@
 //!
 //! Module map (one concern each):
 //! - [`config`]: the TOML config and its validation
+//! - [`config_file`]: secrets from files/environment, file permissions, error key paths
 //! - [`app`]: process-wide shared state
 //! - [`listener`]: accepting clients, startup, authentication hand-off, shutdown
 //! - [`session`]: one client's routing units, relaying, LSN capture
 //! - [`client`] / [`server`]: the two sockets of a session
 //! - [`pool`]: server connection pools
 //! - [`auth`]: client authentication (SCRAM, md5, trust)
+//! - [`check`]: `tidemark check-config`
 //! - [`monitor`]: node polling and the published cluster view
 //! - [`pace`]: the monitor's poll pace, which a commit speeds up
 //! - [`metrics`]: Prometheus metrics and the last minute's per-second counters
@@ -16,13 +18,15 @@
 //! - [`admin`]: the admin console (database `tidemark`)
 //! - [`slots`]: replication slot retained-WAL polling
 //! - [`dev`]: `tidemark dev`, the embedded local cluster (feature `dev`, on by default)
-//! - [`signals`]: waiting for SIGTERM / Ctrl-C
+//! - [`signals`]: SIGTERM / Ctrl-C (stop) and SIGHUP (reload)
 
 pub mod admin;
 pub mod app;
 pub mod auth;
+pub mod check;
 pub mod client;
 pub mod config;
+pub mod config_file;
 #[cfg(feature = "dev")]
 pub mod dev;
 pub mod http;

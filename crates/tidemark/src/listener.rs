@@ -448,13 +448,26 @@ async fn serve(
     drop(slot);
     io.set_max_message(cfg.max_message_size());
     io.push(&tidemark_wire::backend::auth_ok());
+    let connected = std::time::Instant::now();
+    tracing::info!(user = %user, database = %database, client = %peer, "client connected");
+    let log_user = user.clone();
+    let log_database = database.clone();
     if database == "tidemark" {
         crate::admin::run(app, io, user).await;
-        return;
+    } else {
+        let mut session = Session::new(app.clone(), io, user, database, startup, peer.to_string());
+        match session.start().await {
+            Ok(true) => session.run().await,
+            _ => app.unregister_client(session.backend_key()),
+        }
     }
-    let mut session = Session::new(app.clone(), io, user, database, startup, peer.to_string());
-    match session.start().await {
-        Ok(true) => session.run().await,
-        _ => app.unregister_client(session.backend_key()),
-    }
+    let duration = connected.elapsed();
+    tracing::info!(
+        user = %log_user,
+        database = %log_database,
+        client = %peer,
+        duration_ms = duration.as_millis() as u64,
+        duration = ?duration,
+        "client disconnected"
+    );
 }

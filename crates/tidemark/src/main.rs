@@ -30,6 +30,15 @@ struct Cli {
 enum Cmd {
     /// Serve with the config file (the default).
     Run,
+    /// Parse and validate a config file as startup does; print "ok" or the errors.
+    /// Exit code 0 valid, 1 invalid (or a --connect check failed), 2 unreadable file.
+    CheckConfig {
+        /// The config file (TOML).
+        file: PathBuf,
+        /// Also log in to every node with the monitor's and each user's credentials.
+        #[arg(long)]
+        connect: bool,
+    },
     /// Start a local primary + replicas and tidemark in front of them, until Ctrl-C.
     #[cfg(feature = "dev")]
     Dev {
@@ -61,27 +70,36 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Cmd::CheckConfig { file, connect }) = &cli.cmd {
+        return check_config(file, *connect);
+    }
     let open_files = tidemark::signals::raise_open_file_limit();
     // RUST_LOG wins; else the config's log_level; else info.
-    let from_config = cli
+    let raw = cli
         .config
         .as_ref()
         .and_then(|p| std::fs::read_to_string(p).ok())
-        .and_then(|t| toml::from_str::<toml::Value>(&t).ok())
-        .and_then(|v| {
-            v.get("log_level")
-                .and_then(|l| l.as_str())
-                .map(str::to_string)
-        });
+        .and_then(|t| toml::from_str::<toml::Value>(&t).ok());
+    let setting = |key: &str| {
+        raw.as_ref()
+            .and_then(|v| v.get(key))
+            .and_then(|l| l.as_str())
+            .map(str::to_string)
+    };
+    let from_config = setting("log_level");
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| {
             tracing_subscriber::EnvFilter::try_new(from_config.as_deref().unwrap_or("info"))
         })
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    if setting("log_format").as_deref() == Some("json") {
+        logs.json().init();
+    } else {
+        logs.init();
+    }
     // One event loop on one thread (like PgBouncer) costs fewer wake-ups and context
     // switches per statement than a work-stealing pool; TIDEMARK_WORKER_THREADS=N > 1
     // selects the multi-threaded runtime.
@@ -126,11 +144,21 @@ fn main() -> ExitCode {
                 })
                 .await
             }
+            Some(Cmd::CheckConfig { .. }) => Ok(()),
             Some(Cmd::Run) | None => {
                 let Some(path) = cli.config else {
                     anyhow::bail!("no config file given: run `tidemark --config tidemark.toml`, or `tidemark dev` for a local cluster");
                 };
+                // Installed first: from here on SIGHUP reloads instead of killing.
+                let mut signals = tidemark::signals::Signals::install()
+                    .map_err(|e| anyhow::anyhow!("cannot install signal handlers: {e}"))?;
                 let mut cfg = Config::load(&path)?;
+                if let Some(w) = std::fs::read_to_string(&path)
+                    .ok()
+                    .and_then(|t| tidemark::config_file::permission_warning(&path, &t))
+                {
+                    tracing::warn!("{w}");
+                }
                 if let Some(l) = cli.listen {
                     cfg.listen = l;
                     cfg.validate()?;
@@ -138,7 +166,7 @@ fn main() -> ExitCode {
                 tidemark::app::set_config_path(path);
                 let proxy = tidemark::listener::Proxy::start(cfg).await?;
                 tracing::info!(addr = %proxy.addr, open_files, "tidemark is listening");
-                tidemark::signals::wait_for_signal().await;
+                signals.serve(&proxy.app).await;
                 tracing::info!("shutting down");
                 proxy.shutdown().await;
                 Ok(())
@@ -152,4 +180,19 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `tidemark check-config FILE [--connect]` (see [`tidemark::check`]).
+fn check_config(file: &std::path::Path, connect: bool) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("tidemark: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    ExitCode::from(rt.block_on(tidemark::check::run(file, connect)))
 }

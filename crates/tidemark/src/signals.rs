@@ -1,4 +1,43 @@
-//! Process-level setup: the signals that stop tidemark, and the open-file limit.
+//! Process-level setup: the signals that stop tidemark (SIGTERM, SIGINT) or reload its
+//! config (SIGHUP), and the open-file limit.
+
+use std::sync::Arc;
+
+use crate::app::App;
+
+/// SIGTERM/SIGINT/SIGHUP handlers, installed when created (from then on SIGHUP no longer
+/// kills the process).
+pub struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    pub fn install() -> std::io::Result<Signals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
+        })
+    }
+
+    /// Returns on SIGTERM or SIGINT; each SIGHUP reloads the config file as the admin
+    /// console's RELOAD does (a refused reload is logged and the old config stays).
+    pub async fn serve(&mut self, app: &Arc<App>) {
+        loop {
+            tokio::select! {
+                _ = self.term.recv() => return,
+                _ = self.int.recv() => return,
+                _ = self.hup.recv() => match crate::admin::apply_reload(app) {
+                    Ok(()) => tracing::info!("SIGHUP: config reloaded"),
+                    Err(e) => tracing::warn!(sqlstate = %e.code, "SIGHUP: {}", e.message),
+                },
+            }
+        }
+    }
+}
 
 /// Returns on SIGTERM or Ctrl-C (SIGINT).
 pub async fn wait_for_signal() {

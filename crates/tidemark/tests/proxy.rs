@@ -298,6 +298,10 @@ async fn passwords_and_bad_input() {
             auth: AuthMethod::ScramSha256,
             server_password: None,
             consistency: None,
+            password_file: None,
+            password_env: None,
+            server_password_file: None,
+            server_password_env: None,
         });
         c.users.push(UserConfig {
             name: "app5".into(),
@@ -305,6 +309,10 @@ async fn passwords_and_bad_input() {
             auth: AuthMethod::Md5,
             server_password: None,
             consistency: None,
+            password_file: None,
+            password_env: None,
+            server_password_file: None,
+            server_password_env: None,
         });
     })
     .await;
