@@ -24,6 +24,17 @@ pub struct ClusterConfig {
     /// Keep the directory (and its data) when the [`crate::Cluster`] is dropped. Servers are
     /// stopped either way.
     pub keep: bool,
+    /// Serve TLS with this certificate and key, and accept TCP connections over TLS only
+    /// (`hostssl` in `pg_hba.conf`; the unix-socket `local` lines stay). `None`: no TLS.
+    pub ssl: Option<SslFiles>,
+}
+
+/// A server certificate and key (PEM files) each node serves TLS with. They are copied into
+/// every data directory as `server.crt` / `server.key` (mode 0600, as PostgreSQL demands).
+#[derive(Clone, Debug)]
+pub struct SslFiles {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
 }
 
 impl Default for ClusterConfig {
@@ -41,6 +52,7 @@ impl ClusterConfig {
             extra_conf: Vec::new(),
             data_dir: None,
             keep: false,
+            ssl: None,
         }
     }
 }

@@ -38,6 +38,11 @@ impl Env {
             }
         }
         cmd.env("LC_ALL", "C").env("LANG", "C").stdin(Stdio::null());
+        // No client certificate: libpq would otherwise look in ~/.postgresql/, which a server
+        // user run as another uid (root's HOME) may not read — an error, not "none", for TLS
+        // connections (pg_basebackup, walreceivers, psql to nodes with `ssl`). Absent files.
+        cmd.env("PGSSLCERT", self.base.join(".no-client-cert.crt"))
+            .env("PGSSLKEY", self.base.join(".no-client-cert.key"));
         cmd
     }
 

@@ -30,7 +30,7 @@ mod pgconf;
 
 pub use bindir::{find_bindir, find_bindir_from};
 pub use cluster::{Cluster, MARKER_FILE};
-pub use config::{ClusterConfig, ReplicaConfig};
+pub use config::{ClusterConfig, ReplicaConfig, SslFiles};
 pub use error::ClusterError;
 pub use fault::{Fault, FaultProxy};
 pub use os::{pid_alive, processes_mentioning};

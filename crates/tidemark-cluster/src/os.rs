@@ -125,6 +125,28 @@ pub(crate) fn write_owned(path: &Path, text: &str, who: Option<RunAs>) -> Result
     chown_tree(path, who)
 }
 
+/// Writes `bytes` to `path` readable by its owner only (mode 0600), owned by `who`.
+pub(crate) fn write_private(
+    path: &Path,
+    bytes: &[u8],
+    who: Option<RunAs>,
+) -> Result<(), ClusterError> {
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let err = |e| ClusterError::io(format!("write {}", path.display()), e);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(err)?;
+    f.write_all(bytes).map_err(err)?;
+    // An existing file keeps its mode on open: set it.
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
+    chown_tree(path, who)
+}
+
 /// A port that was free a moment ago on 127.0.0.1.
 pub(crate) fn free_port() -> Result<u16, ClusterError> {
     let listener = std::net::TcpListener::bind(("127.0.0.1", 0))

@@ -49,6 +49,12 @@ pub(crate) fn shared_conf(cfg: &ClusterConfig, socket_dir: &Path) -> String {
         "wal_receiver_status_interval = 1s".to_string(),
         "wal_retrieve_retry_interval = 200ms".to_string(),
     ];
+    if cfg.ssl.is_some() {
+        // Relative to the data directory, where `install_ssl_files` puts them.
+        lines.push("ssl = on".to_string());
+        lines.push(format!("ssl_cert_file = {}", quote(SSL_CERT)));
+        lines.push(format!("ssl_key_file = {}", quote(SSL_KEY)));
+    }
     if let Some(sc) = &cfg.synchronous_commit {
         lines.push(format!("synchronous_commit = {}", quote(sc)));
     }
@@ -78,20 +84,31 @@ pub(crate) fn node_conf(name: &str, port: u16, replica: Option<&ReplicaConfig>) 
     lines.join("\n")
 }
 
+/// Names of the certificate and key in each data directory when TLS is on.
+pub(crate) const SSL_CERT: &str = "server.crt";
+pub(crate) const SSL_KEY: &str = "server.key";
+
 /// `pg_hba.conf`: trust for the superuser and replication on loopback, md5 for everyone else.
-pub(crate) fn hba_conf() -> String {
-    [
-        "# written by tidemark-cluster",
-        "local   all          all                     trust",
-        "host    all          postgres  127.0.0.1/32  trust",
-        "host    all          postgres  ::1/128       trust",
-        "host    replication  all       127.0.0.1/32  trust",
-        "host    replication  all       ::1/128       trust",
-        "host    all          all       127.0.0.1/32  md5",
-        "host    all          all       ::1/128       md5",
-        "",
-    ]
-    .join("\n")
+/// With `ssl_only`, every TCP line is `hostssl` (plain TCP is refused); unix sockets stay
+/// `local ... trust`.
+pub(crate) fn hba_conf(ssl_only: bool) -> String {
+    let host = if ssl_only { "hostssl" } else { "host   " };
+    let mut lines = vec![
+        "# written by tidemark-cluster".to_string(),
+        "local   all          all                     trust".to_string(),
+    ];
+    for rest in [
+        "all          postgres  127.0.0.1/32  trust",
+        "all          postgres  ::1/128       trust",
+        "replication  all       127.0.0.1/32  trust",
+        "replication  all       ::1/128       trust",
+        "all          all       127.0.0.1/32  md5",
+        "all          all       ::1/128       md5",
+    ] {
+        lines.push(format!("{host} {rest}"));
+    }
+    lines.push(String::new());
+    lines.join("\n")
 }
 
 /// `primary_conninfo` for a replica streaming from `primary_port`.
@@ -157,6 +174,16 @@ pub(crate) fn delay_ms(d: Duration) -> u128 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hba_ssl_only_has_no_plain_tcp_line() {
+        let plain = hba_conf(false);
+        assert!(plain.lines().any(|l| l.starts_with("host ")));
+        let ssl = hba_conf(true);
+        assert!(!ssl.lines().any(|l| l.starts_with("host ")));
+        assert_eq!(ssl.lines().filter(|l| l.starts_with("hostssl")).count(), 6);
+        assert!(ssl.contains("local   all          all                     trust"));
+    }
 
     #[test]
     fn quoting() {

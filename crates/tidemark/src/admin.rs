@@ -527,10 +527,13 @@ pub fn apply_reload(app: &App) -> Result<(), ErrorFields> {
     }
     let tls = crate::tls::acceptor(&new.tls)
         .map_err(|e| ErrorFields::error("F0000", format!("config not reloaded: {e}")))?;
+    let server_tls = crate::server_tls::NodeTls::build_all(&new)
+        .map_err(|e| ErrorFields::error("F0000", format!("config not reloaded: {e}")))?;
     for p in app.pools.all() {
         p.update_settings(new.pool.clone());
     }
     app.tls.store(tls.map(Arc::new));
+    app.server_tls.store(Arc::new(server_tls));
     app.config.store(Arc::new(new));
     app.refresh_secrets();
     tracing::info!("config reloaded");

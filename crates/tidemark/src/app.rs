@@ -20,8 +20,8 @@ use crate::server::ServerTarget;
 /// Where to send a cancel for the statement a client is running right now.
 #[derive(Clone, Debug)]
 pub struct CancelTarget {
-    pub host: String,
-    pub port: u16,
+    /// The node (address and TLS settings) the statement runs on.
+    pub node: Arc<crate::server_tls::NodeTls>,
     pub pid: i32,
     pub secret: i32,
 }
@@ -75,6 +75,12 @@ pub struct App {
     pub shutting_down: tokio::sync::watch::Sender<bool>,
     /// TLS for clients (`[tls]`), rebuilt on RELOAD.
     pub tls: arc_swap::ArcSwapOption<tokio_rustls::TlsAcceptor>,
+    /// Each node's address and TLS settings towards it (`server_tls`), in node order;
+    /// rebuilt on RELOAD (pools made before keep theirs).
+    pub server_tls: ArcSwap<Vec<Arc<crate::server_tls::NodeTls>>>,
+    /// Why the monitor last failed to reach each node that is down (cleared when it is
+    /// reachable again); told to clients that find no node.
+    pub node_errors: Mutex<HashMap<NodeId, String>>,
     /// The monitor's poll pace, shared with sessions so a commit can speed it up.
     pub monitor_pace: crate::pace::Pace,
     /// Connections that have not finished logging in (see `listener::LoginSlot`).
@@ -84,7 +90,9 @@ pub struct App {
 }
 
 impl App {
-    pub fn new(config: Config) -> Arc<App> {
+    /// The shared state for `config`; fails when a `server_tls` file cannot be loaded.
+    pub fn new(config: Config) -> anyhow::Result<Arc<App>> {
+        let server_tls = crate::server_tls::NodeTls::build_all(&config)?;
         let classifier = Classifier::new(
             config.routing.classify_cache,
             FunctionPolicy {
@@ -108,12 +116,35 @@ impl App {
             paused: tokio::sync::watch::channel(false).0,
             shutting_down: tokio::sync::watch::channel(false).0,
             tls: arc_swap::ArcSwapOption::empty(),
+            server_tls: ArcSwap::from_pointee(server_tls),
+            node_errors: Mutex::new(HashMap::new()),
             monitor_pace: crate::pace::Pace::default(),
             pending_logins: std::sync::atomic::AtomicUsize::new(0),
             decoy_key: rand::random(),
         };
         app.refresh_secrets();
-        Arc::new(app)
+        Ok(Arc::new(app))
+    }
+
+    /// `node A: why; node B: why` for the nodes the monitor cannot reach, if any.
+    pub fn node_errors_detail(&self) -> Option<String> {
+        let errs = self.node_errors.lock();
+        if errs.is_empty() {
+            return None;
+        }
+        let mut v: Vec<_> = errs.iter().collect();
+        v.sort_by_key(|(i, _)| **i);
+        Some(
+            v.into_iter()
+                .map(|(_, e)| e.as_str())
+                .collect::<Vec<_>>()
+                .join("; "),
+        )
+    }
+
+    /// Node `node`'s address and TLS settings.
+    pub fn node_tls(&self, node: NodeId) -> Option<Arc<crate::server_tls::NodeTls>> {
+        self.server_tls.load().get(node).cloned()
     }
 
     /// Recomputes SCRAM secrets of configured users (at start and on RELOAD).
@@ -140,6 +171,7 @@ impl App {
     pub fn pool(&self, node: NodeId, database: &str, user: &str) -> Option<Arc<Pool>> {
         let cfg = self.config.load();
         let n = cfg.nodes.get(node)?;
+        let tls = self.node_tls(node)?;
         let key = PoolKey {
             node,
             database: database.to_string(),
@@ -163,6 +195,7 @@ impl App {
                     user: user.to_string(),
                     password,
                     database: database.to_string(),
+                    tls,
                 },
                 cfg.pool.clone(),
             )
@@ -181,24 +214,13 @@ impl App {
             .nodes
             .get(node)
             .ok_or_else(|| anyhow::anyhow!("no node {node}"))?;
-        let mut pg = tokio_postgres::Config::new();
-        pg.host(&n.host)
-            .port(n.port)
-            .user(&cfg.monitor.user)
-            .dbname(&cfg.monitor.database)
-            .application_name(application_name)
-            .connect_timeout(cfg.monitor.timeout);
-        if let Some(p) = &cfg.monitor.password {
-            pg.password(p);
-        }
-        let (client, connection) =
-            tokio::time::timeout(cfg.monitor.timeout, pg.connect(tokio_postgres::NoTls))
-                .await
-                .map_err(|_| anyhow::anyhow!("connecting to node {} timed out", n.name))??;
-        tokio::spawn(async move {
-            let _ = connection.await;
-        });
-        Ok(client)
+        let tls = self
+            .node_tls(node)
+            .ok_or_else(|| anyhow::anyhow!("no node {node}"))?;
+        let pg = monitor_pg_config(&cfg, n, application_name);
+        tokio::time::timeout(cfg.monitor.timeout, tls.pg_connect(pg))
+            .await
+            .map_err(|_| anyhow::anyhow!("connecting to node {} timed out", n.name))?
     }
 
     pub fn node_name(&self, node: NodeId) -> String {
@@ -281,7 +303,7 @@ impl App {
         if terminate {
             kill.notify_one();
         } else if let Some(t) = slot {
-            if let Err(e) = crate::server::cancel(&t.host, t.port, t.pid, t.secret).await {
+            if let Err(e) = crate::server::cancel(&t.node, t.pid, t.secret).await {
                 tracing::warn!(error = %e, "forwarding cancel failed");
             }
         }
@@ -319,11 +341,31 @@ impl App {
             }
         };
         if let Some(t) = target {
-            if let Err(e) = crate::server::cancel(&t.host, t.port, t.pid, t.secret).await {
+            if let Err(e) = crate::server::cancel(&t.node, t.pid, t.secret).await {
                 tracing::warn!(error = %e, "forwarding cancel request failed");
             }
         }
     }
+}
+
+/// tokio-postgres settings for the monitor's credentials on node `n` (TLS is set by
+/// [`crate::server_tls::NodeTls::pg_connect`]).
+pub fn monitor_pg_config(
+    cfg: &Config,
+    n: &crate::config::NodeConfig,
+    application_name: &str,
+) -> tokio_postgres::Config {
+    let mut pg = tokio_postgres::Config::new();
+    pg.host(&n.host)
+        .port(n.port)
+        .user(&cfg.monitor.user)
+        .dbname(&cfg.monitor.database)
+        .application_name(application_name)
+        .connect_timeout(cfg.monitor.timeout);
+    if let Some(p) = &cfg.monitor.password {
+        pg.password(p);
+    }
+    pg
 }
 
 fn initial_view(cfg: &Config) -> ClusterView {

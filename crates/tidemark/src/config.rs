@@ -32,6 +32,10 @@ pub struct Config {
     pub metrics: MetricsConfig,
     #[serde(default)]
     pub tls: TlsConfig,
+    /// TLS from tidemark to the PostgreSQL servers (pools, monitor, catalog, cancels); each
+    /// node may override any of these keys in its own `server_tls` table.
+    #[serde(default)]
+    pub server_tls: ServerTlsConfig,
     /// Log filter (`info`, `debug`, `tidemark=debug,warn`, ...); `RUST_LOG` overrides it.
     #[serde(default)]
     pub log_level: Option<String>,
@@ -59,6 +63,9 @@ pub struct NodeConfig {
     /// (how the primary's `pg_stat_replication` names it). Defaults to `name`.
     #[serde(default)]
     pub application_name: Option<String>,
+    /// Per-node override of the global `[server_tls]` keys (each key set here wins).
+    #[serde(default)]
+    pub server_tls: ServerTlsConfig,
 }
 
 impl NodeConfig {
@@ -286,7 +293,7 @@ impl Default for LimitsConfig {
     }
 }
 
-/// TLS between clients and tidemark (towards PostgreSQL tidemark connects without TLS).
+/// TLS between clients and tidemark (towards PostgreSQL, see [`ServerTlsConfig`]).
 #[derive(Clone, Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct TlsConfig {
@@ -305,6 +312,70 @@ pub enum TlsMode {
     #[default]
     Allow,
     Require,
+}
+
+/// TLS from tidemark to PostgreSQL, as libpq's `sslmode` family: `[server_tls]` globally,
+/// `[nodes.server_tls]` per node (key by key).
+#[derive(Clone, Debug, Deserialize, Default, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerTlsConfig {
+    /// `disable`, `prefer` (default), `require`, `verify-ca` or `verify-full`.
+    pub sslmode: Option<SslMode>,
+    /// PEM file of the certificate authorities to trust (needed by `verify-ca` and
+    /// `verify-full`; with `require`, as in libpq, the chain is then verified too).
+    pub sslrootcert: Option<std::path::PathBuf>,
+    /// PEM client certificate chain, for servers that ask for one (`clientcert` in pg_hba).
+    pub sslcert: Option<std::path::PathBuf>,
+    /// PEM private key of `sslcert`.
+    pub sslkey: Option<std::path::PathBuf>,
+}
+
+/// libpq's `sslmode` values (`allow` is not offered: it only differs from `prefer` in
+/// trying plain first).
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum SslMode {
+    /// Plain TCP only.
+    Disable,
+    /// TLS when the server offers it, plain otherwise; the certificate is not checked.
+    #[default]
+    Prefer,
+    /// TLS or fail; the certificate is not checked (unless `sslrootcert` is set).
+    Require,
+    /// TLS, and the certificate chain must lead to `sslrootcert`.
+    VerifyCa,
+    /// `verify-ca`, and the certificate must name the node's `host`.
+    VerifyFull,
+}
+
+impl SslMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SslMode::Disable => "disable",
+            SslMode::Prefer => "prefer",
+            SslMode::Require => "require",
+            SslMode::VerifyCa => "verify-ca",
+            SslMode::VerifyFull => "verify-full",
+        }
+    }
+}
+
+impl std::fmt::Display for SslMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A node's effective server TLS settings (its own keys over the global ones), with the
+/// config path each came from for error messages.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ResolvedServerTls {
+    pub sslmode: SslMode,
+    pub sslrootcert: Option<std::path::PathBuf>,
+    pub sslcert: Option<std::path::PathBuf>,
+    pub sslkey: Option<std::path::PathBuf>,
+    /// `server_tls` or `nodes.<name>.server_tls`: where a key of this node is set.
+    pub field: String,
 }
 
 #[derive(Clone, Debug, Deserialize, Default)]
@@ -401,6 +472,9 @@ impl Config {
                 bail!("nodes.{}: port 0 is not a valid port", n.name);
             }
         }
+        for n in &self.nodes {
+            self.validate_server_tls(n)?;
+        }
         match (&self.tls.cert_file, &self.tls.key_file) {
             (Some(_), None) | (None, Some(_)) => {
                 bail!("tls: cert_file and key_file go together (both or neither)")
@@ -489,6 +563,54 @@ impl Config {
         if let Some(m) = &self.metrics.listen {
             m.parse::<SocketAddr>()
                 .map_err(|e| anyhow::anyhow!("metrics.listen: '{m}' is not host:port ({e})"))?;
+        }
+        Ok(())
+    }
+
+    /// The effective `server_tls` settings of `node`: its own keys, else the global ones.
+    pub fn server_tls_for(&self, node: &NodeConfig) -> ResolvedServerTls {
+        let (g, n) = (&self.server_tls, &node.server_tls);
+        let field = if *n == ServerTlsConfig::default() {
+            "server_tls".to_string()
+        } else {
+            format!("nodes.{}.server_tls", node.name)
+        };
+        ResolvedServerTls {
+            sslmode: n.sslmode.or(g.sslmode).unwrap_or_default(),
+            sslrootcert: n.sslrootcert.clone().or_else(|| g.sslrootcert.clone()),
+            sslcert: n.sslcert.clone().or_else(|| g.sslcert.clone()),
+            sslkey: n.sslkey.clone().or_else(|| g.sslkey.clone()),
+            field,
+        }
+    }
+
+    fn validate_server_tls(&self, node: &NodeConfig) -> anyhow::Result<()> {
+        let t = self.server_tls_for(node);
+        if matches!(t.sslmode, SslMode::VerifyCa | SslMode::VerifyFull) && t.sslrootcert.is_none() {
+            anyhow::bail!(
+                "{}.sslrootcert: sslmode = \"{}\" (node {}) needs the PEM file of the certificate authority to trust; set sslrootcert, or use sslmode = \"require\" to encrypt without verifying",
+                t.field,
+                t.sslmode,
+                node.name
+            );
+        }
+        if t.sslcert.is_some() != t.sslkey.is_some() {
+            anyhow::bail!(
+                "{}.sslcert and {}.sslkey: a client certificate needs both (node {})",
+                t.field,
+                t.field,
+                node.name
+            );
+        }
+        if t.sslmode == SslMode::Disable
+            && (t.sslrootcert.is_some() || t.sslcert.is_some())
+            && t.field != "server_tls"
+        {
+            anyhow::bail!(
+                "{}.sslmode: \"disable\" with certificate files set for node {} (remove them or pick another sslmode)",
+                t.field,
+                node.name
+            );
         }
         Ok(())
     }
@@ -614,6 +736,53 @@ port = 5432
             let e = Config::parse(text).unwrap_err().to_string();
             assert!(e.contains(needle), "{e} should mention {needle}");
         }
+    }
+
+    #[test]
+    fn server_tls_modes_parse_and_validate() {
+        // Default: prefer, like libpq.
+        let c = Config::parse(MIN).unwrap();
+        assert_eq!(c.server_tls_for(&c.nodes[0]).sslmode, SslMode::Prefer);
+        for (text, mode) in [
+            ("disable", SslMode::Disable),
+            ("prefer", SslMode::Prefer),
+            ("require", SslMode::Require),
+            ("verify-ca", SslMode::VerifyCa),
+            ("verify-full", SslMode::VerifyFull),
+        ] {
+            let t =
+                format!("{MIN}[server_tls]\nsslmode = \"{text}\"\nsslrootcert = \"/etc/ca.pem\"\n");
+            let c = Config::parse(&t).unwrap();
+            assert_eq!(c.server_tls_for(&c.nodes[0]).sslmode, mode);
+            assert_eq!(mode.as_str(), text);
+        }
+        let e = Config::parse(&format!("{MIN}[server_tls]\nsslmode = \"always\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("verify-full"), "{e}");
+        // verify-* without a root certificate is refused at load, naming the field.
+        let e = Config::parse(&format!("{MIN}[server_tls]\nsslmode = \"verify-ca\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("server_tls.sslrootcert"), "{e}");
+        // A per-node override wins key by key, and its errors name the node's table.
+        let t = "[server_tls]\nsslmode = \"require\"\n\n[[nodes]]\nname = \"p\"\nport = 5432\n\n[[nodes]]\nname = \"r1\"\nport = 5433\nserver_tls = { sslmode = \"verify-full\" }\n";
+        let e = Config::parse(t).unwrap_err().to_string();
+        assert!(e.contains("nodes.r1.server_tls.sslrootcert"), "{e}");
+        let t = t.replace(
+            "{ sslmode = \"verify-full\" }",
+            "{ sslmode = \"verify-full\", sslrootcert = \"/ca.pem\" }",
+        );
+        let c = Config::parse(&t).unwrap();
+        assert_eq!(c.server_tls_for(&c.nodes[0]).sslmode, SslMode::Require);
+        let r1 = c.server_tls_for(&c.nodes[1]);
+        assert_eq!(r1.sslmode, SslMode::VerifyFull);
+        assert_eq!(r1.sslrootcert.as_deref(), Some(Path::new("/ca.pem")));
+        // A client certificate needs its key.
+        let e = Config::parse(&format!("{MIN}[server_tls]\nsslcert = \"/c.pem\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("server_tls.sslkey"), "{e}");
     }
 
     #[test]

@@ -4,9 +4,9 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use tidemark_cluster::{Cluster, ClusterConfig, ReplicaConfig};
+use tidemark_cluster::{Cluster, ClusterConfig, ReplicaConfig, SslFiles};
 
-use crate::config::{AuthMethod, Config, NodeConfig, UserConfig};
+use crate::config::{AuthMethod, Config, NodeConfig, ServerTlsConfig, SslMode, UserConfig};
 use crate::listener::Proxy;
 
 pub struct DevOptions {
@@ -16,6 +16,33 @@ pub struct DevOptions {
     pub data_dir: Option<PathBuf>,
     pub keep: bool,
     pub metrics_listen: Option<String>,
+    /// Nodes serve TLS only (`ssl = on`, `hostssl` in pg_hba) and tidemark connects to them
+    /// with `sslmode = verify-full` against a throwaway certificate authority.
+    pub server_tls: bool,
+}
+
+/// Certificates for nodes that accept TLS only: a new CA and a server certificate for
+/// `localhost` / `127.0.0.1` written into `dir`, set on `ccfg`. Returns the CA for
+/// `server_tls.sslrootcert`.
+pub fn tls_only_nodes(
+    ccfg: &mut ClusterConfig,
+    dir: &std::path::Path,
+) -> anyhow::Result<crate::tls::DevCerts> {
+    let certs = crate::tls::dev_ca_and_server_cert(dir, &["localhost", "127.0.0.1"])?;
+    ccfg.ssl = Some(SslFiles {
+        cert_file: certs.cert.clone(),
+        key_file: certs.key.clone(),
+    });
+    Ok(certs)
+}
+
+/// `server_tls` settings that verify the nodes fully against `ca`.
+pub fn verify_full(ca: PathBuf) -> ServerTlsConfig {
+    ServerTlsConfig {
+        sslmode: Some(SslMode::VerifyFull),
+        sslrootcert: Some(ca),
+        ..Default::default()
+    }
 }
 
 /// A proxy config for a cluster started by tidemark-cluster: superuser `postgres`, trust.
@@ -27,6 +54,7 @@ pub fn config_for(cluster: &Cluster, listen: &str) -> Config {
             port: cluster.port(i),
             // The harness names each standby after the node in primary_conninfo.
             application_name: None,
+            server_tls: Default::default(),
         })
         .collect();
     let mut cfg =
@@ -54,19 +82,48 @@ pub async fn run(opts: DevOptions) -> anyhow::Result<()> {
     if opts.replicas >= 2 && !opts.replica_delay.is_zero() {
         replicas[1].apply_delay = Some(opts.replica_delay);
     }
-    let ccfg = ClusterConfig {
+    let mut ccfg = ClusterConfig {
         replicas,
         data_dir: opts.data_dir.clone(),
         keep: opts.keep,
         ..ClusterConfig::default()
     };
+    // The nodes' certificates must exist before the cluster (and its directory) does: made
+    // in a scratch directory, the CA then kept in the cluster's.
+    let scratch = std::env::temp_dir().join(format!("tidemark-dev-tls-{}", std::process::id()));
+    let server_certs = if opts.server_tls {
+        std::fs::create_dir_all(&scratch)?;
+        Some(tls_only_nodes(&mut ccfg, &scratch)?)
+    } else {
+        None
+    };
     eprintln!(
-        "tidemark dev: starting a primary and {} replica(s)...",
-        opts.replicas
+        "tidemark dev: starting a primary and {} replica(s){}...",
+        opts.replicas,
+        if opts.server_tls {
+            " (TLS-only: ssl = on, hostssl)"
+        } else {
+            ""
+        }
     );
-    let cluster = tokio::task::spawn_blocking(move || Cluster::start(ccfg)).await??;
+    let started_cluster = tokio::task::spawn_blocking(move || Cluster::start(ccfg)).await?;
+    let ca = match (&server_certs, &started_cluster) {
+        (Some(c), Ok(cluster)) => {
+            let ca = cluster.base_dir().join("tidemark-dev-server-ca.crt");
+            std::fs::copy(&c.ca_cert, &ca)?;
+            Some(ca)
+        }
+        _ => None,
+    };
+    if server_certs.is_some() {
+        let _ = std::fs::remove_dir_all(&scratch);
+    }
+    let cluster = started_cluster?;
     let mut cfg = config_for(&cluster, &opts.listen);
     cfg.metrics.listen = opts.metrics_listen.clone();
+    if let Some(ca) = &ca {
+        cfg.server_tls = verify_full(ca.clone());
+    }
     // TLS with a throwaway self-signed certificate, so clients can try sslmode=require.
     let (cert, key) = crate::tls::self_signed(cluster.base_dir())?;
     cfg.tls.cert_file = Some(cert.clone());
@@ -107,6 +164,12 @@ pub async fn run(opts: DevOptions) -> anyhow::Result<()> {
             "  {:<9} psql \"{}\"{extra}",
             format!("{}:", cluster.node_name(i)),
             cluster.dsn(i)
+        );
+    }
+    if let Some(ca) = &ca {
+        println!(
+            "  nodes:    TLS only (hostssl); tidemark uses server_tls.sslmode = verify-full, sslrootcert = {}",
+            ca.display()
         );
     }
     if let Some(m) = proxy.metrics_addr {

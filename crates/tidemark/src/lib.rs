@@ -8,6 +8,7 @@
 //! - [`listener`]: accepting clients, startup, authentication hand-off, shutdown
 //! - [`session`]: one client's routing units, relaying, LSN capture
 //! - [`client`] / [`server`]: the two sockets of a session
+//! - [`server_tls`]: TLS towards PostgreSQL (`sslmode`), the plain-or-TLS server stream
 //! - [`pool`]: server connection pools
 //! - [`auth`]: client authentication (SCRAM, md5, trust)
 //! - [`check`]: `tidemark check-config`
@@ -36,6 +37,7 @@ pub mod monitor;
 pub mod pace;
 pub mod pool;
 pub mod server;
+pub mod server_tls;
 pub mod session;
 pub mod signals;
 pub mod slots;

@@ -35,7 +35,7 @@ impl Proxy {
         let addr = listener.local_addr()?;
         let metrics_listen = config.metrics.listen.clone();
         let tls = crate::tls::acceptor(&config.tls)?;
-        let app = App::new(config);
+        let app = App::new(config)?;
         app.tls.store(tls.map(Arc::new));
         Monitor::start(app.clone());
         let metrics_addr = match metrics_listen {

@@ -57,6 +57,10 @@ enum Cmd {
         /// Prometheus endpoint and status page address.
         #[arg(long, default_value = "127.0.0.1:9187")]
         metrics_listen: String,
+        /// Nodes accept TLS only (ssl = on, hostssl-only pg_hba, a throwaway CA); tidemark
+        /// connects to them with server_tls.sslmode = verify-full.
+        #[arg(long)]
+        server_tls: bool,
     },
 }
 
@@ -133,6 +137,7 @@ fn main() -> ExitCode {
                 data_dir,
                 keep,
                 metrics_listen,
+                server_tls,
             }) => {
                 tidemark::dev::run(tidemark::dev::DevOptions {
                     listen: cli.listen.unwrap_or_else(|| "127.0.0.1:6432".into()),
@@ -141,6 +146,7 @@ fn main() -> ExitCode {
                     data_dir,
                     keep,
                     metrics_listen: Some(metrics_listen),
+                    server_tls,
                 })
                 .await
             }

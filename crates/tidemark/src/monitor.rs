@@ -11,7 +11,6 @@ use tidemark_core::{
     decide_primary, ClusterView, LagClock, LagGate, Lsn, NodeId, NodeStatus, PrimaryState, Role,
     SyncState,
 };
-use tokio_postgres::NoTls;
 
 use crate::app::App;
 use crate::metrics::NodeMetrics;
@@ -114,26 +113,15 @@ impl Monitor {
             let Some(node) = cfg.nodes.get(i).cloned() else {
                 return;
             };
-            let mut pg = tokio_postgres::Config::new();
-            pg.host(&node.host)
-                .port(node.port)
-                .user(&cfg.monitor.user)
-                .dbname(&cfg.monitor.database)
-                .application_name("tidemark-monitor")
-                .connect_timeout(cfg.monitor.timeout);
-            if let Some(p) = &cfg.monitor.password {
-                pg.password(p);
-            }
-            let conn = tokio::time::timeout(cfg.monitor.timeout, pg.connect(NoTls)).await;
+            let Some(tls) = self.app.node_tls(i) else {
+                return;
+            };
+            let pg = crate::app::monitor_pg_config(&cfg, &node, "tidemark-monitor");
+            let conn = tokio::time::timeout(cfg.monitor.timeout, tls.pg_connect(pg)).await;
             let client = match conn {
-                Ok(Ok((client, connection))) => {
-                    tokio::spawn(async move {
-                        let _ = connection.await;
-                    });
-                    client
-                }
+                Ok(Ok(client)) => client,
                 Ok(Err(e)) => {
-                    self.failed(i, &e.to_string());
+                    self.failed(i, &format!("{e:#}"));
                     self.backoff(i).await;
                     continue;
                 }
@@ -291,6 +279,7 @@ impl Monitor {
     }
 
     fn failed(&self, i: NodeId, why: &str) {
+        self.app.node_errors.lock().insert(i, why.to_string());
         {
             let mut nodes = self.nodes.lock();
             let t = &mut nodes[i];
@@ -306,6 +295,7 @@ impl Monitor {
     }
 
     fn sampled(&self, i: NodeId, s: Sample) {
+        self.app.node_errors.lock().remove(&i);
         {
             let mut nodes = self.nodes.lock();
             let t = &mut nodes[i];

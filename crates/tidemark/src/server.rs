@@ -3,6 +3,7 @@
 //! writing frames, and running tidemark's own small internal queries on it.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
@@ -14,7 +15,9 @@ use tidemark_wire::backend::{
 };
 use tidemark_wire::{Frame, FrameCodec};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+
+use crate::config::SslMode;
+use crate::server_tls::{NodeTls, ServerStream};
 
 /// Where and as whom to connect.
 #[derive(Clone, Debug)]
@@ -25,6 +28,8 @@ pub struct ServerTarget {
     pub user: String,
     pub password: Option<String>,
     pub database: String,
+    /// The node's TLS settings (`server_tls`), shared by its connections.
+    pub tls: Arc<NodeTls>,
 }
 
 /// What went wrong talking to a server.
@@ -41,6 +46,9 @@ pub enum ServerError {
     Io(#[from] std::io::Error),
     #[error("server closed the connection")]
     Closed,
+    /// TLS could not be set up as `server_tls.sslmode` asks (the message names the node).
+    #[error("{0}")]
+    Tls(String),
     #[error("protocol error from server: {0}")]
     Protocol(String),
     #[error("server authentication failed: {0}")]
@@ -63,7 +71,9 @@ impl ServerError {
 
 pub struct ServerConn {
     pub node: NodeId,
-    stream: TcpStream,
+    stream: ServerStream,
+    /// Where this connection goes and how (cancel requests reuse it).
+    pub endpoint: Arc<NodeTls>,
     rbuf: BytesMut,
     codec: FrameCodec,
     /// ParameterStatus values reported at startup.
@@ -86,30 +96,19 @@ pub struct ServerConn {
 impl ServerConn {
     pub async fn connect(t: &ServerTarget, timeout: Duration) -> Result<ServerConn, ServerError> {
         let addr = format!("{}:{}", t.host, t.port);
-        match tokio::time::timeout(timeout, Self::connect_inner(t, &addr)).await {
+        match tokio::time::timeout(timeout, Self::connect_inner(t)).await {
             Ok(r) => r,
             Err(_) => Err(ServerError::ConnectTimeout(addr)),
         }
     }
 
-    async fn connect_inner(t: &ServerTarget, addr: &str) -> Result<ServerConn, ServerError> {
-        let stream = TcpStream::connect(addr)
-            .await
-            .map_err(|source| ServerError::Connect {
-                addr: addr.to_string(),
-                source,
-            })?;
-        stream.set_nodelay(true)?;
-        // Detect a server that vanished without a FIN/RST (power loss, partition).
-        let ka = socket2::TcpKeepalive::new()
-            .with_time(Duration::from_secs(5))
-            .with_interval(Duration::from_secs(1))
-            .with_retries(3);
-        let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&ka);
+    async fn connect_inner(t: &ServerTarget) -> Result<ServerConn, ServerError> {
+        let stream = t.tls.open().await?;
         let now = Instant::now();
         let mut c = ServerConn {
             node: t.node,
             stream,
+            endpoint: t.tls.clone(),
             rbuf: BytesMut::with_capacity(16 * 1024),
             codec: FrameCodec::new(1 << 30),
             params: Vec::new(),
@@ -132,7 +131,9 @@ impl ServerConn {
             &mut buf,
         )?;
         c.stream.write_all(&buf).await?;
-        c.authenticate(t).await?;
+        if let Err(e) = c.authenticate(t).await {
+            return Err(c.explain_auth_error(e));
+        }
         loop {
             let f = c.recv().await?;
             match f.backend() {
@@ -161,6 +162,29 @@ impl ServerConn {
                 }
             }
         }
+    }
+
+    /// A pg_hba refusal of an unencrypted connection names the sslmode that caused it.
+    fn explain_auth_error(&self, e: ServerError) -> ServerError {
+        match e {
+            ServerError::Auth(m) if !self.stream.is_tls() && m.contains("no encryption") => {
+                let ep = &self.endpoint;
+                let why = match ep.mode {
+                    SslMode::Disable => "server_tls.sslmode is disable".to_string(),
+                    mode => format!("the server did not offer TLS (server_tls.sslmode is {mode})"),
+                };
+                ServerError::Auth(format!(
+                    "{m}: {} accepts only TLS connections but {why}",
+                    ep.label()
+                ))
+            }
+            e => e,
+        }
+    }
+
+    /// True when this connection runs over TLS.
+    pub fn is_tls(&self) -> bool {
+        self.stream.is_tls()
     }
 
     async fn authenticate(&mut self, t: &ServerTarget) -> Result<(), ServerError> {
@@ -313,13 +337,7 @@ impl ServerConn {
         if !self.rbuf.is_empty() {
             return true;
         }
-        let mut probe = [0u8; 1];
-        match self.stream.try_read(&mut probe) {
-            Ok(0) => true,
-            Ok(_) => true,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => false,
-            Err(_) => true,
-        }
+        self.stream.poll_unexpected(&mut self.rbuf)
     }
 
     /// Runs an internal simple query and returns the first column of each row, swallowing
@@ -381,10 +399,6 @@ impl ServerConn {
     pub async fn terminate(mut self) {
         let _ = self.stream.write_all(&[b'X', 0, 0, 0, 4]).await;
     }
-
-    pub fn stream_mut(&mut self) -> &mut TcpStream {
-        &mut self.stream
-    }
 }
 
 fn fallible_next<'a>(
@@ -401,9 +415,11 @@ pub fn server_error(f: &Frame) -> ServerError {
     }
 }
 
-/// Sends a CancelRequest for a backend.
-pub async fn cancel(host: &str, port: u16, pid: i32, secret: i32) -> std::io::Result<()> {
-    let mut s = TcpStream::connect((host, port)).await?;
+/// Sends a CancelRequest for a backend, over a new connection that negotiates TLS as the
+/// node's `server_tls.sslmode` says (PostgreSQL accepts a cancel either way: pg_hba does not
+/// apply to it, but `require` means nothing goes over the network in clear).
+pub async fn cancel(node: &NodeTls, pid: i32, secret: i32) -> Result<(), ServerError> {
+    let mut s = node.open().await?;
     let mut b = BytesMut::new();
     pgfe::cancel_request(pid, secret, &mut b);
     s.write_all(&b).await?;

@@ -80,9 +80,10 @@ impl Cluster {
         os::write_owned(&conf_path, &conf, env.run_as)?;
         os::write_owned(
             &primary.dir.join("pg_hba.conf"),
-            &pgconf::hba_conf(),
+            &pgconf::hba_conf(cfg.ssl.is_some()),
             env.run_as,
         )?;
+        install_ssl_files(cfg, &primary.dir, env.run_as)?;
         start_with_port_retry(&env, 0, &mut primary, None)?;
         let primary_port = primary.port;
         self.nodes.push(primary);
@@ -108,7 +109,7 @@ impl Cluster {
                 .enumerate()
                 .map(|(k, (rcfg, name))| {
                     let env = &env;
-                    scope.spawn(move || make_replica(env, k + 1, name, rcfg, primary_port))
+                    scope.spawn(move || make_replica(env, cfg, k + 1, name, rcfg, primary_port))
                 })
                 .collect();
             handles
@@ -190,6 +191,7 @@ fn new_node(env: &Env, i: usize, name: String) -> Result<Node, ClusterError> {
 /// Base backup of the primary into node `i`, configured as a streaming replica and started.
 fn make_replica(
     env: &Env,
+    cfg: &ClusterConfig,
     i: usize,
     name: &str,
     rcfg: &ReplicaConfig,
@@ -220,8 +222,30 @@ fn make_replica(
         env.run_as,
     )?;
     os::chmod_700(&node.dir)?;
+    // pg_basebackup copied them; written again so the key's mode is certainly 0600.
+    install_ssl_files(cfg, &node.dir, env.run_as)?;
     start_with_port_retry(env, i, &mut node, Some(rcfg))?;
     Ok(node)
+}
+
+/// Copies the configured TLS certificate and key into a data directory (mode 0600).
+fn install_ssl_files(
+    cfg: &ClusterConfig,
+    dir: &Path,
+    run_as: Option<os::RunAs>,
+) -> Result<(), ClusterError> {
+    let Some(ssl) = &cfg.ssl else {
+        return Ok(());
+    };
+    for (from, name) in [
+        (&ssl.cert_file, pgconf::SSL_CERT),
+        (&ssl.key_file, pgconf::SSL_KEY),
+    ] {
+        let bytes = std::fs::read(from)
+            .map_err(|e| ClusterError::io(format!("read {}", from.display()), e))?;
+        os::write_private(&dir.join(name), &bytes, run_as)?;
+    }
+    Ok(())
 }
 
 /// Creates or validates the base directory; returns it (absolute) and whether we created it.

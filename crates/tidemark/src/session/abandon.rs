@@ -10,11 +10,7 @@ pub(super) const ABANDON_DRAIN: Duration = Duration::from_secs(1);
 /// extended unit, cancels a running statement (waiting until the server has the signal, so it
 /// can never hit a later client's statement), reads everything owed, rolls back. False when
 /// the connection cannot be reused.
-pub(super) async fn recover_abandoned(
-    app: &App,
-    node: NodeId,
-    conn: &mut crate::server::ServerConn,
-) -> bool {
+pub(super) async fn recover_abandoned(conn: &mut crate::server::ServerConn) -> bool {
     use tidemark_wire::Phase;
     if conn.proto.phase() == Phase::Lost || conn.broken {
         return false;
@@ -30,14 +26,8 @@ pub(super) async fn recover_abandoned(
         return false;
     }
     if conn.proto.owed() > 0 {
-        let target = {
-            let cfg = app.config.load();
-            cfg.nodes.get(node).map(|n| (n.host.clone(), n.port))
-        };
-        let Some((host, port)) = target else {
-            return false;
-        };
-        if crate::server::cancel(&host, port, conn.backend_pid, conn.backend_secret)
+        let ep = conn.endpoint.clone();
+        if crate::server::cancel(&ep, conn.backend_pid, conn.backend_secret)
             .await
             .is_err()
         {
@@ -83,13 +73,9 @@ impl Session {
             // transaction: cancel what runs, read what is owed and roll back, within a bound;
             // the pool only takes the connection back if that leaves it idle.
             let phase = att.conn.conn.proto.phase();
-            let node = att.node;
-            let ok = tokio::time::timeout(
-                ABANDON_DRAIN,
-                recover_abandoned(&self.app, node, &mut att.conn.conn),
-            )
-            .await
-            .unwrap_or(false);
+            let ok = tokio::time::timeout(ABANDON_DRAIN, recover_abandoned(&mut att.conn.conn))
+                .await
+                .unwrap_or(false);
             tracing::debug!(
                 client = self.pid,
                 ?phase,

@@ -5,6 +5,15 @@ use super::*;
 /// Most prepared statements one server connection keeps before tidemark deallocates them.
 pub(super) const MAX_PREPARED_PER_SERVER: usize = 5000;
 pub(super) fn unavailable_error(u: &Unavailable, app: &App) -> ErrorFields {
+    let e = unavailable_error_fields(u, app);
+    match (u, app.node_errors_detail()) {
+        (Unavailable::SplitBrain(_), _) | (_, None) => e,
+        (_, Some(why)) if e.detail.is_none() => e.with_detail(why),
+        (_, Some(_)) => e,
+    }
+}
+
+fn unavailable_error_fields(u: &Unavailable, app: &App) -> ErrorFields {
     match u {
         Unavailable::SplitBrain(ids) => {
             let names: Vec<String> = ids.iter().map(|i| app.node_name(*i)).collect();

@@ -501,22 +501,7 @@ impl Session {
         )
         .map_err(|e| RelayError::Client(e.into()))?;
         *self.cancel_slot.lock() = Some(CancelTarget {
-            host: self
-                .app
-                .config
-                .load()
-                .nodes
-                .get(att.node)
-                .map(|n| n.host.clone())
-                .unwrap_or_default(),
-            port: self
-                .app
-                .config
-                .load()
-                .nodes
-                .get(att.node)
-                .map(|n| n.port)
-                .unwrap_or_default(),
+            node: conn.endpoint.clone(),
             pid: conn.backend_pid,
             secret: conn.backend_secret,
         });
