@@ -51,7 +51,13 @@ pub async fn run(path: &Path, connect: bool) -> u8 {
 /// (database `monitor.database`); prints one line per attempt, returns how many failed.
 async fn connect_all(cfg: Config) -> usize {
     let timeout = cfg.pool.connect_timeout.max(Duration::from_millis(100));
-    let app = App::new(cfg.clone());
+    let app = match App::new(cfg.clone()) {
+        Ok(app) => app,
+        Err(e) => {
+            println!("failed: {e:#}");
+            return 1;
+        }
+    };
     let mut failed = 0;
     for (i, n) in cfg.nodes.iter().enumerate() {
         let at = format!("node {} ({}:{})", n.name, n.host, n.port);
@@ -88,6 +94,14 @@ async fn connect_all(cfg: Config) -> usize {
                 user: u.name.clone(),
                 password,
                 database: cfg.monitor.database.clone(),
+                tls: match app.node_tls(i) {
+                    Some(t) => t,
+                    None => {
+                        failed += 1;
+                        println!("{at} user {}: failed: no TLS settings for the node", u.name);
+                        continue;
+                    }
+                },
             };
             match ServerConn::connect(&target, timeout).await {
                 Ok(conn) => {

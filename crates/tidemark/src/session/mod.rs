@@ -6,8 +6,8 @@
 //!
 //! Routing rules live in `tidemark_core::route`; the session only carries them out.
 //!
-//! This file is the client loop (`run`, `next_message`, `next_unit`, `run_unit`, `execute`).
-//! One part per concern beside it:
+//! This file is the client loop (`run`, `run_unit`, `execute`). One part per concern beside it:
+//! - `intake`: client input, decoded once (`next_message`), and collecting a unit (`next_unit`);
 //! - `statements`: classifying a unit, the client's prepared statements;
 //! - `settings`: SETs and startup parameters replayed per client, `SET/SHOW tidemark.*`;
 //! - `signals`: `pg_terminate_backend`/`pg_cancel_backend` on tidemark pids;
@@ -43,6 +43,7 @@ use crate::server::ServerError;
 
 mod abandon;
 mod commit;
+mod intake;
 mod placement;
 mod relay;
 mod rewrite;
@@ -362,185 +363,6 @@ impl Session {
                 None => return Ok(()),
             };
             self.run_unit(unit).await?;
-        }
-    }
-
-    /// Keeps a decoded message that ends the unit being collected for the next one.
-    fn hold_for_next_unit(&mut self, m: ClientMessage) {
-        debug_assert!(self.held.is_none());
-        self.held = Some(m);
-    }
-
-    /// The next client message, decoded (the one place client messages are decoded):
-    /// malformed input ends this client only.
-    async fn next_message(
-        &mut self,
-        shutdown: &mut tokio::sync::watch::Receiver<bool>,
-    ) -> SResult<Option<ClientMessage>> {
-        if let Some(m) = self.held.take() {
-            return Ok(Some(m));
-        }
-        Ok(match self.next_frame(shutdown).await? {
-            Some(f) => Some(ClientMessage::decode(f)?),
-            None => None,
-        })
-    }
-
-    async fn next_frame(
-        &mut self,
-        shutdown: &mut tokio::sync::watch::Receiver<bool>,
-    ) -> SResult<Option<Frame>> {
-        if let Some(f) = self.pending.pop_front() {
-            self.pending_bytes -= f.len();
-            return Ok(Some(f));
-        }
-        loop {
-            if let Some(f) = self.io.try_frame()? {
-                return Ok(Some(f));
-            }
-            let idle = self.attached.is_none() && self.tx_status == TxStatus::Idle;
-            // Between units a held server connection (open transaction, pinned session) is
-            // idle: whatever it sends now (LISTEN notifications, notices, a FATAL on
-            // timeout or termination) goes to the client at once.
-            let watch_server = !self.unit_open;
-            let io = &mut self.io;
-            let server = self.attached.as_mut().map(|a| &mut a.conn.conn);
-            enum Event {
-                Client(Result<(), ClientError>),
-                Server(Result<Frame, ServerError>),
-                Shutdown,
-                Killed,
-            }
-            let kill = &self.kill;
-            let ev = tokio::select! {
-                _ = kill.notified() => Event::Killed,
-                r = io.fill() => Event::Client(r),
-                r = async {
-                    match server {
-                        Some(c) => c.recv().await,
-                        None => std::future::pending().await,
-                    }
-                }, if watch_server => Event::Server(r),
-                _ = shutdown.changed(), if idle => Event::Shutdown,
-            };
-            match ev {
-                Event::Client(r) => r?,
-                Event::Killed => {
-                    self.io.send(&terminated().to_error()).await?;
-                    return Err(ClientError::Closed);
-                }
-                Event::Shutdown => {
-                    let f = ErrorFields::fatal(
-                        "57P01",
-                        "terminating connection: tidemark is shutting down",
-                    );
-                    self.io.send(&f.to_error()).await?;
-                    return Ok(None);
-                }
-                Event::Server(Ok(f)) if matches!(f.tag(), b'A' | b'N' | b'S') => {
-                    if f.tag() == b'S' {
-                        if let Ok((k, v)) = be::parse_parameter_status(&f) {
-                            self.params.insert(k, v);
-                        }
-                    }
-                    let f = match &self.attached {
-                        Some(a) if f.tag() == b'A' && !self.real_pid => {
-                            own_notification(&f, a.conn.conn.backend_pid, self.pid)
-                        }
-                        _ => f,
-                    };
-                    self.io.send(&f).await?;
-                }
-                Event::Server(r) => {
-                    // The held connection failed or ended (terminated backend,
-                    // idle_in_transaction_session_timeout, crash): its transaction and session
-                    // state are gone. As PostgreSQL does, the client's session ends with the
-                    // server's FATAL (or 08006 when the server said nothing).
-                    let mut e = match r {
-                        Ok(f) => match ErrorFields::parse(&f) {
-                            Ok(e) => e,
-                            Err(_) => ErrorFields::error(
-                                "08006",
-                                "the server connection sent an unexpected message",
-                            ),
-                        },
-                        Err(e) => {
-                            ErrorFields::error("08006", format!("server connection lost: {e}"))
-                        }
-                    };
-                    e.severity = "FATAL".into();
-                    if let Some(mut a) = self.attached.take() {
-                        a.conn.conn.broken = true;
-                    }
-                    tracing::warn!(client = self.pid, sqlstate = %e.code, message = %e.message, "held server connection ended between statements; ending the client session");
-                    crate::metrics::error(&e.code);
-                    self.io.send(&e.to_error()).await?;
-                    return Err(ClientError::Closed);
-                }
-            }
-        }
-    }
-
-    /// Collects the next routing unit.
-    async fn next_unit(
-        &mut self,
-        shutdown: &mut tokio::sync::watch::Receiver<bool>,
-    ) -> SResult<Option<Unit>> {
-        let mut msgs: Vec<ClientMessage> = Vec::new();
-        let mut bytes = 0;
-        loop {
-            let Some(m) = self.next_message(shutdown).await? else {
-                return Ok(None);
-            };
-            bytes += m.frame.len();
-            let end = match &m.msg {
-                FrontendMessage::Terminate => {
-                    if msgs.is_empty() {
-                        return Ok(None);
-                    }
-                    // Run what came before, then stop.
-                    self.hold_for_next_unit(m);
-                    return Ok(Some(Unit {
-                        msgs,
-                        end: UnitEnd::Size,
-                    }));
-                }
-                FrontendMessage::Query(_) | FrontendMessage::NonUtf8 { simple: true, .. }
-                    if msgs.is_empty() =>
-                {
-                    Some(UnitEnd::Query)
-                }
-                FrontendMessage::FunctionCall if msgs.is_empty() => Some(UnitEnd::Func),
-                FrontendMessage::Query(_)
-                | FrontendMessage::NonUtf8 { simple: true, .. }
-                | FrontendMessage::FunctionCall => {
-                    // A simple query after unsynced extended messages: finish those first.
-                    self.hold_for_next_unit(m);
-                    return Ok(Some(Unit {
-                        msgs,
-                        end: UnitEnd::Size,
-                    }));
-                }
-                FrontendMessage::Sync => Some(UnitEnd::Sync),
-                FrontendMessage::Flush => Some(UnitEnd::Flush),
-                FrontendMessage::Password => {
-                    return Err(ClientError::Protocol(tidemark_wire::WireError::Malformed {
-                        tag: 'p',
-                        what: "password message outside authentication",
-                    }))
-                }
-                _ => None,
-            };
-            msgs.push(m);
-            if let Some(end) = end {
-                return Ok(Some(Unit { msgs, end }));
-            }
-            if bytes > MAX_UNIT_BYTES {
-                return Ok(Some(Unit {
-                    msgs,
-                    end: UnitEnd::Size,
-                }));
-            }
         }
     }
 
