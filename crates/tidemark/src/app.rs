@@ -12,8 +12,9 @@ use tidemark_core::{ClusterView, KeyStore, MemoryKeyStore, NodeId};
 use tidemark_sql::{Classifier, FunctionPolicy};
 use tokio::sync::Notify;
 
-use crate::auth::ScramSecret;
+use crate::auth::{ClientKey, ScramSecret};
 use crate::config::Config;
+use crate::passthrough::{KeySlot, ScramKeys};
 use crate::pool::{Pool, PoolKey, Pools};
 use crate::server::ServerTarget;
 
@@ -68,6 +69,8 @@ pub struct App {
     pub keys: Arc<dyn KeyStore>,
     pub pools: Pools,
     scram: Mutex<HashMap<String, Arc<ScramSecret>>>,
+    /// SCRAM pass-through: each user's last ClientKey, shared with that user's pools.
+    key_slots: Mutex<HashMap<String, Arc<KeySlot>>>,
     clients: Mutex<HashMap<i32, ClientEntry>>,
     next_pid: AtomicI32,
     pub balance: AtomicU64,
@@ -102,6 +105,7 @@ impl App {
             keys,
             pools: Pools::default(),
             scram: Mutex::new(HashMap::new()),
+            key_slots: Mutex::new(HashMap::new()),
             clients: Mutex::new(HashMap::new()),
             next_pid: AtomicI32::new(FIRST_CLIENT_PID),
             balance: AtomicU64::new(0),
@@ -125,6 +129,34 @@ impl App {
             if let Some(s) = ScramSecret::for_user(u) {
                 m.insert(u.name.clone(), Arc::new(s));
             }
+        }
+        // A ClientKey is kept only while it still matches the user's verifier; a user that
+        // left the config loses it.
+        for (name, slot) in self.key_slots.lock().iter() {
+            let keep = uses_passthrough(&cfg, name)
+                .then(|| m.get(name).cloned())
+                .flatten();
+            slot.keep_only(keep.as_deref());
+        }
+    }
+
+    /// The pass-through key slot of `user` (created empty on first use).
+    pub fn key_slot(&self, user: &str) -> Arc<KeySlot> {
+        self.key_slots
+            .lock()
+            .entry(user.to_string())
+            .or_default()
+            .clone()
+    }
+
+    /// Keeps the ClientKey a SCRAM login revealed, if this user's server connections use
+    /// pass-through (no plaintext password towards the servers); otherwise it is dropped.
+    pub fn remember_client_key(&self, user: &str, secret: &ScramSecret, key: ClientKey) {
+        if uses_passthrough(&self.config.load(), user) {
+            self.key_slot(user).set(ScramKeys {
+                secret: secret.clone(),
+                client_key: key,
+            });
         }
     }
 
@@ -152,6 +184,7 @@ impl App {
                     .filter(|p| !p.starts_with("SCRAM-SHA-256$"))
             })
         });
+        let keys = uses_passthrough(&cfg, user).then(|| self.key_slot(user));
         Some(self.pools.get_or_create(key.clone(), || {
             Pool::new(
                 key,
@@ -163,6 +196,7 @@ impl App {
                     user: user.to_string(),
                     password,
                     database: database.to_string(),
+                    keys,
                 },
                 cfg.pool.clone(),
             )
@@ -324,6 +358,17 @@ impl App {
             }
         }
     }
+}
+
+/// True when `user`'s server connections log in with its ClientKey: a configured user whose
+/// password is a SCRAM verifier and who has no `server_password`.
+pub fn uses_passthrough(cfg: &Config, user: &str) -> bool {
+    cfg.user(user).is_some_and(|u| {
+        u.server_password.is_none()
+            && u.password
+                .as_deref()
+                .is_some_and(|p| p.starts_with("SCRAM-SHA-256$"))
+    })
 }
 
 fn initial_view(cfg: &Config) -> ClusterView {

@@ -9,6 +9,7 @@
 //! - [`client`] / [`server`]: the two sockets of a session
 //! - [`pool`]: server connection pools
 //! - [`auth`]: client authentication (SCRAM, md5, trust)
+//! - [`passthrough`]: SCRAM pass-through to the servers with a client's ClientKey
 //! - [`monitor`]: node polling and the published cluster view
 //! - [`pace`]: the monitor's poll pace, which a commit speeds up
 //! - [`metrics`]: Prometheus metrics and the last minute's per-second counters
@@ -30,6 +31,7 @@ pub mod listener;
 pub mod metrics;
 pub mod monitor;
 pub mod pace;
+pub mod passthrough;
 pub mod pool;
 pub mod server;
 pub mod session;

@@ -434,7 +434,12 @@ async fn serve(
     )
     .await;
     match auth {
-        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Ok(key))) => {
+            // A SCRAM login's ClientKey, kept for pass-through to the servers.
+            if let (Some(key), Some(secret)) = (key, secret) {
+                app.remember_client_key(&user, &secret, key);
+            }
+        }
         Ok(Ok(Err(e))) => {
             tracing::info!(peer = %peer, user = %user, sqlstate = %e.code, "login refused: {}", e.message);
             return refuse(&mut io, e).await;
