@@ -71,6 +71,8 @@ pub struct App {
     scram: Mutex<HashMap<String, Arc<ScramSecret>>>,
     /// SCRAM pass-through: each user's last ClientKey, shared with that user's pools.
     key_slots: Mutex<HashMap<String, Arc<KeySlot>>>,
+    /// `[auth]` lookups of users not in `[[users]]` and their cache.
+    pub auth_query: crate::auth_query::AuthQuery,
     clients: Mutex<HashMap<i32, ClientEntry>>,
     next_pid: AtomicI32,
     pub balance: AtomicU64,
@@ -106,6 +108,7 @@ impl App {
             pools: Pools::default(),
             scram: Mutex::new(HashMap::new()),
             key_slots: Mutex::new(HashMap::new()),
+            auth_query: Default::default(),
             clients: Mutex::new(HashMap::new()),
             next_pid: AtomicI32::new(FIRST_CLIENT_PID),
             balance: AtomicU64::new(0),
@@ -131,13 +134,16 @@ impl App {
             }
         }
         // A ClientKey is kept only while it still matches the user's verifier; a user that
-        // left the config loses it.
+        // left the config loses it (auth_query users keep theirs: the next login replaces it).
         for (name, slot) in self.key_slots.lock().iter() {
-            let keep = uses_passthrough(&cfg, name)
-                .then(|| m.get(name).cloned())
-                .flatten();
-            slot.keep_only(keep.as_deref());
+            if cfg.user(name).is_some() || !cfg.auth.enabled() {
+                let keep = uses_passthrough(&cfg, name)
+                    .then(|| m.get(name).cloned())
+                    .flatten();
+                slot.keep_only(keep.as_deref());
+            }
         }
+        self.auth_query.clear();
     }
 
     /// The pass-through key slot of `user` (created empty on first use).
@@ -361,14 +367,18 @@ impl App {
 }
 
 /// True when `user`'s server connections log in with its ClientKey: a configured user whose
-/// password is a SCRAM verifier and who has no `server_password`.
+/// password is a SCRAM verifier and who has no `server_password`, or (auth_query) a user
+/// not in `[[users]]`.
 pub fn uses_passthrough(cfg: &Config, user: &str) -> bool {
-    cfg.user(user).is_some_and(|u| {
-        u.server_password.is_none()
-            && u.password
-                .as_deref()
-                .is_some_and(|p| p.starts_with("SCRAM-SHA-256$"))
-    })
+    match cfg.user(user) {
+        Some(u) => {
+            u.server_password.is_none()
+                && u.password
+                    .as_deref()
+                    .is_some_and(|p| p.starts_with("SCRAM-SHA-256$"))
+        }
+        None => cfg.auth.enabled(),
+    }
 }
 
 fn initial_view(cfg: &Config) -> ClusterView {

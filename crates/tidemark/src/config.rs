@@ -32,6 +32,9 @@ pub struct Config {
     pub metrics: MetricsConfig,
     #[serde(default)]
     pub tls: TlsConfig,
+    /// `[auth]`: look up users not in `[[users]]` on the primary (auth_query).
+    #[serde(default)]
+    pub auth: crate::auth_query::AuthQueryConfig,
     /// Log filter (`info`, `debug`, `tidemark=debug,warn`, ...); `RUST_LOG` overrides it.
     #[serde(default)]
     pub log_level: Option<String>,
@@ -294,7 +297,7 @@ fn default_auth() -> AuthMethod {
 }
 
 /// Durations written as `200ms`, `2s`, `1m`.
-mod humantime_serde_compat {
+pub(crate) mod humantime_serde_compat {
     use serde::{Deserialize, Deserializer};
     use std::time::Duration;
 
@@ -414,6 +417,7 @@ impl Config {
                 );
             }
         }
+        self.auth.validate()?;
         for a in &self.admin_users {
             if self.user(a).is_none() {
                 bail!("admin_users: '{a}' is not one of the [[users]]");

@@ -10,6 +10,7 @@
 //! - [`pool`]: server connection pools
 //! - [`auth`]: client authentication (SCRAM, md5, trust)
 //! - [`passthrough`]: SCRAM pass-through to the servers with a client's ClientKey
+//! - [`auth_query`]: looking up users not in `[[users]]` on the primary
 //! - [`monitor`]: node polling and the published cluster view
 //! - [`pace`]: the monitor's poll pace, which a commit speeds up
 //! - [`metrics`]: Prometheus metrics and the last minute's per-second counters
@@ -22,6 +23,7 @@
 pub mod admin;
 pub mod app;
 pub mod auth;
+pub mod auth_query;
 pub mod client;
 pub mod config;
 #[cfg(feature = "dev")]
