@@ -139,7 +139,7 @@ pub fn recover_client_key(
     for i in 0..32 {
         key.0[i] = proof[i] ^ client_signature[i];
     }
-    let stored: [u8; 32] = Sha256::digest(key.0).into();
+    let stored: [u8; 32] = Sha256::digest(key.0.as_slice()).into();
     constant_time_eq(&stored, &secret.stored_key).then_some(key)
 }
 
