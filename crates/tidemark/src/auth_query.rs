@@ -283,6 +283,24 @@ mod tests {
         assert!(q.cached("a", Duration::ZERO).is_none());
     }
 
+    /// The README's credentials example loads as it is.
+    #[test]
+    fn readme_credentials_example_loads() {
+        let readme = include_str!("../../../README.md");
+        let section = &readme[readme
+            .find("### Credentials without plaintext passwords")
+            .expect("the README section")..];
+        let start = section.find("```toml\n").expect("its toml block") + 8;
+        let len = section[start..].find("```").expect("its end");
+        let c = crate::config::Config::parse(&section[start..start + len])
+            .expect("the README's credentials example parses");
+        assert_eq!(c.auth.user.as_deref(), Some("tidemark_auth"));
+        assert_eq!(c.auth.cache_ttl, Duration::from_secs(60));
+        assert!(crate::app::uses_passthrough(&c, "app"));
+        assert!(crate::app::uses_passthrough(&c, "someone_else"));
+        assert!(ScramSecret::parse(c.users[0].password.as_deref().unwrap_or_default()).is_some());
+    }
+
     #[test]
     fn the_query_must_take_the_user_as_1() {
         let mut c = AuthQueryConfig {

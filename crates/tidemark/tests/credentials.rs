@@ -216,6 +216,12 @@ async fn auth_query_logs_in_users_that_are_not_configured() {
            CREATE ROLE tidemark_auth LOGIN SUPERUSER PASSWORD 'authpw';
            CREATE ROLE aq LOGIN PASSWORD 'aqpw';
            CREATE ROLE "o'x" LOGIN PASSWORD 'qpw';
+           CREATE ROLE tidemark_fn LOGIN PASSWORD 'fnpw';
+           CREATE FUNCTION public.tidemark_lookup(i_user text, OUT usename name, OUT passwd text)
+             RETURNS record LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog AS
+             $$ SELECT usename, passwd FROM pg_catalog.pg_shadow WHERE usename = i_user $$;
+           REVOKE ALL ON FUNCTION public.tidemark_lookup(text) FROM PUBLIC;
+           GRANT EXECUTE ON FUNCTION public.tidemark_lookup(text) TO tidemark_fn;
            SET password_encryption = 'md5';
            CREATE ROLE old LOGIN PASSWORD 'oldpw'"#,
     )
@@ -271,4 +277,20 @@ async fn auth_query_logs_in_users_that_are_not_configured() {
     assert_eq!(db.code(), &SqlState::CONNECTION_FAILURE, "{db:?}");
     assert!(db.message().contains("auth_query"), "{}", db.message());
     broken.shutdown().await;
+
+    // docs/security.md's lookup role: no superuser, only a SECURITY DEFINER function.
+    let least = proxy_for(&cluster, |c| {
+        c.auth.user = Some("tidemark_fn".into());
+        c.auth.password = Some("fnpw".into());
+        c.auth.query = "SELECT usename, passwd FROM public.tidemark_lookup($1)".into();
+    })
+    .await;
+    let c = login(&dsn(&least, "aq", "aqpw")).await.expect("aq logs in");
+    assert_eq!(scalar(&c, "SELECT current_user").await, "aq");
+    let e = login(&dsn(&least, "x' OR '1'='1", "aqpw"))
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(code(&e), Some(&SqlState::INVALID_PASSWORD), "{e}");
+    least.shutdown().await;
 }
