@@ -12,8 +12,9 @@ use tidemark_core::{ClusterView, KeyStore, MemoryKeyStore, NodeId};
 use tidemark_sql::{Classifier, FunctionPolicy};
 use tokio::sync::Notify;
 
-use crate::auth::ScramSecret;
+use crate::auth::{ClientKey, ScramSecret};
 use crate::config::Config;
+use crate::passthrough::{KeySlot, ScramKeys};
 use crate::pool::{Pool, PoolKey, Pools};
 use crate::server::ServerTarget;
 
@@ -68,6 +69,10 @@ pub struct App {
     pub keys: Arc<dyn KeyStore>,
     pub pools: Pools,
     scram: Mutex<HashMap<String, Arc<ScramSecret>>>,
+    /// SCRAM pass-through: each user's last ClientKey, shared with that user's pools.
+    key_slots: Mutex<HashMap<String, Arc<KeySlot>>>,
+    /// `[auth]` lookups of users not in `[[users]]` and their cache.
+    pub auth_query: crate::auth_query::AuthQuery,
     clients: Mutex<HashMap<i32, ClientEntry>>,
     next_pid: AtomicI32,
     pub balance: AtomicU64,
@@ -110,6 +115,8 @@ impl App {
             keys,
             pools: Pools::default(),
             scram: Mutex::new(HashMap::new()),
+            key_slots: Mutex::new(HashMap::new()),
+            auth_query: Default::default(),
             clients: Mutex::new(HashMap::new()),
             next_pid: AtomicI32::new(FIRST_CLIENT_PID),
             balance: AtomicU64::new(0),
@@ -157,6 +164,37 @@ impl App {
                 m.insert(u.name.clone(), Arc::new(s));
             }
         }
+        // A ClientKey is kept only while it still matches the user's verifier; a user that
+        // left the config loses it (auth_query users keep theirs: the next login replaces it).
+        for (name, slot) in self.key_slots.lock().iter() {
+            if cfg.user(name).is_some() || !cfg.auth.enabled() {
+                let keep = uses_passthrough(&cfg, name)
+                    .then(|| m.get(name).cloned())
+                    .flatten();
+                slot.keep_only(keep.as_deref());
+            }
+        }
+        self.auth_query.clear();
+    }
+
+    /// The pass-through key slot of `user` (created empty on first use).
+    pub fn key_slot(&self, user: &str) -> Arc<KeySlot> {
+        self.key_slots
+            .lock()
+            .entry(user.to_string())
+            .or_default()
+            .clone()
+    }
+
+    /// Keeps the ClientKey a SCRAM login revealed, if this user's server connections use
+    /// pass-through (no plaintext password towards the servers); otherwise it is dropped.
+    pub fn remember_client_key(&self, user: &str, secret: &ScramSecret, key: ClientKey) {
+        if uses_passthrough(&self.config.load(), user) {
+            self.key_slot(user).set(ScramKeys {
+                secret: secret.clone(),
+                client_key: key,
+            });
+        }
     }
 
     /// The SCRAM secret an unknown user is challenged with (no password matches it).
@@ -184,6 +222,7 @@ impl App {
                     .filter(|p| !p.starts_with("SCRAM-SHA-256$"))
             })
         });
+        let keys = uses_passthrough(&cfg, user).then(|| self.key_slot(user));
         Some(self.pools.get_or_create(key.clone(), || {
             Pool::new(
                 key,
@@ -196,6 +235,7 @@ impl App {
                     password,
                     database: database.to_string(),
                     tls,
+                    keys,
                 },
                 cfg.pool.clone(),
             )
@@ -366,6 +406,21 @@ pub fn monitor_pg_config(
         pg.password(p);
     }
     pg
+}
+
+/// True when `user`'s server connections log in with its ClientKey: a configured user whose
+/// password is a SCRAM verifier and who has no `server_password`, or (auth_query) a user
+/// not in `[[users]]`.
+pub fn uses_passthrough(cfg: &Config, user: &str) -> bool {
+    match cfg.user(user) {
+        Some(u) => {
+            u.server_password.is_none()
+                && u.password
+                    .as_deref()
+                    .is_some_and(|p| p.starts_with("SCRAM-SHA-256$"))
+        }
+        None => cfg.auth.enabled(),
+    }
 }
 
 fn initial_view(cfg: &Config) -> ClusterView {

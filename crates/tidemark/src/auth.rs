@@ -5,6 +5,9 @@
 //! the client side, and no well-kept crate offers a PostgreSQL-compatible SCRAM server.
 //! It follows RFC 5802/7677 as PostgreSQL does (no channel binding; the username in the
 //! client-first message is ignored, as PostgreSQL ignores it).
+//!
+//! A successful SCRAM login also yields the client's ClientKey (recovered from its proof),
+//! which [`crate::passthrough`] reuses to log in to the servers without a plaintext password.
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
@@ -29,14 +32,14 @@ pub struct ScramSecret {
     pub server_key: [u8; 32],
 }
 
-fn hmac(key: &[u8], data: &[u8]) -> [u8; 32] {
+pub(crate) fn hmac(key: &[u8], data: &[u8]) -> [u8; 32] {
     // HMAC accepts keys of any length, so this cannot fail.
     let mut m = <HmacSha256 as Mac>::new_from_slice(key).unwrap_or_else(|_| unreachable!());
     m.update(data);
     m.finalize().into_bytes().into()
 }
 
-fn salted_password(password: &[u8], salt: &[u8], iterations: u32) -> [u8; 32] {
+pub(crate) fn salted_password(password: &[u8], salt: &[u8], iterations: u32) -> [u8; 32] {
     // SCRAM's Hi() is PBKDF2-HMAC-SHA-256 with a 32-byte output (RFC 5802, 7677).
     let mut out = [0u8; 32];
     pbkdf2::pbkdf2_hmac::<Sha256>(password, salt, iterations, &mut out);
@@ -89,8 +92,59 @@ impl ScramSecret {
     }
 }
 
+/// A client's SCRAM ClientKey (HMAC(SaltedPassword, "Client Key")): whoever holds it can log
+/// in as that user wherever the same verifier is stored, so it is never logged (no `Debug`
+/// output) and its bytes are overwritten when it is dropped.
+pub struct ClientKey([u8; 32]);
+
+impl ClientKey {
+    pub fn new(bytes: [u8; 32]) -> ClientKey {
+        ClientKey(bytes)
+    }
+
+    pub(crate) fn bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for ClientKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ClientKey(..)")
+    }
+}
+
+impl Drop for ClientKey {
+    fn drop(&mut self) {
+        for b in self.0.iter_mut() {
+            // SAFETY: `b` is a valid, aligned, exclusive reference into our own array; the
+            // volatile write only keeps the compiler from eliding the wipe of a dead value.
+            unsafe { std::ptr::write_volatile(b, 0) };
+        }
+        std::sync::atomic::compiler_fence(std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// Checks a client's proof against `secret`: the ClientKey it reveals (proof XOR
+/// HMAC(StoredKey, AuthMessage)) must hash to StoredKey. Returns that ClientKey.
+pub fn recover_client_key(
+    secret: &ScramSecret,
+    auth_message: &[u8],
+    proof: &[u8],
+) -> Option<ClientKey> {
+    if proof.len() != 32 {
+        return None;
+    }
+    let client_signature = hmac(&secret.stored_key, auth_message);
+    let mut key = ClientKey([0u8; 32]);
+    for i in 0..32 {
+        key.0[i] = proof[i] ^ client_signature[i];
+    }
+    let stored: [u8; 32] = Sha256::digest(key.0.as_slice()).into();
+    constant_time_eq(&stored, &secret.stored_key).then_some(key)
+}
+
 /// Compares secrets without an early exit on the first differing byte (no timing oracle).
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     use subtle::ConstantTimeEq;
     a.ct_eq(b).into()
 }
@@ -115,14 +169,17 @@ async fn password_message(io: &mut ClientIo) -> Result<Result<Frame, ErrorFields
     Ok(Ok(f))
 }
 
+/// What a login proved: for SCRAM, the client's ClientKey (see [`crate::passthrough`]).
+pub type Login = Result<Option<ClientKey>, ErrorFields>;
+
 /// Runs the authentication exchange. `Ok(Err(e))` is a refusal to send to the client.
 pub async fn authenticate(
     io: &mut ClientIo,
     user: &UserConfig,
     scram: Option<&ScramSecret>,
-) -> Result<Result<(), ErrorFields>, ClientError> {
+) -> Result<Login, ClientError> {
     match user.auth {
-        AuthMethod::Trust => Ok(Ok(())),
+        AuthMethod::Trust => Ok(Ok(None)),
         AuthMethod::Md5 => {
             let mut salt = [0u8; 4];
             rand::thread_rng().fill_bytes(&mut salt);
@@ -139,7 +196,7 @@ pub async fn authenticate(
                 salt,
             );
             if constant_time_eq(got, want.as_bytes()) {
-                Ok(Ok(()))
+                Ok(Ok(None))
             } else {
                 Ok(Err(auth_failed(&user.name)))
             }
@@ -217,11 +274,12 @@ fn parse_client_final<'a>(
     }
 }
 
+/// A SCRAM-SHA-256 exchange against `secret`; on success, the ClientKey the proof revealed.
 pub async fn scram_exchange(
     io: &mut ClientIo,
     user: &str,
     secret: &ScramSecret,
-) -> Result<Result<(), ErrorFields>, ClientError> {
+) -> Result<Login, ClientError> {
     io.send(&authentication(10, b"SCRAM-SHA-256\0\0")).await?;
     let f = match password_message(io).await? {
         Ok(f) => f,
@@ -253,19 +311,13 @@ pub async fn scram_exchange(
         Err(e) => return Ok(Err(e)),
     };
     let auth_message = format!("{bare},{server_first},{without_proof}");
-    let client_signature = hmac(&secret.stored_key, auth_message.as_bytes());
-    let mut client_key = [0u8; 32];
-    for i in 0..32 {
-        client_key[i] = proof[i] ^ client_signature[i];
-    }
-    let stored: [u8; 32] = Sha256::digest(client_key).into();
-    if !constant_time_eq(&stored, &secret.stored_key) {
+    let Some(client_key) = recover_client_key(secret, auth_message.as_bytes(), &proof) else {
         return Ok(Err(auth_failed(user)));
-    }
+    };
     let server_signature = hmac(&secret.server_key, auth_message.as_bytes());
     let server_final = format!("v={}", B64.encode(server_signature));
     io.push(&authentication(12, server_final.as_bytes()));
-    Ok(Ok(()))
+    Ok(Ok(Some(client_key)))
 }
 
 #[cfg(test)]

@@ -94,6 +94,7 @@ async fn connect_all(cfg: Config) -> usize {
                 user: u.name.clone(),
                 password,
                 database: cfg.monitor.database.clone(),
+                keys: None,
                 tls: match app.node_tls(i) {
                     Some(t) => t,
                     None => {

@@ -36,6 +36,9 @@ pub struct Config {
     /// node may override any of these keys in its own `server_tls` table.
     #[serde(default)]
     pub server_tls: ServerTlsConfig,
+    /// `[auth]`: look up users not in `[[users]]` on the primary (auth_query).
+    #[serde(default)]
+    pub auth: crate::auth_query::AuthQueryConfig,
     /// Log filter (`info`, `debug`, `tidemark=debug,warn`, ...); `RUST_LOG` overrides it.
     #[serde(default)]
     pub log_level: Option<String>,
@@ -396,7 +399,7 @@ fn default_auth() -> AuthMethod {
 }
 
 /// Durations written as `200ms`, `2s`, `1m`.
-mod humantime_serde_compat {
+pub(crate) mod humantime_serde_compat {
     use serde::{Deserialize, Deserializer};
     use std::time::Duration;
 
@@ -524,6 +527,7 @@ impl Config {
                 );
             }
         }
+        self.auth.validate()?;
         for a in &self.admin_users {
             if self.user(a).is_none() {
                 bail!("admin_users: '{a}' is not one of the [[users]]");

@@ -12,6 +12,8 @@
 //! - [`pool`]: server connection pools
 //! - [`auth`]: client authentication (SCRAM, md5, trust)
 //! - [`check`]: `tidemark check-config`
+//! - [`passthrough`]: SCRAM pass-through to the servers with a client's ClientKey
+//! - [`auth_query`]: looking up users not in `[[users]]` on the primary
 //! - [`monitor`]: node polling and the published cluster view
 //! - [`pace`]: the monitor's poll pace, which a commit speeds up
 //! - [`metrics`]: Prometheus metrics and the last minute's per-second counters
@@ -25,6 +27,7 @@ pub mod admin;
 pub mod app;
 pub mod auth;
 pub mod check;
+pub mod auth_query;
 pub mod client;
 pub mod config;
 pub mod config_file;
@@ -35,6 +38,7 @@ pub mod listener;
 pub mod metrics;
 pub mod monitor;
 pub mod pace;
+pub mod passthrough;
 pub mod pool;
 pub mod server;
 pub mod server_tls;

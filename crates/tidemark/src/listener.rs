@@ -181,6 +181,24 @@ async fn reject<S: AsyncWrite + Unpin>(mut stream: S, e: ErrorFields) {
     let _ = stream.flush().await;
 }
 
+/// An unknown user gets what a wrong password gets (a full SCRAM exchange, then 28P01), so
+/// users cannot be enumerated; the reason is logged here only.
+async fn unknown_user(
+    app: &App,
+    io: &mut ClientIo,
+    user: &str,
+    peer: SocketAddr,
+    why: &str,
+    deadline: tokio::time::Instant,
+) {
+    tracing::info!(peer = %peer, user = %user, "login refused: user {why}");
+    let fake = app.decoy_secret(user);
+    let r = tokio::time::timeout_at(deadline, crate::auth::scram_exchange(io, user, &fake)).await;
+    if let Ok(Ok(Err(e))) = r {
+        refuse(io, e).await;
+    }
+}
+
 /// One connection that has not finished logging in; freed when it logs in or goes away.
 pub struct LoginSlot(Arc<App>);
 
@@ -410,31 +428,61 @@ async fn serve(
     let database = params.get("database").unwrap_or(&user).to_string();
     // Until login completes, messages are small (PostgreSQL's own startup limit).
     let mut io = ClientIo::new(rd, wr, buf, crate::config::MAX_LOGIN_MESSAGE);
-    let Some(ucfg) = cfg.user(&user).cloned() else {
-        // An unknown user gets what a wrong password gets (a full SCRAM exchange, then
-        // 28P01), so users cannot be enumerated; the reason is logged here only.
-        tracing::info!(peer = %peer, user = %user, "login refused: user is not configured in tidemark");
-        let fake = app.decoy_secret(&user);
-        let r =
-            tokio::time::timeout_at(deadline, crate::auth::scram_exchange(&mut io, &user, &fake))
-                .await;
-        if let Ok(Ok(Err(e))) = r {
-            refuse(&mut io, e).await;
+    let unknown = |io, why| unknown_user(&app, io, &user, peer, why, deadline);
+    let ucfg = cfg.user(&user).cloned();
+    // Not in [[users]]: with [auth] configured, its verifier is looked up on the primary.
+    let looked_up = match &ucfg {
+        Some(_) => None,
+        None if !cfg.auth.enabled() => {
+            return unknown(&mut io, "is not configured in tidemark").await;
         }
-        return;
+        None => {
+            let r = tokio::time::timeout_at(deadline, app.auth_query.lookup(&app, &user)).await;
+            match r {
+                Ok(Ok(crate::auth_query::Found::Verifier(s))) => Some(s),
+                Ok(Ok(crate::auth_query::Found::Refused(why))) => {
+                    return unknown(&mut io, why).await;
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(peer = %peer, user = %user, error = %e, "auth_query lookup failed");
+                    let e = ErrorFields::fatal(
+                        "08006",
+                        format!("cannot authenticate user \"{user}\": looking it up on the primary (auth_query) failed: {e}"),
+                    );
+                    return refuse(&mut io, e).await;
+                }
+                Err(_) => {
+                    let e = ErrorFields::fatal(
+                        "08006",
+                        "cannot authenticate: looking the user up on the primary (auth_query) timed out",
+                    );
+                    return refuse(&mut io, e).await;
+                }
+            }
+        }
     };
     let startup = match crate::session::startup_to_sets(&params) {
         Ok(s) => s,
         Err(e) => return refuse(&mut io, ErrorFields::fatal("08P01", e)).await,
     };
-    let secret = app.scram_secret(&user);
-    let auth = tokio::time::timeout_at(
-        deadline,
-        crate::auth::authenticate(&mut io, &ucfg, secret.as_deref()),
-    )
-    .await;
+    let (auth, secret) = match (&ucfg, looked_up) {
+        (Some(u), _) => {
+            let secret = app.scram_secret(&user);
+            let a = crate::auth::authenticate(&mut io, u, secret.as_deref());
+            (tokio::time::timeout_at(deadline, a).await, secret)
+        }
+        (None, Some(s)) => {
+            let a = crate::auth::scram_exchange(&mut io, &user, &s);
+            (tokio::time::timeout_at(deadline, a).await, Some(s))
+        }
+        (None, None) => return,
+    };
     match auth {
-        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Ok(key))) => {
+            if let (Some(key), Some(secret)) = (key, secret) {
+                app.remember_client_key(&user, &secret, key);
+            }
+        }
         Ok(Ok(Err(e))) => {
             tracing::info!(peer = %peer, user = %user, sqlstate = %e.code, "login refused: {}", e.message);
             return refuse(&mut io, e).await;

@@ -302,6 +302,11 @@ impl Pool {
 
     /// Opens connections until `min` are open (best effort: failures wait for the next round).
     pub async fn top_up(self: &Arc<Self>, min: usize) {
+        if crate::passthrough::lacks_keys(&self.target) {
+            // SCRAM pass-through with no ClientKey yet: nothing to log in with until a client
+            // of this user logs in (then the next round opens them).
+            return;
+        }
         while self.stats.open.load(Ordering::Relaxed) < min.min(self.max_size()) {
             let Ok(permit) = self.sem.clone().try_acquire_owned() else {
                 return;

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
-use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256, SCRAM_SHA_256};
+use postgres_protocol::authentication::sasl::SCRAM_SHA_256;
 use postgres_protocol::message::{backend, frontend as pgfe};
 use tidemark_core::NodeId;
 use tidemark_wire::backend::{
@@ -30,6 +30,8 @@ pub struct ServerTarget {
     pub database: String,
     /// The node's TLS settings (`server_tls`), shared by its connections.
     pub tls: Arc<NodeTls>,
+    /// SCRAM pass-through (no password configured): the user's last ClientKey.
+    pub keys: Option<std::sync::Arc<crate::passthrough::KeySlot>>,
 }
 
 /// What went wrong talking to a server.
@@ -188,7 +190,7 @@ impl ServerConn {
     }
 
     async fn authenticate(&mut self, t: &ServerTarget) -> Result<(), ServerError> {
-        let mut scram: Option<ScramSha256> = None;
+        let mut scram: Option<crate::passthrough::ServerScram> = None;
         loop {
             let f = self.recv().await?;
             if f.backend() == BackendMessage::ErrorResponse {
@@ -206,8 +208,8 @@ impl ServerConn {
             let password = || {
                 t.password.as_deref().ok_or_else(|| {
                     ServerError::Auth(format!(
-                        "server {}:{} asks for a password for user '{}' but none is configured (set users.server_password)",
-                        t.host, t.port, t.user
+                        "server {}:{} asks for a password for user '{}' but none is configured (set users.server_password){}",
+                        t.host, t.port, t.user, crate::passthrough::needs_scram_hint(t)
                     ))
                 })
             };
@@ -236,7 +238,7 @@ impl ServerConn {
                             "server offers no SASL mechanism tidemark supports".into(),
                         ));
                     }
-                    let s = ScramSha256::new(password()?.as_bytes(), ChannelBinding::unsupported());
+                    let s = crate::passthrough::ServerScram::start(t, password)?;
                     pgfe::sasl_initial_response(SCRAM_SHA_256, s.message(), &mut out)?;
                     scram = Some(s);
                 }
@@ -251,8 +253,7 @@ impl ServerConn {
                     let mut s = scram
                         .take()
                         .ok_or_else(|| ServerError::Protocol("unexpected SASL final".into()))?;
-                    s.finish(body.data())
-                        .map_err(|e| ServerError::Auth(format!("SCRAM server signature: {e}")))?;
+                    s.finish(body.data())?;
                     continue;
                 }
                 _ => {
