@@ -33,6 +33,10 @@ pub struct AuthQueryConfig {
     pub user: Option<String>,
     /// Its password (plain) when the server asks for one.
     pub password: Option<String>,
+    /// Read `password` from this file instead.
+    pub password_file: Option<std::path::PathBuf>,
+    /// Read `password` from this environment variable instead.
+    pub password_env: Option<String>,
     /// The database tidemark connects to for the lookup (pg_shadow is the same in every one).
     pub database: String,
     /// How long a looked-up verifier, or the absence of the user, is remembered.
@@ -46,6 +50,8 @@ impl Default for AuthQueryConfig {
             query: "SELECT usename, passwd FROM pg_shadow WHERE usename = $1".into(),
             user: None,
             password: None,
+            password_file: None,
+            password_env: None,
             database: "postgres".into(),
             cache_ttl: Duration::from_secs(60),
         }

@@ -56,6 +56,13 @@ pub fn resolve_secrets(cfg: &mut Config) -> anyhow::Result<()> {
             u.server_password_env.as_deref(),
         )?;
     }
+    let a = &mut cfg.auth;
+    resolve(
+        "auth.password",
+        &mut a.password,
+        a.password_file.as_deref(),
+        a.password_env.as_deref(),
+    )?;
     let m = &mut cfg.monitor;
     resolve(
         "monitor.password",
@@ -162,6 +169,10 @@ mod tests {
         let unset = format!("{NODE}[monitor]\npassword_env = \"TIDEMARK_TEST_SURELY_UNSET\"\n");
         let e = Config::parse(&unset).unwrap_err().to_string();
         assert!(e.contains("monitor.password_env"), "{e}");
+        let auth_missing =
+            format!("{NODE}[auth]\nuser = \"a\"\npassword_file = \"/nonexistent/pw\"\n");
+        let e = Config::parse(&auth_missing).unwrap_err().to_string();
+        assert!(e.contains("auth.password_file"), "{e}");
         let missing = format!("{NODE}[monitor]\npassword_file = \"/nonexistent/pw\"\n");
         let e = Config::parse(&missing).unwrap_err().to_string();
         assert!(e.contains("monitor.password_file"), "{e}");

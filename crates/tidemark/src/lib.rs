@@ -26,8 +26,8 @@
 pub mod admin;
 pub mod app;
 pub mod auth;
-pub mod check;
 pub mod auth_query;
+pub mod check;
 pub mod client;
 pub mod config;
 pub mod config_file;
