@@ -480,6 +480,38 @@ impl Session {
         self.execute(unit, analysis).await
     }
 
+    /// Carries out how a unit's relay ended. A read to retry on the primary comes back as its
+    /// reason.
+    async fn settle(
+        &mut self,
+        outcome: Result<RelayOutcome, RelayError>,
+        may_write: bool,
+        may_commit: bool,
+        analysis: &Analysis,
+    ) -> SResult<Option<String>> {
+        match outcome {
+            Ok(RelayOutcome::Done {
+                status,
+                errored,
+                captured,
+                capture_lost,
+            }) => {
+                self.after_ready(status, errored, may_write, analysis, captured, capture_lost)
+                    .await?
+            }
+            Ok(RelayOutcome::Open) => {
+                self.unit_open = true;
+                if may_write {
+                    self.tx_wrote = true;
+                }
+            }
+            Ok(RelayOutcome::RetryOnPrimary(why)) => return Ok(Some(why)),
+            Err(RelayError::Client(e)) => return Err(e),
+            Err(RelayError::Server(e)) => self.server_failed(e, may_commit).await?,
+        }
+        Ok(None)
+    }
+
     /// Decides where the unit goes and runs it there.
     async fn execute(&mut self, unit: Unit, analysis: Arc<Analysis>) -> SResult<()> {
         // A unit is everything up to Sync, and runs on one node (one implicit transaction).
@@ -540,93 +572,49 @@ impl Session {
             }
         }
         let outcome = self.send_and_relay(&unit, retryable, pipeline).await;
-        match outcome {
-            Ok(RelayOutcome::Done {
-                status,
-                errored,
-                captured,
-                capture_lost,
-            }) => {
-                self.after_ready(
-                    status,
-                    errored,
-                    may_write,
-                    &analysis,
-                    captured,
-                    capture_lost,
-                )
-                .await?;
-            }
-            Ok(RelayOutcome::Open) => {
-                self.unit_open = true;
-                if may_write {
-                    self.tx_wrote = true;
-                }
-            }
-            Ok(RelayOutcome::RetryOnPrimary(why)) => {
-                // Nothing reached the client: run the unit again on the primary. A replica
-                // that refused a write (25006) proves the unit writes: its commit position is
-                // recorded like any write's.
-                tracing::info!(client = self.pid, reason = %why, "read retried on the primary");
-                let may_write = may_write || why.starts_with("25006");
-                let pipeline = pipeline
-                    || (self.pipeline_capture(&analysis, may_write) && !self.unit_may_copy(&unit));
-                crate::metrics::fallback("replica_error");
-                if !retryable {
-                    return Ok(());
-                }
-                let view = self.app.view.load_full();
-                let retry = match view.primary_id() {
-                    Some(p) => self.checkout(p).await.map(|c| (c, p)),
-                    None => Err(ErrorFields::error(
-                        "08006",
-                        format!("{why}; no primary is available to retry on"),
-                    )),
-                };
-                match retry {
-                    Ok((mut conn, p)) => {
-                        if let Err(e) = self.sync_state(&mut conn).await {
-                            return self
-                                .send_error_ready(
-                                    ErrorFields::error("08006", e.to_string()),
-                                    unit.end,
-                                )
-                                .await;
-                        }
-                        self.attached = Some(Attached {
-                            conn,
-                            node: p,
-                            role: Role::Primary,
-                        });
-                        match self.send_and_relay(&unit, false, pipeline).await {
-                            Ok(RelayOutcome::Done {
-                                status,
-                                errored,
-                                captured,
-                                capture_lost,
-                            }) => {
-                                self.after_ready(
-                                    status,
-                                    errored,
-                                    may_write,
-                                    &analysis,
-                                    captured,
-                                    capture_lost,
-                                )
-                                .await?
-                            }
-                            Ok(RelayOutcome::Open) => self.unit_open = true,
-                            Ok(RelayOutcome::RetryOnPrimary(_)) => {}
-                            Err(RelayError::Client(e)) => return Err(e),
-                            Err(RelayError::Server(e)) => self.server_failed(e, may_commit).await?,
-                        }
-                    }
-                    Err(e) => return self.send_error_ready(e, unit.end).await,
-                }
-            }
-            Err(RelayError::Client(e)) => return Err(e),
-            Err(RelayError::Server(e)) => self.server_failed(e, may_commit).await?,
+        let Some(why) = self
+            .settle(outcome, may_write, may_commit, &analysis)
+            .await?
+        else {
+            return Ok(());
+        };
+        // Nothing reached the client: run the unit again on the primary. A replica that
+        // refused a write (25006) proves the unit writes: its commit position is recorded like
+        // any write's.
+        tracing::info!(client = self.pid, reason = %why, "read retried on the primary");
+        let may_write = may_write || why.starts_with("25006");
+        let pipeline =
+            pipeline || (self.pipeline_capture(&analysis, may_write) && !self.unit_may_copy(&unit));
+        crate::metrics::fallback("replica_error");
+        if !retryable {
+            return Ok(());
         }
+        let view = self.app.view.load_full();
+        let retry = match view.primary_id() {
+            Some(p) => self.checkout(p).await.map(|c| (c, p)),
+            None => Err(ErrorFields::error(
+                "08006",
+                format!("{why}; no primary is available to retry on"),
+            )),
+        };
+        let (mut conn, p) = match retry {
+            Ok(r) => r,
+            Err(e) => return self.send_error_ready(e, unit.end).await,
+        };
+        if let Err(e) = self.sync_state(&mut conn).await {
+            return self
+                .send_error_ready(ErrorFields::error("08006", e.to_string()), unit.end)
+                .await;
+        }
+        self.attached = Some(Attached {
+            conn,
+            node: p,
+            role: Role::Primary,
+        });
+        let outcome = self.send_and_relay(&unit, false, pipeline).await;
+        // The primary does not ask for a retry.
+        self.settle(outcome, may_write, may_commit, &analysis)
+            .await?;
         Ok(())
     }
 }
