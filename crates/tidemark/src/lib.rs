@@ -40,6 +40,7 @@ pub mod monitor;
 pub mod pace;
 pub mod passthrough;
 pub mod pool;
+pub mod reload;
 pub mod server;
 pub mod server_tls;
 pub mod session;
