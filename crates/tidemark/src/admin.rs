@@ -208,14 +208,23 @@ fn ms(d: std::time::Duration) -> String {
 
 fn show_nodes(app: &App) -> Result<Output, ErrorFields> {
     let v = app.view.load();
+    let cfg = app.config.load();
     let rows = v
         .nodes
         .iter()
         .map(|n| {
+            let retired = cfg.nodes.get(n.id).is_some_and(|c| c.retired);
             vec![
                 s(&n.name),
                 s(n.role.as_str()),
-                s(if n.healthy { "up" } else { "down" }),
+                // A node a RELOAD removed keeps its place, out of service.
+                s(if retired {
+                    "retired"
+                } else if n.healthy {
+                    "up"
+                } else {
+                    "down"
+                }),
                 s(if n.in_rotation { "in" } else { "out" }),
                 s(n.replay_lsn),
                 s(ms(n.lag)),
@@ -442,7 +451,10 @@ fn show_config(app: &App) -> Result<Output, ErrorFields> {
             "nodes",
             c.nodes
                 .iter()
-                .map(|n| format!("{}={}:{}", n.name, n.host, n.port))
+                .map(|n| {
+                    let retired = if n.retired { " (retired)" } else { "" };
+                    format!("{}={}:{}{retired}", n.name, n.host, n.port)
+                })
                 .collect::<Vec<_>>()
                 .join(","),
         ),
@@ -496,46 +508,82 @@ pub fn apply_reload(app: &App) -> Result<(), ErrorFields> {
     };
     let new = crate::config::Config::load(&path)
         .map_err(|e| ErrorFields::error("F0000", format!("config not reloaded: {e}")))?;
+    let mut new = new;
     let old = app.config.load_full();
-    if new.nodes.len() != old.nodes.len()
-        || new
-            .nodes
-            .iter()
-            .zip(&old.nodes)
-            .any(|(a, b)| a.name != b.name)
-    {
-        return Err(ErrorFields::error(
-            "0A000",
-            "config not reloaded: changing the node list needs a restart in this version",
-        ));
-    }
-    // A node that moved would be watched at its new address by the monitor while pools kept
-    // sending to the old one: refuse, naming it.
-    if let Some((a, b)) = new
-        .nodes
-        .iter()
-        .zip(&old.nodes)
-        .find(|(a, b)| a.host != b.host || a.port != b.port)
-    {
-        return Err(ErrorFields::error(
-            "0A000",
-            format!(
-                "config not reloaded: node '{}' moved from {}:{} to {}:{}; changing a node's address needs a restart in this version",
-                a.name, b.host, b.port, a.host, a.port
-            ),
-        ));
-    }
+    // Node ids are indices into `nodes` for the life of the process: keep each node's index
+    // by name, append new names, keep removed nodes as retired.
+    let nodes = crate::reload::reconcile(&old.nodes, &new.nodes);
+    new.nodes = nodes.nodes.clone();
     let tls = crate::tls::acceptor(&new.tls)
         .map_err(|e| ErrorFields::error("F0000", format!("config not reloaded: {e}")))?;
-    let server_tls = crate::server_tls::NodeTls::build_all(&new)
+    // A retired node keeps the settings it had (its files may be gone).
+    let old_tls = app.server_tls.load_full();
+    let server_tls = new
+        .nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| match old_tls.get(i) {
+            Some(t) if n.retired => Ok(t.clone()),
+            _ => crate::server_tls::NodeTls::build(&new, n).map(Arc::new),
+        })
+        .collect::<anyhow::Result<Vec<_>>>()
         .map_err(|e| ErrorFields::error("F0000", format!("config not reloaded: {e}")))?;
     for p in app.pools.all() {
         p.update_settings(new.pool.clone());
     }
     app.tls.store(tls.map(Arc::new));
+    // Addresses first: a session that sees a new node in the config finds its address.
     app.server_tls.store(Arc::new(server_tls));
     app.config.store(Arc::new(new));
     app.refresh_secrets();
+    if nodes.changes_nodes() {
+        apply_node_changes(app, &nodes);
+    }
     tracing::info!("config reloaded");
     Ok(())
+}
+
+/// The node-list part of a RELOAD, once the reconciled config is installed: retired nodes
+/// leave the view at once, pools of retired and moved nodes are drained (a transaction on
+/// one of their connections finishes there; the connection is closed when it comes back)
+/// and the monitor polls added nodes, stops polling retired ones and reconnects moved ones.
+fn apply_node_changes(app: &App, r: &crate::reload::Reconciled) {
+    let cfg = app.config.load();
+    let name = |i: usize| cfg.nodes[i].name.clone();
+    for &i in &r.added {
+        let n = &cfg.nodes[i];
+        tracing::info!(node = %n.name, host = %n.host, port = n.port, "reload adds a node");
+    }
+    for &i in &r.retired {
+        tracing::info!(node = %name(i), "reload removes a node: no new reads or connections go to it; open transactions on it finish");
+    }
+    for &i in &r.moved {
+        let n = &cfg.nodes[i];
+        tracing::info!(node = %n.name, host = %n.host, port = n.port, "reload moves a node: its pools are drained and it is polled at the new address");
+    }
+    // Retired nodes are out of the view before anything can route to them; the monitor
+    // republishes it in full once it has followed the change.
+    let view = app.view.load_full();
+    let mut v = (*view).clone();
+    for st in v.nodes.iter_mut() {
+        if cfg.nodes.get(st.id).is_some_and(|n| n.retired) || r.moved.contains(&st.id) {
+            st.healthy = false;
+            st.in_rotation = false;
+        }
+    }
+    if matches!(v.primary, tidemark_core::PrimaryState::One(p) if !v.nodes.get(p).is_some_and(|n| n.healthy))
+    {
+        v.primary = tidemark_core::PrimaryState::Unknown;
+    }
+    while v.nodes.len() < cfg.nodes.len() {
+        let i = v.nodes.len();
+        v.nodes.push(tidemark_core::NodeStatus::new(i, name(i)));
+    }
+    app.view.store(Arc::new(v));
+    app.view_changed.notify_waiters();
+    for &i in r.retired.iter().chain(&r.moved) {
+        app.pools.drain_node(i);
+        app.node_errors.lock().remove(&i);
+    }
+    app.nodes_changed.send_modify(|g| *g += 1);
 }

@@ -90,6 +90,8 @@ pub struct App {
     pub monitor_pace: crate::pace::Pace,
     /// Connections that have not finished logging in (see `listener::LoginSlot`).
     pub pending_logins: std::sync::atomic::AtomicUsize,
+    /// Bumped by a RELOAD that added, removed or moved nodes (the monitor follows it).
+    pub nodes_changed: tokio::sync::watch::Sender<u64>,
     /// Key of the decoy SCRAM secrets unknown users are challenged with (random per process).
     decoy_key: [u8; 32],
 }
@@ -127,6 +129,7 @@ impl App {
             node_errors: Mutex::new(HashMap::new()),
             monitor_pace: crate::pace::Pace::default(),
             pending_logins: std::sync::atomic::AtomicUsize::new(0),
+            nodes_changed: tokio::sync::watch::channel(0).0,
             decoy_key: rand::random(),
         };
         app.refresh_secrets();
@@ -208,7 +211,8 @@ impl App {
 
     pub fn pool(&self, node: NodeId, database: &str, user: &str) -> Option<Arc<Pool>> {
         let cfg = self.config.load();
-        let n = cfg.nodes.get(node)?;
+        // A node a RELOAD removed gets no new server connections.
+        let n = cfg.nodes.get(node).filter(|n| !n.retired)?;
         let tls = self.node_tls(node)?;
         let key = PoolKey {
             node,
@@ -253,6 +257,7 @@ impl App {
         let n = cfg
             .nodes
             .get(node)
+            .filter(|n| !n.retired)
             .ok_or_else(|| anyhow::anyhow!("no node {node}"))?;
         let tls = self
             .node_tls(node)

@@ -69,6 +69,11 @@ pub struct NodeConfig {
     /// Per-node override of the global `[server_tls]` keys (each key set here wins).
     #[serde(default)]
     pub server_tls: ServerTlsConfig,
+    /// Removed from the config file by a RELOAD: the node keeps its place (node ids are
+    /// indices into `nodes` for the life of the process) but is never routed to, polled or
+    /// given new server connections. Never read from the file.
+    #[serde(skip)]
+    pub retired: bool,
 }
 
 impl NodeConfig {
@@ -650,7 +655,7 @@ impl Config {
 
     pub fn primary_index(&self) -> Option<usize> {
         let p = self.routing.primary.as_ref()?;
-        self.nodes.iter().position(|n| &n.name == p)
+        self.nodes.iter().position(|n| &n.name == p && !n.retired)
     }
 }
 

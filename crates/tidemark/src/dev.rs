@@ -55,6 +55,7 @@ pub fn config_for(cluster: &Cluster, listen: &str) -> Config {
             // The harness names each standby after the node in primary_conninfo.
             application_name: None,
             server_tls: Default::default(),
+            retired: false,
         })
         .collect();
     let mut cfg =

@@ -10,6 +10,7 @@
 //! - [`client`] / [`server`]: the two sockets of a session
 //! - [`server_tls`]: TLS towards PostgreSQL (`sslmode`), the plain-or-TLS server stream
 //! - [`pool`]: server connection pools
+//! - [`reload`]: how a RELOAD changes the node list (stable node ids, retired nodes)
 //! - [`auth`]: client authentication (SCRAM, md5, trust)
 //! - [`check`]: `tidemark check-config`
 //! - [`passthrough`]: SCRAM pass-through to the servers with a client's ClientKey
@@ -40,6 +41,7 @@ pub mod monitor;
 pub mod pace;
 pub mod passthrough;
 pub mod pool;
+pub mod reload;
 pub mod server;
 pub mod server_tls;
 pub mod session;

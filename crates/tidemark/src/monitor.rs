@@ -70,7 +70,30 @@ struct NodeTrack {
     banned_until: Option<Instant>,
     system_id: Option<String>,
     metrics: Option<NodeMetrics>,
+    /// The address its samples are from (a RELOAD that moves the node starts it afresh).
+    addr: (String, u16),
 }
+
+impl NodeTrack {
+    fn new(cfg: &crate::config::Config, i: NodeId) -> NodeTrack {
+        NodeTrack {
+            sample: None,
+            gate: LagGate::new(cfg.gate()),
+            failures: 0,
+            banned_until: None,
+            system_id: None,
+            metrics: None,
+            addr: cfg
+                .nodes
+                .get(i)
+                .map(|n| (n.host.clone(), n.port))
+                .unwrap_or_default(),
+        }
+    }
+}
+
+/// How often the task of a node a RELOAD removed looks whether it was added back.
+const RETIRED_RECHECK: Duration = Duration::from_millis(250);
 
 pub struct Monitor {
     app: Arc<App>,
@@ -84,16 +107,8 @@ impl Monitor {
         let cfg = app.config.load_full();
         let m = Arc::new(Monitor {
             nodes: Mutex::new(
-                cfg.nodes
-                    .iter()
-                    .map(|_| NodeTrack {
-                        sample: None,
-                        gate: LagGate::new(cfg.gate()),
-                        failures: 0,
-                        banned_until: None,
-                        system_id: None,
-                        metrics: None,
-                    })
+                (0..cfg.nodes.len())
+                    .map(|i| NodeTrack::new(&cfg, i))
                     .collect(),
             ),
             clock: Mutex::new(LagClock::new(tidemark_core::lagclock::DEFAULT_CAPACITY)),
@@ -104,7 +119,58 @@ impl Monitor {
             let m2 = m.clone();
             tokio::spawn(async move { m2.run_node(i).await });
         }
+        let m2 = m.clone();
+        let mut changed = m.app.nodes_changed.subscribe();
+        tokio::spawn(async move {
+            while changed.changed().await.is_ok() {
+                m2.nodes_reloaded();
+            }
+        });
         m
+    }
+
+    /// After a RELOAD changed the node list: polls appended nodes, forgets what was sampled of
+    /// retired and moved ones (their tasks drop their connections on their own, see
+    /// [`Monitor::run_node`]) and republishes the view.
+    fn nodes_reloaded(self: &Arc<Self>) {
+        let cfg = self.app.config.load_full();
+        let (from, to) = {
+            let mut nodes = self.nodes.lock();
+            for (i, t) in nodes.iter_mut().enumerate() {
+                let Some(n) = cfg.nodes.get(i) else { continue };
+                let addr = (n.host.clone(), n.port);
+                if n.retired || t.addr != addr {
+                    let metrics = t.metrics.take();
+                    *t = NodeTrack::new(&cfg, i);
+                    t.metrics = metrics;
+                }
+                if n.retired {
+                    self.app.node_errors.lock().remove(&i);
+                }
+            }
+            let from = nodes.len();
+            while nodes.len() < cfg.nodes.len() {
+                let i = nodes.len();
+                nodes.push(NodeTrack::new(&cfg, i));
+            }
+            (from, nodes.len())
+        };
+        for i in from..to {
+            tracing::info!(node = %self.app.node_name(i), "node added by a reload: polling it");
+            let m2 = self.clone();
+            tokio::spawn(async move { m2.run_node(i).await });
+        }
+        self.publish(None);
+    }
+
+    /// False once a RELOAD removed node `i` or moved it away from `node`'s address.
+    fn still_at(&self, i: NodeId, node: &crate::config::NodeConfig) -> bool {
+        self.app
+            .config
+            .load()
+            .nodes
+            .get(i)
+            .is_some_and(|n| !n.retired && n.host == node.host && n.port == node.port)
     }
 
     async fn run_node(self: Arc<Self>, i: NodeId) {
@@ -113,6 +179,11 @@ impl Monitor {
             let Some(node) = cfg.nodes.get(i).cloned() else {
                 return;
             };
+            if node.retired {
+                // Removed by a RELOAD: not polled unless a later one adds it back.
+                tokio::time::sleep(RETIRED_RECHECK).await;
+                continue;
+            }
             let Some(tls) = self.app.node_tls(i) else {
                 return;
             };
@@ -168,6 +239,9 @@ impl Monitor {
                 tokio::select! {
                     _ = tokio::time::sleep_until(next) => {}
                     _ = self.app.monitor_pace.kick.notified() => {}
+                }
+                if !self.still_at(i, &node) {
+                    break;
                 }
                 let started = tokio::time::Instant::now();
                 let timeout = self.app.config.load().monitor.timeout;
@@ -246,6 +320,10 @@ impl Monitor {
                     self.app.monitor_pace.activity();
                 }
                 prev_lsn = Some(lsn);
+                if !self.still_at(i, &node) {
+                    // Moved or removed by a RELOAD while this poll ran: not its sample.
+                    break;
+                }
                 self.sampled(
                     i,
                     Sample {
@@ -279,6 +357,16 @@ impl Monitor {
     }
 
     fn failed(&self, i: NodeId, why: &str) {
+        if self
+            .app
+            .config
+            .load()
+            .nodes
+            .get(i)
+            .is_some_and(|n| n.retired)
+        {
+            return;
+        }
         self.app.node_errors.lock().insert(i, why.to_string());
         {
             let mut nodes = self.nodes.lock();
@@ -333,7 +421,8 @@ impl Monitor {
         for (i, t) in nodes.iter().enumerate() {
             let name = cfg.nodes.get(i).map(|n| n.name.clone()).unwrap_or_default();
             let mut st = NodeStatus::new(i, name);
-            if let Some(s) = &t.sample {
+            let retired = cfg.nodes.get(i).is_some_and(|n| n.retired);
+            if let Some(s) = t.sample.as_ref().filter(|_| !retired) {
                 st.role = s.role;
                 st.healthy = s.ok && now.duration_since(s.at) <= stale_after;
                 st.replay_lsn = s.lsn;
@@ -352,7 +441,11 @@ impl Monitor {
         if let PrimaryState::One(p) = &primary {
             if let Some(s) = &nodes[*p].sample {
                 for sb in &s.standbys {
-                    let Some(i) = cfg.nodes.iter().position(|n| n.standby_name() == sb.name) else {
+                    let Some(i) = cfg
+                        .nodes
+                        .iter()
+                        .position(|n| !n.retired && n.standby_name() == sb.name)
+                    else {
                         continue;
                     };
                     if let Some(st) = statuses.get_mut(i).filter(|st| st.role == Role::Replica) {
@@ -406,6 +499,10 @@ impl Monitor {
                 }
             } else {
                 st.in_rotation = st.role == Role::Primary || t.gate.in_rotation();
+                if cfg.nodes.get(st.id).is_some_and(|n| n.retired) {
+                    // Removed by a RELOAD: never routed to.
+                    st.in_rotation = false;
+                }
                 if fresh == Some(st.id) || fresh.is_none() {
                     metrics_node(&mut t.metrics, st);
                 }

@@ -2,7 +2,7 @@
 //! timeout (53300 naming the pool), idle timeout and server lifetime.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -65,6 +65,9 @@ pub struct Pool {
     pub stats: PoolStats,
     /// The checkout-wait histogram's handle, once a metrics recorder exists.
     wait_histogram: std::sync::OnceLock<metrics::Histogram>,
+    /// Its node was removed or moved by a RELOAD: the pool is no longer in [`Pools`], its
+    /// idle connections are closed and connections in use are closed when they come back.
+    draining: AtomicBool,
 }
 
 /// A checked-out server connection. Dropping it without [`Pool::release`] closes the
@@ -128,7 +131,13 @@ impl Pool {
             max: AtomicUsize::new(max),
             stats: PoolStats::default(),
             wait_histogram: std::sync::OnceLock::new(),
+            draining: AtomicBool::new(false),
         }
+    }
+
+    /// True once a RELOAD removed or moved its node (see [`Pools::drain_node`]).
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
     }
 
     pub fn max_size(&self) -> usize {
@@ -280,7 +289,15 @@ impl Pool {
             return;
         }
         conn.last_used = Instant::now();
-        self.idle.lock().push(conn);
+        // Checked under the idle lock, which `drain_node` takes after setting the flag.
+        let mut idle = self.idle.lock();
+        if self.is_draining() {
+            drop(idle);
+            tracing::debug!(pool = %self.name, "server connection of a drained pool closed at release");
+            self.stats.open.fetch_sub(1, Ordering::Relaxed);
+            return;
+        }
+        idle.push(conn);
     }
 
     /// Closes idle connections past their idle timeout or lifetime.
@@ -385,6 +402,25 @@ impl Pools {
             }
             keep
         });
+    }
+
+    /// Takes every pool of `node` out of service (its node was removed or moved by a RELOAD):
+    /// they are forgotten, so the next checkout on that node makes a new pool (for a moved
+    /// node, at its new address), their idle connections are closed and connections in use
+    /// are closed when they come back; a transaction running on one finishes first.
+    /// Returns how many pools were drained.
+    pub fn drain_node(&self, node: NodeId) -> usize {
+        let drained: Vec<Arc<Pool>> = {
+            let mut m = self.map.lock();
+            let keys: Vec<PoolKey> = m.keys().filter(|k| k.node == node).cloned().collect();
+            keys.iter().filter_map(|k| m.remove(k)).collect()
+        };
+        for p in &drained {
+            p.draining.store(true, Ordering::Relaxed);
+            p.drain_idle();
+            tracing::info!(pool = %p.name, in_use = p.stats.in_use.load(Ordering::Relaxed), "pool drained: its node was removed or moved");
+        }
+        drained.len()
     }
 
     pub fn all(&self) -> Vec<Arc<Pool>> {

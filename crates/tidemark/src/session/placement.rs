@@ -78,7 +78,13 @@ impl Session {
         node: NodeId,
         wait: bool,
     ) -> Result<Checked, CheckoutFailure> {
-        let cached = self.pools.get(node).cloned().flatten();
+        // A pool drained by a RELOAD (its node removed or moved) is not used again.
+        let cached = self
+            .pools
+            .get(node)
+            .cloned()
+            .flatten()
+            .filter(|p| !p.is_draining());
         let pool = match cached {
             Some(p) => p,
             None => {
