@@ -227,3 +227,115 @@ async fn verify_full_checks_the_host_name_and_verify_ca_does_not() {
         proxy.shutdown().await;
     }
 }
+
+/// `tidemark dev --server-tls`, the real binary: its nodes refuse plain TCP, and reads and
+/// writes through it run over TLS on the primary and on a replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tidemark_dev_with_server_tls_serves_reads_and_writes_over_tls() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let free_port = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port()
+    };
+    let (port, metrics) = (free_port(), free_port());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tidemark"))
+        .args([
+            "dev",
+            "--server-tls",
+            "--replicas",
+            "1",
+            "--replica-delay",
+            "0",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--metrics-listen",
+            &format!("127.0.0.1:{metrics}"),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("tidemark dev starts");
+    let stdout = child.stdout.take().expect("stdout");
+    // Ends the dev process (and its cluster) whatever the test's outcome.
+    struct Stop(std::process::Child);
+    impl Drop for Stop {
+        fn drop(&mut self) {
+            unsafe { libc::kill(self.0.id() as i32, libc::SIGINT) };
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            while std::time::Instant::now() < deadline {
+                if let Ok(Some(_)) = self.0.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let stop = Stop(child);
+    // Read stdout to its end on a thread of its own (a closed pipe would make the dev
+    // process's next print fail), handing lines over until the banner's last one.
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let lines = tokio::task::spawn_blocking(move || {
+        let mut seen = Vec::new();
+        while let Ok(line) = rx.recv_timeout(Duration::from_secs(60)) {
+            let done = line.contains("Press Ctrl-C");
+            seen.push(line);
+            if done {
+                break;
+            }
+        }
+        seen
+    })
+    .await
+    .expect("stdout reader");
+    let text = lines.join("\n");
+    assert!(text.contains("tidemark dev is ready"), "{text}");
+    assert!(text.contains("TLS only (hostssl)"), "{text}");
+    // A node's own address refuses a plain connection (pg_hba has hostssl lines only).
+    let node_dsn = lines
+        .iter()
+        .find(|l| l.trim_start().starts_with("primary:"))
+        .and_then(|l| l.split('"').nth(1))
+        .expect("primary dsn")
+        .to_string();
+    let plain = tokio_postgres::connect(
+        &format!("{node_dsn} sslmode=disable"),
+        tokio_postgres::NoTls,
+    )
+    .await;
+    assert!(plain.is_err(), "the primary accepted plain TCP");
+
+    let c = connect(&format!(
+        "host=127.0.0.1 port={port} user=postgres dbname=postgres"
+    ))
+    .await;
+    c.batch_execute("CREATE TABLE dev_tls (id int PRIMARY KEY); INSERT INTO dev_tls VALUES (1)")
+        .await
+        .expect("write through tidemark dev");
+    let (ssl, recovery) = ssl_and_recovery(&c, "").await;
+    assert_eq!((ssl.as_str(), recovery.as_str()), ("true", "false"));
+    // The replica serves reads once the monitor has it in rotation.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let (ssl, recovery) = ssl_and_recovery(&c, "/* tidemark: consistency=eventual */").await;
+        assert_eq!(ssl, "true", "a read's server connection is not TLS");
+        if recovery == "true" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no read reached the replica"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    drop(stop);
+}
