@@ -13,7 +13,7 @@ use tidemark_sql::{Classifier, FunctionPolicy};
 use tokio::sync::Notify;
 
 use crate::auth::{ClientKey, ScramSecret};
-use crate::config::Config;
+use crate::config::{Config, UserConfig};
 use crate::passthrough::{KeySlot, ScramKeys};
 use crate::pool::{Pool, PoolKey, Pools};
 use crate::server::ServerTarget;
@@ -219,13 +219,7 @@ impl App {
             database: database.to_string(),
             user: user.to_string(),
         };
-        let password = cfg.user(user).and_then(|u| {
-            u.server_password.clone().or_else(|| {
-                u.password
-                    .clone()
-                    .filter(|p| !p.starts_with("SCRAM-SHA-256$"))
-            })
-        });
+        let password = cfg.user(user).and_then(UserConfig::server_password);
         let keys = uses_passthrough(&cfg, user).then(|| self.key_slot(user));
         Some(self.pools.get_or_create(key.clone(), || {
             Pool::new(
@@ -418,12 +412,7 @@ pub fn monitor_pg_config(
 /// not in `[[users]]`.
 pub fn uses_passthrough(cfg: &Config, user: &str) -> bool {
     match cfg.user(user) {
-        Some(u) => {
-            u.server_password.is_none()
-                && u.password
-                    .as_deref()
-                    .is_some_and(|p| p.starts_with("SCRAM-SHA-256$"))
-        }
+        Some(u) => u.server_password.is_none() && u.has_verifier(),
         None => cfg.auth.enabled(),
     }
 }

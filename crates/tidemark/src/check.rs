@@ -75,11 +75,7 @@ async fn connect_all(cfg: Config) -> usize {
             }
         }
         for u in &cfg.users {
-            let password = u.server_password.clone().or_else(|| {
-                u.password
-                    .clone()
-                    .filter(|p| !p.starts_with("SCRAM-SHA-256$"))
-            });
+            let password = u.server_password();
             if password.is_none() && u.password.is_some() {
                 println!(
                     "{at} user {}: skipped (only a SCRAM verifier, no server_password)",

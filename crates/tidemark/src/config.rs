@@ -121,6 +121,25 @@ pub struct UserConfig {
     pub server_password_env: Option<String>,
 }
 
+impl UserConfig {
+    /// `password` is a SCRAM verifier, not a plain password.
+    pub fn has_verifier(&self) -> bool {
+        self.password
+            .as_deref()
+            .is_some_and(|p| p.starts_with("SCRAM-SHA-256$"))
+    }
+
+    /// The password tidemark uses towards the servers: `server_password`, else `password`
+    /// when it is plain.
+    pub fn server_password(&self) -> Option<String> {
+        self.server_password.clone().or_else(|| {
+            (!self.has_verifier())
+                .then(|| self.password.clone())
+                .flatten()
+        })
+    }
+}
+
 #[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum PoolMode {
@@ -521,11 +540,7 @@ impl Config {
                     );
                 }
             }
-            if u.auth == AuthMethod::Md5
-                && u.password
-                    .as_deref()
-                    .is_some_and(|p| p.starts_with("SCRAM-SHA-256$"))
-            {
+            if u.auth == AuthMethod::Md5 && u.has_verifier() {
                 bail!(
                     "users.{}: md5 authentication needs the plain password, not a SCRAM verifier",
                     u.name
