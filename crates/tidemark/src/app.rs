@@ -31,8 +31,51 @@ pub struct ClientEntry {
     pub secret: i32,
     pub slot: Arc<Mutex<Option<CancelTarget>>>,
     pub info: Arc<Mutex<ClientInfo>>,
-    /// Woken to end the session (`pg_terminate_backend` on its pid).
-    pub kill: Arc<Notify>,
+    /// Raised to end the session (`pg_terminate_backend` on its pid) or at shutdown.
+    pub signal: Arc<ClientSignal>,
+}
+
+/// What tidemark asks of one client session from outside it: end now
+/// (`pg_terminate_backend`), or end when idle (shutdown). A pair of flags and one waker: the
+/// session polls it beside its sockets on every wait, so it must cost no allocation and no
+/// lock (a `Notify` or a `watch` registers and unregisters a waiter on each poll, which showed
+/// in the per-statement profile).
+#[derive(Default)]
+pub struct ClientSignal {
+    flags: std::sync::atomic::AtomicU8,
+    waker: futures_util::task::AtomicWaker,
+}
+
+impl ClientSignal {
+    /// `pg_terminate_backend`: the session ends at once, with 57P01.
+    pub const KILL: u8 = 1;
+    /// Shutdown: the session ends with 57P01 once it is idle.
+    pub const SHUTDOWN: u8 = 2;
+
+    pub fn raise(&self, flag: u8) {
+        self.flags.fetch_or(flag, Ordering::SeqCst);
+        self.waker.wake();
+    }
+
+    /// The raised flags among `mask` (0: none).
+    pub fn raised(&self, mask: u8) -> u8 {
+        self.flags.load(Ordering::SeqCst) & mask
+    }
+
+    /// Resolves with the raised flags among `mask` once one is raised.
+    pub fn wait(&self, mask: u8) -> impl std::future::Future<Output = u8> + '_ {
+        std::future::poll_fn(move |cx| {
+            let f = self.raised(mask);
+            if f != 0 {
+                return std::task::Poll::Ready(f);
+            }
+            self.waker.register(cx.waker());
+            match self.raised(mask) {
+                0 => std::task::Poll::Pending,
+                f => std::task::Poll::Ready(f),
+            }
+        })
+    }
 }
 
 /// What `pg_terminate_backend`/`pg_cancel_backend` on a pid did.
@@ -276,7 +319,7 @@ impl App {
         &self,
         slot: Arc<Mutex<Option<CancelTarget>>>,
         info: Arc<Mutex<ClientInfo>>,
-        kill: Arc<Notify>,
+        signal: Arc<ClientSignal>,
     ) -> (i32, i32) {
         let secret = rand::random::<i32>();
         let mut clients = self.clients.lock();
@@ -297,7 +340,7 @@ impl App {
                 secret,
                 slot,
                 info,
-                kill,
+                signal,
             },
         );
         crate::metrics::clients(1.0);
@@ -337,16 +380,23 @@ impl App {
                 return Signalled::Denied;
             }
             let slot = e.slot.lock().clone();
-            (e.kill.clone(), slot)
+            (e.signal.clone(), slot)
         };
         if terminate {
-            kill.notify_one();
+            kill.raise(ClientSignal::KILL);
         } else if let Some(t) = slot {
             if let Err(e) = crate::server::cancel(&t.node, t.pid, t.secret).await {
                 tracing::warn!(error = %e, "forwarding cancel failed");
             }
         }
         Signalled::Done
+    }
+
+    /// Shutdown: every client session ends once idle (57P01).
+    pub fn shut_down_clients(&self) {
+        for e in self.clients.lock().values() {
+            e.signal.raise(ClientSignal::SHUTDOWN);
+        }
     }
 
     pub fn unregister_client(&self, pid: i32) {

@@ -30,6 +30,7 @@ pub mod auth;
 pub mod auth_query;
 pub mod check;
 pub mod client;
+pub mod clock;
 pub mod config;
 pub mod config_file;
 #[cfg(feature = "dev")]

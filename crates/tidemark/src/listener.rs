@@ -97,6 +97,7 @@ impl Proxy {
     /// `limits.shutdown_timeout`.
     pub async fn shutdown(self) {
         let _ = self.app.shutting_down.send(true);
+        self.app.shut_down_clients();
         self.accept.abort();
         let limit = self.app.config.load().limits.shutdown_timeout;
         let deadline = tokio::time::Instant::now() + limit;

@@ -217,18 +217,28 @@ fn preregister() {
 /// Set once the Prometheus recorder is installed (it then stays for the life of the process).
 static INSTALLED: AtomicBool = AtomicBool::new(false);
 
+/// Identity of a `&'static str` label value: its address and length. The strings come from
+/// a fixed set of literals, so equal identity means equal text; the same text at two
+/// addresses only costs a second cached handle to the same registry counter.
+type StaticId = (usize, usize);
+
+fn id(s: &'static str) -> StaticId {
+    (s.as_ptr() as usize, s.len())
+}
+
 thread_local! {
     /// Per-statement counter handles by (metric, label value, label value): the `counter!`
     /// macro builds the label list and looks the key up in the registry on every call, which
     /// showed in the per-statement profile. Handles are cached only once the recorder exists
-    /// (a handle taken before would stay a no-op).
-    /// (Fx hashing: the keys are a few short static strings, and SipHash showed too.)
-    static COUNTERS: RefCell<rustc_hash::FxHashMap<(&'static str, &'static str, &'static str), Counter>> =
+    /// (a handle taken before would stay a no-op). Keyed by the strings' identity, not their
+    /// text: hashing the text showed in the profile too.
+    static COUNTERS: RefCell<rustc_hash::FxHashMap<(StaticId, StaticId, StaticId), Counter>> =
         RefCell::new(Default::default());
 }
 
 /// `counter!(name, k1 => v1, k2 => v2).increment(1)` with the handle cached per label values.
 fn count2(
+    c: &mut rustc_hash::FxHashMap<(StaticId, StaticId, StaticId), Counter>,
     name: &'static str,
     (k1, v1): (&'static str, &'static str),
     (k2, v2): (&'static str, &'static str),
@@ -237,34 +247,39 @@ fn count2(
     if !INSTALLED.load(Ordering::Relaxed) {
         return make().increment(1);
     }
+    c.entry((id(name), id(v1), id(v2)))
+        .or_insert_with(make)
+        .increment(1)
+}
+
+/// One routed unit: `tidemark_statements_total` by class and target, and for a read also
+/// `tidemark_reads_total` by target and reason (`read`), in one pass (the per-statement path).
+pub fn routed(class: &'static str, target: &'static str, read: Option<&'static str>) {
     COUNTERS.with(|c| {
-        c.borrow_mut()
-            .entry((name, v1, v2))
-            .or_insert_with(make)
-            .increment(1)
-    })
-}
-
-pub fn statement(class: &'static str, target: &'static str) {
-    count2(
-        "tidemark_statements_total",
-        ("class", class),
-        ("target", target),
-    );
-    recent::add(recent::Event::Statement);
-}
-
-pub fn read_routed(target: &'static str, reason: &'static str) {
-    count2(
-        "tidemark_reads_total",
-        ("target", target),
-        ("reason", reason),
-    );
-    recent::add(if target == "replica" {
-        recent::Event::ReplicaRead
-    } else {
-        recent::Event::PrimaryRead
+        let mut c = c.borrow_mut();
+        count2(
+            &mut c,
+            "tidemark_statements_total",
+            ("class", class),
+            ("target", target),
+        );
+        if let Some(reason) = read {
+            count2(
+                &mut c,
+                "tidemark_reads_total",
+                ("target", target),
+                ("reason", reason),
+            );
+        }
     });
+    let read = read.map(|_| {
+        if target == "replica" {
+            recent::Event::ReplicaRead
+        } else {
+            recent::Event::PrimaryRead
+        }
+    });
+    recent::add2(recent::Event::Statement, read);
 }
 
 pub fn fallback(reason: &'static str) {
@@ -411,7 +426,6 @@ pub fn replication_slot(slot: &str, retained_bytes: f64, active: bool) {
 /// The last minute, second by second, for the status page.
 pub mod recent {
     use std::sync::OnceLock;
-    use std::time::Instant;
 
     use parking_lot::Mutex;
 
@@ -452,9 +466,10 @@ pub mod recent {
         slots: Vec<Slot>,
     }
 
-    fn start() -> Instant {
-        static START: OnceLock<Instant> = OnceLock::new();
-        *START.get_or_init(Instant::now)
+    /// The coarse clock's second when the process first recorded anything.
+    fn start() -> u64 {
+        static START: OnceLock<u64> = OnceLock::new();
+        *START.get_or_init(crate::clock::coarse_secs)
     }
 
     fn ring() -> &'static Mutex<Ring> {
@@ -468,25 +483,41 @@ pub mod recent {
 
     /// Seconds since the process first recorded anything (plus one, so 0 means "never").
     fn now_sec() -> u64 {
-        start().elapsed().as_secs() + 1
+        crate::clock::coarse_secs().saturating_sub(start()) + 1
     }
 
     pub fn add(e: Event) {
+        add2(e, None)
+    }
+
+    /// Records one or two events under one lock (the per-statement path).
+    pub fn add2(e: Event, more: Option<Event>) {
         let sec = now_sec();
         let mut r = ring().lock();
         let s = &mut r.slots[(sec as usize) % SLOTS];
         if s.sec != sec {
             s.reset(sec);
         }
-        match e {
-            Event::Statement => s.statements += 1,
-            Event::ReplicaRead => s.replica_reads += 1,
-            Event::PrimaryRead => s.primary_reads += 1,
-            Event::Error => s.errors += 1,
-            Event::Fallback(reason) => match s.fallbacks.iter_mut().find(|(r, _)| *r == reason) {
-                Some((_, n)) => *n += 1,
-                None => s.fallbacks.push((reason, 1)),
-            },
+        s.count(e);
+        if let Some(e) = more {
+            s.count(e);
+        }
+    }
+
+    impl Slot {
+        fn count(&mut self, e: Event) {
+            let s = self;
+            match e {
+                Event::Statement => s.statements += 1,
+                Event::ReplicaRead => s.replica_reads += 1,
+                Event::PrimaryRead => s.primary_reads += 1,
+                Event::Error => s.errors += 1,
+                Event::Fallback(reason) => match s.fallbacks.iter_mut().find(|(r, _)| *r == reason)
+                {
+                    Some((_, n)) => *n += 1,
+                    None => s.fallbacks.push((reason, 1)),
+                },
+            }
         }
     }
 

@@ -13,23 +13,17 @@ impl Session {
 
     /// The next client message, decoded (the one place client messages are decoded):
     /// malformed input ends this client only.
-    pub(super) async fn next_message(
-        &mut self,
-        shutdown: &mut tokio::sync::watch::Receiver<bool>,
-    ) -> SResult<Option<ClientMessage>> {
+    pub(super) async fn next_message(&mut self) -> SResult<Option<ClientMessage>> {
         if let Some(m) = self.held.take() {
             return Ok(Some(m));
         }
-        Ok(match self.next_frame(shutdown).await? {
+        Ok(match self.next_frame().await? {
             Some(f) => Some(ClientMessage::decode(f)?),
             None => None,
         })
     }
 
-    pub(super) async fn next_frame(
-        &mut self,
-        shutdown: &mut tokio::sync::watch::Receiver<bool>,
-    ) -> SResult<Option<Frame>> {
+    pub(super) async fn next_frame(&mut self) -> SResult<Option<Frame>> {
         if let Some(f) = self.pending.pop_front() {
             self.pending_bytes -= f.len();
             return Ok(Some(f));
@@ -51,9 +45,18 @@ impl Session {
                 Shutdown,
                 Killed,
             }
-            let kill = &self.kill;
+            let signal = &self.signal;
+            let mask = if idle {
+                ClientSignal::KILL | ClientSignal::SHUTDOWN
+            } else {
+                ClientSignal::KILL
+            };
             let ev = tokio::select! {
-                _ = kill.notified() => Event::Killed,
+                f = signal.wait(mask) => if f & ClientSignal::KILL != 0 {
+                    Event::Killed
+                } else {
+                    Event::Shutdown
+                },
                 r = io.fill() => Event::Client(r),
                 r = async {
                     match server {
@@ -61,7 +64,6 @@ impl Session {
                         None => std::future::pending().await,
                     }
                 }, if watch_server => Event::Server(r),
-                _ = shutdown.changed(), if idle => Event::Shutdown,
             };
             match ev {
                 Event::Client(r) => r?,
@@ -122,14 +124,11 @@ impl Session {
     }
 
     /// Collects the next routing unit.
-    pub(super) async fn next_unit(
-        &mut self,
-        shutdown: &mut tokio::sync::watch::Receiver<bool>,
-    ) -> SResult<Option<Unit>> {
+    pub(super) async fn next_unit(&mut self) -> SResult<Option<Unit>> {
         let mut msgs: Vec<ClientMessage> = Vec::new();
         let mut bytes = 0;
         loop {
-            let Some(m) = self.next_message(shutdown).await? else {
+            let Some(m) = self.next_message().await? else {
                 return Ok(None);
             };
             bytes += m.frame.len();

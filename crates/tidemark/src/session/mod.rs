@@ -35,7 +35,7 @@ use tidemark_wire::backend::{self as be, BackendMessage, ErrorFields};
 use tidemark_wire::frontend::{self as fe, ClientMessage, FrontendMessage, Target};
 use tidemark_wire::{Frame, StartupParams, TxStatus};
 
-use crate::app::{App, CancelTarget, ClientInfo};
+use crate::app::{App, CancelTarget, ClientInfo, ClientSignal};
 use crate::client::{ClientError, ClientIo};
 use crate::config::{Balance, PoolMode};
 use crate::pool::{Checked, PoolError};
@@ -97,8 +97,10 @@ pub struct Session {
     secret: i32,
     cancel_slot: Arc<Mutex<Option<CancelTarget>>>,
     info: Arc<Mutex<ClientInfo>>,
-    /// Woken by `pg_terminate_backend` on this client's pid.
-    kill: Arc<tokio::sync::Notify>,
+    /// `pg_terminate_backend` on this client's pid, and shutdown.
+    signal: Arc<ClientSignal>,
+    /// The relay's node-check timer, made at the first unit and kept (see `relay::Relay`).
+    node_check: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
     /// Session pooling: the client was given its server's own pid and key.
     real_pid: bool,
     /// SET statements from the startup packet, then from the client, by parameter name.
@@ -185,8 +187,8 @@ impl Session {
             node: None,
             consistency: consistency.to_string(),
         }));
-        let kill = Arc::new(tokio::sync::Notify::new());
-        let (pid, secret) = app.register_client(cancel_slot.clone(), info.clone(), kill.clone());
+        let signal = Arc::new(ClientSignal::default());
+        let (pid, secret) = app.register_client(cancel_slot.clone(), info.clone(), signal.clone());
         let balance = app.balance.fetch_add(1, Ordering::Relaxed);
         let mut s = Session {
             app,
@@ -197,7 +199,8 @@ impl Session {
             secret,
             cancel_slot,
             info,
-            kill,
+            signal,
+            node_check: None,
             real_pid: false,
             startup_sets: startup.into_iter().map(|(_, s)| s).collect(),
             sets: Vec::new(),
@@ -356,9 +359,13 @@ impl Session {
     }
 
     async fn run_inner(&mut self) -> SResult<()> {
-        let mut shutdown = self.app.shutting_down.subscribe();
+        // Registered before this check: a shutdown that began earlier is seen here, a later one
+        // raises the session's signal.
+        if *self.app.shutting_down.borrow() {
+            self.signal.raise(ClientSignal::SHUTDOWN);
+        }
         loop {
-            let unit = match self.next_unit(&mut shutdown).await? {
+            let unit = match self.next_unit().await? {
                 Some(u) => u,
                 None => return Ok(()),
             };
@@ -538,14 +545,15 @@ impl Session {
             } else {
                 "replica"
             };
-            crate::metrics::statement(analysis.class.label(), target);
-            if read_only {
-                crate::metrics::read_routed(target, reason.as_str());
-            }
+            crate::metrics::routed(
+                analysis.class.label(),
+                target,
+                read_only.then(|| reason.as_str()),
+            );
             self.last_route = Some((node, reason));
             self.attached = Some(Attached { conn, node, role });
         } else {
-            crate::metrics::statement(analysis.class.label(), "pinned");
+            crate::metrics::routed(analysis.class.label(), "pinned", None);
         }
         let may_write = analysis.class.may_write()
             || matches!(

@@ -79,10 +79,12 @@ pub(super) struct Relay<'a> {
     pub(super) params: &'a mut HashMap<String, String>,
     /// Output held back from a replica so that a failed read can be retried invisibly.
     pub(super) hold: bool,
-    /// Woken by `pg_terminate_backend` on this client.
-    pub(super) kill: &'a tokio::sync::Notify,
+    /// Raised by `pg_terminate_backend` on this client.
+    pub(super) kill: &'a ClientSignal,
     /// The pid the client was given, for its own notifications (transaction pooling).
     pub(super) notify_pid: Option<i32>,
+    /// The session's node-check timer (see [`NodeWatch`]), kept across units.
+    pub(super) check: std::pin::Pin<&'a mut tokio::time::Sleep>,
 }
 
 impl Relay<'_> {
@@ -104,6 +106,7 @@ impl Relay<'_> {
             hold,
             kill,
             notify_pid,
+            mut check,
         } = self;
         let watch = &watch;
         let mut unit_ready_slot: Option<(TxStatus, bool)> = None;
@@ -115,8 +118,12 @@ impl Relay<'_> {
     let mut last_heard = Instant::now();
     let mut errored = false;
     let mut captured: Option<Captured> = None;
-    let check = tokio::time::sleep(NODE_CHECK_INTERVAL);
-    tokio::pin!(check);
+    // One timer per session, re-armed only once it has fired: arming a fresh timer for every
+    // unit showed in the per-statement profile. The first check of a unit may so come sooner
+    // than NODE_CHECK_INTERVAL; `looks_dead` measures silence from `last_heard`, not from it.
+    if check.is_elapsed() {
+        check.as_mut().reset(tokio::time::Instant::now() + NODE_CHECK_INTERVAL);
+    }
     loop {
         // Emit leading synthesized responses.
         while let Some(front) = exp.front() {
@@ -145,7 +152,7 @@ impl Relay<'_> {
                 let read_client = *copy_in || *pending_bytes < MAX_PENDING_BYTES;
                 tokio::select! {
                     biased;
-                    _ = kill.notified() => {
+                    _ = kill.wait(ClientSignal::KILL) => {
                         // pg_terminate_backend on this client: end its session now.
                         io.truncate_out(start_out);
                         io.push(&terminated().to_error());
@@ -167,7 +174,7 @@ impl Relay<'_> {
                             return Err(RelayError::Server(e));
                         }
                     },
-                    _ = &mut check => {
+                    _ = check.as_mut() => {
                         check.as_mut().reset(tokio::time::Instant::now() + NODE_CHECK_INTERVAL);
                         if watch.looks_dead(last_heard) {
                             let e = ServerError::Protocol(format!(
@@ -539,8 +546,12 @@ impl Session {
             skipping: &mut self.server_skipping,
             params: &mut self.params,
             hold,
-            kill: &self.kill,
+            kill: &self.signal,
             notify_pid,
+            check: self
+                .node_check
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep(NODE_CHECK_INTERVAL)))
+                .as_mut(),
         }
         .run()
         .await;
