@@ -1,12 +1,59 @@
 //! The client side of a session's socket: reading frames (bounded size) and buffering
 //! what tidemark writes back, flushed in batches.
 
+use std::cell::RefCell;
+
 use bytes::BytesMut;
 use tidemark_wire::{Frame, FrameCodec, WireError};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-/// The read side of a client connection: a TCP read half, or one half of a TLS stream.
-pub type ClientRead = Box<dyn AsyncRead + Unpin + Send + Sync>;
+/// The read side of a client connection: a plain TCP read half (which can wait for readability
+/// without a buffer), or anything else (one half of a TLS stream).
+pub enum ClientRead {
+    Tcp(tokio::net::tcp::OwnedReadHalf),
+    Other(Box<dyn AsyncRead + Unpin + Send + Sync>),
+}
+
+/// Buffers of idle clients go back to a per-thread free list, so an idle client holds no
+/// buffer (memory per idle client) while a busy one takes one without calling the allocator.
+/// Written by hand: a free list of `BytesMut` of one size is a few lines, and the pooling
+/// crates are built for objects shared across threads, which these are not.
+mod buffers {
+    use super::*;
+
+    /// Size of a pooled buffer.
+    pub const SIZE: usize = 8 * 1024;
+    /// Buffers that grew past this (a large result) go back to the allocator instead.
+    const MAX_POOLED: usize = 64 * 1024;
+    /// Free buffers kept per thread.
+    const KEEP: usize = 256;
+
+    thread_local! {
+        static FREE: RefCell<Vec<BytesMut>> = const { RefCell::new(Vec::new()) };
+    }
+
+    pub fn take() -> BytesMut {
+        FREE.with(|f| f.borrow_mut().pop())
+            .unwrap_or_else(|| BytesMut::with_capacity(SIZE))
+    }
+
+    /// Returns an empty buffer to the free list (or to the allocator).
+    pub fn give(mut b: BytesMut) {
+        // Frames split off the front leave a read buffer shorter: it is pooled as it is (no
+        // reserve here, which showed in the profile) until less than half is left.
+        let cap = b.capacity();
+        if !b.is_empty() || !(SIZE / 2..=MAX_POOLED).contains(&cap) {
+            return;
+        }
+        b.clear();
+        FREE.with(|f| {
+            let mut f = f.borrow_mut();
+            if f.len() < KEEP {
+                f.push(b);
+            }
+        });
+    }
+}
 /// The write side of a client connection.
 pub type ClientWrite = Box<dyn AsyncWrite + Unpin + Send + Sync>;
 
@@ -35,7 +82,7 @@ impl ClientIo {
             wr,
             rbuf,
             codec: FrameCodec::new(max_message),
-            out: BytesMut::with_capacity(16 * 1024),
+            out: BytesMut::new(),
         }
     }
 
@@ -59,21 +106,62 @@ impl ClientIo {
         }
     }
 
-    /// Reads more bytes into the buffer (cancel-safe).
+    /// Reads more bytes into the buffer (cancel-safe). A plain TCP client with nothing
+    /// buffered in either direction waits for readability holding no buffer: its buffers go
+    /// back to the thread's free list until bytes arrive (an idle client costs only its
+    /// state).
     pub async fn fill(&mut self) -> Result<(), ClientError> {
-        let n = self.rd.read_buf(&mut self.rbuf).await?;
-        if n == 0 {
-            return Err(ClientError::Closed);
+        match &mut self.rd {
+            ClientRead::Tcp(tcp) => {
+                if self.rbuf.is_empty() && self.out.is_empty() {
+                    buffers::give(std::mem::take(&mut self.rbuf));
+                    buffers::give(std::mem::take(&mut self.out));
+                }
+                let rbuf = &mut self.rbuf;
+                std::future::poll_fn(|cx| loop {
+                    if rbuf.capacity() == rbuf.len() {
+                        // Take a buffer only once there is something to read.
+                        std::task::ready!(tcp.as_ref().poll_read_ready(cx))?;
+                        if rbuf.capacity() == 0 {
+                            *rbuf = buffers::take();
+                        } else {
+                            rbuf.reserve(buffers::SIZE);
+                        }
+                    }
+                    match tcp.try_read_buf(rbuf) {
+                        Ok(0) => return std::task::Poll::Ready(Err(ClientError::Closed)),
+                        Ok(_) => return std::task::Poll::Ready(Ok(())),
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                            // Readiness was cleared: wait for the next edge.
+                            std::task::ready!(tcp.as_ref().poll_read_ready(cx))?;
+                        }
+                        Err(e) => return std::task::Poll::Ready(Err(e.into())),
+                    }
+                })
+                .await
+            }
+            ClientRead::Other(rd) => {
+                if self.rbuf.capacity() == self.rbuf.len() {
+                    self.rbuf.reserve(buffers::SIZE);
+                }
+                let n = rd.read_buf(&mut self.rbuf).await?;
+                if n == 0 {
+                    return Err(ClientError::Closed);
+                }
+                Ok(())
+            }
         }
-        Ok(())
     }
 
     /// Queues a frame for the client.
     pub fn push(&mut self, f: &Frame) {
-        self.out.extend_from_slice(f.raw());
+        self.push_raw(f.raw());
     }
 
     pub fn push_raw(&mut self, b: &[u8]) {
+        if self.out.capacity() == 0 {
+            self.out = buffers::take();
+        }
         self.out.extend_from_slice(b);
     }
 

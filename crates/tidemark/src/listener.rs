@@ -320,7 +320,7 @@ async fn handle(app: Arc<App>, mut stream: TcpStream, peer: SocketAddr, slot: Lo
                     opening(&app, &mut stream, &mut buf, false, deadline).await
                 {
                     let (rd, wr) = stream.into_split();
-                    serve(app, Box::new(rd), Box::new(wr), buf, p, login).await;
+                    serve(app, ClientRead::Tcp(rd), Box::new(wr), buf, p, login).await;
                 }
                 return;
             };
@@ -352,14 +352,15 @@ async fn handle(app: Arc<App>, mut stream: TcpStream, peer: SocketAddr, slot: Lo
                 Opening::Startup(p) => {
                     let (rd, wr) = tokio::io::split(tls);
                     login.tls = true;
-                    return serve(app, Box::new(rd), Box::new(wr), buf, p, login).await;
+                    return serve(app, ClientRead::Other(Box::new(rd)), Box::new(wr), buf, p, login)
+                        .await;
                 }
                 _ => return,
             }
         }
     };
     let (rd, wr) = stream.into_split();
-    serve(app, Box::new(rd), Box::new(wr), buf, params, login).await
+    serve(app, ClientRead::Tcp(rd), Box::new(wr), buf, params, login).await
 }
 
 /// A connection being logged in.

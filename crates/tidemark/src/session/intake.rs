@@ -81,8 +81,11 @@ impl Session {
                 }
                 Event::Server(Ok(f)) if matches!(f.tag(), b'A' | b'N' | b'S') => {
                     if f.tag() == b'S' {
-                        if let Ok((k, v)) = be::parse_parameter_status(&f) {
-                            self.params.insert(k, v);
+                        // The held connection's own record of its parameters.
+                        if let (Ok((k, v)), Some(a)) =
+                            (be::parse_parameter_status(&f), self.attached.as_mut())
+                        {
+                            upsert(&mut a.conn.conn.params, k, v);
                         }
                     }
                     let f = match &self.attached {

@@ -150,8 +150,6 @@ pub struct Session {
     /// Something run in the current transaction may have changed session state invisibly:
     /// the connection is marked unknown when it is released.
     conn_state_unknown: bool,
-    /// Params reported to the client.
-    params: HashMap<String, String>,
     max_prepared: usize,
     /// This client's pool on each node, looked up once (pools live as long as the process).
     pools: Vec<Option<Arc<crate::pool::Pool>>>,
@@ -231,7 +229,6 @@ impl Session {
             write_unknown: false,
             conn_state_unknown: false,
             unit_clears_statements: false,
-            params: HashMap::new(),
             max_prepared,
             pools: Vec::new(),
         };
@@ -316,7 +313,6 @@ impl Session {
             } else {
                 v.as_str()
             };
-            self.params.insert(k.clone(), v.to_string());
             self.io.push(&be::parameter_status(k, v));
         }
         let mut secret = secret;

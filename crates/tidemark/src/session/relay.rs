@@ -76,7 +76,6 @@ pub(super) struct Relay<'a> {
     pub(super) pending_bytes: &'a mut usize,
     pub(super) copy_in: &'a mut bool,
     pub(super) skipping: &'a mut bool,
-    pub(super) params: &'a mut HashMap<String, String>,
     /// Output held back from a replica so that a failed read can be retried invisibly.
     pub(super) hold: bool,
     /// Raised by `pg_terminate_backend` on this client.
@@ -102,7 +101,6 @@ impl Relay<'_> {
             pending_bytes,
             copy_in,
             skipping,
-            params,
             hold,
             kill,
             notify_pid,
@@ -226,7 +224,6 @@ impl Relay<'_> {
             }
             BackendMessage::ParameterStatus => {
                 if let Ok((k, v)) = be::parse_parameter_status(&frame) {
-                    params.insert(k.clone(), v.clone());
                     upsert(&mut conn.params, k, v);
                 }
                 io.push(&frame);
@@ -544,7 +541,6 @@ impl Session {
             pending_bytes: &mut self.pending_bytes,
             copy_in: &mut self.copy_in,
             skipping: &mut self.server_skipping,
-            params: &mut self.params,
             hold,
             kill: &self.signal,
             notify_pid,
