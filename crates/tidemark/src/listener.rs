@@ -352,8 +352,15 @@ async fn handle(app: Arc<App>, mut stream: TcpStream, peer: SocketAddr, slot: Lo
                 Opening::Startup(p) => {
                     let (rd, wr) = tokio::io::split(tls);
                     login.tls = true;
-                    return serve(app, ClientRead::Other(Box::new(rd)), Box::new(wr), buf, p, login)
-                        .await;
+                    return serve(
+                        app,
+                        ClientRead::Other(Box::new(rd)),
+                        Box::new(wr),
+                        buf,
+                        p,
+                        login,
+                    )
+                    .await;
                 }
                 _ => return,
             }
@@ -502,22 +509,33 @@ async fn serve(
     tracing::info!(user = %user, database = %database, client = %peer, "client connected");
     let log_user = user.clone();
     let log_database = database.clone();
+    let disconnected = move || {
+        let duration = connected.elapsed();
+        tracing::info!(
+            user = %log_user,
+            database = %log_database,
+            client = %peer,
+            duration_ms = duration.as_millis() as u64,
+            duration = ?duration,
+            "client disconnected"
+        );
+    };
     if database == "tidemark" {
         crate::admin::run(app, io, user).await;
-    } else {
-        let mut session = Session::new(app.clone(), io, user, database, startup, peer.to_string());
-        match session.start().await {
+        disconnected();
+        return;
+    }
+    let session = Session::new(app.clone(), io, user, database, startup, peer.to_string());
+    // The session runs as a task of its own, and the login task ends: a task's memory is sized
+    // for the largest state of its future, and the login's states (TLS, SCRAM) are larger than
+    // an idle session's. With `start` and each unit boxed (`Session::run_inner`), an idle
+    // client's task holds little more than the `Session` (memory per idle client).
+    tokio::spawn(async move {
+        let mut session = session;
+        match Box::pin(session.start()).await {
             Ok(true) => session.run().await,
             _ => app.unregister_client(session.backend_key()),
         }
-    }
-    let duration = connected.elapsed();
-    tracing::info!(
-        user = %log_user,
-        database = %log_database,
-        client = %peer,
-        duration_ms = duration.as_millis() as u64,
-        duration = ?duration,
-        "client disconnected"
-    );
+        disconnected();
+    });
 }

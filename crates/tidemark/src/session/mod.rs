@@ -341,16 +341,22 @@ impl Session {
     /// The session loop. Returns when the client leaves or must be disconnected.
     pub async fn run(&mut self) {
         let r = self.run_inner().await;
-        match r {
-            Ok(()) | Err(ClientError::Closed) => {}
-            Err(ClientError::Protocol(e)) => {
-                let f = ErrorFields::fatal("08P01", e.to_string());
-                crate::metrics::error("08P01");
-                let _ = self.io.send(&f.to_error()).await;
+        // The ending is boxed like each unit: its future would otherwise size every idle
+        // client's task.
+        let this = &mut *self;
+        Box::pin(async move {
+            match r {
+                Ok(()) | Err(ClientError::Closed) => {}
+                Err(ClientError::Protocol(e)) => {
+                    let f = ErrorFields::fatal("08P01", e.to_string());
+                    crate::metrics::error("08P01");
+                    let _ = this.io.send(&f.to_error()).await;
+                }
+                Err(ClientError::Io(e)) => tracing::debug!(error = %e, "client connection ended"),
             }
-            Err(ClientError::Io(e)) => tracing::debug!(error = %e, "client connection ended"),
-        }
-        self.detach_close().await;
+            this.detach_close().await;
+        })
+        .await;
         self.app.unregister_client(self.pid);
     }
 
@@ -365,7 +371,10 @@ impl Session {
                 Some(u) => u,
                 None => return Ok(()),
             };
-            self.run_unit(unit).await?;
+            // Boxed: the future of a unit is several KiB, and kept inline it would make every
+            // idle client's task that large (memory per idle client); the allocation per unit
+            // costs less than the memory.
+            Box::pin(self.run_unit(unit)).await?;
         }
     }
 
