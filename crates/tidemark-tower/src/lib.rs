@@ -18,6 +18,9 @@
 //!    [`TrackedConn`] is released or dropped), the response carries the new token in a
 //!    `Set-Cookie` and in the header; the browser brings it to the redirect.
 //!
+//! Cost: per connection drawn, three small queries that tidemark answers itself (the `SET`
+//! and a `SHOW` when drawn, a `SHOW` when released), none reaching PostgreSQL.
+//!
 //! A token is only an upper bound of "what this user has written": an old one costs nothing
 //! (every replica has replayed it), a forged one is rejected (HMAC-SHA256 with your key).
 //!

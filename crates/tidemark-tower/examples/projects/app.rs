@@ -161,14 +161,17 @@ async fn show(
         Lookup::Miss { floor, generation } => (floor, generation),
     };
     let mut db = app.conn(&cx, floor).await?;
-    let row: Option<(String, bool)> =
-        sqlx::query_as("SELECT name, pg_is_in_recovery() FROM projects WHERE id = $1")
+    let (name, on_replica): (Option<String>, bool) =
+        sqlx::query_as("SELECT (SELECT name FROM projects WHERE id = $1), pg_is_in_recovery()")
             .bind(id)
-            .fetch_optional(&mut *db)
+            .fetch_one(&mut *db)
             .await?;
     db.release().await?;
-    let Some((name, on_replica)) = row else {
-        return Ok((StatusCode::NOT_FOUND, "no such project").into_response());
+    let Some(name) = name else {
+        let mut r = (StatusCode::NOT_FOUND, "no such project").into_response();
+        r.headers_mut()
+            .insert("x-replica", replica_header(on_replica));
+        return Ok(r);
     };
     app.cache.fill(
         id,
@@ -179,16 +182,18 @@ async fn show(
     Ok(answer(name, "miss", on_replica))
 }
 
-/// 200 with the name; `x-cache: hit|miss` and `x-replica: true|false` (where the read ran).
+/// 200 with the name; `x-cache: hit|miss` and `x-replica: true|false` (where the read ran;
+/// a 404 says it too).
 fn answer(name: String, cache: &'static str, on_replica: bool) -> Response {
     let mut r = name.into_response();
     let h = r.headers_mut();
     h.insert("x-cache", HeaderValue::from_static(cache));
-    h.insert(
-        "x-replica",
-        HeaderValue::from_static(if on_replica { "true" } else { "false" }),
-    );
+    h.insert("x-replica", replica_header(on_replica));
     r
+}
+
+fn replica_header(on_replica: bool) -> HeaderValue {
+    HeaderValue::from_static(if on_replica { "true" } else { "false" })
 }
 
 /// A project cache with a TTL; an invalidation leaves a marker with the writer's commit
