@@ -7,6 +7,10 @@
 //! - the cache in front of show: rename → invalidate → 303 → the refill (by the writer or by
 //!   another user) carries the writer's position, 0 stale cache entries; without tokens the
 //!   refill caches the old row, which then stays for the TTL.
+//!
+//! A control can only be stale when the show draws another connection than the write (on
+//! the same one, tidemark's per-connection tracking covers it): its stale reads also show
+//! that requests do land on different pooled connections.
 
 mod common;
 
@@ -17,11 +21,14 @@ mod app;
 use std::time::Duration;
 
 use axum::body::Body;
+use axum::extract::State;
 use axum::http::{header, Request, Response, StatusCode};
+use axum::routing::post;
 use axum::Router;
 use common::*;
 use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
+use tidemark_tower::{Causality, TidemarkLayer};
 use tower::ServiceExt;
 
 const DELAY: Duration = Duration::from_millis(200);
@@ -116,7 +123,8 @@ struct Run {
     on_replica: u32,
 }
 
-async fn create_redirect_show(router: &Router, tag: &str, n: u32) -> Run {
+/// `n` rounds of create → 303 → show by one user, `pause` between rounds.
+async fn create_redirect_show(router: &Router, tag: &str, n: u32, pause: Duration) -> Run {
     let mut run = Run::default();
     let mut b = Browser::default();
     for i in 0..n {
@@ -133,6 +141,7 @@ async fn create_redirect_show(router: &Router, tag: &str, n: u32) -> Run {
         if show.on_replica {
             run.on_replica += 1;
         }
+        tokio::time::sleep(pause).await;
     }
     run
 }
@@ -152,17 +161,28 @@ async fn create_redirect_show_is_never_stale_with_tokens() {
 
     // No cache here (TTL 0): every show reads the database.
     let (_, with) = app(pool.clone(), true, Duration::ZERO);
-    let n = 300;
-    let run = create_redirect_show(&with, "tok", n).await;
-    println!("with tokens: {run:?}");
-
     let (_, without) = app(pool.clone(), false, Duration::ZERO);
-    let ctl = create_redirect_show(&without, "ctl", n).await;
-    println!("control, no tokens: {ctl:?}");
+    // Back to back: many writes in flight on every pooled connection. Then paced: when a
+    // round starts the replica has replayed all but that round's insert, as for a show drawn
+    // on a connection that has not written lately. (Back to back, tidemark's per-connection
+    // tracking sends the control's shows to the primary by chance more or less often,
+    // depending on how the pool hands out its connections; paced, the control is stale
+    // whenever the show draws another connection than the insert.)
+    let paced = DELAY + Duration::from_millis(20);
+    let run = create_redirect_show(&with, "tok", 300, Duration::ZERO).await;
+    let run_paced = create_redirect_show(&with, "tokp", 50, paced).await;
+    println!("with tokens: back to back {run:?}; paced {run_paced:?}");
+    let ctl = create_redirect_show(&without, "ctl", 300, Duration::ZERO).await;
+    let ctl_paced = create_redirect_show(&without, "ctlp", 50, paced).await;
+    println!("control, no tokens: back to back {ctl:?}; paced {ctl_paced:?}");
 
-    assert_eq!(run.stale, 0, "stale shows with causality tokens");
+    assert_eq!(
+        run.stale + run_paced.stale,
+        0,
+        "stale shows with causality tokens"
+    );
     assert!(
-        ctl.stale > 0,
+        ctl_paced.stale > 0,
         "the control never read a stale replica: the test cannot tell tokens from luck"
     );
 
@@ -194,6 +214,39 @@ async fn create_redirect_show_is_never_stale_with_tokens() {
     };
     let s = forger.get(&with, &to).await;
     assert_eq!(s.status, StatusCode::OK);
+
+    // A handler that drops its connection instead of releasing it: the response waits for
+    // the connection's commit position, and the token it carries covers the insert.
+    let dropper = Router::new()
+        .route("/drop", post(insert_and_drop))
+        .layer(TidemarkLayer::new(KEY.to_vec()))
+        .with_state(pool.clone());
+    let mut stale = 0;
+    for _ in 0..20 {
+        let mut b = Browser::default();
+        let r = b.post(&dropper, "/drop", "").await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+        assert!(
+            r.header.is_some(),
+            "a dropped connection's write returned no token"
+        );
+        let s = b.get(&with, &format!("/projects/{}", r.body)).await;
+        stale += u32::from(s.status == StatusCode::NOT_FOUND);
+    }
+    assert_eq!(
+        stale, 0,
+        "stale shows after a handler dropped its connection"
+    );
+}
+
+async fn insert_and_drop(State(pool): State<PgPool>, cx: Causality) -> String {
+    let mut db = cx.acquire(&pool).await.unwrap();
+    let (id,): (i64,) =
+        sqlx::query_as("INSERT INTO projects (name) VALUES ('dropped') RETURNING id")
+            .fetch_one(&mut *db)
+            .await
+            .unwrap();
+    id.to_string()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -203,7 +256,7 @@ async fn cache_refills_carry_the_writers_token() {
     app::migrate(&pool).await.unwrap();
     let primary = env.node(0).await;
     let ttl = Duration::from_secs(600);
-    let n = 100;
+    let n = 60;
 
     let mut results = Vec::new();
     for tokens in [true, false] {
@@ -245,6 +298,12 @@ async fn cache_refills_carry_the_writers_token() {
                 Some("miss"),
                 "the rename invalidated it"
             );
+            // Paced: when the next round's refill runs, the replica has replayed everything
+            // but that round's rename, as when the refilling connection is one that has not
+            // written lately. (Unpaced, every pooled connection wrote within the replica's
+            // delay, and tidemark's per-connection tracking hides most staleness from the
+            // control by chance.)
+            tokio::time::sleep(DELAY + Duration::from_millis(20)).await;
         }
 
         // Long after the replica caught up, what the cache still serves.
