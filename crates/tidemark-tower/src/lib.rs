@@ -68,15 +68,21 @@
 //! A complete app, with the cache-invalidation pattern (a cache refill carries the writer's
 //! token), is `examples/projects`. See also `docs/patterns.md` in the tidemark repository.
 //!
-//! Features: `axum` (the extractor) and `sqlx` (`acquire`, [`TrackedConn`]), both default.
+//! Features: `axum` (the extractor) and `sqlx` (`acquire`, [`TrackedConn`]), both default;
+//! `deadpool-postgres` (`Causality::acquire_client`, `TrackedClient`: the same for a
+//! deadpool-postgres pool, with the `SET` and first `SHOW` pipelined in one round trip).
 //! Without `sqlx`, run `SET tidemark.min_lsn = '<Causality::floor()>'` on the connections
 //! yourself and pass `SHOW tidemark.commit_lsn` to [`Causality::record`].
 
+#[cfg(feature = "deadpool-postgres")]
+mod deadpool;
 mod layer;
 #[cfg(feature = "sqlx")]
 mod sqlx;
 mod token;
 
+#[cfg(feature = "deadpool-postgres")]
+pub use crate::deadpool::{acquire_client, ClientError, TrackedClient};
 #[cfg(feature = "sqlx")]
 pub use crate::sqlx::{acquire, TrackedConn};
 pub use layer::{Causality, TidemarkLayer, TidemarkService, DEFAULT_COOKIE, DEFAULT_HEADER};

@@ -28,7 +28,7 @@ use axum::Router;
 use common::*;
 use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
-use tidemark_tower::{Causality, TidemarkLayer};
+use tidemark_tower::{Causality, Lsn, TidemarkLayer};
 use tower::ServiceExt;
 
 const DELAY: Duration = Duration::from_millis(200);
@@ -339,5 +339,76 @@ async fn cache_refills_carry_the_writers_token() {
     assert!(
         results[1].1 > 0 && results[1].2 > 0,
         "the control cached no stale row: the test cannot tell tokens from luck"
+    );
+}
+
+/// The deadpool-postgres support: a write on one pooled client, the read on the next (as
+/// two requests would), with the token the first request would have returned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deadpool_clients_carry_the_token() {
+    let env = start(&[Some(DELAY)], |_| {}).await;
+    let cfg: tokio_postgres::Config = env.proxy_dsn().parse().unwrap();
+    let mgr = deadpool_postgres::Manager::new(cfg, tokio_postgres::NoTls);
+    let pool = deadpool_postgres::Pool::builder(mgr)
+        .max_size(POOL as usize)
+        .build()
+        .unwrap();
+    // Open every connection (the pool hands them out first in, first out).
+    let mut all = Vec::new();
+    for _ in 0..POOL {
+        all.push(pool.get().await.unwrap());
+    }
+    all[0]
+        .simple_query("CREATE TABLE dp (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    drop(all);
+    tokio::task::block_in_place(|| wait_all_replayed(&env.cluster));
+
+    let n = 150;
+    let mut stale = [0u32; 2];
+    for (k, tokens) in [true, false].into_iter().enumerate() {
+        let mut token: Option<Lsn> = None;
+        let draw = |cx: Causality| {
+            let pool = pool.clone();
+            async move {
+                if tokens {
+                    cx.acquire_client(&pool).await
+                } else {
+                    tidemark_tower::acquire_client(&pool, None).await
+                }
+                .unwrap()
+            }
+        };
+        for i in 0..n {
+            let id = (k * 1000 + i) as i32;
+            let cx = Causality::new(token);
+            let c = draw(cx.clone()).await;
+            c.execute("INSERT INTO dp VALUES ($1)", &[&id])
+                .await
+                .unwrap();
+            let wrote = c.release().await.unwrap();
+            assert!(wrote.is_some(), "an insert reports its commit position");
+            if tokens {
+                token = cx.new_token().or(token);
+            }
+            let c = draw(Causality::new(token)).await;
+            let found: i64 = c
+                .query_one("SELECT count(*) FROM dp WHERE id = $1", &[&id])
+                .await
+                .unwrap()
+                .get(0);
+            stale[k] += u32::from(found == 0);
+            assert_eq!(c.release().await.unwrap(), None, "a read reports no write");
+        }
+    }
+    println!(
+        "deadpool-postgres: {} stale of {n} with tokens, {} stale of {n} without",
+        stale[0], stale[1]
+    );
+    assert_eq!(stale[0], 0, "stale reads with tokens");
+    assert!(
+        stale[1] > 0,
+        "the control was never stale: the test cannot fail"
     );
 }
