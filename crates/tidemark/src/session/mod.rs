@@ -502,6 +502,8 @@ impl Session {
             if let Some(e) = self.end_sessions_of(target).await {
                 return self.send_error_ready(e, unit.end).await;
             }
+            // Until a server answers the unit (it may fail before it is sent).
+            self.unit_errored = true;
         }
         self.execute(unit, analysis).await?;
         if let Some(SessionsOf::Database { name, force: true }) = &ends {
