@@ -24,10 +24,12 @@ pub enum Class {
 /// Transaction control statements.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum TxControl {
-    /// `BEGIN` / `START TRANSACTION` with its options. `isolation` is lowercase, e.g.
-    /// `"repeatable read"`.
+    /// `BEGIN` / `START TRANSACTION` with its options. `read_only` is `Some` when the
+    /// statement names an access mode (`READ ONLY`: `Some(true)`, `READ WRITE`: `Some(false)`);
+    /// `None` takes the session's `default_transaction_read_only`. `isolation` is lowercase,
+    /// e.g. `"repeatable read"`; `None` takes `default_transaction_isolation`.
     Begin {
-        read_only: bool,
+        read_only: Option<bool>,
         isolation: Option<String>,
         deferrable: bool,
     },
@@ -62,11 +64,17 @@ pub enum SessionKind {
     ///
     /// `SET SESSION CHARACTERISTICS AS TRANSACTION <one option>` is reported as the equivalent
     /// `default_transaction_read_only` / `default_transaction_isolation` /
-    /// `default_transaction_deferrable` setting; with several options it is `Other`.
+    /// `default_transaction_deferrable` setting; with several options it is `SetSeveral`.
     Set {
         local: bool,
         name: String,
         value_sql: Option<String>,
+    },
+    /// `SET SESSION CHARACTERISTICS AS TRANSACTION` with several options: the equivalent
+    /// settings `(name, value_sql)` in the order written (see `Set`).
+    SetSeveral {
+        local: bool,
+        sets: Vec<(String, String)>,
     },
     /// `RESET name` (`Some`, lowercase) or `RESET ALL` (`None`).
     Reset { name: Option<String> },
@@ -103,6 +111,16 @@ pub enum TidemarkCommand {
     Show { name: String },
 }
 
+/// A statement PostgreSQL refuses, or that leaves pooled sessions behind, while sessions of a
+/// database or a role exist: tidemark first closes its own idle server connections to it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SessionsOf {
+    /// `DROP DATABASE name [WITH (FORCE)]`, `ALTER DATABASE name RENAME TO …`.
+    Database { name: String, force: bool },
+    /// `DROP ROLE|USER|GROUP a, b`, `ALTER ROLE|USER a RENAME TO …`.
+    Roles(Vec<String>),
+}
+
 /// Everything tidemark needs to know about one query text.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Analysis {
@@ -123,6 +141,8 @@ pub struct Analysis {
     /// The text is `SELECT pg_terminate_backend(…)` / `pg_cancel_backend(…)` of one literal or
     /// parameter (see [`crate::backend_signal`]): the proxy looks at the pid it names.
     pub signal_call: bool,
+    /// The text drops or renames a database or a role (the first such statement).
+    pub ends_sessions: Option<SessionsOf>,
     /// `tidemark:` hints from the leading comments.
     pub hints: Hints,
 }
@@ -147,6 +167,7 @@ impl Analysis {
                 pins_session: false,
                 opaque_state: false,
                 signal_call: false,
+                ends_sessions: None,
                 hints: Default::default(),
             });
         }
@@ -166,24 +187,118 @@ impl Analysis {
             pins_session: parts.iter().any(|a| a.pins_session),
             opaque_state: parts.iter().any(|a| a.opaque_state),
             signal_call: parts.iter().any(|a| a.signal_call),
+            ends_sessions: parts.iter().find_map(|a| a.ends_sessions.clone()),
             hints,
         })
     }
 }
 
+/// The session's transaction defaults, as far as routing cares: `default_transaction_read_only`
+/// and whether `default_transaction_isolation` is `serializable` (set by `SET`, `SET SESSION
+/// CHARACTERISTICS AS TRANSACTION` or a startup option). Fold the session's settings in with
+/// [`TxDefaults::apply`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TxDefaults {
+    pub read_only: bool,
+    pub serializable: bool,
+}
+
+impl TxDefaults {
+    /// Folds in one session setting `SET name TO value_sql` (`None`: `TO DEFAULT`, taken as
+    /// PostgreSQL's built-in default). Other names are ignored.
+    pub fn apply(&mut self, name: &str, value_sql: Option<&str>) {
+        let value = value_sql.map(unquote);
+        match name {
+            "default_transaction_read_only" => {
+                self.read_only = value.as_deref().and_then(parse_bool).unwrap_or(false);
+            }
+            "default_transaction_isolation" => {
+                self.serializable = value
+                    .as_deref()
+                    .is_some_and(|v| v.trim().eq_ignore_ascii_case("serializable"));
+            }
+            _ => {}
+        }
+    }
+
+    /// Folds in one statement's class (a `Set` or `SetSeveral` of session scope).
+    pub fn apply_class(&mut self, c: &Class) {
+        match c {
+            Class::SessionState(SessionKind::Set {
+                local: false,
+                name,
+                value_sql,
+            }) => self.apply(name, value_sql.as_deref()),
+            Class::SessionState(SessionKind::SetSeveral { local: false, sets }) => {
+                for (name, value_sql) in sets {
+                    self.apply(name, Some(value_sql));
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// A SQL constant as its text: `'on'`, `E'on'` and `on` are all `on`.
+fn unquote(v: &str) -> String {
+    let v = v.trim();
+    let body = v
+        .strip_prefix(['E', 'e'])
+        .filter(|r| r.starts_with('\''))
+        .unwrap_or(v);
+    match body.strip_prefix('\'').and_then(|r| r.strip_suffix('\'')) {
+        Some(inner) => inner.replace("''", "'"),
+        None => body.to_string(),
+    }
+}
+
+/// PostgreSQL's boolean spellings (`parse_bool`): unique prefixes of `true`/`false`/`yes`/`no`,
+/// `on`/`off` (at least `of`), `1`/`0`, any case.
+fn parse_bool(v: &str) -> Option<bool> {
+    let v = v.trim().to_ascii_lowercase();
+    let prefix_of = |word: &str, min: usize| v.len() >= min && word.starts_with(v.as_str());
+    if prefix_of("true", 1) || prefix_of("yes", 1) || v == "on" || v == "1" {
+        Some(true)
+    } else if prefix_of("false", 1) || prefix_of("no", 1) || prefix_of("off", 2) || v == "0" {
+        Some(false)
+    } else {
+        None
+    }
+}
+
 impl Analysis {
-    /// What counts as a read: a text that may run on a replica. A `Read`, or a `BEGIN …
-    /// READ ONLY`; never a text with a `tidemark: primary` hint, or with hints tidemark could
-    /// not read (the statement goes to the primary, with a warning). The proxy adds the
-    /// protocol's own condition: the unit must end with Sync or be a simple query, because
-    /// what follows a Flush may write on the same connection.
+    /// What counts as a read with PostgreSQL's built-in transaction defaults; see
+    /// [`Analysis::is_read_in`].
     pub fn is_read(&self) -> bool {
+        self.is_read_in(TxDefaults::default())
+    }
+
+    /// What counts as a read: a text that may run on a replica, in a session with the
+    /// transaction defaults `d`. A `Read`, or a `BEGIN` whose transaction is read-only (`READ
+    /// ONLY`, or no access mode with `default_transaction_read_only` on) — but nothing that runs
+    /// at `SERIALIZABLE` (written in the `BEGIN`, or the session's default), which a hot
+    /// standby refuses ("cannot use serializable mode in a hot standby"). Never a text with a
+    /// `tidemark: primary` hint, or with hints tidemark could not read (the statement goes to
+    /// the primary, with a warning). The proxy adds the protocol's own condition: the unit
+    /// must end with Sync or be a simple query, because what follows a Flush may write on the
+    /// same connection.
+    pub fn is_read_in(&self, d: TxDefaults) -> bool {
         if self.hints.target == Some(crate::HintTarget::Primary) || !self.hints.errors.is_empty() {
             return false;
         }
         match &self.class {
-            Class::Read => true,
-            Class::Transaction(TxControl::Begin { read_only, .. }) => *read_only,
+            Class::Read => !d.serializable,
+            Class::Transaction(TxControl::Begin {
+                read_only,
+                isolation,
+                ..
+            }) => {
+                let serializable = match isolation {
+                    Some(i) => i == "serializable",
+                    None => d.serializable,
+                };
+                read_only.unwrap_or(d.read_only) && !serializable
+            }
             _ => false,
         }
     }
@@ -264,6 +379,13 @@ mod tests {
                 true,
             ),
             ("BEGIN", false),
+            ("BEGIN READ WRITE", false),
+            ("BEGIN ISOLATION LEVEL SERIALIZABLE READ ONLY", false),
+            (
+                "BEGIN ISOLATION LEVEL SERIALIZABLE, READ ONLY, DEFERRABLE",
+                false,
+            ),
+            ("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY", true),
             ("INSERT INTO t VALUES (1)", false),
             ("SELECT 1; INSERT INTO t VALUES (1)", false),
             ("SELECT nextval('s')", false),
@@ -275,6 +397,88 @@ mod tests {
         ] {
             assert_eq!(c.classify(sql).is_read(), read, "{sql}");
         }
+    }
+
+    #[test]
+    fn reads_under_the_sessions_transaction_defaults() {
+        let c = crate::Classifier::new(10, crate::FunctionPolicy::default());
+        let ro = TxDefaults {
+            read_only: true,
+            serializable: false,
+        };
+        let ser = TxDefaults {
+            read_only: false,
+            serializable: true,
+        };
+        let both = TxDefaults {
+            read_only: true,
+            serializable: true,
+        };
+        for (sql, d, read) in [
+            ("BEGIN", ro, true),
+            ("START TRANSACTION", ro, true),
+            ("BEGIN; SELECT 1; COMMIT", ro, true),
+            ("BEGIN READ WRITE", ro, false),
+            ("BEGIN ISOLATION LEVEL REPEATABLE READ", ro, true),
+            ("BEGIN ISOLATION LEVEL SERIALIZABLE", ro, false),
+            // A hot standby refuses serializable, in a transaction or not.
+            ("BEGIN", both, false),
+            ("SELECT 1", ser, false),
+            ("BEGIN READ ONLY", ser, false),
+            ("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY", ser, true),
+            ("BEGIN ISOLATION LEVEL REPEATABLE READ", both, true),
+            ("SELECT 1", ro, true),
+            ("/* tidemark: primary */ BEGIN", ro, false),
+        ] {
+            assert_eq!(c.classify(sql).is_read_in(d), read, "{sql} with {d:?}");
+        }
+    }
+
+    #[test]
+    fn transaction_defaults_from_settings() {
+        let c = crate::Classifier::new(10, crate::FunctionPolicy::default());
+        let fold = |sqls: &[&str]| {
+            let mut d = TxDefaults::default();
+            for s in sqls {
+                for st in &c.classify(s).statements {
+                    d.apply_class(st);
+                }
+            }
+            d
+        };
+        assert!(fold(&["SET default_transaction_read_only = on"]).read_only);
+        assert!(fold(&["SET default_transaction_read_only TO E'on'"]).read_only);
+        assert!(fold(&["SET default_transaction_read_only = true"]).read_only);
+        assert!(fold(&["SET default_transaction_read_only = 1"]).read_only);
+        assert!(fold(&["SET default_transaction_read_only = 'yes'"]).read_only);
+        assert!(!fold(&["SET default_transaction_read_only = 'of'"]).read_only);
+        assert!(
+            !fold(&[
+                "SET default_transaction_read_only = on",
+                "SET default_transaction_read_only TO DEFAULT"
+            ])
+            .read_only
+        );
+        // SET LOCAL lasts one transaction: not a session default.
+        assert!(!fold(&["SET LOCAL default_transaction_read_only = on"]).read_only);
+        assert!(fold(&["SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY"]).read_only);
+        let d = fold(&[
+            "SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL SERIALIZABLE, READ ONLY",
+        ]);
+        assert!(d.read_only && d.serializable);
+        assert!(fold(&["SET default_transaction_isolation = 'serializable'"]).serializable);
+        assert!(fold(&["SET default_transaction_isolation TO E'SERIALIZABLE'"]).serializable);
+        assert!(!fold(&["SET default_transaction_isolation = 'repeatable read'"]).serializable);
+        assert_eq!(
+            c.classify("SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL SERIALIZABLE, READ ONLY").class,
+            Class::SessionState(SessionKind::SetSeveral {
+                local: false,
+                sets: vec![
+                    ("default_transaction_isolation".into(), "'serializable'".into()),
+                    ("default_transaction_read_only".into(), "on".into()),
+                ],
+            })
+        );
     }
 
     fn set() -> Class {
@@ -295,6 +499,7 @@ mod tests {
                 pins_session: pins,
                 opaque_state: false,
                 signal_call: false,
+                ends_sessions: None,
                 hints: Default::default(),
             })
         };
@@ -313,7 +518,7 @@ mod tests {
     #[test]
     fn precedence() {
         let begin = Class::Transaction(TxControl::Begin {
-            read_only: false,
+            read_only: None,
             isolation: None,
             deferrable: false,
         });

@@ -91,7 +91,8 @@ fn constant_blind(a: &Analysis, sql: &str) -> bool {
         && !a.statements.iter().any(|c| {
             matches!(
                 c,
-                Class::Tidemark(_) | Class::SessionState(SessionKind::Set { .. })
+                Class::Tidemark(_)
+                    | Class::SessionState(SessionKind::Set { .. } | SessionKind::SetSeveral { .. })
             )
         })
         && !matches!(a.class, Class::Tidemark(_))

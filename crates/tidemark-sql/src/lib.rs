@@ -27,7 +27,9 @@ mod normalize;
 pub use analyze::{
     backend_signal, BackendSignal, SignalPid, INLINE_PARSE_LIMIT, MAX_OPERATOR_RUN, MAX_PARSE_TEXT,
 };
-pub use class::{combine, Analysis, Class, SessionKind, TidemarkCommand, TxControl};
+pub use class::{
+    combine, Analysis, Class, SessionKind, SessionsOf, TidemarkCommand, TxControl, TxDefaults,
+};
 pub use classifier::{Classifier, MAX_CACHED_TEXT};
 pub use functions::{FunctionCatalog, FunctionPolicy, Volatility};
 pub use hints::{scan_hints, HintTarget, Hints};

@@ -94,7 +94,7 @@ fn per_statement_classes_in_order() {
     let a = c.classify("BEGIN; SELECT 1; UPDATE t SET a = 1; COMMIT");
     assert_eq!(
         a.statements,
-        vec![begin(false, None, false), R, W, tx(TxControl::Commit)]
+        vec![begin(None, None, false), R, W, tx(TxControl::Commit)]
     );
     assert!(c.classify("").statements.is_empty());
     let bad = c.classify("SELEC 1");

@@ -416,6 +416,16 @@ impl App {
         v
     }
 
+    /// The kill handles of the clients connected to `database`, but `except`.
+    pub fn clients_in_database(&self, database: &str, except: i32) -> Vec<Arc<Notify>> {
+        self.clients
+            .lock()
+            .iter()
+            .filter(|(pid, e)| **pid != except && e.info.lock().database == database)
+            .map(|(_, e)| e.kill.clone())
+            .collect()
+    }
+
     pub fn client_count(&self) -> usize {
         self.clients.lock().len()
     }

@@ -414,17 +414,27 @@ impl Pools {
     /// are closed when they come back; a transaction running on one finishes first.
     /// Returns how many pools were drained.
     pub fn drain_node(&self, node: NodeId) -> usize {
+        let drained = self.drain_where(|k| k.node == node);
+        for p in &drained {
+            tracing::info!(pool = %p.name, in_use = p.stats.in_use.load(Ordering::Relaxed), "pool drained: its node was removed or moved");
+        }
+        drained.len()
+    }
+
+    /// Takes every pool whose key matches out of service (as [`Pools::drain_node`]): forgotten,
+    /// idle connections closed now, connections in use closed when they come back. Returns
+    /// the drained pools (their `stats.in_use` tells when the last connection came back).
+    pub fn drain_where(&self, matches: impl Fn(&PoolKey) -> bool) -> Vec<Arc<Pool>> {
         let drained: Vec<Arc<Pool>> = {
             let mut m = self.map.lock();
-            let keys: Vec<PoolKey> = m.keys().filter(|k| k.node == node).cloned().collect();
+            let keys: Vec<PoolKey> = m.keys().filter(|k| matches(k)).cloned().collect();
             keys.iter().filter_map(|k| m.remove(k)).collect()
         };
         for p in &drained {
             p.draining.store(true, Ordering::Relaxed);
             p.drain_idle();
-            tracing::info!(pool = %p.name, in_use = p.stats.in_use.load(Ordering::Relaxed), "pool drained: its node was removed or moved");
         }
-        drained.len()
+        drained
     }
 
     pub fn all(&self) -> Vec<Arc<Pool>> {

@@ -118,6 +118,43 @@ fn python() -> Command {
     Command::new(std::env::var("PYTHON").unwrap_or_else(|_| "python3".into()))
 }
 
+/// Django's test runner (`manage.py test`: create the test database, migrate, run the tests,
+/// drop it), directly and through tidemark, with the replica delayed: it passes both ways.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn django_manage_py_test() {
+    let env = start(&[Some(Duration::from_millis(200))], |_| {}).await;
+    let project = drivers_dir().join("django");
+    let run_tests = |host: String, port: u16, db: &str| {
+        let out = python()
+            .current_dir(&project)
+            .args(["manage.py", "test", "--noinput", "-v", "2"])
+            .env("PGHOST", host)
+            .env("PGPORT", port.to_string())
+            .env("TEST_DB_NAME", db)
+            .output()
+            .expect("run python3 manage.py test (scripts/install-deps installs Django)");
+        let log = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(out.status.success(), "manage.py test ({db}) failed:\n{log}");
+        assert!(log.contains("Ran 5 tests"), "{log}");
+        assert!(log.contains("Destroying test database"), "{log}");
+    };
+    tokio::task::block_in_place(|| {
+        run_tests(
+            env.cluster.host().to_string(),
+            env.cluster.port(0),
+            "test_direct",
+        );
+        // Through tidemark, three times in a row (create, migrate, run, destroy each time).
+        for _ in 0..3 {
+            run_tests(
+                env.proxy.addr.ip().to_string(),
+                env.proxy.addr.port(),
+                "test_proxied",
+            );
+        }
+    });
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn psycopg_matrix() {
     let env = matrix_env().await;

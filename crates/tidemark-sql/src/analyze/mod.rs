@@ -105,6 +105,7 @@ pub(crate) fn analyze(sql: &str, rules: &FunctionRules) -> Analysis {
                 // Unparsable: nothing is known about what it does.
                 opaque_state: true,
                 signal_call: false,
+                ends_sessions: None,
                 hints,
             };
         }
@@ -115,6 +116,7 @@ pub(crate) fn analyze(sql: &str, rules: &FunctionRules) -> Analysis {
         pins: false,
         opaque: false,
         primary_only: false,
+        ends_sessions: None,
     };
     let statements: Vec<Class> = parsed
         .protobuf
@@ -138,6 +140,7 @@ pub(crate) fn analyze(sql: &str, rules: &FunctionRules) -> Analysis {
         pins_session: cx.pins,
         opaque_state: cx.opaque,
         signal_call,
+        ends_sessions: cx.ends_sessions,
         hints,
     }
 }
@@ -149,6 +152,8 @@ struct Cx<'a> {
     opaque: bool,
     /// A statement whose answer differs on a standby (`SHOW transaction_read_only`).
     primary_only: bool,
+    /// The first statement that drops or renames a database or role.
+    ends_sessions: Option<crate::class::SessionsOf>,
 }
 
 /// What a walk over an expression tree found.

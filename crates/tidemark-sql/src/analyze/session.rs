@@ -139,10 +139,11 @@ fn quote_literal(s: &str) -> String {
 
 #[derive(Default)]
 struct TxOptions {
+    /// `Some` when the options name an access mode (`READ ONLY` / `READ WRITE`).
+    access: Option<bool>,
     read_only: bool,
     isolation: Option<String>,
     deferrable: bool,
-    count: usize,
 }
 
 fn def_bool(arg: Option<&pb::Node>) -> bool {
@@ -167,9 +168,11 @@ fn tx_options(options: &[pb::Node]) -> TxOptions {
         let Some(N::DefElem(d)) = n.node.as_ref() else {
             continue;
         };
-        o.count += 1;
         match d.defname.as_str() {
-            "transaction_read_only" => o.read_only = def_bool(d.arg.as_deref()),
+            "transaction_read_only" => {
+                o.read_only = def_bool(d.arg.as_deref());
+                o.access = Some(o.read_only);
+            }
             "transaction_deferrable" => o.deferrable = def_bool(d.arg.as_deref()),
             "transaction_isolation" => {
                 o.isolation = d
@@ -190,7 +193,7 @@ pub(super) fn tx_stmt(t: &pb::TransactionStmt) -> TxControl {
         K::TransStmtBegin | K::TransStmtStart | K::Undefined => {
             let o = tx_options(&t.options);
             TxControl::Begin {
-                read_only: o.read_only,
+                read_only: o.access,
                 isolation: o.isolation,
                 deferrable: o.deferrable,
             }
@@ -207,23 +210,44 @@ pub(super) fn tx_stmt(t: &pb::TransactionStmt) -> TxControl {
 }
 
 fn session_characteristics(local: bool, args: &[pb::Node]) -> Class {
-    let o = tx_options(args);
-    if o.count != 1 {
-        return Class::SessionState(SessionKind::Other);
-    }
     let on_off = |b: bool| if b { "on" } else { "off" }.to_string();
-    let (name, value_sql) = if let Some(iso) = o.isolation {
-        ("default_transaction_isolation", quote_literal(&iso))
-    } else if args.iter().any(
-        |n| matches!(n.node.as_ref(), Some(N::DefElem(d)) if d.defname == "transaction_deferrable"),
-    ) {
-        ("default_transaction_deferrable", on_off(o.deferrable))
-    } else {
-        ("default_transaction_read_only", on_off(o.read_only))
-    };
-    Class::SessionState(SessionKind::Set {
-        local,
-        name: name.to_string(),
-        value_sql: Some(value_sql),
-    })
+    // One setting per option, in the order written (a repeated option: the last one wins,
+    // as `SET` applies them in order).
+    let mut sets: Vec<(String, String)> = Vec::new();
+    for n in args {
+        let Some(N::DefElem(d)) = n.node.as_ref() else {
+            return Class::SessionState(SessionKind::Other);
+        };
+        let (name, value_sql) = match d.defname.as_str() {
+            "transaction_isolation" => match d.arg.as_deref().and_then(const_text) {
+                Some(iso) => (
+                    "default_transaction_isolation",
+                    quote_literal(&iso.to_lowercase()),
+                ),
+                None => return Class::SessionState(SessionKind::Other),
+            },
+            "transaction_read_only" => (
+                "default_transaction_read_only",
+                on_off(def_bool(d.arg.as_deref())),
+            ),
+            "transaction_deferrable" => (
+                "default_transaction_deferrable",
+                on_off(def_bool(d.arg.as_deref())),
+            ),
+            _ => return Class::SessionState(SessionKind::Other),
+        };
+        sets.push((name.to_string(), value_sql));
+    }
+    match sets.len() {
+        0 => Class::SessionState(SessionKind::Other),
+        1 => {
+            let (name, value_sql) = sets.remove(0);
+            Class::SessionState(SessionKind::Set {
+                local,
+                name,
+                value_sql: Some(value_sql),
+            })
+        }
+        _ => Class::SessionState(SessionKind::SetSeveral { local, sets }),
+    }
 }

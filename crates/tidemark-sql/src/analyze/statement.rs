@@ -5,7 +5,7 @@ use pg_query::NodeEnum as N;
 
 use super::session::tx_stmt;
 use super::{is_temp, Cx};
-use crate::class::{Class, SessionKind, TidemarkCommand};
+use crate::class::{Class, SessionKind, SessionsOf, TidemarkCommand};
 
 /// `CURSOR_OPT_HOLD` from PostgreSQL's `parsenodes.h`.
 const CURSOR_OPT_HOLD: i32 = 0x0020;
@@ -13,6 +13,9 @@ const CURSOR_OPT_HOLD: i32 = 0x0020;
 impl Cx<'_> {
     pub(super) fn statement(&mut self, node: &N) -> Class {
         use Class::{Read, Write};
+        if self.ends_sessions.is_none() {
+            self.ends_sessions = ends_sessions(node);
+        }
         match node {
             N::SelectStmt(_) => {
                 let s = self.scan(node);
@@ -236,4 +239,72 @@ fn explain_analyzes(options: &[pb::Node]) -> bool {
         }
         _ => false,
     })
+}
+
+/// What a `DROP DATABASE`, `ALTER DATABASE … RENAME`, `DROP ROLE` or `ALTER ROLE … RENAME`
+/// names (see [`SessionsOf`]).
+fn ends_sessions(node: &N) -> Option<SessionsOf> {
+    match node {
+        N::DropdbStmt(d) => Some(SessionsOf::Database {
+            name: d.dbname.clone(),
+            force: d.options.iter().any(|o| {
+                matches!(o.node.as_ref(), Some(N::DefElem(e)) if e.defname.eq_ignore_ascii_case("force"))
+            }),
+        }),
+        N::RenameStmt(r) if r.rename_type == pb::ObjectType::ObjectDatabase as i32 => {
+            Some(SessionsOf::Database {
+                name: r.subname.clone(),
+                force: false,
+            })
+        }
+        N::RenameStmt(r) if r.rename_type == pb::ObjectType::ObjectRole as i32 => {
+            Some(SessionsOf::Roles(vec![r.subname.clone()]))
+        }
+        N::DropRoleStmt(d) => {
+            let names: Vec<String> = d
+                .roles
+                .iter()
+                .filter_map(|n| match n.node.as_ref() {
+                    Some(N::RoleSpec(r)) if !r.rolename.is_empty() => Some(r.rolename.clone()),
+                    _ => None,
+                })
+                .collect();
+            (!names.is_empty()).then_some(SessionsOf::Roles(names))
+        }
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statements_that_end_sessions() {
+        let c = crate::Classifier::new(0, crate::FunctionPolicy::default());
+        let db = |name: &str, force: bool| {
+            Some(SessionsOf::Database {
+                name: name.into(),
+                force,
+            })
+        };
+        let roles = |n: &[&str]| Some(SessionsOf::Roles(n.iter().map(|s| s.to_string()).collect()));
+        for (sql, want) in [
+            ("DROP DATABASE x", db("x", false)),
+            ("DROP DATABASE IF EXISTS \"My Db\"", db("My Db", false)),
+            ("DROP DATABASE Test_X WITH (FORCE)", db("test_x", true)),
+            ("DROP DATABASE x (force)", db("x", true)),
+            ("ALTER DATABASE a RENAME TO b", db("a", false)),
+            ("DROP ROLE r", roles(&["r"])),
+            ("DROP USER IF EXISTS a, \"B\"", roles(&["a", "B"])),
+            ("DROP GROUP g", roles(&["g"])),
+            ("ALTER ROLE a RENAME TO b", roles(&["a"])),
+            ("ALTER DATABASE a SET search_path = x", None),
+            ("ALTER TABLE a RENAME TO b", None),
+            ("CREATE DATABASE x", None),
+            ("SELECT 1", None),
+        ] {
+            assert_eq!(c.classify(sql).ends_sessions, want, "{sql}");
+        }
+    }
 }

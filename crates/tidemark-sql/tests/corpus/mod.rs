@@ -17,7 +17,7 @@ pub fn ss(k: SessionKind) -> Class {
 pub fn tx(t: TxControl) -> Class {
     Class::Transaction(t)
 }
-pub fn begin(read_only: bool, isolation: Option<&str>, deferrable: bool) -> Class {
+pub fn begin(read_only: Option<bool>, isolation: Option<&str>, deferrable: bool) -> Class {
     tx(TxControl::Begin {
         read_only,
         isolation: isolation.map(str::to_string),
@@ -289,11 +289,11 @@ pub fn corpus() -> Vec<Case> {
         c("SELECT * FROM pg_walfile_name_offset(pg_last_wal_replay_lsn())", W, false),
         c("SELECT pg_create_restore_point('r')", W, false),
         // --- transaction control
-        c("BEGIN", begin(false, None, false), false),
-        c("BEGIN READ ONLY", begin(true, None, false), false),
-        c("BEGIN READ WRITE", begin(false, None, false), false),
-        c("START TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY", begin(true, Some("repeatable read"), false), false),
-        c("BEGIN ISOLATION LEVEL SERIALIZABLE READ ONLY DEFERRABLE", begin(true, Some("serializable"), true), false),
+        c("BEGIN", begin(None, None, false), false),
+        c("BEGIN READ ONLY", begin(Some(true), None, false), false),
+        c("BEGIN READ WRITE", begin(Some(false), None, false), false),
+        c("START TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY", begin(Some(true), Some("repeatable read"), false), false),
+        c("BEGIN ISOLATION LEVEL SERIALIZABLE READ ONLY DEFERRABLE", begin(Some(true), Some("serializable"), true), false),
         c("COMMIT", tx(TxControl::Commit), false),
         c("END", tx(TxControl::Commit), false),
         c("COMMIT AND CHAIN", tx(TxControl::Commit), false),
@@ -385,7 +385,7 @@ pub fn corpus() -> Vec<Case> {
         c("copy t from stdin", W, false),
         c("SELECT * FROM \"t\" WHERE \"id\" = 1", R, false),
         c("TaBlE users", R, false),
-        c("Begin Read Only", begin(true, None, false), false),
+        c("Begin Read Only", begin(Some(true), None, false), false),
         // --- accepted by the grammar, rejected by PostgreSQL's analysis
         c("SELECT * FROM no_such_table", R, false).rejected("relation does not exist (42P01)"),
         c("SELECT no_such_column FROM t", R, false).rejected("column does not exist (42703)"),
@@ -398,7 +398,7 @@ pub fn corpus() -> Vec<Case> {
         c("SELECT 1; SELEC 2", U, false),
         c("SELECT 1; EXECUTE p", U, false),
         c("SET work_mem = 1; SELECT 1", set(false, "work_mem", Some("1")), false),
-        c("BEGIN; SELECT 1; COMMIT", begin(false, None, false), false),
+        c("BEGIN; SELECT 1; COMMIT", begin(None, None, false), false),
         c("SHOW tidemark.commit_lsn; SELECT 1", U, false),
         c("SELECT 1; LISTEN c", ss(SessionKind::Listen), true),
         // --- unknown: rejected by the grammar

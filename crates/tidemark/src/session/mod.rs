@@ -30,7 +30,9 @@ use tidemark_core::{
     caught_up, fallback_after_wait, route, Applied, Consistency, Lsn, NodeId, NodeSet, Reason,
     Role, Route, RouteRequest, TargetHint, Unavailable,
 };
-use tidemark_sql::{Analysis, Class, HintTarget, SessionKind, TidemarkCommand, TxControl};
+use tidemark_sql::{
+    Analysis, Class, HintTarget, SessionKind, SessionsOf, TidemarkCommand, TxControl, TxDefaults,
+};
 use tidemark_wire::backend::{self as be, BackendMessage, ErrorFields};
 use tidemark_wire::frontend::{self as fe, ClientMessage, FrontendMessage, Target};
 use tidemark_wire::{Frame, StartupParams, TxStatus};
@@ -43,6 +45,7 @@ use crate::server::ServerError;
 
 mod abandon;
 mod commit;
+mod databases;
 mod intake;
 mod placement;
 mod relay;
@@ -52,6 +55,8 @@ mod signals;
 mod statements;
 
 use commit::*;
+use databases::*;
+use placement::CheckoutFailure;
 use relay::*;
 use rewrite::*;
 pub use settings::startup_to_sets;
@@ -107,6 +112,9 @@ pub struct Session {
     startup_sets: Vec<String>,
     sets: Vec<(String, String)>,
     state_key: u64,
+    /// `default_transaction_read_only` / serializable default of `startup_sets` and `sets`
+    /// (recomputed with `state_key`): decides whether a plain `BEGIN` is a read.
+    tx_defaults: TxDefaults,
     consistency: Consistency,
     key: Option<String>,
     token: Lsn,
@@ -145,6 +153,8 @@ pub struct Session {
     write_unknown: bool,
     /// After tidemark itself failed a Flush-ended unit: ignore messages until Sync.
     skip_until_sync: bool,
+    /// The last unit run on a server ended with an error (or did not end).
+    unit_errored: bool,
     /// The unit being run executes `DISCARD ALL` or `DEALLOCATE ALL` (set by `analyse`).
     unit_clears_statements: bool,
     /// Something run in the current transaction may have changed session state invisibly:
@@ -203,6 +213,7 @@ impl Session {
             startup_sets: startup.into_iter().map(|(_, s)| s).collect(),
             sets: Vec::new(),
             state_key: 0,
+            tx_defaults: TxDefaults::default(),
             consistency,
             key: None,
             token: Lsn::ZERO,
@@ -229,6 +240,7 @@ impl Session {
             write_unknown: false,
             conn_state_unknown: false,
             unit_clears_statements: false,
+            unit_errored: false,
             max_prepared,
             pools: Vec::new(),
         };
@@ -274,11 +286,15 @@ impl Session {
         let node = first.unwrap_or(0);
         // Only wait for the primary's pool when nothing else can answer.
         let wait = session_mode || any.is_none_or(|a| a == node);
-        let (mut conn, node) = match self.checkout_with(node, wait).await {
+        let (mut conn, node) = match self.checkout_typed(node, wait).await {
             Ok(c) => (c, node),
             // The primary's pool is saturated or it cannot be reached: a login does not wait
-            // for it; a replica tells the parameters (as the primary's, below).
-            Err(_) if !session_mode && any.is_some_and(|a| a != node) => {
+            // for it; a replica tells the parameters (as the primary's, below). A login the
+            // primary refused (a role or database dropped a moment ago) is the answer: a
+            // replica that has not replayed the drop yet must not let the client in.
+            Err(CheckoutFailure::Exhausted(_) | CheckoutFailure::Unreachable(_))
+                if !session_mode && any.is_some_and(|a| a != node) =>
+            {
                 let other = any.unwrap_or(node);
                 match self.checkout(other).await {
                     Ok(c) => (c, other),
@@ -289,7 +305,8 @@ impl Session {
                     }
                 }
             }
-            Err(mut f) => {
+            Err(f) => {
+                let mut f = f.into_error();
                 f.severity = "FATAL".into();
                 self.io.send(&f.to_error()).await?;
                 return Ok(false);
@@ -489,7 +506,24 @@ impl Session {
                 "session pinned to one primary connection"
             );
         }
-        self.execute(unit, analysis).await
+        let ends = analysis
+            .ends_sessions
+            .clone()
+            .filter(|_| unit_executes(&unit));
+        if let Some(target) = &ends {
+            if let Some(e) = self.end_sessions_of(target).await {
+                return self.send_error_ready(e, unit.end).await;
+            }
+            // Until a server answers the unit (it may fail before it is sent).
+            self.unit_errored = true;
+        }
+        self.execute(unit, analysis).await?;
+        if let Some(SessionsOf::Database { name, force: true }) = &ends {
+            if !self.unit_errored {
+                self.terminate_clients_of(name);
+            }
+        }
+        Ok(())
     }
 
     /// Carries out how a unit's relay ended. A read to retry on the primary comes back as its
@@ -501,6 +535,7 @@ impl Session {
         may_commit: bool,
         analysis: &Analysis,
     ) -> SResult<Option<String>> {
+        self.unit_errored = !matches!(outcome, Ok(RelayOutcome::Done { errored: false, .. }));
         match outcome {
             Ok(RelayOutcome::Done {
                 status,
@@ -529,7 +564,7 @@ impl Session {
         // A unit is everything up to Sync, and runs on one node (one implicit transaction).
         // What follows a Flush may write, so a unit ended by Flush (or by size) that will go on
         // on the same connection goes to the primary.
-        let read_only = analysis.is_read()
+        let read_only = analysis.is_read_in(self.tx_defaults)
             && matches!(unit.end, UnitEnd::Sync | UnitEnd::Query | UnitEnd::Func);
         if self.attached.is_none() {
             self.wait_while_paused().await;

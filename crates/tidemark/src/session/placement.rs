@@ -124,6 +124,14 @@ impl Session {
             )
             .with_hint("raise pool.max_size or pool.checkout_timeout, or make transactions shorter"))),
             Err(PoolError::Server(ServerError::Server(f))) => Err(CheckoutFailure::Refused(f)),
+            // The server refused the login while authenticating (a role that does not exist
+            // there, a wrong password): refused, not unreachable.
+            Err(PoolError::Server(e @ ServerError::Auth(_))) => {
+                Err(CheckoutFailure::Refused(ErrorFields::error(
+                    "08006",
+                    format!("cannot connect to node {}: {e}", self.app.node_name(node)),
+                )))
+            }
             Err(PoolError::Server(e)) => Err(CheckoutFailure::Unreachable(ErrorFields::error(
                 "08006",
                 format!("cannot connect to node {}: {e}", self.app.node_name(node)),

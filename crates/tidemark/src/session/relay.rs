@@ -268,13 +268,30 @@ impl Relay<'_> {
                     }
                     return Err(RelayError::Server(ServerError::Server(f)));
                 }
-                let recovery_only = f.code == "0A000" && f.message.contains("during recovery");
+                // Also "cannot use serializable mode in a hot standby": a default isolation
+                // tidemark cannot see (ALTER ROLE/DATABASE … SET, postgresql.conf).
+                let recovery_only = f.code == "0A000"
+                    && (f.message.contains("during recovery")
+                        || f.message.contains("in a hot standby"));
+                if hold && !flushed && not_replayed_yet(&f.code) {
+                    // An object the replica does not have (yet): a table, column, schema,
+                    // function or type another session just created. The primary answers —
+                    // with PostgreSQL's own error if the object exists nowhere.
+                    io.truncate_out(start_out);
+                    drain_to_ready(conn, exp).await.map_err(RelayError::Server)?;
+                    return Ok(RelayOutcome::RetryOnPrimary(format!("{} {}", f.code, f.message)));
+                }
                 if hold && !flushed && (f.code == "25006" || recovery_only) {
                     // A replica refused a write it was sent, or a relation it cannot read
                     // (unlogged, temporary): retry on the primary.
                     io.truncate_out(start_out);
                     drain_to_ready(conn, exp).await.map_err(RelayError::Server)?;
-                    return Ok(RelayOutcome::RetryOnPrimary(format!("25006 {}", f.message)));
+                    let code = if f.message.contains("in a hot standby") {
+                        "0A000"
+                    } else {
+                        "25006"
+                    };
+                    return Ok(RelayOutcome::RetryOnPrimary(format!("{code} {}", f.message)));
                 }
                 crate::metrics::error(&f.code);
             }
@@ -561,4 +578,10 @@ impl Session {
         }
         r
     }
+}
+
+/// SQLSTATEs a replica answers for an object it has not replayed yet (and the primary may
+/// have): undefined table, column, function, object (type, ...), schema.
+pub(super) fn not_replayed_yet(code: &str) -> bool {
+    matches!(code, "42P01" | "42703" | "42883" | "42704" | "3F000")
 }

@@ -113,6 +113,26 @@ impl Session {
         } else {
             hash_of(&self.state_sql()) | 1
         };
+        self.tx_defaults = self.compute_tx_defaults();
+    }
+
+    /// The transaction defaults routing uses (`default_transaction_read_only`, serializable
+    /// isolation), read from the very SETs this session replays on its server connections
+    /// (startup options, then the client's SETs), so routing and the server agree.
+    fn compute_tx_defaults(&self) -> TxDefaults {
+        let mut d = TxDefaults::default();
+        for s in self
+            .startup_sets
+            .iter()
+            .chain(self.sets.iter().map(|(_, s)| s))
+        {
+            if s.starts_with("SET default_transaction_") {
+                for c in &self.app.classifier.classify(s).statements {
+                    d.apply_class(c);
+                }
+            }
+        }
+        d
     }
 
     /// Carries out a tidemark command; what to answer, or the error.
@@ -358,6 +378,13 @@ impl Session {
                         None => format!("SET {name} TO DEFAULT"),
                     };
                     self.sets.push((name.clone(), stmt));
+                    changed = true;
+                }
+                Class::SessionState(SessionKind::SetSeveral { local: false, sets }) => {
+                    for (name, v) in sets {
+                        self.sets.retain(|(n, _)| n != name);
+                        self.sets.push((name.clone(), format!("SET {name} TO {v}")));
+                    }
                     changed = true;
                 }
                 Class::SessionState(SessionKind::Reset { name: Some(name) }) => {

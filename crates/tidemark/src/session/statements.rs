@@ -36,6 +36,7 @@ pub(super) fn opaque_analysis() -> Arc<Analysis> {
         pins_session: false,
         opaque_state: true,
         signal_call: false,
+        ends_sessions: None,
         hints: Default::default(),
     })
 }
