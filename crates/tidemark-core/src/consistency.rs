@@ -1,4 +1,5 @@
-//! `Consistency`: the read consistency levels (`strong`, `session`, `bounded(d)`, `eventual`),
+//! `Consistency`: the read consistency levels (`strong`, `causal`, `session`, `bounded(d)`,
+//! `eventual`),
 //! their text form as used in config, `SET tidemark.consistency` and hint comments.
 
 use std::fmt;
@@ -13,6 +14,10 @@ pub enum Consistency {
     /// Read-your-writes: a replica must have replayed everything the reader depends on.
     #[default]
     Session,
+    /// `Session`, and the replica must also have replayed every write this tidemark instance
+    /// (or, with `[shared]`, any instance sharing the Redis store) acknowledged before the read
+    /// arrived: the causal floor. Any pooled connection then sees what another one wrote.
+    Causal,
     /// Read-your-writes, and the replica's time lag must be at most this.
     Bounded(Duration),
     /// Any replica in rotation; ignores the reader's LSN requirement.
@@ -28,7 +33,7 @@ impl Consistency {
 
 /// Text that is not a consistency level.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("invalid consistency {text:?}{detail}: expected one of strong, session, eventual, bounded(DURATION), bounded:DURATION or bounded=DURATION with a duration such as 200ms, 2s or 1m")]
+#[error("invalid consistency {text:?}{detail}: expected one of strong, causal, session, eventual, bounded(DURATION), bounded:DURATION or bounded=DURATION with a duration such as 200ms, 2s or 1m")]
 pub struct ConsistencyParseError {
     /// The text that failed to parse.
     pub text: String,
@@ -48,6 +53,7 @@ impl FromStr for Consistency {
         match lower.as_str() {
             "strong" => return Ok(Consistency::Strong),
             "session" => return Ok(Consistency::Session),
+            "causal" => return Ok(Consistency::Causal),
             "eventual" => return Ok(Consistency::Eventual),
             _ => {}
         }
@@ -79,6 +85,7 @@ impl fmt::Display for Consistency {
         match self {
             Consistency::Strong => f.write_str("strong"),
             Consistency::Session => f.write_str("session"),
+            Consistency::Causal => f.write_str("causal"),
             Consistency::Bounded(d) => write!(f, "bounded({})", humantime::format_duration(*d)),
             Consistency::Eventual => f.write_str("eventual"),
         }
@@ -93,6 +100,7 @@ mod tests {
     fn parses_all_forms() {
         assert_eq!("strong".parse(), Ok(Consistency::Strong));
         assert_eq!("SESSION".parse(), Ok(Consistency::Session));
+        assert_eq!("causal".parse(), Ok(Consistency::Causal));
         assert_eq!(" Eventual ".parse(), Ok(Consistency::Eventual));
         let ms200 = Consistency::Bounded(Duration::from_millis(200));
         assert_eq!("bounded(200ms)".parse(), Ok(ms200));
@@ -124,7 +132,7 @@ mod tests {
         ] {
             let e = bad.parse::<Consistency>().unwrap_err();
             let msg = e.to_string();
-            assert!(msg.contains("strong, session, eventual"), "{msg}");
+            assert!(msg.contains("strong, causal, session, eventual"), "{msg}");
             assert!(msg.contains("200ms"), "{msg}");
             assert_eq!(e.text, bad);
         }
@@ -135,6 +143,7 @@ mod tests {
         for c in [
             Consistency::Strong,
             Consistency::Session,
+            Consistency::Causal,
             Consistency::Eventual,
             Consistency::Bounded(Duration::from_millis(200)),
             Consistency::Bounded(Duration::from_millis(1500)),

@@ -2,6 +2,7 @@
 //! the cluster view, the routing decision, the lag gate, the time-lag clock and the key store.
 //! No I/O, no threads, no clock reads: time is always passed in.
 
+pub mod causal;
 pub mod consistency;
 pub mod gate;
 pub mod keys;
@@ -10,6 +11,7 @@ pub mod lsn;
 pub mod route;
 pub mod view;
 
+pub use causal::CausalFloor;
 pub use consistency::{Consistency, ConsistencyParseError};
 pub use gate::{GateConfig, LagGate};
 pub use keys::{KeyStore, MemoryKeyStore};

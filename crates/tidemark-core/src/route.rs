@@ -39,6 +39,14 @@ pub struct RouteRequest {
     /// whose time lag is already above it will not replay a commit made just now in time, so
     /// it is not worth asking. `None`: no limit.
     pub max_wait: Option<Duration>,
+    /// The causal floor (see [`crate::CausalFloor`]): the highest commit LSN acknowledged to any
+    /// client before this read arrived. Only `Consistency::Causal` reads depend on it. `None`:
+    /// it cannot be known right now (a write's position was lost, the shared store did not
+    /// answer), so a causal read must go to the primary.
+    pub causal_floor: Option<Lsn>,
+    /// Part of what the read depends on could not be learned (its key is held in a shared store
+    /// that did not answer): any read but `Eventual` goes to the primary.
+    pub requirement_unknown: bool,
 }
 
 /// Replicas known to have replayed WAL up to `lsn`: the primary's `pg_stat_replication`
@@ -63,6 +71,21 @@ impl RouteRequest {
             balance: 0,
             applied: None,
             max_wait: None,
+            causal_floor: Some(Lsn::ZERO),
+            requirement_unknown: false,
+        }
+    }
+
+    /// The LSN a replica must have replayed to serve this read: `required_lsn`, raised to the
+    /// causal floor for `Consistency::Causal`. `None` when that cannot be known (see
+    /// [`RouteRequest::causal_floor`], [`RouteRequest::requirement_unknown`]).
+    pub fn effective_required(&self) -> Option<Lsn> {
+        if self.requirement_unknown {
+            return None;
+        }
+        match self.consistency {
+            Consistency::Causal => self.causal_floor.map(|f| f.max(self.required_lsn)),
+            _ => Some(self.required_lsn),
         }
     }
 
@@ -102,11 +125,15 @@ pub enum Reason {
     /// A read had to fall back to the primary but no primary is known (the session answers
     /// with an error); label for counting those refusals (see [`fallback_after_wait`]).
     NoPrimaryForRead,
+    /// A read went to the primary because what it depends on is unknown right now: the causal
+    /// floor after a write whose position was lost, or a key or floor held in a shared store
+    /// that did not answer in time.
+    RequirementUnknown,
 }
 
 impl Reason {
     /// All reasons, for pre-registering metric labels.
-    pub const ALL: [Reason; 10] = [
+    pub const ALL: [Reason; 11] = [
         Reason::Write,
         Reason::Pinned,
         Reason::Strong,
@@ -117,6 +144,7 @@ impl Reason {
         Reason::Eligible,
         Reason::AppliedAtCommit,
         Reason::NoPrimaryForRead,
+        Reason::RequirementUnknown,
     ];
 
     /// snake_case label for metrics.
@@ -132,6 +160,7 @@ impl Reason {
             Reason::Eligible => "eligible",
             Reason::AppliedAtCommit => "applied_at_commit",
             Reason::NoPrimaryForRead => "no_primary_for_read",
+            Reason::RequirementUnknown => "requirement_unknown",
         }
     }
 }
@@ -237,13 +266,13 @@ fn sampled_ok(n: &NodeStatus, required: Lsn) -> bool {
 }
 
 /// Did the primary report this replica as having replayed what the request depends on?
-fn applied_ok(n: &NodeStatus, req: &RouteRequest) -> bool {
+fn applied_ok(n: &NodeStatus, req: &RouteRequest, required: Lsn) -> bool {
     req.applied
-        .is_some_and(|a| a.lsn >= req.required_lsn && a.nodes.contains(n.id))
+        .is_some_and(|a| a.lsn >= required && a.nodes.contains(n.id))
 }
 
-fn lsn_ok(n: &NodeStatus, req: &RouteRequest) -> bool {
-    sampled_ok(n, req.required_lsn) || applied_ok(n, req)
+fn lsn_ok(n: &NodeStatus, req: &RouteRequest, required: Lsn) -> bool {
+    sampled_ok(n, required) || applied_ok(n, req, required)
 }
 
 /// Route one routing unit.
@@ -255,6 +284,7 @@ fn lsn_ok(n: &NodeStatus, req: &RouteRequest) -> bool {
 /// - reads: eligible replicas are healthy, `Role::Replica`, in rotation and
 ///   - `Session`: `replay_lsn >= required_lsn`, or the node is in `applied` and
 ///     `applied.lsn >= required_lsn` (`Reason::AppliedAtCommit` when only that holds);
+///   - `Causal`: the `Session` condition with `required_lsn` raised to `causal_floor`;
 ///   - `Bounded(d)`: `lag <= d` and the `Session` condition;
 ///   - `Eventual`: no further condition.
 ///
@@ -262,6 +292,8 @@ fn lsn_ok(n: &NodeStatus, req: &RouteRequest) -> bool {
 ///   If none is eligible: `Session`/`Bounded` replicas that are only behind on LSN →
 ///   `CheckReplicas`; otherwise the primary (`NoReplica` if no healthy in-rotation replica
 ///   exists, `ReplicasBehind` if they all exceed the `bounded` lag); no primary → `Unavailable`.
+/// - a read (not `Eventual`) whose requirement is unknown (`requirement_unknown`, or a `Causal`
+///   read without a `causal_floor`) → the primary (`Reason::RequirementUnknown`): never stale.
 pub fn route(req: &RouteRequest, view: &ClusterView) -> Route {
     if let Some(id) = req.pinned {
         return match view.node(id) {
@@ -282,6 +314,11 @@ pub fn route(req: &RouteRequest, view: &ClusterView) -> Route {
     if req.consistency == Consistency::Strong {
         return to_primary(view, Reason::Strong);
     }
+    let required = match req.effective_required() {
+        Some(l) => l,
+        None if req.consistency == Consistency::Eventual => req.required_lsn,
+        None => return to_primary(view, Reason::RequirementUnknown),
+    };
 
     // Replicas that could serve reads at all, in stable id order.
     let mut usable: Vec<&NodeStatus> = view
@@ -291,7 +328,6 @@ pub fn route(req: &RouteRequest, view: &ClusterView) -> Route {
         .collect();
     usable.sort_by_key(|n| n.id);
 
-    let required = req.required_lsn;
     let within_bound = |n: &NodeStatus| match req.consistency {
         Consistency::Bounded(d) => n.lag <= d,
         _ => true,
@@ -301,7 +337,7 @@ pub fn route(req: &RouteRequest, view: &ClusterView) -> Route {
         .copied()
         .filter(|n| match req.consistency {
             Consistency::Eventual => true,
-            _ => within_bound(n) && lsn_ok(n, req),
+            _ => within_bound(n) && lsn_ok(n, req, required),
         })
         .collect();
 
@@ -323,7 +359,7 @@ pub fn route(req: &RouteRequest, view: &ClusterView) -> Route {
     let mut behind: Vec<&NodeStatus> = usable
         .iter()
         .copied()
-        .filter(|n| within_bound(n) && !lsn_ok(n, req))
+        .filter(|n| within_bound(n) && !lsn_ok(n, req, required))
         .filter(|n| req.max_wait.is_none_or(|w| n.lag <= w))
         .collect();
     if !behind.is_empty() && req.consistency != Consistency::Eventual {
@@ -486,6 +522,86 @@ mod tests {
 
     fn node(node: NodeId, role: Role, reason: Reason) -> Route {
         Route::Node { node, role, reason }
+    }
+
+    #[test]
+    fn causal_reads_wait_for_the_floor() {
+        let v = cluster(); // replicas at 900 and 500
+        let mut r = read(Consistency::Causal, 0);
+        r.causal_floor = Some(Lsn(800));
+        assert_eq!(route(&r, &v), node(1, Role::Replica, Reason::Eligible));
+        // The same read at `session` ignores the floor.
+        r.consistency = Consistency::Session;
+        r.balance = 1;
+        assert_eq!(route(&r, &v), node(2, Role::Replica, Reason::Eligible));
+        // Floor above every replica: ask them, never serve it stale.
+        let mut r = read(Consistency::Causal, 100);
+        r.causal_floor = Some(Lsn(950));
+        assert_eq!(
+            route(&r, &v),
+            Route::CheckReplicas {
+                candidates: vec![1, 2],
+                required_lsn: Lsn(950),
+                fallback: Some(0)
+            }
+        );
+        // The session's own requirement still counts when above the floor.
+        let mut r = read(Consistency::Causal, 950);
+        r.causal_floor = Some(Lsn(100));
+        assert!(matches!(
+            route(&r, &v),
+            Route::CheckReplicas {
+                required_lsn: Lsn(950),
+                ..
+            }
+        ));
+        // An applied-at-commit report only covers the floor if it reaches it.
+        let mut r = read(Consistency::Causal, 950);
+        r.causal_floor = Some(Lsn(990));
+        r.applied = Some(Applied {
+            lsn: Lsn(960),
+            nodes: [2].into_iter().collect(),
+        });
+        assert!(matches!(route(&r, &v), Route::CheckReplicas { .. }));
+        r.applied = Some(Applied {
+            lsn: Lsn(990),
+            nodes: [2].into_iter().collect(),
+        });
+        assert_eq!(
+            route(&r, &v),
+            node(2, Role::Replica, Reason::AppliedAtCommit)
+        );
+    }
+
+    #[test]
+    fn unknown_requirements_go_to_the_primary() {
+        let v = cluster();
+        let mut r = read(Consistency::Causal, 0);
+        r.causal_floor = None;
+        assert_eq!(
+            route(&r, &v),
+            node(0, Role::Primary, Reason::RequirementUnknown)
+        );
+        // Other levels do not depend on the floor.
+        r.consistency = Consistency::Session;
+        assert_eq!(route(&r, &v), node(1, Role::Replica, Reason::Eligible));
+        // A key that could not be read: any level but eventual goes to the primary.
+        for c in [
+            Consistency::Session,
+            Consistency::Causal,
+            Consistency::Bounded(Duration::from_secs(9)),
+        ] {
+            let mut r = read(c, 0);
+            r.requirement_unknown = true;
+            assert_eq!(
+                route(&r, &v),
+                node(0, Role::Primary, Reason::RequirementUnknown)
+            );
+        }
+        let mut r = read(Consistency::Eventual, 0);
+        r.requirement_unknown = true;
+        r.causal_floor = None;
+        assert_eq!(route(&r, &v), node(1, Role::Replica, Reason::Eligible));
     }
 
     #[test]
@@ -828,7 +944,8 @@ mod tests {
                 "replica_caught_up",
                 "eligible",
                 "applied_at_commit",
-                "no_primary_for_read"
+                "no_primary_for_read",
+                "requirement_unknown"
             ]
         );
         assert_eq!(Reason::ReplicasBehind.to_string(), "replicas_behind");
@@ -904,16 +1021,21 @@ mod tests {
     /// The replica has the requirement by its sample, or by a per-commit report that covers
     /// it (independent of the route code; the `synchronous_apply` flag never counts).
     fn covered(n: &NodeStatus, req: &RouteRequest) -> bool {
-        n.replay_lsn >= req.required_lsn
+        covers(n, req, req.required_lsn)
+    }
+
+    fn covers(n: &NodeStatus, req: &RouteRequest, need: Lsn) -> bool {
+        n.replay_lsn >= need
             || req
                 .applied
-                .is_some_and(|a| a.lsn >= req.required_lsn && a.nodes.contains(n.id))
+                .is_some_and(|a| a.lsn >= need && a.nodes.contains(n.id))
     }
 
     fn arb_consistency() -> impl Strategy<Value = Consistency> {
         prop_oneof![
             Just(Consistency::Strong),
             Just(Consistency::Session),
+            Just(Consistency::Causal),
             Just(Consistency::Eventual),
             (0u64..3000).prop_map(|ms| Consistency::Bounded(Duration::from_millis(ms))),
         ]
@@ -931,9 +1053,10 @@ mod tests {
             ],
             any::<u64>(),
             proptest::option::of((0u64..2500, any::<u8>())),
+            proptest::option::of(0u64..2500),
         )
-            .prop_map(|(read_only, consistency, lsn, hint, balance, applied)| {
-                RouteRequest {
+            .prop_map(
+                |(read_only, consistency, lsn, hint, balance, applied, floor)| RouteRequest {
                     read_only,
                     pinned: None,
                     max_wait: None,
@@ -945,8 +1068,10 @@ mod tests {
                         lsn: Lsn(l),
                         nodes: (0..8).filter(|i| bits & (1 << i) != 0).collect(),
                     }),
-                }
-            })
+                    causal_floor: floor.map(Lsn),
+                    requirement_unknown: false,
+                },
+            )
     }
 
     proptest! {
@@ -973,6 +1098,13 @@ mod tests {
                 match req.consistency {
                     Consistency::Strong => prop_assert!(false, "strong read went to a replica"),
                     Consistency::Session => prop_assert!(covered(n, &req)),
+                    Consistency::Causal => {
+                        // Never below the floor; never without a known floor.
+                        let floor = req.causal_floor;
+                        prop_assert!(floor.is_some());
+                        let need = req.required_lsn.max(floor.unwrap_or(Lsn::ZERO));
+                        prop_assert!(covers(n, &req, need));
+                    }
                     Consistency::Bounded(d) => {
                         prop_assert!(n.lag <= d);
                         prop_assert!(covered(n, &req));
@@ -1003,7 +1135,7 @@ mod tests {
         fn check_replicas_is_well_formed(view in arb_view(), req in arb_req()) {
             if let Route::CheckReplicas { candidates, required_lsn, fallback } = route(&req, &view) {
                 prop_assert!(!candidates.is_empty());
-                prop_assert_eq!(required_lsn, req.required_lsn);
+                prop_assert_eq!(Some(required_lsn), req.effective_required());
                 let lsns: Vec<Lsn> = candidates.iter().map(|id| view.node(*id).unwrap().replay_lsn).collect();
                 prop_assert!(lsns.windows(2).all(|w| w[0] >= w[1]));
                 for id in &candidates {

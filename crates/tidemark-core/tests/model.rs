@@ -1000,7 +1000,7 @@ impl Sim {
             Consistency::Strong => {
                 return Err(TestCaseError::fail("strong read served by a replica"))
             }
-            Consistency::Session | Consistency::Bounded(_) => {}
+            Consistency::Session | Consistency::Causal | Consistency::Bounded(_) => {}
         }
         if !t.up {
             stat(READ_DOWN); // the read fails (and is retried elsewhere): nothing stale served

@@ -9,10 +9,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use lru::LruCache;
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 
 use crate::analyze::analyze;
 use crate::class::{Analysis, Class, SessionKind};
+use crate::comment::{
+    merge_trailing, scan_sqlcommenter, split_trailing_comment, DEFAULT_KEY_ATTRIBUTE,
+};
 use crate::functions::{FunctionCatalog, FunctionPolicy, FunctionRules};
 use crate::normalize::normalize;
 
@@ -61,6 +64,7 @@ pub struct Classifier {
     inner: Mutex<Inner>,
     hits: AtomicU64,
     misses: AtomicU64,
+    key_attribute: RwLock<Arc<str>>,
 }
 
 impl std::fmt::Debug for Classifier {
@@ -121,6 +125,7 @@ impl Classifier {
             }),
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
+            key_attribute: RwLock::new(Arc::from(DEFAULT_KEY_ATTRIBUTE)),
         }
     }
 
@@ -138,9 +143,42 @@ impl Classifier {
         inner.bytes = 0;
     }
 
+    /// The sqlcommenter attribute that carries a key (`routing.comment_key_attribute`; default
+    /// [`DEFAULT_KEY_ATTRIBUTE`]).
+    pub fn set_comment_key_attribute(&self, name: &str) {
+        *self.key_attribute.write() = Arc::from(name);
+    }
+
     /// The analysis of `sql`: its class, per-statement classes, whether it pins the session, and
     /// its hints. Cached; never fails and never panics (unparsable text is `Class::Unknown`).
+    ///
+    /// A trailing block comment (sqlcommenter: `/*tidemark_key='user%3A42',…*/`) is split off
+    /// first: the statement is classified and cached without it, so per-request values in the
+    /// comment share the statement's cache entry; tidemark's attributes in it are added to the
+    /// hints of the answer (see [`crate::comment`]).
     pub fn classify(&self, sql: &str) -> Arc<Analysis> {
+        let (stmt, comment) = split_trailing_comment(sql);
+        let analysis = self.classify_statement(stmt);
+        self.with_comment(analysis, comment)
+    }
+
+    /// Adds a trailing comment's attributes to a (shared) analysis; the same analysis when the
+    /// comment names none.
+    fn with_comment(&self, analysis: Arc<Analysis>, comment: Option<&str>) -> Arc<Analysis> {
+        let Some(body) = comment else {
+            return analysis;
+        };
+        let attr = self.key_attribute.read().clone();
+        let trailing = scan_sqlcommenter(body, &attr);
+        if trailing.is_empty() {
+            return analysis;
+        }
+        let mut a = (*analysis).clone();
+        merge_trailing(&mut a.hints, trailing);
+        Arc::new(a)
+    }
+
+    fn classify_statement(&self, sql: &str) -> Arc<Analysis> {
         // Two keys: the text with constants blanked (shared by every statement of the same
         // shape, used only for analyses no constant can change) and the exact text.
         let norm = if sql.len() <= MAX_CACHED_TEXT {
@@ -193,7 +231,10 @@ impl Classifier {
     /// Classifies without touching the cache or the counters.
     pub fn classify_uncached(&self, sql: &str) -> Analysis {
         let rules = self.inner.lock().rules.clone();
-        analyze(sql, &rules)
+        let (stmt, comment) = split_trailing_comment(sql);
+        let a = Arc::new(analyze(stmt, &rules));
+        let a = self.with_comment(a, comment);
+        Arc::try_unwrap(a).unwrap_or_else(|a| (*a).clone())
     }
 
     /// `(hits, misses)` of [`Classifier::classify`] since creation.
@@ -259,6 +300,38 @@ mod tests {
         let t1 = c.classify("SET tidemark.key = 'user:1'");
         let t2 = c.classify("SET tidemark.key = 'user:2'");
         assert_ne!(t1.class, t2.class);
+    }
+
+    #[test]
+    fn statements_differing_only_in_a_trailing_comment_share_one_entry() {
+        let c = Classifier::new(10, FunctionPolicy::default());
+        let a = c.classify(
+            "SELECT v FROM t WHERE id = $1 /*controller='show',tidemark_key='user%3A1',traceparent='00-aa-01'*/",
+        );
+        let b = c.classify(
+            "SELECT v FROM t WHERE id = $1 /*controller='show',tidemark_key='user%3A2',traceparent='00-bb-01'*/",
+        );
+        let plain = c.classify("SELECT v FROM t WHERE id = $1 /*controller='index'*/");
+        assert_eq!(c.cache_stats(), (2, 1));
+        assert_eq!(c.cached_len(), 1);
+        assert_eq!(a.hints.key.as_deref(), Some("user:1"));
+        assert_eq!(b.hints.key.as_deref(), Some("user:2"));
+        assert_eq!(plain.hints.key, None);
+        assert_eq!(a.class, Class::Read);
+        // Not ours: the shared analysis itself.
+        assert!(Arc::ptr_eq(
+            &plain,
+            &c.classify("SELECT v FROM t WHERE id = $1")
+        ));
+        // A configured attribute name.
+        c.set_comment_key_attribute("tenant");
+        let t = c.classify("SELECT v FROM t WHERE id = $1 /*tenant='acme',tidemark_key='x'*/");
+        assert_eq!(t.hints.key.as_deref(), Some("acme"));
+        // A bad value of ours: an error, so the statement goes to the primary.
+        let bad = c.classify("SELECT v FROM t WHERE id = $1 /*tidemark_consistency='often'*/");
+        assert_eq!(bad.hints.errors.len(), 1);
+        assert!(!bad.is_read());
+        assert_eq!(c.cached_len(), 1);
     }
 
     #[test]

@@ -20,6 +20,7 @@
 pub mod analyze;
 pub mod class;
 pub mod classifier;
+pub mod comment;
 pub mod functions;
 pub mod hints;
 mod normalize;
@@ -31,5 +32,6 @@ pub use class::{
     combine, Analysis, Class, SessionKind, SessionsOf, TidemarkCommand, TxControl, TxDefaults,
 };
 pub use classifier::{Classifier, MAX_CACHED_TEXT};
+pub use comment::{scan_sqlcommenter, split_trailing_comment, DEFAULT_KEY_ATTRIBUTE};
 pub use functions::{FunctionCatalog, FunctionPolicy, Volatility};
 pub use hints::{scan_hints, HintTarget, Hints};

@@ -534,6 +534,8 @@ pub fn apply_reload(app: &App) -> Result<(), ErrorFields> {
     app.tls.store(tls.map(Arc::new));
     // Addresses first: a session that sees a new node in the config finds its address.
     app.server_tls.store(Arc::new(server_tls));
+    app.classifier
+        .set_comment_key_attribute(&new.routing.comment_key_attribute);
     app.config.store(Arc::new(new));
     app.refresh_secrets();
     if nodes.changes_nodes() {

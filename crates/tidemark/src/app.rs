@@ -110,6 +110,10 @@ pub struct App {
     pub view_changed: Notify,
     pub classifier: Classifier,
     pub keys: Arc<dyn KeyStore>,
+    /// The highest commit position acknowledged to any client: `causal` reads depend on it.
+    pub causal: tidemark_core::CausalFloor,
+    /// The key store and causal floor shared with other instances (`[shared]`), if configured.
+    pub shared: Option<Arc<crate::shared::Shared>>,
     pub pools: Pools,
     scram: Mutex<HashMap<String, Arc<ScramSecret>>>,
     /// SCRAM pass-through: each user's last ClientKey, shared with that user's pools.
@@ -150,7 +154,9 @@ impl App {
                 read_only_functions: config.routing.read_only_functions.clone(),
             },
         );
+        classifier.set_comment_key_attribute(&config.routing.comment_key_attribute);
         let keys = Arc::new(MemoryKeyStore::new(config.routing.key_store_capacity));
+        let shared = crate::shared::Shared::new(&config.shared)?;
         let view = initial_view(&config);
         let app = App {
             config: ArcSwap::from_pointee(config),
@@ -158,6 +164,8 @@ impl App {
             view_changed: Notify::new(),
             classifier,
             keys,
+            causal: tidemark_core::CausalFloor::new(),
+            shared,
             pools: Pools::default(),
             scram: Mutex::new(HashMap::new()),
             key_slots: Mutex::new(HashMap::new()),

@@ -30,6 +30,9 @@ pub struct Config {
     pub limits: LimitsConfig,
     #[serde(default)]
     pub metrics: MetricsConfig,
+    /// `[shared]`: state shared by several tidemark instances through Redis.
+    #[serde(default)]
+    pub shared: SharedConfig,
     #[serde(default)]
     pub tls: TlsConfig,
     /// TLS from tidemark to the PostgreSQL servers (pools, monitor, catalog, cancels); each
@@ -185,7 +188,7 @@ impl Default for PoolConfig {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RoutingConfig {
-    /// Default consistency level: strong, session, bounded(200ms), eventual.
+    /// Default consistency level: strong, causal, session, bounded(200ms), eventual.
     pub consistency: String,
     /// How long a read waits for a replica to replay what it depends on before going to the primary.
     #[serde(with = "humantime_serde_compat")]
@@ -205,6 +208,9 @@ pub struct RoutingConfig {
     /// caches, and reads within a session never step back in time from one replica to a more
     /// lagging one) or `statement` (round robin per routing decision).
     pub balance: Balance,
+    /// The sqlcommenter attribute of a trailing comment that carries a key
+    /// (`/*tidemark_key='user%3A42'*/`).
+    pub comment_key_attribute: String,
 }
 
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
@@ -227,6 +233,7 @@ impl Default for RoutingConfig {
             write_functions: vec![],
             read_only_functions: vec![],
             balance: Balance::Session,
+            comment_key_attribute: tidemark_sql::DEFAULT_KEY_ATTRIBUTE.to_string(),
         }
     }
 }
@@ -412,6 +419,30 @@ pub struct MetricsConfig {
     pub listen: Option<String>,
 }
 
+/// `[shared]`: the key store and the causal floor shared by several tidemark instances
+/// through Redis.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SharedConfig {
+    /// `redis://host:port/db` or `redis+unix:///path/to/socket`; off when unset.
+    pub redis_url: Option<String>,
+    /// Longest any Redis call may take; a later answer counts as a failure.
+    #[serde(with = "humantime_serde_compat")]
+    pub timeout: Duration,
+    /// Prefix of the Redis keys (instances sharing a cluster use the same one).
+    pub prefix: String,
+}
+
+impl Default for SharedConfig {
+    fn default() -> Self {
+        SharedConfig {
+            redis_url: None,
+            timeout: Duration::from_millis(50),
+            prefix: "tidemark".into(),
+        }
+    }
+}
+
 fn default_listen() -> String {
     "127.0.0.1:6432".into()
 }
@@ -515,6 +546,20 @@ impl Config {
             if !names.contains(p.as_str()) {
                 bail!("routing.primary: '{p}' is not one of the [[nodes]] names");
             }
+        }
+        if self.shared.timeout.is_zero() {
+            bail!("shared.timeout must be more than 0");
+        }
+        if let Some(u) = &self.shared.redis_url {
+            redis::Client::open(u.as_str())
+                .map_err(|e| anyhow::anyhow!("shared.redis_url: {e}"))?;
+        }
+        let attr = &self.routing.comment_key_attribute;
+        if attr.is_empty()
+            || attr.contains(['=', ',', '\'', '*', '/'])
+            || attr.contains(char::is_whitespace)
+        {
+            bail!("routing.comment_key_attribute: {attr:?} is not a sqlcommenter attribute name (e.g. \"tidemark_key\")");
         }
         self.routing
             .consistency

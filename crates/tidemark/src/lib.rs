@@ -46,6 +46,7 @@ pub mod reload;
 pub mod server;
 pub mod server_tls;
 pub mod session;
+pub mod shared;
 pub mod signals;
 pub mod slots;
 pub mod status;

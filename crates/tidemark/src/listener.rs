@@ -45,6 +45,7 @@ impl Proxy {
         let a2 = app.clone();
         tokio::spawn(catalog_loader(app.clone()));
         tokio::spawn(reaper(app.clone()));
+        tokio::spawn(crate::shared::upkeep(app.clone()));
         let accept = tokio::spawn(async move {
             let mut shutdown = a2.shutting_down.subscribe();
             loop {

@@ -181,6 +181,14 @@ fn describe() {
         "tidemark_replica_synchronous_apply",
         "1 if the replica is a sync standby and the primary's synchronous_commit default is remote_apply"
     );
+    describe_counter!(
+        "tidemark_shared_errors_total",
+        "calls to the shared store (redis) that failed or timed out; keyed and causal reads went to the primary"
+    );
+    describe_gauge!(
+        "tidemark_shared_up",
+        "1 while the shared store (redis) answers, 0 after a failed call"
+    );
     describe_gauge!(
         "tidemark_paused",
         "1 while the console PAUSE holds new transactions"
@@ -211,6 +219,9 @@ fn preregister() {
     gauge!("tidemark_client_connections").increment(0.0);
     gauge!("tidemark_split_brain").increment(0.0);
     gauge!("tidemark_paused").set(0.0);
+    for op in ["read", "publish", "raise", "prune"] {
+        counter!("tidemark_shared_errors_total", "op" => op).absolute(0);
+    }
     gauge!("tidemark_reads_replica_ratio").set(0.0);
 }
 
@@ -322,6 +333,16 @@ pub fn login_refused() {
 
 pub fn clients(delta: f64) {
     gauge!("tidemark_client_connections").increment(delta);
+}
+
+/// A call to the shared store (Redis) failed or timed out (`op`: read, publish, raise, prune).
+pub fn shared_error(op: &'static str) {
+    counter!("tidemark_shared_errors_total", "op" => op).increment(1);
+}
+
+/// 1 while the shared store (Redis) answers, 0 after a failed call.
+pub fn shared_up(up: bool) {
+    gauge!("tidemark_shared_up").set(if up { 1.0 } else { 0.0 });
 }
 
 pub fn lsn_captured() {

@@ -142,12 +142,14 @@ impl UserStats {
 }
 
 /// One user's connections: `primary` for writes (and reads in some modes), `replicas` for
-/// direct replica reads, or a single `proxy` connection through tidemark.
+/// direct replica reads, or a single `proxy` connection through tidemark (and, for
+/// `tidemark-causal`, a second one, `reader`, that reads what `proxy` wrote).
 struct UserConns {
     id: i32,
     primary: Option<Pg>,
     replicas: Vec<Pg>,
     proxy: Option<Pg>,
+    reader: Option<Pg>,
 }
 
 async fn user_loop(
@@ -197,6 +199,7 @@ async fn user_loop(
             };
             let conn = match mode {
                 Mode::Tidemark | Mode::Pgpool(_) => writer,
+                Mode::TidemarkCausal => u.reader.as_ref().unwrap_or(writer),
                 Mode::Primary => writer,
                 Mode::Pin(d) if wrote_at.elapsed() < d => writer,
                 Mode::Naive | Mode::Pin(_) => {
@@ -237,13 +240,17 @@ pub(super) async fn run_cell(
 ) -> Result<CellResult> {
     let c = &ctx.cluster;
     let mut proxy: Option<(ProcGuard, u16)> = None;
-    if mode == Mode::Tidemark {
+    if mode.is_tidemark() {
         let bin = ctx
             .tidemark_bin
             .as_deref()
             .context("the tidemark binary is needed for mode tidemark")?;
         let opts = TidemarkOpts {
-            consistency: "session",
+            consistency: if mode == Mode::TidemarkCausal {
+                "causal"
+            } else {
+                "session"
+            },
             track_writes: true,
             max_wait: ctx.max_wait.clone(),
         };
@@ -271,11 +278,17 @@ pub(super) async fn run_cell(
             primary: None,
             replicas: vec![],
             proxy: None,
+            reader: None,
         };
         match mode {
             Mode::Tidemark => {
                 let port = proxy.as_ref().map(|p| p.1).context("no proxy port")?;
                 u.proxy = Some(connect(port, Some(id), statements).await?);
+            }
+            Mode::TidemarkCausal => {
+                let port = proxy.as_ref().map(|p| p.1).context("no proxy port")?;
+                u.proxy = Some(connect(port, None, statements).await?);
+                u.reader = Some(connect(port, None, statements).await?);
             }
             Mode::Pgpool(_) => {
                 let port = proxy.as_ref().map(|p| p.1).context("no proxy port")?;

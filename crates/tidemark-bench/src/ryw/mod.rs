@@ -50,11 +50,13 @@ pub struct RywArgs {
         default_value = "0,10ms,100ms,1s,3s,paused"
     )]
     pub profiles: Vec<String>,
-    /// Modes: primary, naive, pin-<duration> (e.g. pin-2s), tidemark.
+    /// Modes: primary, naive, pin-<duration> (e.g. pin-2s), tidemark (`session` consistency,
+    /// one connection and a key per user), tidemark-causal (`causal`, no key, each user's
+    /// reads on a second connection: an application's pool).
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "primary,naive,pin-2s,pin-5s,tidemark"
+        default_value = "primary,naive,pin-2s,pin-5s,tidemark,tidemark-causal"
     )]
     pub modes: Vec<String>,
     /// tidemark's routing.max_wait (how long a read waits for a replica before the primary).
@@ -87,9 +89,18 @@ enum Mode {
     Naive,
     Pin(Duration),
     Tidemark,
+    /// Through tidemark at `causal` consistency, without a key: each user writes on one
+    /// connection and reads on another, as through an application's connection pool.
+    TidemarkCausal,
     /// Through Pgpool-II (streaming replication, load balancing) with this
     /// `disable_load_balance_on_write` setting.
     Pgpool(&'static str),
+}
+
+impl Mode {
+    fn is_tidemark(self) -> bool {
+        matches!(self, Mode::Tidemark | Mode::TidemarkCausal)
+    }
 }
 
 fn parse_mode(s: &str) -> Result<Mode> {
@@ -97,6 +108,7 @@ fn parse_mode(s: &str) -> Result<Mode> {
         "primary" => Mode::Primary,
         "naive" => Mode::Naive,
         "tidemark" => Mode::Tidemark,
+        "tidemark-causal" => Mode::TidemarkCausal,
         "pgpool-transaction" => Mode::Pgpool("transaction"),
         "pgpool-always" => Mode::Pgpool("always"),
         "pgpool-dml_adaptive" => Mode::Pgpool("dml_adaptive"),
@@ -106,7 +118,7 @@ fn parse_mode(s: &str) -> Result<Mode> {
                 Mode::Pin(parse_duration(d).map_err(|e| anyhow::anyhow!("--modes {s}: {e}"))?)
             }
             None => bail!(
-                "--modes: unknown mode '{s}' (primary, naive, pin-2s, pin-5s, tidemark, \
+                "--modes: unknown mode '{s}' (primary, naive, pin-2s, pin-5s, tidemark, tidemark-causal, \
                  pgpool-transaction, pgpool-always, pgpool-dml_adaptive, pgpool-off)"
             ),
         },
@@ -212,7 +224,7 @@ pub async fn run(mut args: RywArgs) -> Result<()> {
         bail!("--users must be at least 1");
     }
     let started = Instant::now();
-    let tidemark_bin = if modes.iter().any(|m| m.0 == Mode::Tidemark) {
+    let tidemark_bin = if modes.iter().any(|m| m.0.is_tidemark()) {
         Some(procs::tidemark_binary(
             args.tidemark_bin.as_deref(),
             !args.no_build,
@@ -320,6 +332,7 @@ mod tests {
             Mode::Pin(Duration::from_secs(2))
         );
         assert_eq!(parse_mode("tidemark").unwrap(), Mode::Tidemark);
+        assert_eq!(parse_mode("tidemark-causal").unwrap(), Mode::TidemarkCausal);
         assert!(parse_mode("fast").is_err());
         assert_eq!(parse_profile("0").unwrap(), Profile::Delay(Duration::ZERO));
         assert_eq!(parse_profile("paused").unwrap(), Profile::Paused);

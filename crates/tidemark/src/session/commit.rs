@@ -80,6 +80,10 @@ impl Session {
             // Later reads (and keyed readers) must assume the write happened.
             let wrote = std::mem::take(&mut self.tx_wrote);
             self.write_unknown = true;
+            if wrote {
+                // Causal readers cannot know whether to wait for it until it is resolved.
+                self.app.causal.mark_unknown();
+            }
             if wrote || self.tx_key.is_some() || self.key.is_some() {
                 self.resolve_unknown_write().await;
             }
@@ -143,32 +147,41 @@ impl Session {
     /// readers, wait for it. Leaves `write_unknown` set if the primary cannot be asked (the
     /// next read then goes to the primary).
     pub(super) async fn resolve_unknown_write(&mut self) {
+        if let Some(l) = self.primary_position().await {
+            self.last_write_lsn = self.last_write_lsn.max(l);
+            self.applied = None;
+            if let Some(k) = self.tx_key.as_ref().or(self.key.as_ref()) {
+                self.app.keys.record(k, l);
+            }
+            self.write_unknown = false;
+        }
+    }
+
+    /// The primary's current insert position (at or past every commit acknowledged so far),
+    /// read on a primary connection; it also resolves an unknown causal floor. `None` if the
+    /// primary cannot be asked.
+    pub(super) async fn primary_position(&mut self) -> Option<Lsn> {
         let view = self.app.view.load_full();
-        let Some(p) = view.primary_id() else {
-            return;
-        };
-        let Ok(mut c) = self.checkout(p).await else {
-            return;
-        };
+        let p = view.primary_id()?;
+        let mut c = self.checkout(p).await.ok()?;
+        // Taken before the read: a position read after a lost write covers it.
+        let ticket = self.app.causal.ticket();
         match c.conn.simple_query(CAPTURE_SQL).await {
             Ok(rows) => {
-                if let Some(l) = rows
+                c.release();
+                let l = rows
                     .first()
                     .cloned()
                     .flatten()
-                    .and_then(|s| s.parse::<Lsn>().ok())
-                {
-                    let l = l.normalize_insert_position();
-                    self.last_write_lsn = self.last_write_lsn.max(l);
-                    self.applied = None;
-                    if let Some(k) = self.tx_key.as_ref().or(self.key.as_ref()) {
-                        self.app.keys.record(k, l);
-                    }
-                    self.write_unknown = false;
-                }
-                c.release();
+                    .and_then(|s| s.parse::<Lsn>().ok())?
+                    .normalize_insert_position();
+                self.app.causal.resolve(l, ticket);
+                Some(l)
             }
-            Err(_) => c.conn.broken = true,
+            Err(_) => {
+                c.conn.broken = true;
+                None
+            }
         }
     }
 
@@ -221,38 +234,45 @@ impl Session {
             && self.app.config.load().routing.track_writes;
         // A write under a key must be in the key store before the client learns it is
         // done: readers on other connections only wait for what the store holds.
-        let keyed = self.tx_key.is_some() || self.key.is_some();
+        // Every acknowledged write raises the causal floor (or marks it unknown) before the
+        // client gets its ReadyForQuery: a `causal` read on any connection that arrives after
+        // the acknowledgement then waits for it.
         if capture && capture_lost {
             // Committed, and the connection was lost before its position was read.
-            self.io.flush().await?;
             self.write_unknown = true;
             self.applied = None;
-            self.resolve_unknown_write().await;
-        } else if let (true, Some(c)) = (capture, captured) {
-            // Captured in the same pipeline as the commit: no extra round trip.
-            self.io.flush().await?;
-            self.record_commit(c);
-        } else if capture {
-            if self.report_lsn || keyed {
-                // The client asked for the token with the result, or other connections
-                // depend on it through the key: capture before ReadyForQuery.
-                let z = self.io.take_trailing_ready();
-                self.capture_lsn().await;
-                if let Some(z) = z {
-                    if self.report_lsn {
-                        self.io.push(&be::parameter_status(
-                            "tidemark.commit_lsn",
-                            &self.last_write_lsn.to_string(),
-                        ));
-                    }
-                    self.io.push(&z);
-                }
+            self.app.causal.mark_unknown();
+            if self.app.shared.is_some() {
+                // Other instances learn it only through the shared store: resolve first.
+                self.resolve_unknown_write().await;
+                self.publish_shared().await;
                 self.io.flush().await?;
             } else {
-                // Let the client go on; the session's next routing decision waits for this.
                 self.io.flush().await?;
-                self.capture_lsn().await;
+                self.resolve_unknown_write().await;
             }
+        } else if let (true, Some(c)) = (capture, captured) {
+            // Captured in the same pipeline as the commit (no extra round trip); the relay
+            // held the acknowledgement until the position arrived.
+            self.record_commit(c);
+            self.publish_shared().await;
+            self.io.flush().await?;
+        } else if capture {
+            // The client may ask for the token with the result, other connections depend on
+            // it through a key or the causal floor: capture before ReadyForQuery.
+            let z = self.io.take_trailing_ready();
+            self.capture_lsn().await;
+            if let Some(z) = z {
+                if self.report_lsn {
+                    self.io.push(&be::parameter_status(
+                        "tidemark.commit_lsn",
+                        &self.last_write_lsn.to_string(),
+                    ));
+                }
+                self.io.push(&z);
+            }
+            self.publish_shared().await;
+            self.io.flush().await?;
         } else {
             self.io.flush().await?;
         }
@@ -329,6 +349,7 @@ impl Session {
         if l > self.last_write_lsn {
             self.last_write_lsn = l;
         }
+        self.app.causal.raise(l);
         // Standbys the primary saw at or past this position right after the commit.
         let view = self.app.view.load();
         let nodes: NodeSet = c
@@ -342,6 +363,33 @@ impl Session {
             .map(|att| (Applied { lsn: l, nodes }, att.node));
         if let Some(k) = self.tx_key.as_ref().or(self.key.as_ref()) {
             self.app.keys.record(k, l);
+        }
+    }
+
+    /// Publishes this session's last commit position (and its key) to the shared store before
+    /// the write is acknowledged: a read through another instance then waits for it. A failure
+    /// is kept as pending by the store (published, raising every key, once Redis answers) and
+    /// reported by its metric and warning; the acknowledgement is not held longer than
+    /// `shared.timeout` (twice when the store must first be initialized).
+    pub(super) async fn publish_shared(&mut self) {
+        let Some(shared) = self.app.shared.clone() else {
+            return;
+        };
+        if self.write_unknown {
+            // The position could not be learned (the primary did not answer): nothing exact to
+            // publish; readers elsewhere depend on the primary's position when they ask it.
+            return;
+        }
+        let key = self.tx_key.clone().or_else(|| self.key.clone());
+        let l = self.last_write_lsn;
+        if let Err(crate::shared::SharedError::Uninit) = shared.publish(l, key.as_deref()).await {
+            // A new or restarted Redis: start it at the primary's position (at or past this
+            // commit); the pending position is merged right after.
+            if let Some(p) = self.primary_position().await {
+                if shared.init(p).await.is_ok() {
+                    let _ = shared.flush_pending().await;
+                }
+            }
         }
     }
 
@@ -366,6 +414,7 @@ impl Session {
                 tracing::warn!(error = %e, "could not read the commit LSN; using the primary's current position");
                 att.conn.conn.broken = true;
                 self.write_unknown = true;
+                self.app.causal.mark_unknown();
                 self.applied = None;
                 self.resolve_unknown_write().await;
             }

@@ -267,6 +267,8 @@ impl Session {
             balance: self.balance,
             applied: None,
             max_wait: None,
+            causal_floor: Some(Lsn::ZERO),
+            requirement_unknown: false,
         };
         let view = self.app.view.load_full();
         // Session pooling: the client owns one primary connection for its whole life, from

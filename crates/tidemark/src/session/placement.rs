@@ -58,6 +58,36 @@ impl Session {
         l
     }
 
+    /// The causal floor a `causal` read depends on; `None` if it cannot be known (a write's
+    /// position was lost and the primary cannot be asked for its current one).
+    pub(super) async fn causal_floor(&mut self) -> Option<Lsn> {
+        if let Some(f) = self.app.causal.get() {
+            return Some(f);
+        }
+        // A write's position was lost: the primary's current position covers it.
+        self.primary_position().await;
+        self.app.causal.get()
+    }
+
+    /// The shared store's floor and key requirement; `None` when it cannot be read in time
+    /// (the read then goes to the primary). An empty store (new or restarted Redis) is first
+    /// initialized with the primary's current position.
+    pub(super) async fn shared_view(
+        &mut self,
+        key: Option<&str>,
+    ) -> Option<crate::shared::SharedRead> {
+        let shared = self.app.shared.clone()?;
+        match shared.read(key).await {
+            Ok(r) => Some(r),
+            Err(crate::shared::SharedError::Uninit) => {
+                let p = self.primary_position().await?;
+                shared.init(p).await.ok()?;
+                shared.read(key).await.ok()
+            }
+            Err(_) => None,
+        }
+    }
+
     pub(super) async fn checkout(&mut self, node: NodeId) -> Result<Checked, ErrorFields> {
         self.checkout_with(node, true).await
     }
@@ -196,6 +226,36 @@ impl Session {
             Some(HintTarget::Replica) => TargetHint::Replica,
             None => TargetHint::Any,
         };
+        let wants_floor = read_only && consistency == Consistency::Causal;
+        let mut causal_floor = if wants_floor {
+            self.causal_floor().await
+        } else {
+            Some(Lsn::ZERO)
+        };
+        let mut required = required;
+        let mut requirement_unknown = false;
+        let key = analysis.hints.key.as_ref().or(self.key.as_ref()).cloned();
+        let matters = !matches!(consistency, Consistency::Strong | Consistency::Eventual)
+            && analysis.hints.target != Some(HintTarget::Primary);
+        if read_only && matters && self.app.shared.is_some() && (wants_floor || key.is_some()) {
+            // What other instances acknowledged: the shared floor and the key's last write.
+            match self.shared_view(key.as_deref()).await {
+                Some(r) => {
+                    if wants_floor {
+                        causal_floor = causal_floor.map(|f| f.max(r.floor));
+                    }
+                    if let Some(k) = r.key {
+                        required = required.max(k);
+                    }
+                }
+                None => {
+                    requirement_unknown = key.is_some();
+                    if wants_floor {
+                        causal_floor = None;
+                    }
+                }
+            }
+        }
         let view = self.app.view.load_full();
         // Only while the primary that reported it is still the primary.
         let applied = self
@@ -214,6 +274,8 @@ impl Session {
             },
             applied,
             max_wait: Some(self.app.config.load().routing.max_wait),
+            causal_floor,
+            requirement_unknown,
         };
         match route(&req, &view) {
             Route::Node { node, role, reason } => {

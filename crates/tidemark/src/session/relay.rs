@@ -142,7 +142,13 @@ impl Relay<'_> {
         let frame = match conn.try_buffered() {
             Ok(Some(f)) => f,
             Ok(None) => {
-                if io.pending_out() > 0 && (!hold || io.pending_out() - start_out > MAX_HELD_OUTPUT)
+                // A write's acknowledgement (its ReadyForQuery) waits for the pipelined commit
+                // position, which arrives right behind it: the causal floor is raised before
+                // the client can act on the acknowledgement (see `after_ready`).
+                let awaiting_capture = matches!(exp.front(), Some(Exp::Capture));
+                if io.pending_out() > 0
+                    && !awaiting_capture
+                    && (!hold || io.pending_out() - start_out > MAX_HELD_OUTPUT)
                 {
                     io.flush().await.map_err(RelayError::Client)?;
                     flushed = true;
@@ -232,7 +238,8 @@ impl Relay<'_> {
             _ => {}
         }
         if matches!(exp.front(), Some(Exp::Capture)) {
-            // The client already has its ReadyForQuery; read the pipelined capture.
+            // The unit's ReadyForQuery is held (not flushed) until its commit position is
+            // read; read the pipelined capture.
             match kind {
                 BackendMessage::DataRow => {
                     captured = be::data_row_values(&frame)
@@ -393,7 +400,8 @@ impl Relay<'_> {
             {
                 tracing::warn!(error = %e, "server connection lost after a commit, before its position was read");
                 conn.broken = true;
-                io.flush().await.map_err(RelayError::Client)?;
+                // The acknowledgement stays held: `after_ready` marks the causal floor
+                // unknown before releasing it.
                 Ok(RelayOutcome::Done {
                     status,
                     errored,
