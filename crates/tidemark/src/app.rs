@@ -425,12 +425,12 @@ impl App {
     }
 
     /// The kill handles of the clients connected to `database`, but `except`.
-    pub fn clients_in_database(&self, database: &str, except: i32) -> Vec<Arc<Notify>> {
+    pub fn clients_in_database(&self, database: &str, except: i32) -> Vec<Arc<ClientSignal>> {
         self.clients
             .lock()
             .iter()
             .filter(|(pid, e)| **pid != except && e.info.lock().database == database)
-            .map(|(_, e)| e.kill.clone())
+            .map(|(_, e)| e.signal.clone())
             .collect()
     }
 

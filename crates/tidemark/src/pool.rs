@@ -59,6 +59,7 @@ pub struct Pool {
     settings: Mutex<PoolConfig>,
     /// Boxed: a connection moves through several futures per checkout, and moving the
     /// struct itself showed as memcpy in the per-statement profile.
+    #[allow(clippy::vec_box)]
     idle: Mutex<Vec<Box<ServerConn>>>,
     /// Checked-out connections by backend pid: (connected at, checked out at).
     /// (Fx hashing: SipHash of the pid showed in the per-statement profile; pids are not

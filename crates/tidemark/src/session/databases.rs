@@ -88,7 +88,7 @@ impl Session {
     /// database end as PostgreSQL ends the sessions it terminates (57P01).
     pub(super) fn terminate_clients_of(&self, database: &str) {
         for kill in self.app.clients_in_database(database, self.pid) {
-            kill.notify_one();
+            kill.raise(ClientSignal::KILL);
         }
     }
 }
