@@ -35,6 +35,12 @@ fn is_ident(b: u8) -> bool {
 /// Comment openers inside string literals, quoted identifiers, dollar quotes and line comments
 /// are not comments. Returns `(sql, None)` when there is no such comment.
 pub fn split_trailing_comment(sql: &str) -> (&str, Option<&str>) {
+    // Most statements carry no comment at their end: they are told by their last bytes, without
+    // the scan below (which showed in the per-statement profile).
+    let tail = sql.trim_end_matches([' ', '\t', '\n', '\r', '\x0c', ';']);
+    if !tail.ends_with("*/") {
+        return (sql, None);
+    }
     let s = sql.as_bytes();
     let n = s.len();
     let mut i = 0;
