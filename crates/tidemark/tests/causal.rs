@@ -31,28 +31,6 @@ async fn read_back(c: &Client, prefix: &str, table: &str, id: i64, suffix: &str)
     )
 }
 
-#[derive(Default, Debug, Clone, Copy)]
-struct Tally {
-    reads: u32,
-    stale: u32,
-    on_replica: u32,
-}
-
-impl Tally {
-    fn add(&mut self, (found, replica): (bool, bool)) {
-        self.reads += 1;
-        self.stale += u32::from(!found);
-        self.on_replica += u32::from(replica);
-    }
-
-    fn show(&self, what: &str) {
-        println!(
-            "{what}: {} stale of {} reads; {} on the replica",
-            self.stale, self.reads, self.on_replica
-        );
-    }
-}
-
 async fn pool(env: &Env, n: usize) -> Vec<Client> {
     let mut v = Vec::new();
     for _ in 0..n {

@@ -14,15 +14,6 @@ use tokio_postgres::Client;
 
 const DELAY: Duration = Duration::from_millis(200);
 
-/// Lets `name` log in to tidemark like the superuser (trust): a role the test creates with
-/// `PASSWORD 'pw'` (the nodes want md5 from roles other than `postgres`).
-fn trust_user(c: &mut tidemark::config::Config, name: &str) {
-    let mut u = c.users[0].clone();
-    u.name = name.to_string();
-    u.server_password = Some("pw".into());
-    c.users.push(u);
-}
-
 /// The port of the server the open transaction on `c` runs on.
 async fn tx_port(c: &Client) -> u16 {
     served_by(c)

@@ -43,41 +43,6 @@ async fn insert(c: &Client, table: &str, id: i64) {
     exec(c, &format!("INSERT INTO {table} VALUES ({id}, 'x')")).await;
 }
 
-/// Counts of one measured series of reads.
-#[derive(Default, Debug, Clone, Copy)]
-struct Tally {
-    reads: u32,
-    stale: u32,
-    on_replica: u32,
-}
-
-impl Tally {
-    fn add(&mut self, (found, replica): (bool, bool)) {
-        self.reads += 1;
-        if !found {
-            self.stale += 1;
-        }
-        if replica {
-            self.on_replica += 1;
-        }
-    }
-
-    fn fallbacks(&self) -> u32 {
-        self.reads - self.on_replica
-    }
-
-    fn show(&self, what: &str) {
-        println!(
-            "{what}: {} stale of {} reads; {} on replicas ({:.0} %), {} on the primary",
-            self.stale,
-            self.reads,
-            self.on_replica,
-            100.0 * self.on_replica as f64 / self.reads.max(1) as f64,
-            self.fallbacks()
-        );
-    }
-}
-
 /// tidemark spreads reads over replicas round robin, one step per routing decision; a
 /// control loop that makes the same number of decisions per round would always meet the
 /// same replica. One extra read on odd rounds makes half of the control reads meet the

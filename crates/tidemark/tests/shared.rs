@@ -116,21 +116,6 @@ async fn read_back(c: &Client, hint: &str, id: i64) -> (bool, bool) {
     )
 }
 
-#[derive(Default, Debug)]
-struct Tally {
-    reads: u32,
-    stale: u32,
-    on_replica: u32,
-}
-
-impl Tally {
-    fn add(&mut self, (found, replica): (bool, bool)) {
-        self.reads += 1;
-        self.stale += u32::from(!found);
-        self.on_replica += u32::from(replica);
-    }
-}
-
 /// Writes through instance A, reads the row back through instance B.
 async fn rounds(w: &Client, r: &Client, ids: std::ops::Range<i64>, hint: &str) -> Tally {
     let mut t = Tally::default();

@@ -187,3 +187,47 @@ pub async fn served_by(c: &Client) -> Result<u16, tokio_postgres::Error> {
     let port = first_value(&msgs).expect("inet_server_port() answers a port");
     Ok(port.parse().expect("a port number"))
 }
+
+/// Counts of one measured series of reads.
+#[derive(Default, Debug, Clone, Copy)]
+pub struct Tally {
+    pub reads: u32,
+    pub stale: u32,
+    pub on_replica: u32,
+}
+
+impl Tally {
+    pub fn add(&mut self, (found, replica): (bool, bool)) {
+        self.reads += 1;
+        if !found {
+            self.stale += 1;
+        }
+        if replica {
+            self.on_replica += 1;
+        }
+    }
+
+    pub fn fallbacks(&self) -> u32 {
+        self.reads - self.on_replica
+    }
+
+    pub fn show(&self, what: &str) {
+        println!(
+            "{what}: {} stale of {} reads; {} on replicas ({:.0} %), {} on the primary",
+            self.stale,
+            self.reads,
+            self.on_replica,
+            100.0 * self.on_replica as f64 / self.reads.max(1) as f64,
+            self.fallbacks()
+        );
+    }
+}
+
+/// Lets `name` log in to tidemark like the superuser (trust): a role the test creates with
+/// `PASSWORD 'pw'` (the nodes want md5 from roles other than `postgres`).
+pub fn trust_user(c: &mut tidemark::config::Config, name: &str) {
+    let mut u = c.users[0].clone();
+    u.name = name.to_string();
+    u.server_password = Some("pw".into());
+    c.users.push(u);
+}
