@@ -64,6 +64,7 @@ async fn check_replica_form(env: &Env, client: &Client, setup: &[&str], begin: &
         "{setup:?} + {begin}: stale reads after own writes"
     );
     tokio::task::block_in_place(|| wait_all_replayed(cluster));
+    wait_view_caught_up(&env.proxy).await;
     // The replica has everything this session depends on: the transaction goes there.
     let mut on_replica = 0;
     for _ in 0..10 {

@@ -231,3 +231,28 @@ pub fn trust_user(c: &mut tidemark::config::Config, name: &str) {
     u.server_password = Some("pw".into());
     c.users.push(u);
 }
+
+/// Waits (up to 10 s) until tidemark's own view has every replica caught up with the primary
+/// (healthy, in rotation, no time lag, replay position at the primary's): what routing sees,
+/// which trails the servers by up to a monitor poll. Call after `wait_all_replayed` when a test
+/// then expects reads on replicas.
+pub async fn wait_view_caught_up(p: &Proxy) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let view = p.app.view.load_full();
+        let primary_lsn = view
+            .primary_id()
+            .and_then(|id| view.node(id))
+            .map(|n| n.replay_lsn);
+        let caught_up = primary_lsn.is_some_and(|pl| {
+            view.nodes
+                .iter()
+                .filter(|n| n.role == tidemark_core::Role::Replica)
+                .all(|n| n.healthy && n.in_rotation && n.lag.is_zero() && n.replay_lsn >= pl)
+        });
+        if caught_up || tokio::time::Instant::now() > deadline {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
