@@ -153,6 +153,7 @@ async fn a_table_the_replica_does_not_have_yet_is_read_on_the_primary() {
     let admin = env.client().await;
     exec(&admin, "CREATE DATABASE fresh").await;
     tokio::task::block_in_place(|| wait_all_replayed(&env.cluster));
+    wait_view_caught_up(&env.proxy).await;
     let dsn = dsn_for(&env, "postgres", "fresh");
     let (a, b) = (connect(&dsn).await, connect(&dsn).await);
     assert_eq!(served_by(&b).await.unwrap(), env.cluster.port(1));
@@ -240,6 +241,7 @@ async fn drop_role_closes_the_roles_pooled_connections() {
         let u = connect(&dsn_for(&env, "temp_user", "postgres")).await;
         exec(&u, "INSERT INTO role_t VALUES (1)").await;
         tokio::task::block_in_place(|| wait_all_replayed(&env.cluster));
+        wait_view_caught_up(&env.proxy).await;
         assert_eq!(served_by(&u).await.unwrap(), env.cluster.port(1));
         assert_eq!(scalar(&u, "SELECT count(*) FROM role_t").await, "1");
     }
@@ -285,6 +287,7 @@ async fn rename_database_after_it_was_used() {
         let c = connect(&dsn_for(&env, "postgres", "before_name")).await;
         exec(&c, "CREATE TABLE t (id int); INSERT INTO t VALUES (1)").await;
         tokio::task::block_in_place(|| wait_all_replayed(&env.cluster));
+        wait_view_caught_up(&env.proxy).await;
         assert_eq!(served_by(&c).await.unwrap(), env.cluster.port(1));
         assert_eq!(scalar(&c, "SELECT count(*) FROM t").await, "1");
     }
