@@ -377,6 +377,9 @@ struct Sim {
     rewound: Vec<bool>,
     /// Number of rewinds so far (an `Applied` report made before one may be ahead of reality).
     rewinds: u64,
+    /// Node promoted since the monitor last polled it: a view naming it as primary may still
+    /// be the view from before it was demoted and promoted again (A-B-A within one poll).
+    promoted_unpolled: Vec<bool>,
     view: ClusterView,
     sessions: Vec<Session>,
 }
@@ -416,6 +419,7 @@ impl Sim {
             generation: 0,
             rewound: vec![false; n],
             rewinds: 0,
+            promoted_unpolled: vec![false; n],
             view: ClusterView::default(),
             sessions: vec![Session::default(); SESSIONS],
             gate_cfg,
@@ -545,6 +549,7 @@ impl Sim {
         nd.paused = false;
         nd.log.push(Entry { lsn, id }); // end-of-recovery record: the new timeline starts
         self.leader = i;
+        self.promoted_unpolled[i] = true;
         if self.nodes[prev].up {
             match old {
                 OldFate::Down => self.nodes[prev].up = false,
@@ -573,6 +578,7 @@ impl Sim {
             self.clock.record(self.now, lsn);
         }
         self.rewound[i] = false;
+        self.promoted_unpolled[i] = false;
         self.samples[i] = Some(Sample {
             ok: true,
             role,
@@ -1033,8 +1039,11 @@ impl Sim {
             let leader = &self.nodes[self.leader];
             // Only while the view knows who the primary is: between two promotions faster than
             // a poll, a replica may still follow a primary that has already died (a poller
-            // cannot know sooner).
-            let view_current = self.view.primary == PrimaryState::One(self.leader);
+            // cannot know sooner). Naming the leader is not enough: the leader may have been
+            // demoted and promoted again since its last poll (A-B-A), and the view's list of
+            // replicas streaming from it is then the one from before.
+            let view_current = self.view.primary == PrimaryState::One(self.leader)
+                && !self.promoted_unpolled[self.leader];
             if c.lsn <= req.required_lsn && leader.has(c.id) && !t.has(c.id) && !view_current {
                 stat(SKIP_AHEAD);
             } else if c.lsn <= req.required_lsn && leader.has(c.id) && !t.has(c.id) {
@@ -1164,5 +1173,44 @@ fn routing_core_against_a_simulated_cluster() {
         APPLIED,
     ] {
         assert!(stats[i] > 0, "never exercised: {}", STAT_NAMES[i]);
+    }
+}
+
+/// Found by the property test in CI: two promotions between polls, the second of the old
+/// primary itself (A-B-A). The view still names the leader, but its list of streaming
+/// replicas is the one from before, so a replica left past the fork point may serve a read;
+/// a poller cannot know sooner, and the model must not treat that view as current.
+#[test]
+fn promotions_between_polls_back_to_the_old_primary() {
+    let case = Case {
+        nodes: 4,
+        samples: 1,
+        max_lag_bytes: None,
+        configured: false,
+        sync_standby: None,
+        ops: vec![
+            Op::Write {
+                session: 0,
+                bytes: 8,
+                remote_apply: false,
+            },
+            Op::Replay { node: 1, bytes: 8 },
+            Op::Promote {
+                node: 2,
+                old: OldFate::Standby { rewind: true },
+            },
+            Op::Promote {
+                node: 0,
+                old: OldFate::Down,
+            },
+            Op::Write {
+                session: 0,
+                bytes: 1,
+                remote_apply: false,
+            },
+        ],
+    };
+    if let Err(e) = run_case(&case) {
+        panic!("{e}");
     }
 }
