@@ -233,6 +233,8 @@ pub struct TidemarkOpts {
     pub consistency: &'static str,
     pub track_writes: bool,
     pub max_wait: String,
+    /// routing.wait: `adaptive` or `fixed`.
+    pub wait: String,
 }
 
 /// The tidemark binary: `--tidemark-bin`, else next to this executable. Unless told not to,
@@ -303,12 +305,13 @@ pub async fn start_tidemark(
     toml.push_str(&format!(
         "[[users]]\nname = \"postgres\"\nauth = \"trust\"\n\n\
          [pool]\nmode = \"transaction\"\nmax_size = 40\n\n\
-         [routing]\nconsistency = \"{}\"\ntrack_writes = {}\nmax_wait = \"{}\"\n\n\
+         [routing]\nconsistency = \"{}\"\ntrack_writes = {}\nmax_wait = \"{}\"\nwait = \"{}\"\n\n\
          [limits]\nmax_clients = 5000\n\n\
          [metrics]\nlisten = \"127.0.0.1:{}\"\n",
         opts.consistency,
         opts.track_writes,
         opts.max_wait,
+        opts.wait,
         // Measured as deployed: with the Prometheus endpoint on.
         free_port()?
     ));

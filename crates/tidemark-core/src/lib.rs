@@ -10,6 +10,7 @@ pub mod lagclock;
 pub mod lsn;
 pub mod route;
 pub mod view;
+pub mod wait;
 
 pub use causal::CausalFloor;
 pub use consistency::{Consistency, ConsistencyParseError};
@@ -24,3 +25,4 @@ pub use route::{
 pub use view::{
     decide_primary, ClusterView, NodeId, NodeSet, NodeStatus, PrimaryState, Role, SyncState,
 };
+pub use wait::{expected_catch_up, wait_budget, LatencyAverage, WaitPolicy};

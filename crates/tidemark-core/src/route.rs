@@ -35,10 +35,15 @@ pub struct RouteRequest {
     /// Replicas the primary reported as having replayed the session's last commit when it was
     /// acknowledged (measured per commit, see [`Applied`]).
     pub applied: Option<Applied>,
-    /// How long the session may wait for a replica to catch up (`routing.max_wait`); a replica
-    /// whose time lag is already above it will not replay a commit made just now in time, so
-    /// it is not worth asking. `None`: no limit.
+    /// How long the session may wait for a replica to catch up (the wait budget, see
+    /// [`crate::wait`]); a replica not expected to replay the required position within it
+    /// ([`crate::wait::expected_catch_up`]) is not worth asking. `None`: no limit.
     pub max_wait: Option<Duration>,
+    /// How long ago the required position was committed (zero when unknown: assumed just
+    /// now). A replica `lag` behind replays it after `lag − commit_age`.
+    pub commit_age: Duration,
+    /// How coarse the view's time lags are (the monitor's poll interval).
+    pub lag_resolution: Duration,
     /// The causal floor (see [`crate::CausalFloor`]): the highest commit LSN acknowledged to any
     /// client before this read arrived. Only `Consistency::Causal` reads depend on it. `None`:
     /// it cannot be known right now (a write's position was lost, the shared store did not
@@ -71,6 +76,8 @@ impl RouteRequest {
             balance: 0,
             applied: None,
             max_wait: None,
+            commit_age: Duration::ZERO,
+            lag_resolution: Duration::ZERO,
             causal_floor: Some(Lsn::ZERO),
             requirement_unknown: false,
         }
@@ -360,7 +367,11 @@ pub fn route(req: &RouteRequest, view: &ClusterView) -> Route {
         .iter()
         .copied()
         .filter(|n| within_bound(n) && !lsn_ok(n, req, required))
-        .filter(|n| req.max_wait.is_none_or(|w| n.lag <= w))
+        .filter(|n| {
+            req.max_wait.is_none_or(|w| {
+                crate::wait::expected_catch_up(n.lag, req.commit_age, req.lag_resolution) <= w
+            })
+        })
         .collect();
     if !behind.is_empty() && req.consistency != Consistency::Eventual {
         behind.sort_by(|a, b| b.replay_lsn.cmp(&a.replay_lsn).then(a.id.cmp(&b.id)));
@@ -466,6 +477,41 @@ mod tests {
         );
     }
 
+    /// The wait is judged by when the replica is expected to replay the commit: a replica
+    /// 50 ms behind replays a commit made 45 ms ago within 5 ms, one made just now after 50.
+    #[test]
+    fn commit_age_and_lag_resolution_shorten_the_expected_catch_up() {
+        let mut v = cluster();
+        v.nodes[1].lag = Duration::from_millis(500);
+        v.nodes[2].lag = Duration::from_millis(50);
+        let mut r = RouteRequest::read(Consistency::Session, Lsn(950));
+        r.max_wait = Some(Duration::from_millis(5));
+        assert_eq!(
+            route(&r, &v),
+            node(0, Role::Primary, Reason::ReplicasBehind)
+        );
+        r.commit_age = Duration::from_millis(45);
+        let check = Route::CheckReplicas {
+            candidates: vec![2],
+            required_lsn: Lsn(950),
+            fallback: Some(0),
+        };
+        assert_eq!(route(&r, &v), check);
+        // Or the lag is only known to within 45 ms.
+        r.commit_age = Duration::ZERO;
+        r.lag_resolution = Duration::from_millis(45);
+        assert_eq!(route(&r, &v), check);
+        // A zero budget still asks a replica that may already have it.
+        r.max_wait = Some(Duration::ZERO);
+        r.lag_resolution = Duration::from_millis(50);
+        assert_eq!(route(&r, &v), check);
+        r.lag_resolution = Duration::from_millis(49);
+        assert_eq!(
+            route(&r, &v),
+            node(0, Role::Primary, Reason::ReplicasBehind)
+        );
+    }
+
     /// A replica the primary does not stream to (on a dead primary, or forked off the old
     /// timeline with a replay LSN that looks ahead) serves no read, whatever its LSN.
     #[test]
@@ -513,6 +559,7 @@ mod tests {
             primary,
             primary_lsn: Lsn(1000),
             generation: 1,
+            primary_latency: None,
         }
     }
 
@@ -1014,6 +1061,7 @@ mod tests {
                 primary,
                 primary_lsn: Lsn(2000),
                 generation: 0,
+                primary_latency: None,
             })
         })
     }
@@ -1060,6 +1108,8 @@ mod tests {
                     read_only,
                     pinned: None,
                     max_wait: None,
+                    commit_age: Duration::ZERO,
+                    lag_resolution: Duration::ZERO,
                     consistency,
                     required_lsn: Lsn(lsn),
                     hint,

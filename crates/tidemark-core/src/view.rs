@@ -178,6 +178,9 @@ pub struct ClusterView {
     pub primary_lsn: Lsn,
     /// Incremented by the monitor on every publish.
     pub generation: u64,
+    /// The primary's current latency: an average of the monitor's round trips to it
+    /// ([`crate::LatencyAverage`]); `None` before the first. The adaptive wait budget.
+    pub primary_latency: Option<std::time::Duration>,
 }
 
 impl ClusterView {
@@ -320,6 +323,7 @@ mod tests {
             primary: PrimaryState::One(0),
             primary_lsn: Lsn(500),
             generation: 1,
+            primary_latency: None,
         };
         assert_eq!(view.primary_id(), Some(0));
         assert_eq!(view.node(2).unwrap().name, "n2");

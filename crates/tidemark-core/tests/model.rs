@@ -643,6 +643,7 @@ impl Sim {
             primary,
             primary_lsn,
             generation: self.generation,
+            primary_latency: None,
         };
         Ok(())
     }

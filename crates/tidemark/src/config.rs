@@ -193,6 +193,10 @@ pub struct RoutingConfig {
     /// How long a read waits for a replica to replay what it depends on before going to the primary.
     #[serde(with = "humantime_serde_compat")]
     pub max_wait: Duration,
+    /// How long a read waits within `max_wait`: `adaptive` (default: only while a replica is
+    /// expected to replay the position sooner than the primary would answer) or `fixed` (up to
+    /// `max_wait` for any replica expected to catch up within it). See tidemark_core::wait.
+    pub wait: WaitMode,
     /// Name of the node that is the primary; overrides discovery (never routes writes to a node in recovery).
     pub primary: Option<String>,
     /// Track commit LSNs after writes (read-your-writes). Turning it off is for benchmarks only.
@@ -215,6 +219,23 @@ pub struct RoutingConfig {
 
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
+pub enum WaitMode {
+    #[default]
+    Adaptive,
+    Fixed,
+}
+
+impl WaitMode {
+    pub fn policy(self) -> tidemark_core::WaitPolicy {
+        match self {
+            WaitMode::Adaptive => tidemark_core::WaitPolicy::Adaptive,
+            WaitMode::Fixed => tidemark_core::WaitPolicy::Fixed,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
 pub enum Balance {
     #[default]
     Session,
@@ -226,6 +247,7 @@ impl Default for RoutingConfig {
         RoutingConfig {
             consistency: "session".into(),
             max_wait: Duration::from_millis(20),
+            wait: WaitMode::Adaptive,
             primary: None,
             track_writes: true,
             key_store_capacity: 100_000,

@@ -190,6 +190,10 @@ fn describe() {
         "1 while the shared store (redis) answers, 0 after a failed call"
     );
     describe_gauge!(
+        "tidemark_primary_latency_seconds",
+        "average round trip of the monitor's polls of the primary: the adaptive wait budget (routing.wait)"
+    );
+    describe_gauge!(
         "tidemark_paused",
         "1 while the console PAUSE holds new transactions"
     );
@@ -338,6 +342,11 @@ pub fn clients(delta: f64) {
 /// A call to the shared store (Redis) failed or timed out (`op`: read, publish, raise, prune).
 pub fn shared_error(op: &'static str) {
     counter!("tidemark_shared_errors_total", "op" => op).increment(1);
+}
+
+/// The primary's average poll round trip (the adaptive wait budget).
+pub fn primary_latency(d: Duration) {
+    gauge!("tidemark_primary_latency_seconds").set(d.as_secs_f64());
 }
 
 /// 1 while the shared store (Redis) answers, 0 after a failed call.

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use tidemark_core::{
-    decide_primary, ClusterView, LagClock, LagGate, Lsn, NodeId, NodeStatus, PrimaryState, Role,
-    SyncState,
+    decide_primary, ClusterView, LagClock, LagGate, LatencyAverage, Lsn, NodeId, NodeStatus,
+    PrimaryState, Role, SyncState,
 };
 
 use crate::app::App;
@@ -61,6 +61,8 @@ struct Sample {
     /// Primaries: one entry per walsender.
     standbys: Vec<Standby>,
     at: Instant,
+    /// How long the poll's round trip took (the position query alone).
+    rtt: Duration,
 }
 
 struct NodeTrack {
@@ -70,6 +72,9 @@ struct NodeTrack {
     banned_until: Option<Instant>,
     system_id: Option<String>,
     metrics: Option<NodeMetrics>,
+    /// The average round trip of its polls: for the primary, the adaptive wait budget
+    /// (tidemark_core::wait).
+    latency: LatencyAverage,
     /// The address its samples are from (a RELOAD that moves the node starts it afresh).
     addr: (String, u16),
 }
@@ -83,6 +88,7 @@ impl NodeTrack {
             banned_until: None,
             system_id: None,
             metrics: None,
+            latency: LatencyAverage::default(),
             addr: cfg
                 .nodes
                 .get(i)
@@ -246,6 +252,7 @@ impl Monitor {
                 let started = tokio::time::Instant::now();
                 let timeout = self.app.config.load().monitor.timeout;
                 let r = tokio::time::timeout(timeout, client.query_one(&stmt, &[])).await;
+                let rtt = started.elapsed();
                 let row = match r {
                     Ok(Ok(row)) => row,
                     Ok(Err(e)) => {
@@ -334,6 +341,7 @@ impl Monitor {
                         remote_apply,
                         standbys: standbys.clone(),
                         at: Instant::now(),
+                        rtt,
                     },
                 );
                 let m = &self.app.config.load().monitor;
@@ -405,6 +413,7 @@ impl Monitor {
                 }
                 clock.record(s.at, s.lsn);
             }
+            t.latency.observe(s.rtt);
             t.sample = Some(s);
         }
         self.publish(Some(i));
@@ -508,6 +517,14 @@ impl Monitor {
                 }
             }
         }
+        let primary_latency = view_primary(&primary)
+            .and_then(|p| nodes.get(p))
+            .and_then(|t| t.latency.get());
+        if let Some(d) =
+            primary_latency.filter(|_| fresh.is_some() && fresh == view_primary(&primary))
+        {
+            crate::metrics::primary_latency(d);
+        }
         let generation = self
             .generation
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -531,6 +548,7 @@ impl Monitor {
             primary,
             primary_lsn,
             generation,
+            primary_latency,
         };
         let min = view.min_replica_replay_lsn();
         self.app.view.store(Arc::new(view));

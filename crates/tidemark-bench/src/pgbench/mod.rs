@@ -114,6 +114,7 @@ impl Target {
             consistency,
             track_writes,
             max_wait: "20ms".into(),
+            wait: "adaptive".into(),
         })
     }
 }

@@ -253,6 +253,7 @@ pub(super) async fn run_cell(
             },
             track_writes: true,
             max_wait: ctx.max_wait.clone(),
+            wait: ctx.wait.clone(),
         };
         proxy = Some(procs::start_tidemark(bin, c, &opts, ctx.scratch.path(), "ryw").await?);
     }

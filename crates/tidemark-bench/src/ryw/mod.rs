@@ -62,6 +62,10 @@ pub struct RywArgs {
     /// tidemark's routing.max_wait (how long a read waits for a replica before the primary).
     #[arg(long, default_value = "20ms")]
     pub max_wait: String,
+    /// tidemark's routing.wait: `adaptive` (wait only while a replica beats the primary) or
+    /// `fixed` (up to max_wait).
+    #[arg(long, default_value = "adaptive", value_parser = ["adaptive", "fixed"])]
+    pub wait: String,
     /// Directory for ryw.csv, ryw.json and ryw.md.
     #[arg(long, default_value = "target/bench")]
     pub out: PathBuf,
@@ -184,6 +188,7 @@ struct Ctx {
     tidemark_bin: Option<PathBuf>,
     scratch: tempfile::TempDir,
     max_wait: String,
+    wait: String,
 }
 
 /// Sets the apply delay on every replica and waits until they have replayed everything the
@@ -288,6 +293,7 @@ async fn run_all(
         tidemark_bin,
         scratch: procs::scratch_dir("tidemark-bench-ryw", None)?,
         max_wait: args.max_wait.clone(),
+        wait: args.wait.clone(),
     };
     let mut results = Vec::new();
     let mut table = result_table();

@@ -348,6 +348,7 @@ impl Session {
         self.app.monitor_pace.wake();
         if l > self.last_write_lsn {
             self.last_write_lsn = l;
+            self.last_write_at = Some(Instant::now());
         }
         self.app.causal.raise(l);
         // Standbys the primary saw at or past this position right after the commit.

@@ -27,8 +27,8 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use tidemark_core::{
-    caught_up, fallback_after_wait, route, Applied, Consistency, Lsn, NodeId, NodeSet, Reason,
-    Role, Route, RouteRequest, TargetHint, Unavailable,
+    caught_up, fallback_after_wait, route, wait_budget, Applied, Consistency, Lsn, NodeId, NodeSet,
+    Reason, Role, Route, RouteRequest, TargetHint, Unavailable,
 };
 use tidemark_sql::{
     Analysis, Class, HintTarget, SessionKind, SessionsOf, TidemarkCommand, TxControl, TxDefaults,
@@ -120,6 +120,8 @@ pub struct Session {
     token: Lsn,
     report_lsn: bool,
     last_write_lsn: Lsn,
+    /// When `last_write_lsn` was acknowledged (how long a replica still needs for it).
+    last_write_at: Option<Instant>,
     /// Replicas the primary (this node id) reported at or past the last commit.
     applied: Option<(Applied, NodeId)>,
     /// Where the last routing decision sent a unit, and why (`SHOW tidemark.last_route`).
@@ -219,6 +221,7 @@ impl Session {
             token: Lsn::ZERO,
             report_lsn: false,
             last_write_lsn: Lsn::ZERO,
+            last_write_at: None,
             applied: None,
             last_route: None,
             balance,
@@ -259,16 +262,8 @@ impl Session {
         // `in_hot_standby`, `default_transaction_read_only` as it has them); any healthy node
         // if there is none.
         let req = RouteRequest {
-            read_only: true,
-            pinned: None,
-            consistency: Consistency::Eventual,
-            required_lsn: Lsn::ZERO,
-            hint: TargetHint::Any,
             balance: self.balance,
-            applied: None,
-            max_wait: None,
-            causal_floor: Some(Lsn::ZERO),
-            requirement_unknown: false,
+            ..RouteRequest::read(Consistency::Eventual, Lsn::ZERO)
         };
         let view = self.app.view.load_full();
         // Session pooling: the client owns one primary connection for its whole life, from

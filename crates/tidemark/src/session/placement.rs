@@ -262,21 +262,43 @@ impl Session {
             .applied
             .filter(|(_, p)| view.primary_id() == Some(*p))
             .map(|(a, _)| a);
+        let cfg = self.app.config.load();
+        let budget = wait_budget(
+            cfg.routing.wait.policy(),
+            cfg.routing.max_wait,
+            view.primary_latency,
+        );
+        // Everything this read depends on was committed no later than the session's own last
+        // write when that is the newest of it: a replica needs that much less to catch up.
+        let commit_age = match self.last_write_at {
+            Some(at)
+                if read_only
+                    && matters
+                    && required <= self.last_write_lsn
+                    && causal_floor.is_some_and(|f| f <= self.last_write_lsn) =>
+            {
+                at.elapsed()
+            }
+            _ => Duration::ZERO,
+        };
         let req = RouteRequest {
             read_only: read_only && !self.pinned,
             pinned: None,
             consistency,
             required_lsn: required,
             hint,
-            balance: match self.app.config.load().routing.balance {
+            balance: match cfg.routing.balance {
                 Balance::Session => self.balance,
                 Balance::Statement => self.app.balance.fetch_add(1, Ordering::Relaxed),
             },
             applied,
-            max_wait: Some(self.app.config.load().routing.max_wait),
+            max_wait: Some(budget),
+            commit_age,
+            lag_resolution: cfg.monitor.interval,
             causal_floor,
             requirement_unknown,
         };
+        drop(cfg);
         match route(&req, &view) {
             Route::Node { node, role, reason } => {
                 if read_only && role == Role::Primary {
@@ -312,7 +334,7 @@ impl Session {
                 required_lsn,
                 fallback,
             } => {
-                self.wait_for_replica(candidates, required_lsn, fallback)
+                self.wait_for_replica(candidates, required_lsn, fallback, budget)
                     .await
             }
             Route::Unavailable(u) => Err(unavailable_error(&u, &self.app)),
@@ -320,16 +342,17 @@ impl Session {
     }
 
     /// Asks the most advanced replica for its replay position with a separate statement
-    /// before the read, polling until it reaches `required` or `max_wait` passes.
+    /// before the read, polling until it reaches `required` or the wait `budget` (see
+    /// tidemark_core::wait) is spent. Every candidate is asked at least once.
     pub(super) async fn wait_for_replica(
         &mut self,
         candidates: Vec<NodeId>,
         required: Lsn,
         fallback: Option<NodeId>,
+        budget: Duration,
     ) -> Result<(Checked, NodeId, Role, Reason), ErrorFields> {
         let start = Instant::now();
-        let max_wait = self.app.config.load().routing.max_wait;
-        let deadline = start + max_wait;
+        let deadline = start + budget;
         let mut conns: Vec<(NodeId, Checked)> = Vec::new();
         'outer: loop {
             if candidates.is_empty() {
@@ -378,9 +401,16 @@ impl Session {
             if Instant::now() >= deadline || conns.is_empty() {
                 break 'outer;
             }
-            // Wait for the next monitor sample or a millisecond, whichever comes first.
-            let notified = self.app.view_changed.notified();
-            let _ = tokio::time::timeout(Duration::from_millis(1), notified).await;
+            // Wait for the next monitor sample or a millisecond, whichever comes first; with
+            // less than a millisecond left (the timer's granularity), ask again at once (each
+            // question is a round trip to the replica).
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left >= Duration::from_millis(1) {
+                let notified = self.app.view_changed.notified();
+                let _ = tokio::time::timeout(Duration::from_millis(1), notified).await;
+            } else {
+                tokio::task::yield_now().await;
+            }
             if Instant::now() >= deadline {
                 break 'outer;
             }
