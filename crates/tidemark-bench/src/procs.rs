@@ -306,7 +306,7 @@ pub async fn start_tidemark(
         "[[users]]\nname = \"postgres\"\nauth = \"trust\"\n\n\
          [pool]\nmode = \"transaction\"\nmax_size = 40\n\n\
          [routing]\nconsistency = \"{}\"\ntrack_writes = {}\nmax_wait = \"{}\"\nwait = \"{}\"\n\n\
-         [limits]\nmax_clients = 5000\n\n\
+         [limits]\nmax_clients = 12000\n\n\
          [metrics]\nlisten = \"127.0.0.1:{}\"\n",
         opts.consistency,
         opts.track_writes,
@@ -355,7 +355,7 @@ pub async fn start_pgbouncer(
          auth_type = trust\n\
          auth_file = {d}/userlist.txt\n\
          pool_mode = transaction\n\
-         max_client_conn = 5000\n\
+         max_client_conn = 12000\n\
          default_pool_size = 40\n\
          logfile = {d}/pgbouncer.log\n\
          pidfile = {d}/pgbouncer.pid\n\

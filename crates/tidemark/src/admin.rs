@@ -437,6 +437,7 @@ fn show_config(app: &App) -> Result<Output, ErrorFields> {
         ("pool.max_size", c.pool.max_size.to_string()),
         ("routing.consistency", c.routing.consistency.clone()),
         ("routing.max_wait", format!("{:?}", c.routing.max_wait)),
+        ("routing.wait", c.routing.wait.policy().as_str().to_string()),
         ("monitor.interval", format!("{:?}", c.monitor.interval)),
         (
             "monitor.idle_interval",

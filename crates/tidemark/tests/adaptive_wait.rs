@@ -28,22 +28,12 @@ async fn write_then_read(c: &Client, id: i64, pause: Duration) -> ((bool, bool),
         tokio::time::sleep(pause).await;
     }
     let t = Instant::now();
-    let r = rows(
-        &c.simple_query(&format!(
-            "SELECT count(*), pg_is_in_recovery() FROM aw WHERE id = {id}"
-        ))
-        .await
-        .expect("read back"),
-    );
-    let took = t.elapsed();
-    let row = r.first().expect("a row");
-    (
-        (
-            row[0].as_deref() == Some("1"),
-            row[1].as_deref() == Some("t"),
-        ),
-        took,
+    let r = found_where(
+        c,
+        &format!("SELECT count(*), pg_is_in_recovery() FROM aw WHERE id = {id}"),
     )
+    .await;
+    (r, t.elapsed())
 }
 
 async fn series(c: &Client, base: i64, pause: Duration, what: &str) -> Tally {

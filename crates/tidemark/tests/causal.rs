@@ -19,16 +19,7 @@ async fn read_back(c: &Client, prefix: &str, table: &str, id: i64, suffix: &str)
     let sql = format!(
         "{prefix}SELECT count(*), pg_is_in_recovery() FROM {table} WHERE id = {id}{suffix}"
     );
-    let msgs = c
-        .simple_query(&sql)
-        .await
-        .unwrap_or_else(|e| panic!("{sql}: {e}"));
-    let r = rows(&msgs);
-    let row = r.first().unwrap_or_else(|| panic!("{sql}: no row"));
-    (
-        row[0].as_deref() == Some("1"),
-        row[1].as_deref() == Some("t"),
-    )
+    found_where(c, &sql).await
 }
 
 async fn pool(env: &Env, n: usize) -> Vec<Client> {

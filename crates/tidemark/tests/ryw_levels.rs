@@ -27,16 +27,7 @@ const DELAY: Duration = Duration::from_millis(150);
 /// leading hint comment. Returns (row found, served by a replica).
 async fn read_back(c: &Client, hint: &str, table: &str, id: i64) -> (bool, bool) {
     let sql = format!("{hint}SELECT count(*), pg_is_in_recovery() FROM {table} WHERE id = {id}");
-    let msgs = c
-        .simple_query(&sql)
-        .await
-        .unwrap_or_else(|e| panic!("{sql}: {e}"));
-    let r = rows(&msgs);
-    let row = r.first().unwrap_or_else(|| panic!("{sql}: no row"));
-    (
-        row[0].as_deref() == Some("1"),
-        row[1].as_deref() == Some("t"),
-    )
+    found_where(c, &sql).await
 }
 
 async fn insert(c: &Client, table: &str, id: i64) {

@@ -105,15 +105,7 @@ async fn two_instances(redis: &Redis) -> Two {
 /// (row found, served by a replica).
 async fn read_back(c: &Client, hint: &str, id: i64) -> (bool, bool) {
     let sql = format!("{hint}SELECT count(*), pg_is_in_recovery() FROM s WHERE id = {id}");
-    let msgs = c
-        .simple_query(&sql)
-        .await
-        .unwrap_or_else(|e| panic!("{sql}: {e}"));
-    let r = rows(&msgs);
-    (
-        r[0][0].as_deref() == Some("1"),
-        r[0][1].as_deref() == Some("t"),
-    )
+    found_where(c, &sql).await
 }
 
 /// Writes through instance A, reads the row back through instance B.

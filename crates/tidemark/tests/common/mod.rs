@@ -188,6 +188,21 @@ pub async fn served_by(c: &Client) -> Result<u16, tokio_postgres::Error> {
     Ok(port.parse().expect("a port number"))
 }
 
+/// Runs `sql`, a query whose first row is `(count(*), pg_is_in_recovery())` for the row a
+/// read-back looks for: (the row was found, a replica served it).
+pub async fn found_where(c: &Client, sql: &str) -> (bool, bool) {
+    let msgs = c
+        .simple_query(sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    let r = rows(&msgs);
+    let row = r.first().unwrap_or_else(|| panic!("{sql}: no row"));
+    (
+        row[0].as_deref() == Some("1"),
+        row[1].as_deref() == Some("t"),
+    )
+}
+
 /// Counts of one measured series of reads.
 #[derive(Default, Debug, Clone, Copy)]
 pub struct Tally {
