@@ -112,6 +112,9 @@ pub struct UserConfig {
     /// Default consistency for this user's sessions (overrides `routing.consistency`).
     #[serde(default)]
     pub consistency: Option<String>,
+    /// Where this user's transactions run (overrides `routing.transactions`).
+    #[serde(default)]
+    pub transactions: Option<TxMode>,
     /// `password` read from this file (trailing newline dropped) / this environment variable.
     #[serde(default)]
     pub password_file: Option<std::path::PathBuf>,
@@ -211,6 +214,58 @@ pub struct RoutingConfig {
     /// The sqlcommenter attribute of a trailing comment that carries a key
     /// (`/*tidemark_key='user%3A42'*/`).
     pub comment_key_attribute: String,
+    /// Where transactions run: `primary` (every transaction, declared read-only included),
+    /// `read_only` (declared read-only transactions on replicas, the rest on the primary) or
+    /// `optimistic` (a plain `BEGIN` whose first statement reads starts on a replica and is
+    /// replayed on the primary at its first write; see docs/routing.md).
+    pub transactions: TxMode,
+    /// Most bytes of client messages an optimistic transaction records for its replay; a
+    /// transaction that would record more moves to the primary at once.
+    pub replay_budget_bytes: usize,
+}
+
+/// `routing.transactions`: where transactions run.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum TxMode {
+    /// Every transaction on the primary, declared read-only ones included.
+    Primary,
+    /// Declared read-only transactions on replicas (gated like reads), the rest on the primary.
+    #[default]
+    ReadOnly,
+    /// Plain transactions start on a replica when their first statement reads, and move to the
+    /// primary (replaying what they read, checked) at their first write.
+    Optimistic,
+}
+
+impl TxMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TxMode::Primary => "primary",
+            TxMode::ReadOnly => "read_only",
+            TxMode::Optimistic => "optimistic",
+        }
+    }
+}
+
+impl std::fmt::Display for TxMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for TxMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<TxMode, String> {
+        match s.trim().to_ascii_lowercase().replace('-', "_").as_str() {
+            "primary" => Ok(TxMode::Primary),
+            "read_only" | "readonly" => Ok(TxMode::ReadOnly),
+            "optimistic" => Ok(TxMode::Optimistic),
+            _ => Err(format!(
+                "unknown transactions mode \"{s}\" (use primary, read_only or optimistic)"
+            )),
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
@@ -234,6 +289,8 @@ impl Default for RoutingConfig {
             read_only_functions: vec![],
             balance: Balance::Session,
             comment_key_attribute: tidemark_sql::DEFAULT_KEY_ATTRIBUTE.to_string(),
+            transactions: TxMode::ReadOnly,
+            replay_budget_bytes: 64 * 1024,
         }
     }
 }
@@ -703,6 +760,13 @@ impl Config {
             .unwrap_or(&self.routing.consistency)
             .parse()
             .unwrap_or_default()
+    }
+
+    /// Where this user's transactions run: the user's `transactions`, else `routing.transactions`.
+    pub fn default_transactions(&self, user: &str) -> TxMode {
+        self.user(user)
+            .and_then(|u| u.transactions)
+            .unwrap_or(self.routing.transactions)
     }
 
     pub fn max_prepared_bytes(&self) -> usize {
