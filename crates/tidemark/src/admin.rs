@@ -1,5 +1,5 @@
 //! The admin console: clients connecting to the virtual database `tidemark` as an admin
-//! user get `SHOW NODES|POOLS|SERVERS|CLIENTS|STATS|LAG|CONFIG|VERSION`, `RELOAD`, `PAUSE`,
+//! user get `SHOW NODES|POOLS|SERVERS|CLIENTS|STATS|LAG|TRANSACTIONS|CONFIG|VERSION`, `RELOAD`, `PAUSE`,
 //! `RESUME` over the wire protocol, so psql works.
 //!
 //! Every command is one function registered in [`COMMANDS`]: adding `SHOW X` is one row
@@ -62,6 +62,11 @@ pub const COMMANDS: &[Command] = &[
         name: "SHOW STATS",
         help: "counters of the last minute and process state",
         run: show_stats,
+    },
+    Command {
+        name: "SHOW TRANSACTIONS",
+        help: "optimistic transactions: outcomes, replays, learned shapes",
+        run: show_transactions,
     },
     Command {
         name: "SHOW CONFIG",
@@ -426,6 +431,24 @@ fn show_stats(app: &App) -> Result<Output, ErrorFields> {
         .map(|(k, v)| (k.to_string(), v)),
     );
     let rows = rows.into_iter().map(|(k, v)| vec![Some(k), v]).collect();
+    Ok(Output::Rows(vec!["stat", "value"], rows))
+}
+
+/// `routing.transactions` outcomes since start (one row each), replays, and what was learned.
+fn show_transactions(app: &App) -> Result<Output, ErrorFields> {
+    let c = app.transactions.counts();
+    let mut rows: Vec<Row> = c
+        .outcomes
+        .iter()
+        .map(|(o, n)| vec![s(format!("outcome.{o}")), s(n)])
+        .collect();
+    rows.push(vec![s("replays"), s(c.replays)]);
+    rows.push(vec![s("replayed_bytes"), s(c.replay_bytes)]);
+    rows.push(vec![s("shapes"), s(c.shapes)]);
+    rows.push(vec![
+        s("shapes_starting_on_primary"),
+        s(c.shapes_on_primary),
+    ]);
     Ok(Output::Rows(vec!["stat", "value"], rows))
 }
 

@@ -158,6 +158,71 @@ async fn a_transaction_that_writes_moves_to_the_primary_or_gets_40001() {
         "t"
     );
 
+    // The same through the extended protocol (prepared statements made on the replica's
+    // connection are prepared again on the primary's for the replay).
+    exec(&c, "INSERT INTO orders VALUES (10)").await;
+    caught_up(&env).await;
+    let mut x = env.client().await;
+    let tx = x.transaction().await.expect("BEGIN");
+    let paid: bool = tx
+        .query_one(
+            "SELECT paid FROM orders WHERE id = $1 AND $2::int > 0",
+            &[&10i32, &1i32],
+        )
+        .await
+        .expect("read")
+        .get(0);
+    assert!(!paid);
+    let n: i64 = tx
+        .query_one(
+            "SELECT count(*) FROM charges WHERE order_id = $1",
+            &[&10i32],
+        )
+        .await
+        .expect("read")
+        .get(0);
+    assert_eq!(n, 0);
+    tx.execute("UPDATE orders SET paid = true WHERE id = $1", &[&10i32])
+        .await
+        .expect("replayed, then the write");
+    tx.execute("INSERT INTO charges VALUES ($1)", &[&10i32])
+        .await
+        .expect("write");
+    tx.commit().await.expect("COMMIT");
+    assert_eq!(count(&env, "replayed"), 2);
+    assert_eq!(
+        scalar(&primary, "SELECT count(*) FROM charges WHERE order_id = 10").await,
+        "1"
+    );
+
+    // Past the replay budget, the transaction moves to the primary at once.
+    let mut cfg = (**env.proxy.app.config.load()).clone();
+    cfg.routing.replay_budget_bytes = 300;
+    env.proxy.app.config.store(std::sync::Arc::new(cfg));
+    caught_up(&env).await;
+    exec(&c, "BEGIN").await;
+    scalar(&c, "SELECT count(*) FROM orders").await;
+    assert_eq!(
+        scalar(&c, "SHOW tidemark.last_route")
+            .await
+            .split(' ')
+            .next()
+            .map(str::to_string),
+        Some(env.cluster.node_name(1).to_string()),
+        "started on the replica"
+    );
+    let long = format!("SELECT inet_server_port() /* {} */", "x".repeat(400));
+    assert_eq!(
+        scalar(&c, &long).await,
+        env.cluster.port(0).to_string(),
+        "over the budget: on the primary"
+    );
+    exec(&c, "COMMIT").await;
+    assert_eq!(count(&env, "replayed"), 3);
+    let mut cfg = (**env.proxy.app.config.load()).clone();
+    cfg.routing.replay_budget_bytes = 64 * 1024;
+    env.proxy.app.config.store(std::sync::Arc::new(cfg));
+
     // Divergence: B read on the replica, A paid on the primary meanwhile (the replica is
     // 200 ms behind), B writes: 40001, nothing of B written, ROLLBACK works.
     caught_up(&env).await;

@@ -224,7 +224,10 @@ async fn roll_back_and_release(mut c: Checked) {
 
 impl Session {
     /// Whether a unit may run inside an optimistic transaction on a replica: reads, savepoints,
-    /// `SET LOCAL`, COMMIT/ROLLBACK (not `AND CHAIN`), ended by Sync or a simple query.
+    /// `SET LOCAL`, COMMIT/ROLLBACK (not `AND CHAIN`), a redundant BEGIN, ended by Sync or a
+    /// simple query. Anything `is_read_in` would not send to a replica (a write, `FOR UPDATE`,
+    /// a volatile or unknown function, `LOCK`, `nextval`, advisory locks, `SET TRANSACTION`,
+    /// session SETs, hints naming the primary) is not.
     fn optx_reads(&self, unit: &Unit, a: &Analysis) -> bool {
         if !matches!(unit.end, UnitEnd::Sync | UnitEnd::Query)
             || a.hints.target == Some(HintTarget::Primary)
@@ -251,6 +254,8 @@ impl Session {
                 TxControl::Savepoint | TxControl::Release | TxControl::RollbackTo,
             ) => true,
             Class::Transaction(TxControl::Commit | TxControl::Rollback) => !chain,
+            // A BEGIN inside the transaction only warns (25001), wherever it runs.
+            Class::Transaction(TxControl::Begin { .. }) => true,
             Class::SessionState(SessionKind::Set { local: true, .. }) => true,
             _ => false,
         })
@@ -687,16 +692,8 @@ mod tests {
     fn the_hash_sees_rows_tags_and_error_codes_only() {
         let mut a = HASH_START;
         let mut b = HASH_START;
-        fold_reply(
-            &mut a,
-            BackendMessage::DataRow,
-            &be::data_row(&[Some("f".into())]),
-        );
-        fold_reply(
-            &mut b,
-            BackendMessage::DataRow,
-            &be::data_row(&[Some("t".into())]),
-        );
+        fold_reply(&mut a, BackendMessage::DataRow, &be::data_row(&[Some("f")]));
+        fold_reply(&mut b, BackendMessage::DataRow, &be::data_row(&[Some("t")]));
         assert_ne!(a, b);
         let mut c = HASH_START;
         let mut d = HASH_START;
