@@ -390,6 +390,43 @@ async fn begin_forms_settings_and_learning() {
         Some((b'Z', b"I".to_vec()))
     );
 
+    // The extended protocol: BEGIN and COMMIT as Parse/Bind/Execute/Sync units, answered
+    // with what the client asked for; a failed transaction's COMMIT answers ROLLBACK.
+    let tag = |m: &[(u8, Vec<u8>)], t: &[u8]| m.iter().any(|(k, b)| *k == b'C' && b.starts_with(t));
+    let last = |m: &[(u8, Vec<u8>)]| m.last().map(|(t, b)| (*t, b.clone()));
+    let m = r.extended_unit(&["BEGIN"]).await;
+    assert!(
+        tag(&m, b"BEGIN") && m.iter().any(|(t, _)| *t == b'1') && m.iter().any(|(t, _)| *t == b'2'),
+        "{m:?}"
+    );
+    assert_eq!(last(&m), Some((b'Z', b"T".to_vec())));
+    let m = r.extended_unit(&["COMMIT"]).await;
+    assert!(tag(&m, b"COMMIT"), "{m:?}");
+    assert_eq!(last(&m), Some((b'Z', b"I".to_vec())));
+    exec(&c, "INSERT INTO orders VALUES (7)").await;
+    caught_up(&env).await;
+    r.extended_unit(&["BEGIN"]).await;
+    r.query_ok("SELECT id, paid FROM orders WHERE id = 7").await;
+    exec(
+        &env.node(0).await,
+        "UPDATE orders SET paid = true WHERE id = 7",
+    )
+    .await;
+    let m = r.query("UPDATE orders SET paid = true WHERE id = 7").await;
+    assert!(
+        m.iter().any(|(t, b)| *t == b'E' && sqlstate(b) == "40001"),
+        "{m:?}"
+    );
+    assert_eq!(last(&m), Some((b'Z', b"E".to_vec())));
+    let m = r.query("SELECT 1").await;
+    assert!(
+        m.iter().any(|(t, b)| *t == b'E' && sqlstate(b) == "25P02"),
+        "{m:?}"
+    );
+    let m = r.extended_unit(&["COMMIT"]).await;
+    assert!(tag(&m, b"ROLLBACK"), "{m:?}");
+    assert_eq!(last(&m), Some((b'Z', b"I".to_vec())));
+
     // SERIALIZABLE stays on the primary and works; REPEATABLE READ reads on the replica.
     exec(&c, "BEGIN ISOLATION LEVEL SERIALIZABLE").await;
     assert_eq!(served_by(&c).await.unwrap(), primary);

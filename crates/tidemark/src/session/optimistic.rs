@@ -278,15 +278,83 @@ impl Session {
         0
     }
 
-    /// The unit is one simple-query statement of this class.
-    fn single_simple<'a>(unit: &'a Unit, a: &'a Analysis) -> Option<(&'a str, &'a Class)> {
-        if unit.end != UnitEnd::Query || unit.msgs.len() != 1 || a.statements.len() != 1 {
+    /// The unit is one statement tidemark can answer for itself: a simple query of one
+    /// statement, or an extended-protocol unit ended by Sync that runs one statement (Parse,
+    /// Bind, Describe, Execute, Close of it, one Execute). Its text and class.
+    fn single_statement(&self, unit: &Unit, a: &Analysis) -> Option<(String, Class)> {
+        let [first, rest @ ..] = a.statements.as_slice() else {
             return None;
-        }
-        match &unit.msgs[0].msg {
-            FrontendMessage::Query(q) => Some((q, &a.statements[0])),
+        };
+        match (unit.end, unit.msgs.as_slice()) {
+            (UnitEnd::Query, [m]) if rest.is_empty() => match &m.msg {
+                FrontendMessage::Query(q) => Some((q.to_string(), first.clone())),
+                _ => None,
+            },
+            (UnitEnd::Sync, msgs) => {
+                if rest.iter().any(|c| c != first) {
+                    return None;
+                }
+                let mut text: Option<String> = None;
+                let mut executes = 0;
+                for m in msgs {
+                    match &m.msg {
+                        FrontendMessage::Parse { query, .. } => {
+                            text.get_or_insert_with(|| query.to_string());
+                        }
+                        FrontendMessage::Bind { statement, .. } => {
+                            let s = self.lookup_stmt(statement, &[])?;
+                            text.get_or_insert_with(|| s.query.clone());
+                        }
+                        FrontendMessage::Execute { .. } => executes += 1,
+                        FrontendMessage::Describe { .. }
+                        | FrontendMessage::Close { .. }
+                        | FrontendMessage::Sync => {}
+                        _ => return None,
+                    }
+                }
+                (executes == 1).then_some(())?;
+                Some((text?, first.clone()))
+            }
             _ => None,
         }
+    }
+
+    /// Answers a unit of one transaction-control statement (see [`Self::single_statement`])
+    /// as PostgreSQL would: its command tag (after `notice`, if any) and the protocol's
+    /// acknowledgements, then ReadyForQuery with `status`.
+    async fn answer_here(
+        &mut self,
+        unit: &Unit,
+        tag: &str,
+        notice: Option<ErrorFields>,
+        status: TxStatus,
+    ) -> SResult<OptStep> {
+        self.tx_status = status;
+        for m in &unit.msgs {
+            match &m.msg {
+                FrontendMessage::Query(_) | FrontendMessage::Execute { .. } => {
+                    if let Some(n) = &notice {
+                        self.io.push(&n.to_notice());
+                    }
+                    self.io.push(&be::command_complete(tag));
+                }
+                FrontendMessage::Parse { .. } => self.io.push(&be::simple(be::PARSE_COMPLETE)),
+                FrontendMessage::Bind { .. } => self.io.push(&be::simple(be::BIND_COMPLETE)),
+                FrontendMessage::Describe {
+                    target: Target::Statement,
+                    ..
+                } => {
+                    self.io.push(&be::parameter_description(&[]));
+                    self.io.push(&be::no_data());
+                }
+                FrontendMessage::Describe { .. } => self.io.push(&be::no_data()),
+                FrontendMessage::Close { .. } => self.io.push(&be::simple(be::CLOSE_COMPLETE)),
+                _ => {}
+            }
+        }
+        self.io.push(&be::ready_for_query(status.byte()));
+        self.io.flush().await?;
+        Ok(OptStep::Handled)
     }
 
     /// Records a unit about to run on the replica.
@@ -370,14 +438,10 @@ impl Session {
     }
 
     /// Ends a transaction tidemark answers for itself (no server holds it).
-    async fn optx_end_here(&mut self, tag: &str) -> SResult<OptStep> {
+    async fn optx_end_here(&mut self, unit: &Unit, tag: &str) -> SResult<OptStep> {
         self.optx = None;
         self.tx_shape = None;
-        self.tx_status = TxStatus::Idle;
-        self.io.push(&be::command_complete(tag));
-        self.io.push(&be::ready_for_query(b'I'));
-        self.io.flush().await?;
-        Ok(OptStep::Handled)
+        self.answer_here(unit, tag, None, TxStatus::Idle).await
     }
 
     /// Before a unit runs: deferred BEGIN, placing a deferred transaction, recording on the
@@ -417,9 +481,9 @@ impl Session {
             }
             Phase::Failed => {
                 if let Some((_, Class::Transaction(TxControl::Commit | TxControl::Rollback))) =
-                    Self::single_simple(unit, a)
+                    self.single_statement(unit, a)
                 {
-                    return self.optx_end_here("ROLLBACK").await;
+                    return self.optx_end_here(unit, "ROLLBACK").await;
                 }
                 self.send_error_ready(in_failed_tx(), unit.end).await?;
                 Ok(OptStep::Handled)
@@ -445,11 +509,11 @@ impl Session {
                 isolation,
                 deferrable,
             }),
-        )) = Self::single_simple(unit, a)
+        )) = self.single_statement(unit, a)
         else {
             return Ok(OptStep::Normal);
         };
-        let serializable = match isolation {
+        let serializable = match &isolation {
             Some(i) => i == "serializable",
             None => self.tx_defaults.serializable,
         };
@@ -457,7 +521,7 @@ impl Session {
             self.app.transactions.outcome(TxOutcome::PrimaryLevel);
             return Ok(OptStep::Normal);
         }
-        if *read_only == Some(false) {
+        if read_only == Some(false) {
             self.app.transactions.outcome(TxOutcome::PrimaryDeclared);
             return Ok(OptStep::Normal);
         }
@@ -466,50 +530,45 @@ impl Session {
             return Ok(OptStep::Normal);
         }
         let mut replica_begin = String::from("BEGIN");
-        if let Some(i) = isolation {
+        if let Some(i) = &isolation {
             replica_begin.push_str(" ISOLATION LEVEL ");
             replica_begin.push_str(&i.to_ascii_uppercase());
         }
         replica_begin.push_str(" READ ONLY");
-        if *deferrable {
+        if deferrable {
             replica_begin.push_str(" DEFERRABLE");
         }
         self.optx = Some(Optx {
             phase: Phase::Deferred,
-            begin_sql: sql.to_string(),
+            begin_sql: sql,
             replica_begin,
             recorded: Vec::new(),
             bytes: 0,
             overflow: false,
             hash: HASH_START,
         });
-        self.tx_status = TxStatus::InBlock;
         crate::metrics::routed(a.class.label(), "deferred", None);
-        self.io.push(&be::command_complete("BEGIN"));
-        self.io.push(&be::ready_for_query(b'T'));
-        self.io.flush().await?;
-        Ok(OptStep::Handled)
+        self.answer_here(unit, "BEGIN", None, TxStatus::InBlock)
+            .await
     }
 
     /// The first unit after a deferred BEGIN: where the transaction runs.
     async fn place_deferred(&mut self, unit: &Unit, a: &Arc<Analysis>) -> SResult<OptStep> {
-        match Self::single_simple(unit, a) {
+        match self.single_statement(unit, a) {
             Some((_, Class::Transaction(TxControl::Begin { .. }))) => {
                 let w = ErrorFields {
                     severity: "WARNING".into(),
                     ..ErrorFields::error("25001", "there is already a transaction in progress")
                 };
-                self.io.push(&w.to_notice());
-                self.io.push(&be::command_complete("BEGIN"));
-                self.io.push(&be::ready_for_query(b'T'));
-                self.io.flush().await?;
-                return Ok(OptStep::Handled);
+                return self
+                    .answer_here(unit, "BEGIN", Some(w), TxStatus::InBlock)
+                    .await;
             }
-            Some((q, Class::Transaction(TxControl::Commit))) if !contains_ci(q, "chain") => {
-                return self.optx_end_here("COMMIT").await;
+            Some((q, Class::Transaction(TxControl::Commit))) if !contains_ci(&q, "chain") => {
+                return self.optx_end_here(unit, "COMMIT").await;
             }
-            Some((q, Class::Transaction(TxControl::Rollback))) if !contains_ci(q, "chain") => {
-                return self.optx_end_here("ROLLBACK").await;
+            Some((q, Class::Transaction(TxControl::Rollback))) if !contains_ci(&q, "chain") => {
+                return self.optx_end_here(unit, "ROLLBACK").await;
             }
             _ => {}
         }
