@@ -835,6 +835,35 @@ port = 5432
     }
 
     #[test]
+    fn transactions_mode_per_routing_and_user() {
+        let c = Config::parse(MIN).unwrap();
+        assert_eq!(c.routing.transactions, TxMode::ReadOnly);
+        assert_eq!(c.routing.replay_budget_bytes, 64 * 1024);
+        assert_eq!(c.default_transactions("anyone"), TxMode::ReadOnly);
+        let text = format!(
+            "{MIN}\n[routing]\ntransactions = \"optimistic\"\nreplay_budget_bytes = 1000\n[[users]]\nname = \"a\"\npassword = \"x\"\ntransactions = \"primary\"\n"
+        );
+        let c = Config::parse(&text).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.default_transactions("a"), TxMode::Primary);
+        assert_eq!(c.default_transactions("b"), TxMode::Optimistic);
+        assert_eq!(c.routing.replay_budget_bytes, 1000);
+        let e = Config::parse(&format!("{MIN}\n[routing]\ntransactions = \"sometimes\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("transactions"), "{e}");
+        for (text, mode) in [
+            ("primary", TxMode::Primary),
+            ("READ_ONLY", TxMode::ReadOnly),
+            ("read-only", TxMode::ReadOnly),
+            ("optimistic", TxMode::Optimistic),
+        ] {
+            assert_eq!(text.parse::<TxMode>(), Ok(mode));
+        }
+        assert!("sometimes".parse::<TxMode>().is_err());
+    }
+
+    #[test]
     fn errors_name_the_field() {
         let bad = [
             ("listen = \"nope\"\n[[nodes]]\nname=\"p\"\nport=1", "listen"),

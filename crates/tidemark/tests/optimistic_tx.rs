@@ -49,13 +49,20 @@ fn count(env: &Env, outcome: &str) -> u64 {
 }
 
 /// psycopg's default: every request is `BEGIN`, the reads, `COMMIT`, as separate simple
-/// queries. True when the transaction ran on the replica.
-async fn simple_tx_on_replica(env: &Env, c: &Client) -> bool {
+/// queries. Whether the transaction ran on the replica, and the server backend that ran it.
+async fn simple_tx_on_replica(env: &Env, c: &Client) -> (bool, String) {
     exec(c, "BEGIN").await;
-    let port = served_by(c).await.expect("inet_server_port() in the tx");
+    let m = c
+        .simple_query("SELECT inet_server_port(), pg_backend_pid()")
+        .await
+        .expect("in the tx");
+    let r = rows(&m);
     scalar(c, "SELECT count(*) FROM optx").await;
     exec(c, "COMMIT").await;
-    port == env.cluster.port(1)
+    (
+        r[0][0].as_deref() == Some(env.cluster.port(1).to_string().as_str()),
+        r[0][1].clone().unwrap_or_default(),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -81,13 +88,25 @@ async fn plain_transactions_that_read_run_on_the_replica_and_read_their_writes()
     // Writes stopped, the replica caught up: transactions that only read go there.
     caught_up(&env).await;
     let mut on_replica = 0;
+    let mut backends = std::collections::HashSet::new();
     for _ in 0..100 {
-        if simple_tx_on_replica(&env, &c).await {
+        let (replica, pid) = simple_tx_on_replica(&env, &c).await;
+        if replica {
             on_replica += 1;
         }
+        backends.insert(pid);
     }
-    println!("simple-protocol BEGIN/SELECT/COMMIT: {on_replica} of 100 on the replica");
+    println!(
+        "simple-protocol BEGIN/SELECT/COMMIT: {on_replica} of 100 on the replica, {} server backends",
+        backends.len()
+    );
     assert!(on_replica >= 90, "{on_replica} of 100 on the replica");
+    // The replica's connection goes back to the pool after each transaction (not closed).
+    assert!(
+        backends.len() <= 3,
+        "{} backends for 100 transactions",
+        backends.len()
+    );
 
     // The extended protocol (tokio-postgres' Transaction: BEGIN, prepared statements, COMMIT).
     let mut e = env.client().await;
@@ -284,6 +303,32 @@ async fn a_transaction_that_writes_moves_to_the_primary_or_gets_40001() {
         .any(|m| matches!(m, tokio_postgres::SimpleQueryMessage::CommandComplete(_))));
     // The session works on.
     assert_eq!(scalar(&b, "SELECT 1").await, "1");
+
+    // The replica's server connection dies mid-transaction: the client's session ends with
+    // the error, as with a dead primary; nothing is replayed, nothing written.
+    caught_up(&env).await;
+    let replays = env.proxy.app.transactions.counts().replays;
+    let d = env.client().await;
+    exec(&d, "BEGIN").await;
+    scalar(&d, "SELECT count(*) FROM charges").await;
+    let replica = env.node(1).await;
+    exec(
+        &replica,
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE state LIKE 'idle in transaction%'",
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let e = d
+        .simple_query("INSERT INTO charges VALUES (99)")
+        .await
+        .expect_err("the transaction's server is gone");
+    println!("after the replica's backend died: {e:?}");
+    assert!(d.is_closed() || d.simple_query("SELECT 1").await.is_err());
+    assert_eq!(env.proxy.app.transactions.counts().replays, replays);
+    assert_eq!(
+        scalar(&primary, "SELECT count(*) FROM charges WHERE order_id = 99").await,
+        "0"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -534,4 +579,27 @@ async fn the_default_keeps_plain_transactions_on_the_primary() {
     exec(&c, "BEGIN").await;
     assert_eq!(served_by(&c).await.unwrap(), env.cluster.port(1));
     exec(&c, "COMMIT").await;
+
+    // What a read-only transaction costs in each mode (printed, not asserted: a debug build
+    // on a shared machine), and where it ran.
+    for (mode, begin) in [
+        ("read_only", "BEGIN"),
+        ("read_only", "BEGIN READ ONLY"),
+        ("optimistic", "BEGIN"),
+    ] {
+        exec(&c, &format!("SET tidemark.transactions = {mode}")).await;
+        let start = std::time::Instant::now();
+        let mut on_replica = 0;
+        for _ in 0..200 {
+            exec(&c, begin).await;
+            if served_by(&c).await.unwrap() == env.cluster.port(1) {
+                on_replica += 1;
+            }
+            exec(&c, "COMMIT").await;
+        }
+        println!(
+            "{mode}: {begin}; SELECT; COMMIT x200: {:.2} ms per transaction, {on_replica} on the replica",
+            start.elapsed().as_secs_f64() * 1000.0 / 200.0
+        );
+    }
 }

@@ -211,6 +211,36 @@ async fn replay_unit(
     }
 }
 
+/// Sends a `BEGIN …` and reads its answer (not relayed). Not `ServerConn::simple_query`, which
+/// takes a connection left in a transaction for broken (it is, here, on purpose).
+async fn begin_on(conn: &mut crate::server::ServerConn, sql: &str) -> Result<(), ServerError> {
+    conn.send(fe::query(sql).raw()).await?;
+    let mut err = None;
+    loop {
+        let f = conn.recv().await?;
+        match f.backend() {
+            BackendMessage::ErrorResponse => {
+                err = Some(match ErrorFields::parse(&f) {
+                    Ok(e) => ServerError::Server(e),
+                    Err(e) => ServerError::Protocol(e.to_string()),
+                })
+            }
+            BackendMessage::ParameterStatus => {
+                if let Ok((k, v)) = be::parse_parameter_status(&f) {
+                    upsert(&mut conn.params, k, v);
+                }
+            }
+            BackendMessage::ReadyForQuery => {
+                return match err {
+                    Some(e) => Err(e),
+                    None => Ok(()),
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
 /// Rolls back `c`'s transaction and gives it back; closes it if that fails.
 async fn roll_back_and_release(mut c: Checked) {
     if c.conn.broken {
@@ -597,7 +627,7 @@ impl Session {
         } else {
             o.begin_sql.clone()
         };
-        if let Err(e) = conn.conn.simple_query(&begin).await {
+        if let Err(e) = begin_on(&mut conn.conn, &begin).await {
             let f = match e {
                 ServerError::Server(f) => {
                     conn.release();
@@ -703,7 +733,7 @@ impl Session {
             conn.conn.broken = true;
             return Err(fail(e.to_string()));
         }
-        if let Err(e) = conn.conn.simple_query(&o.begin_sql).await {
+        if let Err(e) = begin_on(&mut conn.conn, &o.begin_sql).await {
             roll_back_and_release(conn).await;
             return Err(fail(e.to_string()));
         }
