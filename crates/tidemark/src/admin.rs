@@ -460,6 +460,11 @@ fn show_config(app: &App) -> Result<Output, ErrorFields> {
         ("pool.max_size", c.pool.max_size.to_string()),
         ("routing.consistency", c.routing.consistency.clone()),
         ("routing.max_wait", format!("{:?}", c.routing.max_wait)),
+        ("routing.transactions", c.routing.transactions.to_string()),
+        (
+            "routing.replay_budget_bytes",
+            c.routing.replay_budget_bytes.to_string(),
+        ),
         ("monitor.interval", format!("{:?}", c.monitor.interval)),
         (
             "monitor.idle_interval",

@@ -564,6 +564,36 @@ async fn begin_forms_settings_and_learning() {
     assert!(moved <= 2, "{moved} transactions moved to the primary");
     assert!(learned >= 8, "{learned} started on the primary");
     assert!(counts.shapes_on_primary >= 1);
+
+    // The admin console shows the same counts.
+    let admin = connect(&format!(
+        "host={} port={} user=postgres dbname=tidemark",
+        env.proxy.addr.ip(),
+        env.proxy.addr.port()
+    ))
+    .await;
+    let shown = rows(&admin.simple_query("SHOW TRANSACTIONS").await.unwrap());
+    let value = |k: &str| {
+        shown
+            .iter()
+            .find(|r| r[0].as_deref() == Some(k))
+            .and_then(|r| r[1].clone())
+            .unwrap_or_else(|| panic!("{k} in SHOW TRANSACTIONS: {shown:?}"))
+    };
+    assert_eq!(
+        value("outcome.primary_learned"),
+        count(&env, "primary_learned").to_string()
+    );
+    assert_eq!(
+        value("replays"),
+        env.proxy.app.transactions.counts().replays.to_string()
+    );
+    assert!(value("shapes_starting_on_primary").parse::<u64>().unwrap() >= 1);
+    let config = rows(&admin.simple_query("SHOW CONFIG").await.unwrap());
+    assert!(config
+        .iter()
+        .any(|r| r[0].as_deref() == Some("routing.transactions")
+            && r[1].as_deref() == Some("optimistic")));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
