@@ -149,9 +149,19 @@ async fn a_transaction_that_writes_moves_to_the_primary_or_gets_40001() {
         scalar(&c, "SELECT paid FROM orders WHERE id = 1").await,
         "f"
     );
+    // SET LOCAL, a savepoint, an error and ROLLBACK TO on the replica are replayed too.
+    exec(&c, "SET LOCAL statement_timeout = '5s'").await;
     exec(&c, "SAVEPOINT s1").await;
+    let e = c
+        .simple_query("SELECT 1 / 0")
+        .await
+        .expect_err("division by zero");
+    assert_eq!(code(&e), "22012");
+    exec(&c, "ROLLBACK TO SAVEPOINT s1").await;
     assert_eq!(scalar(&c, "SELECT count(*) FROM charges").await, "0");
     exec(&c, "UPDATE orders SET paid = true WHERE id = 1").await;
+    assert_eq!(scalar(&c, "SHOW statement_timeout").await, "5s");
+    assert_eq!(scalar(&c, "SHOW transaction_read_only").await, "off");
     exec(&c, "INSERT INTO charges VALUES (1)").await;
     assert_eq!(
         scalar(&c, "SELECT paid FROM orders WHERE id = 1").await,
