@@ -348,62 +348,75 @@ async fn the_double_charge_race_never_charges_twice() {
     let rounds = 200;
     exec(
         &a,
-        &format!("INSERT INTO orders SELECT g FROM generate_series(1, {rounds}) g"),
+        &format!(
+            "INSERT INTO orders SELECT g FROM generate_series(1, {}) g",
+            2 * rounds
+        ),
     )
     .await;
     caught_up(&env).await;
     let b = env.client().await;
-    let (mut read_true, mut refused, mut charged) = (0, 0, 0);
-    for i in 1..=rounds {
-        exec(
+    // First one shape (learning takes it to the primary after two writes, decay brings it
+    // back), then a new shape every round (B's reads always start on the replica).
+    for (phase, first) in [("one shape", 1), ("a new shape per round", rounds + 1)] {
+        let (mut read_true, mut refused, mut charged) = (0, 0, 0);
+        let before = env.proxy.app.transactions.counts();
+        for i in first..first + rounds {
+            exec(
+                &a,
+                &format!("BEGIN; UPDATE orders SET paid = true WHERE id = {i}; INSERT INTO charges VALUES ({i}); COMMIT"),
+            )
+            .await;
+            // B, after A's commit: reads whether the order is paid, charges if not.
+            exec(&b, "BEGIN").await;
+            let read = if first == 1 {
+                format!("SELECT paid FROM orders WHERE id = {i}")
+            } else {
+                format!("SELECT paid AS paid_{i} FROM orders WHERE id = {i}")
+            };
+            let paid = b.simple_query(&read).await.expect("B's read");
+            let paid = rows(&paid).first().and_then(|r| r[0].clone());
+            if paid.as_deref() == Some("t") {
+                exec(&b, "COMMIT").await;
+                read_true += 1;
+                continue;
+            }
+            match b
+                .simple_query(&format!("UPDATE orders SET paid = true WHERE id = {i}"))
+                .await
+            {
+                Err(e) => {
+                    assert_eq!(code(&e), "40001", "{e:?}");
+                    exec(&b, "ROLLBACK").await;
+                    refused += 1;
+                }
+                Ok(_) => {
+                    exec(&b, &format!("INSERT INTO charges VALUES ({i})")).await;
+                    exec(&b, "COMMIT").await;
+                    charged += 1;
+                }
+            }
+        }
+        let doubles = scalar(
             &a,
-            &format!("BEGIN; UPDATE orders SET paid = true WHERE id = {i}; INSERT INTO charges VALUES ({i}); COMMIT"),
+            "SELECT count(*) FROM (SELECT order_id FROM charges GROUP BY order_id HAVING count(*) > 1) d",
         )
         .await;
-        // B, after A's commit: reads whether the order is paid, charges if not.
-        exec(&b, "BEGIN").await;
-        let paid = b
-            .simple_query(&format!("SELECT paid FROM orders WHERE id = {i}"))
-            .await
-            .expect("B's read");
-        let paid = rows(&paid).first().and_then(|r| r[0].clone());
-        if paid.as_deref() == Some("t") {
-            exec(&b, "COMMIT").await;
-            read_true += 1;
-            continue;
-        }
-        match b
-            .simple_query(&format!("UPDATE orders SET paid = true WHERE id = {i}"))
-            .await
-        {
-            Err(e) => {
-                assert_eq!(code(&e), "40001", "{e:?}");
-                exec(&b, "ROLLBACK").await;
-                refused += 1;
-            }
-            Ok(_) => {
-                exec(&b, &format!("INSERT INTO charges VALUES ({i})")).await;
-                exec(&b, "COMMIT").await;
-                charged += 1;
-            }
-        }
+        let after = env.proxy.app.transactions.counts();
+        let delta = |o: &str| after.get(o) - before.get(o);
+        println!(
+            "double-charge race, {phase}, {rounds} rounds: B read paid {read_true}, got 40001 {refused}, charged {charged}; double charges {doubles}; diverged {}, primary_learned {}, primary_routed {}",
+            delta("diverged"),
+            delta("primary_learned"),
+            delta("primary_routed"),
+        );
+        assert_eq!(charged, 0, "{phase}: B charged an order A had paid");
+        assert_eq!(doubles, "0");
+        assert_eq!(read_true + refused, rounds);
     }
-    let doubles = scalar(
-        &a,
-        "SELECT count(*) FROM (SELECT order_id FROM charges GROUP BY order_id HAVING count(*) > 1) d",
-    )
-    .await;
-    let counts = env.proxy.app.transactions.counts();
-    println!(
-        "double-charge race, {rounds} rounds: B read paid {read_true}, got 40001 {refused}, charged {charged}; double charges {doubles}; outcomes {:?}",
-        counts.outcomes
-    );
-    assert_eq!(charged, 0, "B charged an order A had paid");
-    assert_eq!(doubles, "0");
-    assert_eq!(read_true + refused, rounds);
     assert_eq!(
         scalar(&a, "SELECT count(*) FROM charges").await,
-        rounds.to_string()
+        (2 * rounds).to_string()
     );
 }
 
