@@ -35,3 +35,4 @@ pub use classifier::{Classifier, MAX_CACHED_TEXT};
 pub use comment::{scan_sqlcommenter, split_trailing_comment, DEFAULT_KEY_ATTRIBUTE};
 pub use functions::{FunctionCatalog, FunctionPolicy, Volatility};
 pub use hints::{scan_hints, HintTarget, Hints};
+pub use normalize::normalize;

@@ -1,5 +1,5 @@
 //! The admin console: clients connecting to the virtual database `tidemark` as an admin
-//! user get `SHOW NODES|POOLS|SERVERS|CLIENTS|STATS|LAG|CONFIG|VERSION`, `RELOAD`, `PAUSE`,
+//! user get `SHOW NODES|POOLS|SERVERS|CLIENTS|STATS|LAG|TRANSACTIONS|CONFIG|VERSION`, `RELOAD`, `PAUSE`,
 //! `RESUME` over the wire protocol, so psql works.
 //!
 //! Every command is one function registered in [`COMMANDS`]: adding `SHOW X` is one row
@@ -62,6 +62,11 @@ pub const COMMANDS: &[Command] = &[
         name: "SHOW STATS",
         help: "counters of the last minute and process state",
         run: show_stats,
+    },
+    Command {
+        name: "SHOW TRANSACTIONS",
+        help: "optimistic transactions: outcomes, replays, learned shapes",
+        run: show_transactions,
     },
     Command {
         name: "SHOW CONFIG",
@@ -429,6 +434,24 @@ fn show_stats(app: &App) -> Result<Output, ErrorFields> {
     Ok(Output::Rows(vec!["stat", "value"], rows))
 }
 
+/// `routing.transactions` outcomes since start (one row each), replays, and what was learned.
+fn show_transactions(app: &App) -> Result<Output, ErrorFields> {
+    let c = app.transactions.counts();
+    let mut rows: Vec<Row> = c
+        .outcomes
+        .iter()
+        .map(|(o, n)| vec![s(format!("outcome.{o}")), s(n)])
+        .collect();
+    rows.push(vec![s("replays"), s(c.replays)]);
+    rows.push(vec![s("replayed_bytes"), s(c.replay_bytes)]);
+    rows.push(vec![s("shapes"), s(c.shapes)]);
+    rows.push(vec![
+        s("shapes_starting_on_primary"),
+        s(c.shapes_on_primary),
+    ]);
+    Ok(Output::Rows(vec!["stat", "value"], rows))
+}
+
 fn show_config(app: &App) -> Result<Output, ErrorFields> {
     let c = app.config.load();
     let rows = vec![
@@ -438,6 +461,11 @@ fn show_config(app: &App) -> Result<Output, ErrorFields> {
         ("routing.consistency", c.routing.consistency.clone()),
         ("routing.max_wait", format!("{:?}", c.routing.max_wait)),
         ("routing.wait", c.routing.wait.policy().as_str().to_string()),
+        ("routing.transactions", c.routing.transactions.to_string()),
+        (
+            "routing.replay_budget_bytes",
+            c.routing.replay_budget_bytes.to_string(),
+        ),
         ("monitor.interval", format!("{:?}", c.monitor.interval)),
         (
             "monitor.idle_interval",

@@ -109,6 +109,8 @@ pub struct App {
     /// Woken whenever the monitor publishes a new view.
     pub view_changed: Notify,
     pub classifier: Classifier,
+    /// What optimistic transactions learned per shape, and their outcomes.
+    pub transactions: crate::tx_shapes::TxShapes,
     pub keys: Arc<dyn KeyStore>,
     /// The highest commit position acknowledged to any client: `causal` reads depend on it.
     pub causal: tidemark_core::CausalFloor,
@@ -163,6 +165,7 @@ impl App {
             view: ArcSwap::from_pointee(view),
             view_changed: Notify::new(),
             classifier,
+            transactions: Default::default(),
             keys,
             causal: tidemark_core::CausalFloor::new(),
             shared,

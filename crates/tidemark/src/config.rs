@@ -112,6 +112,9 @@ pub struct UserConfig {
     /// Default consistency for this user's sessions (overrides `routing.consistency`).
     #[serde(default)]
     pub consistency: Option<String>,
+    /// Where this user's transactions run (overrides `routing.transactions`).
+    #[serde(default)]
+    pub transactions: Option<TxMode>,
     /// `password` read from this file (trailing newline dropped) / this environment variable.
     #[serde(default)]
     pub password_file: Option<std::path::PathBuf>,
@@ -215,6 +218,58 @@ pub struct RoutingConfig {
     /// The sqlcommenter attribute of a trailing comment that carries a key
     /// (`/*tidemark_key='user%3A42'*/`).
     pub comment_key_attribute: String,
+    /// Where transactions run: `primary` (every transaction, declared read-only included),
+    /// `read_only` (declared read-only transactions on replicas, the rest on the primary) or
+    /// `optimistic` (a plain `BEGIN` whose first statement reads starts on a replica and is
+    /// replayed on the primary at its first write; see docs/routing.md).
+    pub transactions: TxMode,
+    /// Most bytes of client messages an optimistic transaction records for its replay; a
+    /// transaction that would record more moves to the primary at once.
+    pub replay_budget_bytes: usize,
+}
+
+/// `routing.transactions`: where transactions run.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum TxMode {
+    /// Every transaction on the primary, declared read-only ones included.
+    Primary,
+    /// Declared read-only transactions on replicas (gated like reads), the rest on the primary.
+    #[default]
+    ReadOnly,
+    /// Plain transactions start on a replica when their first statement reads, and move to the
+    /// primary (replaying what they read, checked) at their first write.
+    Optimistic,
+}
+
+impl TxMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TxMode::Primary => "primary",
+            TxMode::ReadOnly => "read_only",
+            TxMode::Optimistic => "optimistic",
+        }
+    }
+}
+
+impl std::fmt::Display for TxMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for TxMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<TxMode, String> {
+        match s.trim().to_ascii_lowercase().replace('-', "_").as_str() {
+            "primary" => Ok(TxMode::Primary),
+            "read_only" | "readonly" => Ok(TxMode::ReadOnly),
+            "optimistic" => Ok(TxMode::Optimistic),
+            _ => Err(format!(
+                "unknown transactions mode \"{s}\" (use primary, read_only or optimistic)"
+            )),
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
@@ -256,6 +311,8 @@ impl Default for RoutingConfig {
             read_only_functions: vec![],
             balance: Balance::Session,
             comment_key_attribute: tidemark_sql::DEFAULT_KEY_ATTRIBUTE.to_string(),
+            transactions: TxMode::ReadOnly,
+            replay_budget_bytes: 64 * 1024,
         }
     }
 }
@@ -727,6 +784,13 @@ impl Config {
             .unwrap_or_default()
     }
 
+    /// Where this user's transactions run: the user's `transactions`, else `routing.transactions`.
+    pub fn default_transactions(&self, user: &str) -> TxMode {
+        self.user(user)
+            .and_then(|u| u.transactions)
+            .unwrap_or(self.routing.transactions)
+    }
+
     pub fn max_prepared_bytes(&self) -> usize {
         parse_size(&self.limits.max_prepared_bytes_per_client).unwrap_or(16 * 1024 * 1024)
     }
@@ -790,6 +854,35 @@ port = 5432
         assert_eq!(c.listen, "127.0.0.1:6432");
         assert_eq!(c.pool.mode, PoolMode::Transaction);
         assert_eq!(c.routing.max_wait, Duration::from_millis(20));
+    }
+
+    #[test]
+    fn transactions_mode_per_routing_and_user() {
+        let c = Config::parse(MIN).unwrap();
+        assert_eq!(c.routing.transactions, TxMode::ReadOnly);
+        assert_eq!(c.routing.replay_budget_bytes, 64 * 1024);
+        assert_eq!(c.default_transactions("anyone"), TxMode::ReadOnly);
+        let text = format!(
+            "{MIN}\n[routing]\ntransactions = \"optimistic\"\nreplay_budget_bytes = 1000\n[[users]]\nname = \"a\"\npassword = \"x\"\ntransactions = \"primary\"\n"
+        );
+        let c = Config::parse(&text).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.default_transactions("a"), TxMode::Primary);
+        assert_eq!(c.default_transactions("b"), TxMode::Optimistic);
+        assert_eq!(c.routing.replay_budget_bytes, 1000);
+        let e = Config::parse(&format!("{MIN}\n[routing]\ntransactions = \"sometimes\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("transactions"), "{e}");
+        for (text, mode) in [
+            ("primary", TxMode::Primary),
+            ("READ_ONLY", TxMode::ReadOnly),
+            ("read-only", TxMode::ReadOnly),
+            ("optimistic", TxMode::Optimistic),
+        ] {
+            assert_eq!(text.parse::<TxMode>(), Ok(mode));
+        }
+        assert!("sometimes".parse::<TxMode>().is_err());
     }
 
     #[test]

@@ -68,6 +68,7 @@ pub fn config_for(cluster: &Cluster, listen: &str) -> Config {
         auth: AuthMethod::Trust,
         server_password: None,
         consistency: None,
+        transactions: None,
         password_file: None,
         password_env: None,
         server_password_file: None,

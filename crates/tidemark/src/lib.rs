@@ -22,6 +22,7 @@
 //! - [`admin`]: the admin console (database `tidemark`)
 //! - [`slots`]: replication slot retained-WAL polling
 //! - [`dev`]: `tidemark dev`, the embedded local cluster (feature `dev`, on by default)
+//! - [`tx_shapes`]: what optimistic transactions learned per shape, and their outcomes
 //! - [`signals`]: SIGTERM / Ctrl-C (stop) and SIGHUP (reload)
 
 pub mod admin;
@@ -51,3 +52,4 @@ pub mod signals;
 pub mod slots;
 pub mod status;
 pub mod tls;
+pub mod tx_shapes;

@@ -112,6 +112,18 @@ fn describe() {
         "tidemark_errors_total",
         "Errors tidemark sent to clients, by SQLSTATE"
     );
+    describe_counter!(
+        "tidemark_transactions_total",
+        "Transactions started with a plain BEGIN under routing.transactions = optimistic (and declared or serializable ones there), by outcome"
+    );
+    describe_counter!(
+        "tidemark_transaction_replays_total",
+        "Optimistic transactions replayed on the primary at their first write"
+    );
+    describe_counter!(
+        "tidemark_transaction_replayed_bytes_total",
+        "Bytes of client messages replayed on the primary by optimistic transactions"
+    );
     describe_gauge!("tidemark_client_connections", "Connected clients");
     describe_counter!(
         "tidemark_commit_lsn_captures_total",
@@ -220,6 +232,11 @@ fn preregister() {
     for o in ["replica", "fallback"] {
         let _ = histogram!("tidemark_lsn_wait_seconds", "outcome" => o);
     }
+    for o in crate::tx_shapes::TxOutcome::ALL {
+        counter!("tidemark_transactions_total", "outcome" => o.as_str()).absolute(0);
+    }
+    counter!("tidemark_transaction_replays_total").absolute(0);
+    counter!("tidemark_transaction_replayed_bytes_total").absolute(0);
     gauge!("tidemark_client_connections").increment(0.0);
     gauge!("tidemark_split_brain").increment(0.0);
     gauge!("tidemark_paused").set(0.0);
@@ -300,6 +317,17 @@ pub fn routed(class: &'static str, target: &'static str, read: Option<&'static s
 pub fn fallback(reason: &'static str) {
     counter!("tidemark_fallbacks_total", "reason" => reason).increment(1);
     recent::add(recent::Event::Fallback(reason));
+}
+
+/// One transaction's outcome (`tidemark_transactions_total`).
+pub fn transaction(outcome: &'static str) {
+    counter!("tidemark_transactions_total", "outcome" => outcome).increment(1);
+}
+
+/// One optimistic transaction replayed on the primary, and the bytes it replayed.
+pub fn transaction_replay(bytes: usize) {
+    counter!("tidemark_transaction_replays_total").increment(1);
+    counter!("tidemark_transaction_replayed_bytes_total").increment(bytes as u64);
 }
 
 pub fn lsn_wait(d: Duration, outcome: &'static str) {

@@ -150,6 +150,7 @@ async fn scram_pass_through_with_a_verifier_copied_from_pg_authid() {
         auth: AuthMethod::ScramSha256,
         server_password: None,
         consistency: None,
+        transactions: None,
         password_file: None,
         password_env: None,
         server_password_file: None,

@@ -148,6 +148,7 @@ async fn metrics_console_and_status_page_against_a_real_cluster() {
             auth: AuthMethod::Trust,
             server_password: None,
             consistency: None,
+            transactions: None,
             password_file: None,
             password_env: None,
             server_password_file: None,

@@ -73,6 +73,9 @@ impl Session {
         let name = node.map(|n| self.app.node_name(n)).unwrap_or_default();
         let was_in_tx = self.tx_status != TxStatus::Idle;
         self.tx_status = TxStatus::Idle;
+        // An optimistic transaction's replica died: no replay, the client gets the error.
+        self.optx = None;
+        self.tx_shape = None;
         // A server that said why (an ErrorResponse) did not commit; a connection that just
         // ended leaves the outcome unknown.
         let unknown = may_commit && !matches!(e, ServerError::Server(_));
@@ -206,6 +209,9 @@ impl Session {
             }
         }
         self.track_session_state(prev, status, errored, analysis);
+        if status == TxStatus::Idle {
+            self.optx_ended(self.tx_wrote);
+        }
         let Some(att) = self.attached.as_mut() else {
             return self.io.flush().await;
         };

@@ -47,6 +47,7 @@ mod abandon;
 mod commit;
 mod databases;
 mod intake;
+mod optimistic;
 mod placement;
 mod relay;
 mod rewrite;
@@ -54,8 +55,11 @@ mod settings;
 mod signals;
 mod statements;
 
+use crate::config::TxMode;
+use crate::tx_shapes::TxOutcome;
 use commit::*;
 use databases::*;
+use optimistic::*;
 use placement::CheckoutFailure;
 use relay::*;
 use rewrite::*;
@@ -163,6 +167,12 @@ pub struct Session {
     /// the connection is marked unknown when it is released.
     conn_state_unknown: bool,
     max_prepared: usize,
+    /// Where this session's transactions run (`routing.transactions`, `SET tidemark.transactions`).
+    tx_mode: TxMode,
+    /// A deferred BEGIN or an optimistic transaction in progress (see `optimistic`).
+    optx: Option<Optx>,
+    /// The shape of the transaction a deferred BEGIN started, learned from when it ends.
+    tx_shape: Option<u64>,
     /// This client's pool on each node, looked up once (pools live as long as the process).
     pools: Vec<Option<Arc<crate::pool::Pool>>>,
 }
@@ -186,6 +196,7 @@ impl Session {
         let cfg = app.config.load();
         let consistency = cfg.default_consistency(&user);
         let max_prepared = cfg.limits.max_prepared_per_client;
+        let tx_mode = cfg.default_transactions(&user);
         let pinned = cfg.pool.mode == PoolMode::Session;
         drop(cfg);
         let cancel_slot = Arc::new(Mutex::new(None));
@@ -245,6 +256,9 @@ impl Session {
             unit_clears_statements: false,
             unit_errored: false,
             max_prepared,
+            tx_mode,
+            optx: None,
+            tx_shape: None,
             pools: Vec::new(),
         };
         s.recompute_state_key();
@@ -558,11 +572,20 @@ impl Session {
 
     /// Decides where the unit goes and runs it there.
     async fn execute(&mut self, unit: Unit, analysis: Arc<Analysis>) -> SResult<()> {
+        // A deferred BEGIN, an optimistic transaction's placement, recording and move.
+        if (self.tx_mode == TxMode::Optimistic || self.optx.is_some())
+            && matches!(self.optx_step(&unit, &analysis).await?, OptStep::Handled)
+        {
+            return Ok(());
+        }
         // A unit is everything up to Sync, and runs on one node (one implicit transaction).
         // What follows a Flush may write, so a unit ended by Flush (or by size) that will go on
-        // on the same connection goes to the primary.
+        // on the same connection goes to the primary. `routing.transactions = primary`: a
+        // declared read-only transaction too.
         let read_only = analysis.is_read_in(self.tx_defaults)
-            && matches!(unit.end, UnitEnd::Sync | UnitEnd::Query | UnitEnd::Func);
+            && matches!(unit.end, UnitEnd::Sync | UnitEnd::Query | UnitEnd::Func)
+            && !(self.tx_mode == TxMode::Primary
+                && matches!(analysis.class, Class::Transaction(TxControl::Begin { .. })));
         if self.attached.is_none() {
             self.wait_while_paused().await;
             let decision = self.decide(&analysis, read_only).await;
@@ -617,6 +640,7 @@ impl Session {
             }
         }
         let outcome = self.send_and_relay(&unit, retryable, pipeline).await;
+        self.optx_answered();
         let Some(why) = self
             .settle(outcome, may_write, may_commit, &analysis)
             .await?

@@ -84,6 +84,8 @@ pub(super) struct Relay<'a> {
     pub(super) notify_pid: Option<i32>,
     /// The session's node-check timer (see [`NodeWatch`]), kept across units.
     pub(super) check: std::pin::Pin<&'a mut tokio::time::Sleep>,
+    /// An optimistic transaction on a replica: every answer relayed is folded into it.
+    pub(super) hash: Option<&'a mut u64>,
 }
 
 impl Relay<'_> {
@@ -105,6 +107,7 @@ impl Relay<'_> {
             kill,
             notify_pid,
             mut check,
+            mut hash,
         } = self;
         let watch = &watch;
         let mut unit_ready_slot: Option<(TxStatus, bool)> = None;
@@ -236,6 +239,9 @@ impl Relay<'_> {
                 continue;
             }
             _ => {}
+        }
+        if let Some(h) = hash.as_deref_mut() {
+            fold_reply(h, kind, &frame);
         }
         if matches!(exp.front(), Some(Exp::Capture)) {
             // The unit's ReadyForQuery is held (not flushed) until its commit position is
@@ -557,6 +563,14 @@ impl Session {
             timeout: self.app.config.load().monitor.timeout,
         };
         let notify_pid = (!self.real_pid).then_some(self.pid);
+        let hash = if att.role == Role::Replica {
+            self.optx
+                .as_mut()
+                .filter(|o| o.phase == Phase::OnReplica)
+                .map(|o| &mut o.hash)
+        } else {
+            None
+        };
         let r = Relay {
             watch,
             io: &mut self.io,
@@ -573,6 +587,7 @@ impl Session {
                 .node_check
                 .get_or_insert_with(|| Box::pin(tokio::time::sleep(NODE_CHECK_INTERVAL)))
                 .as_mut(),
+            hash,
         }
         .run()
         .await;

@@ -90,7 +90,7 @@ pub(super) fn unknown_setting(name: &str) -> ErrorFields {
         "42704",
         format!("unrecognized configuration parameter \"tidemark.{name}\""),
     )
-    .with_hint("tidemark settings: consistency, key, min_lsn, report_lsn (SET), commit_lsn, last_route (SHOW)")
+    .with_hint("tidemark settings: consistency, key, min_lsn, report_lsn, transactions (SET), commit_lsn, last_route (SHOW)")
 }
 
 impl Session {
@@ -177,6 +177,17 @@ impl Session {
                         "off" | "false" | "0" | "no" => self.report_lsn = false,
                         _ => return Err(invalid(name, value, "use on or off")),
                     },
+                    // Takes effect at the next transaction.
+                    "transactions" => match value.parse::<TxMode>() {
+                        Ok(m) => self.tx_mode = m,
+                        Err(_) => {
+                            return Err(invalid(
+                                name,
+                                value,
+                                "use primary, read_only or optimistic",
+                            ))
+                        }
+                    },
                     _ => return Err(unknown_setting(name)),
                 }
                 Ok(TidemarkAnswer::Tag("SET"))
@@ -190,7 +201,11 @@ impl Session {
                     "key" => self.key = None,
                     "min_lsn" => self.token = Lsn::ZERO,
                     "report_lsn" => self.report_lsn = false,
+                    "transactions" => {
+                        self.tx_mode = self.app.config.load().default_transactions(&self.user)
+                    }
                     "all" => {
+                        self.tx_mode = self.app.config.load().default_transactions(&self.user);
                         self.consistency = self.app.config.load().default_consistency(&self.user);
                         self.key = None;
                         self.token = Lsn::ZERO;
@@ -207,6 +222,7 @@ impl Session {
                     "key" => self.key.clone().unwrap_or_default(),
                     "min_lsn" => self.token.to_string(),
                     "report_lsn" => if self.report_lsn { "on" } else { "off" }.to_string(),
+                    "transactions" => self.tx_mode.to_string(),
                     "last_route" => self
                         .last_route
                         .map(|(n, r)| format!("{} {}", self.app.node_name(n), r.as_str()))

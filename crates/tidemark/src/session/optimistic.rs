@@ -1,0 +1,807 @@
+//! Deferred BEGIN and optimistic transactions (issue 22, `routing.transactions = optimistic`).
+//!
+//! A plain `BEGIN` outside a transaction is answered by tidemark itself and remembered
+//! (`Phase::Deferred`); the transaction's first unit decides the node. A first unit that reads
+//! runs as `BEGIN READ ONLY` (same isolation) on a replica chosen like any read
+//! (`Phase::OnReplica`); every unit the client sends is recorded (within
+//! `routing.replay_budget_bytes`) and every answer relayed is folded into a running hash. At
+//! the first unit that is not a read, the replica's transaction is rolled back, the primary's
+//! is begun, the recorded units are replayed there (answers read, hashed, not relayed) and the
+//! hashes compared after each unit: equal, the transaction goes on on the primary as any
+//! other; different (or the replay failed), the primary's is rolled back and the client gets
+//! 40001 in a failed transaction (`Phase::Failed`, answered here until it ends). Nothing the
+//! client sent after the divergence is written.
+
+use super::*;
+
+/// Where a deferred or optimistic transaction is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Phase {
+    /// `BEGIN` answered by tidemark; no server chosen yet.
+    Deferred,
+    /// Running read-only on a replica, recording.
+    OnReplica,
+    /// Failed by tidemark (divergence, or a server error before the transaction had a
+    /// server): every statement is answered 25P02 until COMMIT/ROLLBACK.
+    Failed,
+}
+
+/// One unit run on the replica, kept for the replay.
+pub(super) struct Recorded {
+    unit: Unit,
+    /// The client's statements the unit names, as they were when it ran (a later Close must
+    /// not break the replay).
+    stmts: HashMap<String, Arc<Stmt>>,
+    unnamed: Option<Arc<Stmt>>,
+    /// The running hash of the answers once this unit was answered.
+    pub(super) hash_after: u64,
+}
+
+pub(super) struct Optx {
+    pub(super) phase: Phase,
+    /// The client's BEGIN, sent as it is to the primary.
+    begin_sql: String,
+    /// The same transaction, read-only, for a replica.
+    replica_begin: String,
+    pub(super) recorded: Vec<Recorded>,
+    bytes: usize,
+    /// A unit was not recorded (over budget while failed on the replica): no replay possible.
+    overflow: bool,
+    pub(super) hash: u64,
+}
+
+pub(super) enum OptStep {
+    /// Answered here.
+    Handled,
+    /// Run the unit the ordinary way (on the connection now attached, if any).
+    Normal,
+}
+
+const HASH_START: u64 = 0x7469_6465_6d61_726b;
+
+/// Folds one server answer into the running hash: rows, their descriptions, command tags, and
+/// an error's SQLSTATE (its message may name a server detail). Notices and parameter reports
+/// are not answers.
+pub(super) fn fold_reply(h: &mut u64, kind: BackendMessage, f: &Frame) {
+    match kind {
+        BackendMessage::RowDescription
+        | BackendMessage::DataRow
+        | BackendMessage::CommandComplete
+        | BackendMessage::EmptyQueryResponse => {
+            *h = hash_of(&(*h, f.tag(), &f.raw()[..]));
+        }
+        BackendMessage::ErrorResponse => {
+            let code = ErrorFields::parse(f).map(|e| e.code).unwrap_or_default();
+            *h = hash_of(&(*h, b'E', code));
+        }
+        _ => {}
+    }
+}
+
+/// The shape of a statement text: constants blanked, a trailing comment dropped.
+fn text_shape(q: &str) -> u64 {
+    let (stmt, _) = tidemark_sql::split_trailing_comment(q);
+    hash_of(&&*tidemark_sql::normalize(stmt.trim()))
+}
+
+fn contains_ci(t: &str, word: &str) -> bool {
+    t.as_bytes()
+        .windows(word.len())
+        .any(|w| w.eq_ignore_ascii_case(word.as_bytes()))
+}
+
+fn aborted(msg: String) -> ErrorFields {
+    ErrorFields::error("40001", msg)
+        .with_hint("the transaction was rolled back; retry it from BEGIN")
+}
+
+fn in_failed_tx() -> ErrorFields {
+    ErrorFields::error(
+        "25P02",
+        "current transaction is aborted, commands ignored until end of transaction block",
+    )
+}
+
+/// The first statement of a unit, for messages (at most 120 characters).
+fn unit_text(r: &Recorded) -> String {
+    let t = r
+        .unit
+        .msgs
+        .iter()
+        .find_map(|m| match &m.msg {
+            FrontendMessage::Query(q) => Some(q.to_string()),
+            FrontendMessage::Parse { query, .. } => Some(query.to_string()),
+            FrontendMessage::Bind { statement, .. } => {
+                let s = if statement.is_empty() {
+                    r.unnamed.clone()
+                } else {
+                    r.stmts.get(&**statement).cloned()
+                };
+                s.map(|s| s.query.clone())
+            }
+            _ => None,
+        })
+        .unwrap_or_default();
+    let t = t.split_whitespace().collect::<Vec<_>>().join(" ");
+    if t.chars().count() > 120 {
+        format!("{}…", t.chars().take(120).collect::<String>())
+    } else {
+        t
+    }
+}
+
+/// Replays one recorded unit on `conn`: sends it, reads every answer up to its last
+/// ReadyForQuery, folds them into `h`. An error the server answers is an answer (hashed);
+/// a lost connection, a FATAL or a COPY from the client is a failure.
+async fn replay_unit(
+    conn: &mut crate::server::ServerConn,
+    r: &Recorded,
+    h: &mut u64,
+) -> Result<(), String> {
+    let Rewritten { out, mut exp } = rewrite(
+        &r.unit,
+        &Prepared {
+            statements: &r.stmts,
+            unnamed: r.unnamed.as_deref(),
+            on_server: &conn.prepared,
+        },
+        false,
+    )
+    .map_err(|e| e.to_string())?;
+    if !out.is_empty() {
+        conn.send(&out).await.map_err(|e| e.to_string())?;
+    }
+    use BackendMessage as B;
+    loop {
+        while matches!(exp.front(), Some(Exp::Synth(_))) {
+            exp.pop_front();
+        }
+        if exp.is_empty() {
+            return Ok(());
+        }
+        let f = conn.recv().await.map_err(|e| e.to_string())?;
+        let kind = f.backend();
+        match kind {
+            B::NoticeResponse | B::NotificationResponse => continue,
+            B::ParameterStatus => {
+                if let Ok((k, v)) = be::parse_parameter_status(&f) {
+                    upsert(&mut conn.params, k, v);
+                }
+                continue;
+            }
+            _ => {}
+        }
+        fold_reply(h, kind, &f);
+        if kind == B::ErrorResponse {
+            if let Ok(e) = ErrorFields::parse(&f) {
+                if e.severity == "FATAL" || e.severity == "PANIC" {
+                    conn.broken = true;
+                    return Err(format!("{} {}", e.code, e.message));
+                }
+            }
+            if !matches!(exp.front(), Some(Exp::Query | Exp::Func)) {
+                void_until_sync(&mut exp);
+            }
+            continue;
+        }
+        let Some(front) = exp.front() else {
+            return Err(format!("unexpected message {kind:?} from the primary"));
+        };
+        let pop = match (front, kind) {
+            (Exp::Parse { register, .. }, B::ParseComplete) => {
+                if let Some(g) = register {
+                    conn.prepared.insert(g.clone());
+                }
+                true
+            }
+            (Exp::Bind, B::BindComplete)
+            | (Exp::Close, B::CloseComplete)
+            | (Exp::Describe, B::RowDescription | B::NoData)
+            | (Exp::Execute, B::CommandComplete | B::EmptyQueryResponse | B::PortalSuspended)
+            | (Exp::Sync | Exp::Query | Exp::Func, B::ReadyForQuery) => true,
+            (_, B::CopyInResponse) => {
+                conn.broken = true;
+                return Err("COPY FROM STDIN cannot be replayed".into());
+            }
+            _ => false,
+        };
+        if pop {
+            exp.pop_front();
+        }
+    }
+}
+
+/// Sends a `BEGIN …` and reads its answer (not relayed). Not `ServerConn::simple_query`, which
+/// takes a connection left in a transaction for broken (it is, here, on purpose).
+async fn begin_on(conn: &mut crate::server::ServerConn, sql: &str) -> Result<(), ServerError> {
+    conn.send(fe::query(sql).raw()).await?;
+    let mut err = None;
+    loop {
+        let f = conn.recv().await?;
+        match f.backend() {
+            BackendMessage::ErrorResponse => {
+                err = Some(match ErrorFields::parse(&f) {
+                    Ok(e) => ServerError::Server(e),
+                    Err(e) => ServerError::Protocol(e.to_string()),
+                })
+            }
+            BackendMessage::ParameterStatus => {
+                if let Ok((k, v)) = be::parse_parameter_status(&f) {
+                    upsert(&mut conn.params, k, v);
+                }
+            }
+            BackendMessage::ReadyForQuery => {
+                return match err {
+                    Some(e) => Err(e),
+                    None => Ok(()),
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Rolls back `c`'s transaction and gives it back; closes it if that fails.
+async fn roll_back_and_release(mut c: Checked) {
+    if c.conn.broken {
+        return;
+    }
+    match c.conn.simple_query("ROLLBACK").await {
+        Ok(_) => c.release(),
+        Err(_) => c.conn.broken = true,
+    }
+}
+
+impl Session {
+    /// Whether a unit may run inside an optimistic transaction on a replica: reads, savepoints,
+    /// `SET LOCAL`, COMMIT/ROLLBACK (not `AND CHAIN`), a redundant BEGIN, ended by Sync or a
+    /// simple query. Anything `is_read_in` would not send to a replica (a write, `FOR UPDATE`,
+    /// a volatile or unknown function, `LOCK`, `nextval`, advisory locks, `SET TRANSACTION`,
+    /// session SETs, hints naming the primary) is not.
+    fn optx_reads(&self, unit: &Unit, a: &Analysis) -> bool {
+        if !matches!(unit.end, UnitEnd::Sync | UnitEnd::Query)
+            || a.hints.target == Some(HintTarget::Primary)
+            || !a.hints.errors.is_empty()
+            || a.pins_session
+            || a.opaque_state
+            || a.signal_call
+            || a.ends_sessions.is_some()
+        {
+            return false;
+        }
+        let mut chain = false;
+        for m in &unit.msgs {
+            match &m.msg {
+                FrontendMessage::FunctionCall | FrontendMessage::NonUtf8 { .. } => return false,
+                FrontendMessage::Query(q) => chain |= contains_ci(q, "chain"),
+                FrontendMessage::Parse { query, .. } => chain |= contains_ci(query, "chain"),
+                _ => {}
+            }
+        }
+        a.statements.iter().all(|c| match c {
+            Class::Read => !self.tx_defaults.serializable,
+            Class::Transaction(
+                TxControl::Savepoint | TxControl::Release | TxControl::RollbackTo,
+            ) => true,
+            Class::Transaction(TxControl::Commit | TxControl::Rollback) => !chain,
+            // A BEGIN inside the transaction only warns (25001), wherever it runs.
+            Class::Transaction(TxControl::Begin { .. }) => true,
+            Class::SessionState(SessionKind::Set { local: true, .. }) => true,
+            _ => false,
+        })
+    }
+
+    /// The shape of a transaction: its first statement's text, constants blanked.
+    fn shape_of(&self, unit: &Unit) -> u64 {
+        for m in &unit.msgs {
+            match &m.msg {
+                FrontendMessage::Query(q) => return text_shape(q),
+                FrontendMessage::Parse { query, .. } => return text_shape(query),
+                FrontendMessage::Bind { statement, .. } => {
+                    if let Some(s) = self.lookup_stmt(statement, &[]) {
+                        return text_shape(&s.query);
+                    }
+                }
+                _ => {}
+            }
+        }
+        0
+    }
+
+    /// The unit is one statement tidemark can answer for itself: a simple query of one
+    /// statement, or an extended-protocol unit ended by Sync that runs one statement (Parse,
+    /// Bind, Describe, Execute, Close of it, one Execute). Its text and class.
+    fn single_statement(&self, unit: &Unit, a: &Analysis) -> Option<(String, Class)> {
+        let [first, rest @ ..] = a.statements.as_slice() else {
+            return None;
+        };
+        match (unit.end, unit.msgs.as_slice()) {
+            (UnitEnd::Query, [m]) if rest.is_empty() => match &m.msg {
+                FrontendMessage::Query(q) => Some((q.to_string(), first.clone())),
+                _ => None,
+            },
+            (UnitEnd::Sync, msgs) => {
+                if rest.iter().any(|c| c != first) {
+                    return None;
+                }
+                let mut text: Option<String> = None;
+                let mut executes = 0;
+                for m in msgs {
+                    match &m.msg {
+                        FrontendMessage::Parse { query, .. } => {
+                            text.get_or_insert_with(|| query.to_string());
+                        }
+                        FrontendMessage::Bind { statement, .. } => {
+                            let s = self.lookup_stmt(statement, &[])?;
+                            text.get_or_insert_with(|| s.query.clone());
+                        }
+                        FrontendMessage::Execute { .. } => executes += 1,
+                        FrontendMessage::Describe { .. }
+                        | FrontendMessage::Close { .. }
+                        | FrontendMessage::Sync => {}
+                        _ => return None,
+                    }
+                }
+                (executes == 1).then_some(())?;
+                Some((text?, first.clone()))
+            }
+            _ => None,
+        }
+    }
+
+    /// Answers a unit of one transaction-control statement (see [`Self::single_statement`])
+    /// as PostgreSQL would: its command tag (after `notice`, if any) and the protocol's
+    /// acknowledgements, then ReadyForQuery with `status`.
+    async fn answer_here(
+        &mut self,
+        unit: &Unit,
+        tag: &str,
+        notice: Option<ErrorFields>,
+        status: TxStatus,
+    ) -> SResult<OptStep> {
+        self.tx_status = status;
+        for m in &unit.msgs {
+            match &m.msg {
+                FrontendMessage::Query(_) | FrontendMessage::Execute { .. } => {
+                    if let Some(n) = &notice {
+                        self.io.push(&n.to_notice());
+                    }
+                    self.io.push(&be::command_complete(tag));
+                }
+                FrontendMessage::Parse { .. } => self.io.push(&be::simple(be::PARSE_COMPLETE)),
+                FrontendMessage::Bind { .. } => self.io.push(&be::simple(be::BIND_COMPLETE)),
+                FrontendMessage::Describe {
+                    target: Target::Statement,
+                    ..
+                } => {
+                    self.io.push(&be::parameter_description(&[]));
+                    self.io.push(&be::no_data());
+                }
+                FrontendMessage::Describe { .. } => self.io.push(&be::no_data()),
+                FrontendMessage::Close { .. } => self.io.push(&be::simple(be::CLOSE_COMPLETE)),
+                _ => {}
+            }
+        }
+        self.io.push(&be::ready_for_query(status.byte()));
+        self.io.flush().await?;
+        Ok(OptStep::Handled)
+    }
+
+    /// Records a unit about to run on the replica.
+    fn record(&mut self, unit: &Unit) {
+        let mut stmts = HashMap::new();
+        let mut unnamed = None;
+        for m in &unit.msgs {
+            let name = match &m.msg {
+                FrontendMessage::Parse { name, .. } => name,
+                FrontendMessage::Bind { statement, .. } => statement,
+                FrontendMessage::Describe {
+                    target: Target::Statement,
+                    name,
+                }
+                | FrontendMessage::Close {
+                    target: Target::Statement,
+                    name,
+                } => name,
+                _ => continue,
+            };
+            if name.is_empty() {
+                unnamed = self.unnamed.clone();
+            } else if let Some(s) = self.statements.get(&**name) {
+                stmts.insert(name.to_string(), s.clone());
+            }
+        }
+        let bytes: usize = unit.msgs.iter().map(|m| m.frame.len()).sum();
+        let Some(o) = self.optx.as_mut() else { return };
+        let hash_after = o.hash;
+        o.bytes += bytes;
+        o.recorded.push(Recorded {
+            unit: Unit {
+                msgs: unit.msgs.clone(),
+                end: unit.end,
+            },
+            stmts,
+            unnamed,
+            hash_after,
+        });
+    }
+
+    /// After a unit ran on the replica: the hash of the answers so far belongs to it.
+    pub(super) fn optx_answered(&mut self) {
+        if let Some(o) = self.optx.as_mut() {
+            if o.phase == Phase::OnReplica {
+                if let Some(r) = o.recorded.last_mut() {
+                    r.hash_after = o.hash;
+                }
+            }
+        }
+    }
+
+    /// A transaction started by a deferred BEGIN ended (COMMIT, ROLLBACK, or on error):
+    /// learn whether its shape wrote, count a replica run.
+    pub(super) fn optx_ended(&mut self, wrote: bool) {
+        if let Some(shape) = self.tx_shape.take() {
+            self.app.transactions.record(shape, wrote);
+        }
+        if let Some(o) = self.optx.take() {
+            if o.phase == Phase::OnReplica {
+                self.app.transactions.outcome(TxOutcome::Replica);
+            }
+        }
+    }
+
+    /// The session's transaction fails here (no server holds it): the client is told `e`
+    /// and gets 25P02 until COMMIT/ROLLBACK.
+    async fn optx_fail(&mut self, e: ErrorFields, end: UnitEnd) -> SResult<OptStep> {
+        self.optx = Some(Optx {
+            phase: Phase::Failed,
+            begin_sql: String::new(),
+            replica_begin: String::new(),
+            recorded: Vec::new(),
+            bytes: 0,
+            overflow: false,
+            hash: HASH_START,
+        });
+        self.tx_status = TxStatus::Failed;
+        self.send_error_ready(e, end).await?;
+        Ok(OptStep::Handled)
+    }
+
+    /// Ends a transaction tidemark answers for itself (no server holds it).
+    async fn optx_end_here(&mut self, unit: &Unit, tag: &str) -> SResult<OptStep> {
+        self.optx = None;
+        self.tx_shape = None;
+        self.answer_here(unit, tag, None, TxStatus::Idle).await
+    }
+
+    /// Before a unit runs: deferred BEGIN, placing a deferred transaction, recording on the
+    /// replica, moving to the primary, a failed transaction's answers.
+    pub(super) async fn optx_step(&mut self, unit: &Unit, a: &Arc<Analysis>) -> SResult<OptStep> {
+        let Some(phase) = self.optx.as_ref().map(|o| o.phase) else {
+            return self.maybe_defer_begin(unit, a).await;
+        };
+        match phase {
+            Phase::Deferred => self.place_deferred(unit, a).await,
+            Phase::OnReplica => {
+                if self.tx_status == TxStatus::Failed {
+                    // The replica answers (25P02 or the ROLLBACK [TO]); kept for the replay.
+                    let bytes: usize = unit.msgs.iter().map(|m| m.frame.len()).sum();
+                    let budget = self.app.config.load().routing.replay_budget_bytes;
+                    let over = self.optx.as_ref().is_some_and(|o| o.bytes + bytes > budget);
+                    if over {
+                        if let Some(o) = self.optx.as_mut() {
+                            o.overflow = true;
+                        }
+                    } else {
+                        self.record(unit);
+                    }
+                    return Ok(OptStep::Normal);
+                }
+                let bytes: usize = unit.msgs.iter().map(|m| m.frame.len()).sum();
+                let budget = self.app.config.load().routing.replay_budget_bytes;
+                let fits = self
+                    .optx
+                    .as_ref()
+                    .is_some_and(|o| o.bytes + bytes <= budget);
+                if fits && self.optx_reads(unit, a) {
+                    self.record(unit);
+                    return Ok(OptStep::Normal);
+                }
+                self.move_to_primary(unit).await
+            }
+            Phase::Failed => {
+                if let Some((_, Class::Transaction(TxControl::Commit | TxControl::Rollback))) =
+                    self.single_statement(unit, a)
+                {
+                    return self.optx_end_here(unit, "ROLLBACK").await;
+                }
+                self.send_error_ready(in_failed_tx(), unit.end).await?;
+                Ok(OptStep::Handled)
+            }
+        }
+    }
+
+    /// A plain BEGIN outside a transaction, with no connection held: answered here.
+    async fn maybe_defer_begin(&mut self, unit: &Unit, a: &Arc<Analysis>) -> SResult<OptStep> {
+        if self.tx_mode != TxMode::Optimistic
+            || self.tx_status != TxStatus::Idle
+            || self.attached.is_some()
+            || self.pinned
+            || self.unit_open
+            || a.hints != Default::default()
+        {
+            return Ok(OptStep::Normal);
+        }
+        let Some((
+            sql,
+            Class::Transaction(TxControl::Begin {
+                read_only,
+                isolation,
+                deferrable,
+            }),
+        )) = self.single_statement(unit, a)
+        else {
+            return Ok(OptStep::Normal);
+        };
+        let serializable = match &isolation {
+            Some(i) => i == "serializable",
+            None => self.tx_defaults.serializable,
+        };
+        if serializable {
+            self.app.transactions.outcome(TxOutcome::PrimaryLevel);
+            return Ok(OptStep::Normal);
+        }
+        if read_only == Some(false) {
+            self.app.transactions.outcome(TxOutcome::PrimaryDeclared);
+            return Ok(OptStep::Normal);
+        }
+        if read_only.unwrap_or(self.tx_defaults.read_only) {
+            // Declared read-only: a replica, as before.
+            return Ok(OptStep::Normal);
+        }
+        let mut replica_begin = String::from("BEGIN");
+        if let Some(i) = &isolation {
+            replica_begin.push_str(" ISOLATION LEVEL ");
+            replica_begin.push_str(&i.to_ascii_uppercase());
+        }
+        replica_begin.push_str(" READ ONLY");
+        if deferrable {
+            replica_begin.push_str(" DEFERRABLE");
+        }
+        self.optx = Some(Optx {
+            phase: Phase::Deferred,
+            begin_sql: sql,
+            replica_begin,
+            recorded: Vec::new(),
+            bytes: 0,
+            overflow: false,
+            hash: HASH_START,
+        });
+        crate::metrics::routed(a.class.label(), "deferred", None);
+        self.answer_here(unit, "BEGIN", None, TxStatus::InBlock)
+            .await
+    }
+
+    /// The first unit after a deferred BEGIN: where the transaction runs.
+    async fn place_deferred(&mut self, unit: &Unit, a: &Arc<Analysis>) -> SResult<OptStep> {
+        match self.single_statement(unit, a) {
+            Some((_, Class::Transaction(TxControl::Begin { .. }))) => {
+                let w = ErrorFields {
+                    severity: "WARNING".into(),
+                    ..ErrorFields::error("25001", "there is already a transaction in progress")
+                };
+                return self
+                    .answer_here(unit, "BEGIN", Some(w), TxStatus::InBlock)
+                    .await;
+            }
+            Some((q, Class::Transaction(TxControl::Commit))) if !contains_ci(&q, "chain") => {
+                return self.optx_end_here(unit, "COMMIT").await;
+            }
+            Some((q, Class::Transaction(TxControl::Rollback))) if !contains_ci(&q, "chain") => {
+                return self.optx_end_here(unit, "ROLLBACK").await;
+            }
+            _ => {}
+        }
+        let shape = self.shape_of(unit);
+        let reads = self.optx_reads(unit, a);
+        let learned = reads && self.app.transactions.starts_on_primary(shape);
+        let to_replica = reads && !learned;
+        self.wait_while_paused().await;
+        let (mut conn, node, role, reason) = match self.decide(a, to_replica).await {
+            Ok(d) => d,
+            Err(e) => return self.optx_fail(e, unit.end).await,
+        };
+        if let Err(e) = self.sync_state(&mut conn).await {
+            let f = match e {
+                ServerError::Server(f) => ErrorFields::error(&f.code, f.message),
+                other => ErrorFields::error("08006", other.to_string()),
+            };
+            conn.conn.broken = true;
+            return self.optx_fail(f, unit.end).await;
+        }
+        let Some(o) = self.optx.as_mut() else {
+            return Ok(OptStep::Normal);
+        };
+        let begin = if role == Role::Replica {
+            o.replica_begin.clone()
+        } else {
+            o.begin_sql.clone()
+        };
+        if let Err(e) = begin_on(&mut conn.conn, &begin).await {
+            let f = match e {
+                ServerError::Server(f) => {
+                    conn.release();
+                    ErrorFields::error(&f.code, f.message)
+                }
+                other => {
+                    conn.conn.broken = true;
+                    ErrorFields::error("08006", other.to_string())
+                }
+            };
+            return self.optx_fail(f, unit.end).await;
+        }
+        let target = if role == Role::Primary {
+            "primary"
+        } else {
+            "replica"
+        };
+        crate::metrics::routed(a.class.label(), target, to_replica.then(|| reason.as_str()));
+        self.last_route = Some((node, reason));
+        self.attached = Some(Attached { conn, node, role });
+        self.tx_shape = Some(shape);
+        if role == Role::Replica {
+            if let Some(o) = self.optx.as_mut() {
+                o.phase = Phase::OnReplica;
+            }
+            self.record(unit);
+        } else {
+            self.optx = None;
+            self.app.transactions.outcome(if learned {
+                TxOutcome::PrimaryLearned
+            } else if !reads {
+                TxOutcome::PrimaryWrite
+            } else {
+                TxOutcome::PrimaryRouted
+            });
+        }
+        Ok(OptStep::Normal)
+    }
+
+    /// The transaction on the replica is about to write: roll it back, replay it on the
+    /// primary, compare. `Normal` with the primary attached, or `Handled` (40001 sent).
+    async fn move_to_primary(&mut self, unit: &Unit) -> SResult<OptStep> {
+        let Some(o) = self.optx.take() else {
+            return Ok(OptStep::Normal);
+        };
+        if let Some(att) = self.attached.take() {
+            roll_back_and_release(att.conn).await;
+        }
+        match self.replay_on_primary(&o).await {
+            Ok((conn, p)) => {
+                self.app.transactions.outcome(TxOutcome::Replayed);
+                self.app.transactions.replayed(o.bytes);
+                tracing::debug!(
+                    client = self.pid,
+                    units = o.recorded.len(),
+                    bytes = o.bytes,
+                    "optimistic transaction replayed on the primary"
+                );
+                self.last_route = Some((p, Reason::Write));
+                self.attached = Some(Attached {
+                    conn,
+                    node: p,
+                    role: Role::Primary,
+                });
+                Ok(OptStep::Normal)
+            }
+            Err(e) => {
+                self.app.transactions.outcome(TxOutcome::Diverged);
+                if let Some(shape) = self.tx_shape.take() {
+                    self.app.transactions.record(shape, true);
+                }
+                tracing::info!(client = self.pid, message = %e.message, "optimistic transaction could not move to the primary (40001)");
+                self.optx_fail(e, unit.end).await
+            }
+        }
+    }
+
+    async fn replay_on_primary(&mut self, o: &Optx) -> Result<(Checked, NodeId), ErrorFields> {
+        if o.overflow {
+            return Err(aborted(format!(
+                "tidemark could not move this transaction to the primary to write: it read more than routing.replay_budget_bytes ({} bytes) on a replica",
+                self.app.config.load().routing.replay_budget_bytes
+            )));
+        }
+        let view = self.app.view.load_full();
+        let Some(p) = view.primary_id() else {
+            return Err(aborted(
+                "tidemark could not move this transaction to the primary to write: no primary is available".into(),
+            ));
+        };
+        let mut conn = self.checkout(p).await.map_err(|e| {
+            aborted(format!(
+                "tidemark could not move this transaction to the primary to write: {}",
+                e.message
+            ))
+        })?;
+        let fail = |what: String| {
+            aborted(format!(
+                "tidemark could not move this transaction to the primary to write: {what}"
+            ))
+        };
+        if let Err(e) = self.sync_state(&mut conn).await {
+            conn.conn.broken = true;
+            return Err(fail(e.to_string()));
+        }
+        if let Err(e) = begin_on(&mut conn.conn, &o.begin_sql).await {
+            roll_back_and_release(conn).await;
+            return Err(fail(e.to_string()));
+        }
+        let mut h = HASH_START;
+        for (i, r) in o.recorded.iter().enumerate() {
+            if let Err(e) = replay_unit(&mut conn.conn, r, &mut h).await {
+                roll_back_and_release(conn).await;
+                return Err(fail(format!(
+                    "replaying statement {} ({}) failed: {e}",
+                    i + 1,
+                    unit_text(r)
+                )));
+            }
+            if h != r.hash_after {
+                roll_back_and_release(conn).await;
+                return Err(aborted(format!(
+                    "tidemark ran this transaction's reads on a replica; moving it to the primary to write, statement {} ({}) answered differently there (the data changed since the replica's snapshot)",
+                    i + 1,
+                    unit_text(r)
+                ))
+                .with_detail("nothing of this transaction was written"));
+            }
+        }
+        Ok((conn, p))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shapes_ignore_constants_and_trailing_comments() {
+        assert_eq!(
+            text_shape("SELECT paid FROM orders WHERE id = 1"),
+            text_shape("SELECT paid FROM orders WHERE id = 42 /*tidemark_key='a'*/")
+        );
+        assert_ne!(
+            text_shape("SELECT paid FROM orders WHERE id = 1"),
+            text_shape("SELECT total FROM orders WHERE id = 1")
+        );
+    }
+
+    #[test]
+    fn the_hash_sees_rows_tags_and_error_codes_only() {
+        let mut a = HASH_START;
+        let mut b = HASH_START;
+        fold_reply(&mut a, BackendMessage::DataRow, &be::data_row(&[Some("f")]));
+        fold_reply(&mut b, BackendMessage::DataRow, &be::data_row(&[Some("t")]));
+        assert_ne!(a, b);
+        let mut c = HASH_START;
+        let mut d = HASH_START;
+        fold_reply(
+            &mut c,
+            BackendMessage::ErrorResponse,
+            &ErrorFields::error("42P01", "one message").to_error(),
+        );
+        fold_reply(
+            &mut d,
+            BackendMessage::ErrorResponse,
+            &ErrorFields::error("42P01", "another message").to_error(),
+        );
+        assert_eq!(c, d);
+        fold_reply(
+            &mut d,
+            BackendMessage::NoticeResponse,
+            &ErrorFields::error("01000", "n").to_notice(),
+        );
+        assert_eq!(c, d);
+    }
+}
