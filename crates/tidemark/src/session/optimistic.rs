@@ -59,6 +59,17 @@ pub(super) enum OptStep {
 
 const HASH_START: u64 = 0x7469_6465_6d61_726b;
 
+/// The hash that compares a replica's answers with the primary's: keyed with a random key per
+/// process, so that data a client controls cannot be crafted to make two different answers
+/// hash alike (SipHash with the fixed key of `DefaultHasher::new` is not keyed).
+fn answer_hash<T: std::hash::Hash>(t: &T) -> u64 {
+    use std::hash::BuildHasher;
+    static KEY: std::sync::OnceLock<std::collections::hash_map::RandomState> =
+        std::sync::OnceLock::new();
+    KEY.get_or_init(std::collections::hash_map::RandomState::new)
+        .hash_one(t)
+}
+
 /// Folds one server answer into the running hash: rows, their descriptions, command tags, and
 /// an error's SQLSTATE (its message may name a server detail). Notices and parameter reports
 /// are not answers.
@@ -68,11 +79,11 @@ pub(super) fn fold_reply(h: &mut u64, kind: BackendMessage, f: &Frame) {
         | BackendMessage::DataRow
         | BackendMessage::CommandComplete
         | BackendMessage::EmptyQueryResponse => {
-            *h = hash_of(&(*h, f.tag(), &f.raw()[..]));
+            *h = answer_hash(&(*h, f.tag(), &f.raw()[..]));
         }
         BackendMessage::ErrorResponse => {
             let code = ErrorFields::parse(f).map(|e| e.code).unwrap_or_default();
-            *h = hash_of(&(*h, b'E', code));
+            *h = answer_hash(&(*h, b'E', code));
         }
         _ => {}
     }
