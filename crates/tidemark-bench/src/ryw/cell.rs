@@ -170,6 +170,12 @@ async fn user_loop(
         st.error("no connection");
         return st;
     };
+    // Users do not start in lockstep (real ones don't): each starts within one think time.
+    // In lockstep, every user's first read-back needs a replica connection at the same
+    // instant, and a proxy's pool opens that many new server connections at once (~50 ms
+    // each on this machine): a burst of start-up latency, not a routing cost.
+    let offset = think.mul_f64(f64::from((u.id.unsigned_abs() * 37) % 100) / 100.0);
+    tokio::time::sleep(offset).await;
     while Instant::now() < deadline {
         if writer.client.is_closed() {
             st.error("connection closed");
@@ -304,6 +310,37 @@ pub(super) async fn run_cell(
             }
         }
         users.push(u);
+    }
+    // Warm-up, the same for every mode: each user writes once and reads twice on each of its
+    // connections, all users at once. A proxy starts with empty server pools, and a cold
+    // pool's first statements open server connections and prepare statements on them (several
+    // ms each): without this, that start-up cost, not the routing, would be the proxy rows'
+    // p99 in a short cell, while the direct modes' connections are already open.
+    let warm: Vec<_> = users
+        .into_iter()
+        .map(|u| {
+            tokio::spawn(async move {
+                if let Some(w) = u.proxy.as_ref().or(u.primary.as_ref()) {
+                    let _ = w.write(u.id).await;
+                }
+                let conns = u
+                    .proxy
+                    .iter()
+                    .chain(u.reader.iter())
+                    .chain(u.primary.iter())
+                    .chain(u.replicas.iter());
+                for pg in conns {
+                    for _ in 0..2 {
+                        let _ = pg.read(u.id, u.id).await;
+                    }
+                }
+                u
+            })
+        })
+        .collect();
+    let mut users = Vec::with_capacity(warm.len());
+    for h in warm {
+        users.push(h.await.context("a warm-up task panicked")?);
     }
     let start = Instant::now();
     let deadline = start + duration;
