@@ -145,6 +145,16 @@ mod tests {
         let text = format!("{NODE}[limits]\nmax_clients = \"many\"\n");
         let e = Config::parse(&text).unwrap_err().to_string();
         assert!(e.starts_with("limits.max_clients: "), "{e}");
+        let text = format!("{NODE}[routing]\nwait = \"sometimes\"\n");
+        let e = Config::parse(&text).unwrap_err().to_string();
+        assert!(
+            e.starts_with("routing.wait: ") && e.contains("adaptive") && e.contains("fixed"),
+            "{e}"
+        );
+        let c = Config::parse(&format!("{NODE}[routing]\nwait = \"fixed\"\n")).unwrap();
+        assert_eq!(c.routing.wait, crate::config::WaitMode::Fixed);
+        let c = Config::parse(NODE).unwrap();
+        assert_eq!(c.routing.wait, crate::config::WaitMode::Adaptive);
     }
 
     #[test]
