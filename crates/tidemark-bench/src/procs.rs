@@ -235,6 +235,8 @@ pub struct TidemarkOpts {
     pub max_wait: String,
     /// routing.wait: `adaptive` or `fixed`.
     pub wait: String,
+    /// routing.transactions: `read_only`, `optimistic` or `primary`.
+    pub transactions: String,
 }
 
 /// The tidemark binary: `--tidemark-bin`, else next to this executable. Unless told not to,
@@ -305,13 +307,14 @@ pub async fn start_tidemark(
     toml.push_str(&format!(
         "[[users]]\nname = \"postgres\"\nauth = \"trust\"\n\n\
          [pool]\nmode = \"transaction\"\nmax_size = 40\n\n\
-         [routing]\nconsistency = \"{}\"\ntrack_writes = {}\nmax_wait = \"{}\"\nwait = \"{}\"\n\n\
+         [routing]\nconsistency = \"{}\"\ntrack_writes = {}\nmax_wait = \"{}\"\nwait = \"{}\"\ntransactions = \"{}\"\n\n\
          [limits]\nmax_clients = 12000\n\n\
          [metrics]\nlisten = \"127.0.0.1:{}\"\n",
         opts.consistency,
         opts.track_writes,
         opts.max_wait,
         opts.wait,
+        opts.transactions,
         // Measured as deployed: with the Prometheus endpoint on.
         free_port()?
     ));

@@ -115,6 +115,7 @@ impl Target {
             track_writes,
             max_wait: "20ms".into(),
             wait: "adaptive".into(),
+            transactions: "read_only".into(),
         })
     }
 }

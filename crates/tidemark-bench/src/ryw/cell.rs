@@ -60,6 +60,58 @@ struct Pg {
 }
 
 impl Pg {
+    /// An ORM-style request: `BEGIN`, `body`, `COMMIT` (`ROLLBACK` after an error, which is
+    /// returned).
+    async fn in_tx<T>(
+        &self,
+        body: impl std::future::Future<Output = Result<T, tokio_postgres::Error>>,
+    ) -> Result<T, tokio_postgres::Error> {
+        self.client.simple_query("BEGIN").await?;
+        match body.await {
+            Ok(v) => {
+                self.client.simple_query("COMMIT").await?;
+                Ok(v)
+            }
+            Err(e) => {
+                let _ = self.client.simple_query("ROLLBACK").await;
+                Err(e)
+            }
+        }
+    }
+
+    /// [`Pg::write`], as an ORM saves: in a transaction that first loads the row.
+    async fn write_as(&self, id: i32, orm: bool) -> Result<i64, tokio_postgres::Error> {
+        if !orm {
+            return self.write(id).await;
+        }
+        // The load reads what an ORM loads (not `pg_is_in_recovery()`, which differs between
+        // a replica and the primary by design and would make every optimistic replay diverge).
+        self.in_tx(async {
+            self.client
+                .query_typed_one(
+                    "SELECT version, body FROM ryw WHERE id = $1",
+                    &[(&id, Type::INT4)],
+                )
+                .await?;
+            self.write(id).await
+        })
+        .await
+    }
+
+    /// [`Pg::read`], in a transaction of its own when `orm`.
+    async fn read_as(
+        &self,
+        id: i32,
+        other: i32,
+        orm: bool,
+    ) -> Result<(i64, bool), tokio_postgres::Error> {
+        if orm {
+            self.in_tx(self.read(id, other)).await
+        } else {
+            self.read(id, other).await
+        }
+    }
+
     /// Bumps the version of row `id`; returns the new version.
     async fn write(&self, id: i32) -> Result<i64, tokio_postgres::Error> {
         let row = match &self.prepared {
@@ -159,6 +211,7 @@ async fn user_loop(
     think: Duration,
     rows: i32,
     deadline: Instant,
+    orm: bool,
 ) -> UserStats {
     let mut st = UserStats {
         lat_us: Vec::with_capacity(1 << 14),
@@ -181,7 +234,7 @@ async fn user_loop(
             st.error("connection closed");
             break;
         }
-        let written = match writer.write(u.id).await {
+        let written = match writer.write_as(u.id, orm).await {
             Ok(v) => v,
             Err(e) => {
                 st.error(format!("write: {}", pg_error(&e)));
@@ -214,7 +267,7 @@ async fn user_loop(
                 }
             };
             let t = Instant::now();
-            match conn.read(u.id, other).await {
+            match conn.read_as(u.id, other, orm).await {
                 Ok((version, in_recovery)) => {
                     st.lat_us
                         .push(t.elapsed().as_micros().min(u32::MAX as u128) as u32);
@@ -234,6 +287,38 @@ async fn user_loop(
         }
     }
     st
+}
+
+/// Prints tidemark's `SHOW TRANSACTIONS` (outcomes, replays) after an ORM-style cell.
+async fn show_transactions(port: u16, mode_name: &str, profile: Profile) {
+    let conninfo =
+        format!("host=127.0.0.1 port={port} user=postgres dbname=tidemark connect_timeout=10");
+    let Ok((client, conn)) = tokio_postgres::connect(&conninfo, NoTls).await else {
+        eprintln!("  (SHOW TRANSACTIONS: the console did not answer)");
+        return;
+    };
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let Ok(msgs) = client.simple_query("SHOW TRANSACTIONS").await else {
+        eprintln!("  (SHOW TRANSACTIONS failed)");
+        return;
+    };
+    for m in msgs {
+        if let tokio_postgres::SimpleQueryMessage::Row(r) = m {
+            let cols: Vec<String> = r
+                .columns()
+                .iter()
+                .enumerate()
+                .map(|(i, c)| format!("{}={}", c.name(), r.get(i).unwrap_or("")))
+                .collect();
+            eprintln!(
+                "  transactions {} / {mode_name}: {}",
+                super::profile_name(profile),
+                cols.join(" ")
+            );
+        }
+    }
 }
 
 pub(super) async fn run_cell(
@@ -260,6 +345,7 @@ pub(super) async fn run_cell(
             track_writes: true,
             max_wait: ctx.max_wait.clone(),
             wait: ctx.wait.clone(),
+            transactions: ctx.transactions.clone(),
         };
         proxy = Some(procs::start_tidemark(bin, c, &opts, ctx.scratch.path(), "ryw").await?);
     }
@@ -379,6 +465,7 @@ pub(super) async fn run_cell(
                 args.think,
                 FEED_ROWS,
                 deadline,
+                args.orm,
             ))
         })
         .collect();
@@ -400,6 +487,11 @@ pub(super) async fn run_cell(
     let secs = start.elapsed().as_secs_f64();
     if let Some(p) = pauser {
         p.await.context("the pause task panicked")??;
+    }
+    if args.orm && mode.is_tidemark() {
+        if let Some((_, port)) = &proxy {
+            show_transactions(*port, mode_name, profile).await;
+        }
     }
     drop(proxy);
     all.lat_us.sort_unstable();

@@ -66,6 +66,15 @@ pub struct RywArgs {
     /// `fixed` (up to max_wait).
     #[arg(long, default_value = "adaptive", value_parser = ["adaptive", "fixed"])]
     pub wait: String,
+    /// ORM-style requests: every read is `BEGIN; SELECT …; COMMIT` and every write
+    /// `BEGIN; SELECT own row; UPDATE; COMMIT` (load, modify, save), as psycopg's default
+    /// connections, SQLAlchemy's Session and Django's ATOMIC_REQUESTS send them.
+    #[arg(long)]
+    pub orm: bool,
+    /// tidemark's routing.transactions: `read_only` (plain transactions on the primary),
+    /// `optimistic` (on a replica until their first write) or `primary`.
+    #[arg(long, default_value = "read_only", value_parser = ["read_only", "optimistic", "primary"])]
+    pub transactions: String,
     /// Directory for ryw.csv, ryw.json and ryw.md.
     #[arg(long, default_value = "target/bench")]
     pub out: PathBuf,
@@ -189,6 +198,7 @@ struct Ctx {
     scratch: tempfile::TempDir,
     max_wait: String,
     wait: String,
+    transactions: String,
 }
 
 /// Sets the apply delay on every replica and waits until they have replayed everything the
@@ -294,6 +304,7 @@ async fn run_all(
         scratch: procs::scratch_dir("tidemark-bench-ryw", None)?,
         max_wait: args.max_wait.clone(),
         wait: args.wait.clone(),
+        transactions: args.transactions.clone(),
     };
     let mut results = Vec::new();
     let mut table = result_table();

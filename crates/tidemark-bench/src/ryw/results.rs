@@ -74,12 +74,20 @@ pub(super) fn report_results(
         ),
     };
     let md = format!(
-        "Command: `tidemark-bench {}` — {} users, {} feed reads per write, think time {}, {} per cell, {statements}.\n\n{}",
+        "Command: `tidemark-bench {}` — {} users, {} feed reads per write, think time {}, {} per cell, {statements}{}.\n\n{}",
         cmd.join(" "),
         args.users,
         args.feed_reads,
         humantime::format_duration(args.think),
         humantime::format_duration(args.duration),
+        if args.orm {
+            format!(
+                ", ORM-style (every request a transaction), routing.transactions = {}",
+                args.transactions
+            )
+        } else {
+            String::new()
+        },
         table.markdown()
     );
     report::write(&args.out.join("ryw.md"), &md)?;
