@@ -101,6 +101,27 @@ fn contains_ci(t: &str, word: &str) -> bool {
         .any(|w| w.eq_ignore_ascii_case(word.as_bytes()))
 }
 
+/// The command tag PostgreSQL answers a `BEGIN` with: `START TRANSACTION` when the statement
+/// is written that way (after any leading comments), `BEGIN` otherwise.
+fn begin_tag(sql: &str) -> &'static str {
+    let mut t = sql.trim_start();
+    loop {
+        if let Some(rest) = t.strip_prefix("--") {
+            t = rest.split_once('\n').map_or("", |(_, r)| r).trim_start();
+        } else if let Some(rest) = t.strip_prefix("/*") {
+            t = rest.split_once("*/").map_or("", |(_, r)| r).trim_start();
+        } else {
+            break;
+        }
+    }
+    let starts = t.get(..5).is_some_and(|w| w.eq_ignore_ascii_case("start"));
+    if starts {
+        "START TRANSACTION"
+    } else {
+        "BEGIN"
+    }
+}
+
 fn aborted(msg: String) -> ErrorFields {
     ErrorFields::error("40001", msg)
         .with_hint("the transaction was rolled back; retry it from BEGIN")
@@ -570,6 +591,7 @@ impl Session {
             // Declared read-only: a replica, as before.
             return Ok(OptStep::Normal);
         }
+        let tag = begin_tag(&sql);
         let mut replica_begin = String::from("BEGIN");
         if let Some(i) = &isolation {
             replica_begin.push_str(" ISOLATION LEVEL ");
@@ -589,20 +611,19 @@ impl Session {
             hash: HASH_START,
         });
         crate::metrics::routed(a.class.label(), "deferred", None);
-        self.answer_here(unit, "BEGIN", None, TxStatus::InBlock)
-            .await
+        self.answer_here(unit, tag, None, TxStatus::InBlock).await
     }
 
     /// The first unit after a deferred BEGIN: where the transaction runs.
     async fn place_deferred(&mut self, unit: &Unit, a: &Arc<Analysis>) -> SResult<OptStep> {
         match self.single_statement(unit, a) {
-            Some((_, Class::Transaction(TxControl::Begin { .. }))) => {
+            Some((q, Class::Transaction(TxControl::Begin { .. }))) => {
                 let w = ErrorFields {
                     severity: "WARNING".into(),
                     ..ErrorFields::error("25001", "there is already a transaction in progress")
                 };
                 return self
-                    .answer_here(unit, "BEGIN", Some(w), TxStatus::InBlock)
+                    .answer_here(unit, begin_tag(&q), Some(w), TxStatus::InBlock)
                     .await;
             }
             Some((q, Class::Transaction(TxControl::Commit))) if !contains_ci(&q, "chain") => {
@@ -786,6 +807,18 @@ mod tests {
             text_shape("SELECT paid FROM orders WHERE id = 1"),
             text_shape("SELECT total FROM orders WHERE id = 1")
         );
+    }
+
+    #[test]
+    fn begin_is_answered_with_the_tag_postgresql_uses() {
+        assert_eq!(begin_tag("BEGIN"), "BEGIN");
+        assert_eq!(begin_tag("begin isolation level repeatable read"), "BEGIN");
+        assert_eq!(begin_tag("START TRANSACTION"), "START TRANSACTION");
+        assert_eq!(
+            begin_tag("  /* app */ -- x\n start transaction isolation level read committed"),
+            "START TRANSACTION"
+        );
+        assert_eq!(begin_tag("BEGIN TRANSACTION"), "BEGIN");
     }
 
     #[test]
