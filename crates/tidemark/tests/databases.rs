@@ -9,6 +9,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
+use tidemark::config::WaitMode;
 use tokio_postgres::Client;
 
 const DELAY: Duration = Duration::from_millis(200);
@@ -228,7 +229,14 @@ async fn drop_database_with_a_client_inside_answers_as_postgres() {
 /// dropped role is left on any node.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drop_role_closes_the_roles_pooled_connections() {
-    let env = start(&[Some(DELAY)], |c| trust_user(c, "temp_user")).await;
+    // Placement after the session's own write is asserted: a replica that has not replayed
+    // it at the first check is polled for up to max_wait (routing.wait = fixed), not read
+    // around at once; the adaptive policy is tested in adaptive_wait.rs.
+    let env = start(&[Some(DELAY)], |c| {
+        trust_user(c, "temp_user");
+        c.routing.wait = WaitMode::Fixed;
+    })
+    .await;
     let admin = env.client().await;
     exec(
         &admin,
@@ -242,7 +250,10 @@ async fn drop_role_closes_the_roles_pooled_connections() {
         exec(&u, "INSERT INTO role_t VALUES (1)").await;
         tokio::task::block_in_place(|| wait_all_replayed(&env.cluster));
         wait_view_caught_up(&env.proxy).await;
-        assert_eq!(served_by(&u).await.unwrap(), env.cluster.port(1));
+        assert!(
+            reaches(&u, env.cluster.port(1)).await,
+            "the session's reads reach the caught-up replica"
+        );
         assert_eq!(scalar(&u, "SELECT count(*) FROM role_t").await, "1");
     }
     let on_primary = backends(&env, 0, "usename", "temp_user").await;
@@ -280,7 +291,10 @@ async fn drop_role_closes_the_roles_pooled_connections() {
 /// `ALTER DATABASE … RENAME` after clients used the database through tidemark.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rename_database_after_it_was_used() {
-    let env = start(&[Some(DELAY)], |_| {}).await;
+    // Placement after the session's own write is asserted: a replica that has not replayed
+    // it at the first check is polled for up to max_wait (routing.wait = fixed), not read
+    // around at once; the adaptive policy is tested in adaptive_wait.rs.
+    let env = start(&[Some(DELAY)], |c| c.routing.wait = WaitMode::Fixed).await;
     let admin = env.client().await;
     exec(&admin, "CREATE DATABASE before_name").await;
     {
@@ -288,7 +302,10 @@ async fn rename_database_after_it_was_used() {
         exec(&c, "CREATE TABLE t (id int); INSERT INTO t VALUES (1)").await;
         tokio::task::block_in_place(|| wait_all_replayed(&env.cluster));
         wait_view_caught_up(&env.proxy).await;
-        assert_eq!(served_by(&c).await.unwrap(), env.cluster.port(1));
+        assert!(
+            reaches(&c, env.cluster.port(1)).await,
+            "the session's reads reach the caught-up replica"
+        );
         assert_eq!(scalar(&c, "SELECT count(*) FROM t").await, "1");
     }
     assert!(!backends(&env, 0, "datname", "before_name").await.is_empty());

@@ -11,13 +11,17 @@ use std::time::Duration;
 
 use common::raw::{sqlstate, Raw};
 use common::*;
-use tidemark::config::TxMode;
+use tidemark::config::{TxMode, WaitMode};
 use tokio_postgres::Client;
 
 const DELAY: Duration = Duration::from_millis(200);
 
 async fn setup() -> Env {
+    // Placement after the session's own write is asserted: a replica that has not replayed
+    // it at the first check is polled for up to max_wait (routing.wait = fixed), not read
+    // around at once; the adaptive policy is tested in adaptive_wait.rs.
     let env = start(&[Some(DELAY)], |c| {
+        c.routing.wait = WaitMode::Fixed;
         c.routing.transactions = TxMode::Optimistic;
     })
     .await;

@@ -10,6 +10,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
+use tidemark::config::WaitMode;
 use tokio_postgres::Client;
 
 const DELAY: Duration = Duration::from_millis(200);
@@ -79,7 +80,14 @@ async fn check_replica_form(env: &Env, client: &Client, setup: &[&str], begin: &
 }
 
 async fn setup() -> Env {
-    let env = start(&[Some(DELAY)], |c| trust_user(c, "ser")).await;
+    // Placement after the session's own write is asserted: a replica that has not replayed
+    // it at the first check is polled for up to max_wait (routing.wait = fixed), not read
+    // around at once; the adaptive policy is tested in adaptive_wait.rs.
+    let env = start(&[Some(DELAY)], |c| {
+        trust_user(c, "ser");
+        c.routing.wait = WaitMode::Fixed;
+    })
+    .await;
     let c = env.client().await;
     exec(&c, "CREATE TABLE rotx (id int PRIMARY KEY)").await;
     tokio::task::block_in_place(|| wait_all_replayed(&env.cluster));

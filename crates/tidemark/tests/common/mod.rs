@@ -188,6 +188,20 @@ pub async fn served_by(c: &Client) -> Result<u16, tokio_postgres::Error> {
     Ok(port.parse().expect("a port number"))
 }
 
+/// Whether `c`'s reads reach the server on `port` within 5 s (one read every 20 ms). For a
+/// session that wrote, a read may fall back to the primary while tidemark's view trails the
+/// servers or the replica is not worth waiting for (`routing.wait`), so tests that need a
+/// connection on a replica ask until they get one rather than once.
+pub async fn reaches(c: &Client, port: u16) -> bool {
+    for _ in 0..250 {
+        if served_by(c).await.ok() == Some(port) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
+}
+
 /// Runs `sql`, a query whose first row is `(count(*), pg_is_in_recovery())` for the row a
 /// read-back looks for: (the row was found, a replica served it).
 pub async fn found_where(c: &Client, sql: &str) -> (bool, bool) {
