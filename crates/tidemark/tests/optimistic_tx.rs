@@ -660,3 +660,108 @@ async fn the_default_keeps_plain_transactions_on_the_primary() {
         );
     }
 }
+
+/// pgjdbc with autocommit off sends `BEGIN` pipelined before the transaction's first statement,
+/// in one unit (Parse/Bind/Execute of `BEGIN`, then the statement, then Sync). Under
+/// `optimistic` that BEGIN is deferred like a BEGIN sent alone: the transaction reads on the
+/// replica, the client gets the same messages as from PostgreSQL directly, and a write later
+/// in the transaction is replayed on the primary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_begin_pipelined_with_the_first_statement_is_deferred_too() {
+    use bytes::BytesMut;
+    use common::raw::{data_rows, unnamed_statement};
+    use postgres_protocol::message::frontend;
+
+    let env = setup().await;
+    exec(
+        &env.client().await,
+        "INSERT INTO optx (id, v) VALUES (7, 70)",
+    )
+    .await;
+    caught_up(&env).await;
+    // BEGIN without Describe, the statement with it: as pgjdbc sends them.
+    let unit = |stmts: &[(&str, bool)]| {
+        let mut b = BytesMut::new();
+        for (sql, describe) in stmts {
+            unnamed_statement(sql, *describe, &mut b);
+        }
+        frontend::sync(&mut b);
+        b
+    };
+    let first = unit(&[
+        ("BEGIN", false),
+        ("SELECT v, inet_server_port() FROM optx WHERE id = 7", true),
+    ]);
+    let kinds = |m: &[common::raw::Msg]| m.iter().map(|(t, _)| *t).collect::<Vec<u8>>();
+
+    // Directly on the primary: the reference.
+    let mut d = common::raw::Raw::connect(
+        format!("127.0.0.1:{}", env.cluster.port(0))
+            .parse()
+            .unwrap(),
+        "postgres",
+    )
+    .await;
+    d.send(&first).await;
+    let direct = d.until_ready_ok().await;
+    d.query_ok("ROLLBACK").await;
+
+    let before = count(&env, "replica");
+    let mut r = common::raw::Raw::connect(env.proxy.addr, "postgres").await;
+    r.send(&first).await;
+    let got = r.until_ready_ok().await;
+    assert_eq!(kinds(&got), kinds(&direct), "{got:?}\nagainst\n{direct:?}");
+    assert!(
+        got.iter()
+            .any(|(t, b)| *t == b'C' && b.starts_with(b"BEGIN")),
+        "{got:?}"
+    );
+    assert_eq!(got.last().map(|(_, b)| b.clone()), Some(b"T".to_vec()));
+    let rows = data_rows(&got);
+    assert_eq!(rows[0][0].as_deref(), Some("70"));
+    assert_eq!(
+        rows[0][1].as_deref(),
+        Some(env.cluster.port(1).to_string().as_str()),
+        "the transaction reads on the replica"
+    );
+    let m = r.extended_unit(&["COMMIT"]).await;
+    assert_eq!(m.last().map(|(_, b)| b.clone()), Some(b"I".to_vec()));
+    assert!(count(&env, "replica") > before, "it ended on the replica");
+
+    // Reads, then a write in the same transaction: replayed on the primary (the reads must
+    // not ask for server-specific values, which differ there by design), committed there.
+    let replayed = count(&env, "replayed");
+    r.send(&unit(&[
+        ("BEGIN", false),
+        ("SELECT v FROM optx WHERE id = 7", true),
+    ]))
+    .await;
+    let got = r.until_ready_ok().await;
+    assert_eq!(data_rows(&got)[0][0].as_deref(), Some("70"));
+    let m = r
+        .extended_unit(&["UPDATE optx SET v = 71 WHERE id = 7"])
+        .await;
+    assert!(
+        m.iter()
+            .any(|(t, b)| *t == b'C' && b.starts_with(b"UPDATE 1")),
+        "{m:?}"
+    );
+    let m = r.extended_unit(&["COMMIT"]).await;
+    assert_eq!(m.last().map(|(_, b)| b.clone()), Some(b"I".to_vec()));
+    let p = env.node(0).await;
+    assert_eq!(scalar(&p, "SELECT v FROM optx WHERE id = 7").await, "71");
+    assert_eq!(count(&env, "replayed"), replayed + 1);
+
+    // A READ WRITE BEGIN pipelined the same way is not deferred: the primary.
+    let rw = unit(&[
+        ("BEGIN READ WRITE", false),
+        ("SELECT inet_server_port()", true),
+    ]);
+    r.send(&rw).await;
+    let got = r.until_ready_ok().await;
+    assert_eq!(
+        data_rows(&got)[0][0].as_deref(),
+        Some(env.cluster.port(0).to_string().as_str())
+    );
+    r.extended_unit(&["COMMIT"]).await;
+}

@@ -436,6 +436,8 @@ impl Session {
             }
             return Ok(());
         }
+        // pgjdbc's BEGIN pipelined before the first statement, under `optimistic`.
+        let unit = self.split_pipelined_begin(unit).await;
         // What is this unit?
         let (analysis, stmt_updates) = match self.analyse(&unit).await {
             Ok(a) => a,

@@ -555,45 +555,120 @@ impl Session {
 
     /// A plain BEGIN outside a transaction, with no connection held: answered here.
     async fn maybe_defer_begin(&mut self, unit: &Unit, a: &Arc<Analysis>) -> SResult<OptStep> {
-        if self.tx_mode != TxMode::Optimistic
-            || self.tx_status != TxStatus::Idle
-            || self.attached.is_some()
-            || self.pinned
-            || self.unit_open
-            || a.hints != Default::default()
-        {
+        if !self.may_defer_begin(a) {
             return Ok(OptStep::Normal);
         }
-        let Some((
-            sql,
-            Class::Transaction(TxControl::Begin {
-                read_only,
-                isolation,
-                deferrable,
-            }),
-        )) = self.single_statement(unit, a)
-        else {
+        let Some((sql, class)) = self.single_statement(unit, a) else {
             return Ok(OptStep::Normal);
         };
-        let serializable = match &isolation {
+        let Some(tag) = self.defer_begin(sql, &class) else {
+            return Ok(OptStep::Normal);
+        };
+        crate::metrics::routed(a.class.label(), "deferred", None);
+        self.answer_here(unit, tag, None, TxStatus::InBlock).await
+    }
+
+    /// No transaction, connection, pinning or hint stands in the way of deferring a BEGIN.
+    fn may_defer_begin(&self, a: &Analysis) -> bool {
+        self.tx_mode == TxMode::Optimistic
+            && self.optx.is_none()
+            && self.tx_status == TxStatus::Idle
+            && self.attached.is_none()
+            && !self.pinned
+            && !self.unit_open
+            && a.hints == Default::default()
+    }
+
+    /// A BEGIN pipelined before the transaction's first statement in one unit, as pgjdbc
+    /// sends it with autocommit off (Parse/Bind/[Describe]/Execute of `BEGIN`, then the
+    /// statement, then Sync): the BEGIN is answered here (ParseComplete, BindComplete,
+    /// [NoData], CommandComplete, no ReadyForQuery: the unit goes on) and taken off the unit,
+    /// which then runs as the first unit of a deferred transaction. Returns the rest of the
+    /// unit, or the unit unchanged when its BEGIN is not deferred.
+    pub(super) async fn split_pipelined_begin(&mut self, unit: Unit) -> Unit {
+        if self.tx_mode != TxMode::Optimistic || unit.end != UnitEnd::Sync {
+            return unit;
+        }
+        // The prefix: Parse "" (the BEGIN), Bind "" "", optionally Describe portal "",
+        // Execute "" — and more than a Sync after it.
+        let msgs = &unit.msgs;
+        let sql = match msgs.first().map(|m| &m.msg) {
+            Some(FrontendMessage::Parse { name, query, .. }) if name.is_empty() => {
+                query.to_string()
+            }
+            _ => return unit,
+        };
+        if !matches!(msgs.get(1).map(|m| &m.msg), Some(FrontendMessage::Bind { portal, statement }) if portal.is_empty() && statement.is_empty())
+        {
+            return unit;
+        }
+        let mut i = 2;
+        let describe = matches!(msgs.get(i).map(|m| &m.msg), Some(FrontendMessage::Describe { target: Target::Portal, name }) if name.is_empty());
+        if describe {
+            i += 1;
+        }
+        if !matches!(msgs.get(i).map(|m| &m.msg), Some(FrontendMessage::Execute { portal, .. }) if portal.is_empty())
+        {
+            return unit;
+        }
+        let rest = i + 1;
+        // Something to run after the BEGIN besides the Sync.
+        if msgs.len() <= rest + 1 {
+            return unit;
+        }
+        let a = statements::classify(&self.app, &sql).await;
+        if a.statements.len() != 1 || !self.may_defer_begin(&a) {
+            return unit;
+        }
+        let class = a.class.clone();
+        let Some(tag) = self.defer_begin(sql, &class) else {
+            return unit;
+        };
+        crate::metrics::routed(a.class.label(), "deferred", None);
+        self.tx_status = TxStatus::InBlock;
+        self.io.push(&be::simple(be::PARSE_COMPLETE));
+        self.io.push(&be::simple(be::BIND_COMPLETE));
+        if describe {
+            self.io.push(&be::no_data());
+        }
+        self.io.push(&be::command_complete(tag));
+        let Unit { mut msgs, end } = unit;
+        msgs.drain(..rest);
+        Unit { msgs, end }
+    }
+
+    /// Sets up a deferred transaction for a plain BEGIN (`sql`, classified `class`); its
+    /// command tag, or `None` when the BEGIN runs as before (SERIALIZABLE and `READ WRITE`
+    /// on the primary, declared read-only on a replica).
+    fn defer_begin(&mut self, sql: String, class: &Class) -> Option<&'static str> {
+        let Class::Transaction(TxControl::Begin {
+            read_only,
+            isolation,
+            deferrable,
+        }) = class
+        else {
+            return None;
+        };
+        let (read_only, deferrable) = (*read_only, *deferrable);
+        let serializable = match isolation {
             Some(i) => i == "serializable",
             None => self.tx_defaults.serializable,
         };
         if serializable {
             self.app.transactions.outcome(TxOutcome::PrimaryLevel);
-            return Ok(OptStep::Normal);
+            return None;
         }
         if read_only == Some(false) {
             self.app.transactions.outcome(TxOutcome::PrimaryDeclared);
-            return Ok(OptStep::Normal);
+            return None;
         }
         if read_only.unwrap_or(self.tx_defaults.read_only) {
             // Declared read-only: a replica, as before.
-            return Ok(OptStep::Normal);
+            return None;
         }
         let tag = begin_tag(&sql);
         let mut replica_begin = String::from("BEGIN");
-        if let Some(i) = &isolation {
+        if let Some(i) = isolation {
             replica_begin.push_str(" ISOLATION LEVEL ");
             replica_begin.push_str(&i.to_ascii_uppercase());
         }
@@ -610,8 +685,7 @@ impl Session {
             overflow: false,
             hash: HASH_START,
         });
-        crate::metrics::routed(a.class.label(), "deferred", None);
-        self.answer_here(unit, tag, None, TxStatus::InBlock).await
+        Some(tag)
     }
 
     /// The first unit after a deferred BEGIN: where the transaction runs.
