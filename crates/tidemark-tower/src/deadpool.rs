@@ -115,11 +115,10 @@ impl TrackedClient {
             return Ok(None);
         };
         let after = commit_lsn(&client).await?;
-        let wrote = (after > self.before).then_some(after);
-        if let (Some(l), Some(r)) = (wrote, &self.request) {
-            r.record(l);
-        }
-        Ok(wrote)
+        Ok(match &self.request {
+            Some(r) => r.report(self.before, after),
+            None => (after > self.before).then_some(after),
+        })
     }
 }
 
@@ -131,20 +130,7 @@ impl Drop for TrackedClient {
         let Some(request) = self.request.take() else {
             return;
         };
-        let Ok(rt) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        let before = self.before;
-        request.begin_pending();
-        rt.spawn(async move {
-            if let Ok(after) = commit_lsn(&client).await {
-                if after > before {
-                    request.record(after);
-                }
-            }
-            drop(client);
-            request.end_pending();
-        });
+        request.report_later(self.before, async move { commit_lsn(&client).await.ok() });
     }
 }
 

@@ -279,16 +279,43 @@ impl Causality {
         (c > self.state.token).then_some(Lsn(c))
     }
 
-    #[cfg_attr(not(feature = "sqlx"), allow(dead_code))]
-    pub(crate) fn begin_pending(&self) {
-        self.state.pending.fetch_add(1, Ordering::AcqRel);
+    /// A tracked connection drawn at commit position `before` now reports `after`: past
+    /// `before`, its use wrote, and the position is recorded in the request. What it wrote.
+    #[cfg_attr(
+        not(any(feature = "sqlx", feature = "deadpool-postgres")),
+        allow(dead_code)
+    )]
+    pub(crate) fn report(&self, before: Lsn, after: Lsn) -> Option<Lsn> {
+        let wrote = (after > before).then_some(after);
+        if let Some(l) = wrote {
+            self.record(l);
+        }
+        wrote
     }
 
-    #[cfg_attr(not(feature = "sqlx"), allow(dead_code))]
-    pub(crate) fn end_pending(&self) {
-        if self.state.pending.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.state.settled.notify_waiters();
-        }
+    /// A tracked connection dropped without `release`: `read`, which owns the connection,
+    /// asks its commit position in the background and gives it back to the pool when done;
+    /// the response waits for it (`settle`). Without a runtime the connection just drops.
+    #[cfg_attr(
+        not(any(feature = "sqlx", feature = "deadpool-postgres")),
+        allow(dead_code)
+    )]
+    pub(crate) fn report_later<F>(self, before: Lsn, read: F)
+    where
+        F: Future<Output = Option<Lsn>> + Send + 'static,
+    {
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        self.state.pending.fetch_add(1, Ordering::AcqRel);
+        rt.spawn(async move {
+            if let Some(after) = read.await {
+                self.report(before, after);
+            }
+            if self.state.pending.fetch_sub(1, Ordering::AcqRel) == 1 {
+                self.state.settled.notify_waiters();
+            }
+        });
     }
 
     /// Waits (at most `timeout`) until no dropped connection is still reporting.

@@ -81,11 +81,10 @@ impl TrackedConn {
             return Ok(None);
         };
         let after = commit_lsn(&mut conn).await?;
-        let wrote = (after > self.before).then_some(after);
-        if let (Some(l), Some(r)) = (wrote, &self.request) {
-            r.record(l);
-        }
-        Ok(wrote)
+        Ok(match &self.request {
+            Some(r) => r.report(self.before, after),
+            None => (after > self.before).then_some(after),
+        })
     }
 }
 
@@ -97,20 +96,7 @@ impl Drop for TrackedConn {
         let Some(request) = self.request.take() else {
             return;
         };
-        let Ok(rt) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        let before = self.before;
-        request.begin_pending();
-        rt.spawn(async move {
-            if let Ok(after) = commit_lsn(&mut conn).await {
-                if after > before {
-                    request.record(after);
-                }
-            }
-            drop(conn);
-            request.end_pending();
-        });
+        request.report_later(self.before, async move { commit_lsn(&mut conn).await.ok() });
     }
 }
 
