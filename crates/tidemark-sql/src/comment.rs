@@ -18,6 +18,7 @@
 use tidemark_core::{Consistency, Lsn};
 
 use crate::hints::Hints;
+use crate::lex::{block_comment_end, dollar, is_ident, quoted_ident_end, string_end, Dollar};
 
 /// The default sqlcommenter attribute carrying the key (`routing.comment_key_attribute`).
 pub const DEFAULT_KEY_ATTRIBUTE: &str = "tidemark_key";
@@ -25,10 +26,6 @@ pub const DEFAULT_KEY_ATTRIBUTE: &str = "tidemark_key";
 pub const MIN_LSN_ATTRIBUTE: &str = "tidemark_min_lsn";
 /// The sqlcommenter attribute carrying a consistency level.
 pub const CONSISTENCY_ATTRIBUTE: &str = "tidemark_consistency";
-
-fn is_ident(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b == b'_' || b == b'$' || b >= 0x80
-}
 
 /// Splits `sql` into the statement (without trailing whitespace) and the body of a trailing block comment (the last token of
 /// the text, optionally followed by `;` and whitespace), when one follows some statement text.
@@ -58,79 +55,31 @@ pub fn split_trailing_comment(sql: &str) -> (&str, Option<&str>) {
                 last = None;
             }
             b'/' if s.get(i + 1) == Some(&b'*') => {
-                let start = i;
-                let mut depth = 0usize;
-                let mut end = None;
-                while i < n {
-                    if s[i] == b'/' && s.get(i + 1) == Some(&b'*') {
-                        depth += 1;
-                        i += 2;
-                    } else if s[i] == b'*' && s.get(i + 1) == Some(&b'/') {
-                        depth -= 1;
-                        i += 2;
-                        if depth == 0 {
-                            end = Some(i);
-                            break;
-                        }
-                    } else {
-                        i += 1;
-                    }
-                }
-                let Some(end) = end else {
+                let Some(end) = block_comment_end(s, i) else {
                     return (sql, None); // unterminated: a syntax error, not ours
                 };
-                last = seen_token.then_some((start, start + 2, end - 2));
+                last = seen_token.then_some((i, i + 2, end - 2));
+                i = end;
             }
-            b'\'' => {
-                let escapes =
-                    i > 0 && matches!(s[i - 1], b'e' | b'E') && (i < 2 || !is_ident(s[i - 2]));
-                i += 1;
-                while i < n {
-                    if escapes && s[i] == b'\\' {
-                        i += 2;
-                        continue;
-                    }
-                    if s[i] == b'\'' {
-                        if s.get(i + 1) == Some(&b'\'') {
-                            i += 2;
-                            continue;
-                        }
-                        break;
-                    }
-                    i += 1;
-                }
-                i += 1;
-                seen_token = true;
-                last = None;
-            }
-            b'"' => {
-                i += 1;
-                while i < n && s[i] != b'"' {
-                    i += 1;
-                }
-                i += 1;
+            b'\'' | b'"' => {
+                let end = if b == b'"' {
+                    quoted_ident_end(s, i)
+                } else {
+                    string_end(s, i)
+                };
+                let Some(end) = end else {
+                    return (sql, None);
+                };
+                i = end;
                 seen_token = true;
                 last = None;
             }
             b'$' if i == 0 || !is_ident(s[i - 1]) => {
-                // A dollar quote `$tag$…$tag$` (a `$1` parameter is not one).
-                let tag_end = s[i + 1..]
-                    .iter()
-                    .position(|&c| !(c.is_ascii_alphanumeric() || c == b'_' || c >= 0x80))
-                    .map(|p| i + 1 + p);
-                match tag_end {
-                    Some(te)
-                        if s[te] == b'$' && !s.get(i + 1).is_some_and(|c| c.is_ascii_digit()) =>
-                    {
-                        let tag = &s[i..=te];
-                        let body = te + 1;
-                        match s[body..].windows(tag.len()).position(|w| w == tag) {
-                            Some(p) => i = body + p + tag.len(),
-                            None => return (sql, None),
-                        }
-                    }
-                    _ => i += 1,
-                }
+                i = match dollar(s, i) {
+                    Dollar::Param(end) | Dollar::Quote(end) => end,
+                    Dollar::Unterminated => return (sql, None),
+                    Dollar::Other => i + 1,
+                };
                 seen_token = true;
                 last = None;
             }

@@ -23,6 +23,7 @@ pub mod classifier;
 pub mod comment;
 pub mod functions;
 pub mod hints;
+mod lex;
 mod normalize;
 
 pub use analyze::{

@@ -10,21 +10,7 @@
 
 use std::borrow::Cow;
 
-fn is_ident(b: u8) -> bool {
-    IDENT[b as usize]
-}
-
-/// `is_ident` as a table (the chain of comparisons showed in the per-statement profile).
-static IDENT: [bool; 256] = {
-    let mut t = [false; 256];
-    let mut i = 0;
-    while i < 256 {
-        let b = i as u8;
-        t[i] = b.is_ascii_alphanumeric() || b == b'_' || b == b'$' || b >= 0x80;
-        i += 1;
-    }
-    t
-};
+use crate::lex::{block_comment_end, dollar, is_ident, quoted_ident_end, string_end, Dollar};
 
 /// Byte classes for the scan (a table: the per-byte `match` showed in the per-statement
 /// profile). Most bytes need no look; an identifier is skipped whole, digits and `$` in it
@@ -87,92 +73,30 @@ pub fn normalize(sql: &str) -> Cow<'_, str> {
                 }
             }
             b'/' if s.get(i + 1) == Some(&b'*') => {
-                let mut depth = 0usize;
-                while i < n {
-                    if s[i] == b'/' && s.get(i + 1) == Some(&b'*') {
-                        depth += 1;
-                        i += 2;
-                    } else if s[i] == b'*' && s.get(i + 1) == Some(&b'/') {
-                        depth -= 1;
-                        i += 2;
-                        if depth == 0 {
-                            break;
-                        }
-                    } else {
-                        i += 1;
-                    }
-                }
+                // Kept as it is (hints live there); an unterminated one runs to the end.
+                i = block_comment_end(s, i).unwrap_or(n);
             }
             b'"' => {
-                i += 1;
-                while i < n {
-                    if s[i] == b'"' {
-                        if s.get(i + 1) == Some(&b'"') {
-                            i += 2;
-                            continue;
-                        }
-                        break;
-                    }
-                    i += 1;
-                }
-                i += 1;
+                // A quoted identifier is kept; unterminated, it runs to the end.
+                i = quoted_ident_end(s, i).unwrap_or(n + 1);
             }
             b'\'' => {
-                // E'...' strings take backslash escapes.
-                let escapes =
-                    i > 0 && matches!(s[i - 1], b'e' | b'E') && (i < 2 || !is_ident(s[i - 2]));
-                let start = i;
-                i += 1;
-                while i < n {
-                    if escapes && s[i] == b'\\' {
-                        i += 2;
-                        continue;
-                    }
-                    if s[i] == b'\'' {
-                        if s.get(i + 1) == Some(&b'\'') {
-                            i += 2;
-                            continue;
-                        }
-                        break;
-                    }
-                    i += 1;
-                }
-                if i >= n {
+                let Some(end) = string_end(s, i) else {
                     // Unterminated: not a constant of a valid statement; key by exact text.
                     return Cow::Borrowed(sql);
-                }
-                i += 1;
-                replace(&mut out, &mut copied, start, i);
+                };
+                replace(&mut out, &mut copied, i, end);
+                i = end;
             }
-            b'$' if !prev_ident => {
-                // $n parameter, or a dollar-quoted constant $tag$...$tag$.
-                let mut j = i + 1;
-                if s.get(j).is_some_and(|c| c.is_ascii_digit()) {
-                    while j < n && s[j].is_ascii_digit() {
-                        j += 1;
-                    }
-                    i = j;
-                    continue;
-                }
-                while j < n && (s[j].is_ascii_alphanumeric() || s[j] == b'_' || s[j] >= 0x80) {
-                    j += 1;
-                }
-                if s.get(j) == Some(&b'$') {
-                    let tag = &s[i..=j];
-                    let body = j + 1;
-                    let Some(end) = s[body..]
-                        .windows(tag.len())
-                        .position(|w| w == tag)
-                        .map(|p| body + p + tag.len())
-                    else {
-                        return Cow::Borrowed(sql);
-                    };
+            b'$' if !prev_ident => match dollar(s, i) {
+                Dollar::Param(end) => i = end,
+                Dollar::Quote(end) => {
                     replace(&mut out, &mut copied, i, end);
                     i = end;
-                } else {
-                    i += 1;
                 }
-            }
+                Dollar::Unterminated => return Cow::Borrowed(sql),
+                Dollar::Other => i += 1,
+            },
             b'0'..=b'9' if !prev_ident => {
                 let start = i;
                 while i < n && (is_ident(s[i]) || s[i] == b'.') {
