@@ -160,12 +160,7 @@ async fn a_write_through_one_instance_is_seen_through_the_other() {
     // Writes stop: once the replica has replayed them, B's causal reads go to it.
     tokio::task::block_in_place(|| wait_all_replayed(&env.cluster));
     exec(&b, "SET tidemark.consistency = 'causal'").await;
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let mut idle = Tally::default();
-    while idle.on_replica == 0 && Instant::now() < deadline {
-        idle.add(read_back(&b, "", 0).await);
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let idle = read_until_on_replica(|| read_back(&b, "", 0)).await;
     assert!(
         idle.on_replica > 0,
         "causal reads should return to the replica"
@@ -223,12 +218,7 @@ async fn redis_killed_mid_run_gives_no_stale_read_and_no_hang() {
 
     // The restarted store was initialized; once the replica catches up reads return to it.
     tokio::task::block_in_place(|| wait_all_replayed(&env.cluster));
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let mut idle = Tally::default();
-    while idle.on_replica == 0 && Instant::now() < deadline {
-        idle.add(read_back(&b, "", 0).await);
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let idle = read_until_on_replica(|| read_back(&b, "", 0)).await;
     assert!(
         idle.on_replica > 0,
         "reads should return to the replica after redis is back"

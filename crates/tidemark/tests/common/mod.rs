@@ -202,6 +202,22 @@ pub async fn reaches(c: &Client, port: u16) -> bool {
     false
 }
 
+/// Repeats `read` (a read-back: found, on a replica) every 20 ms until one is served by a
+/// replica or 5 s pass; the tally of all of them.
+pub async fn read_until_on_replica<F, Fut>(mut read: F) -> Tally
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = (bool, bool)>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let mut t = Tally::default();
+    while t.on_replica == 0 && tokio::time::Instant::now() < deadline {
+        t.add(read().await);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    t
+}
+
 /// Runs `sql`, a query whose first row is `(count(*), pg_is_in_recovery())` for the row a
 /// read-back looks for: (the row was found, a replica served it).
 pub async fn found_where(c: &Client, sql: &str) -> (bool, bool) {
