@@ -821,3 +821,76 @@ async fn partial_discard_keeps_the_clients_settings() {
     let r = rows(&a.simple_query("SHOW work_mem").await.unwrap());
     assert_eq!(r[0][0].as_deref(), Some("4MB"));
 }
+
+/// COPY FROM STDIN with the data sent right behind the COPY statement, in the same write,
+/// without waiting for CopyInResponse (asyncpg's `copy_records_to_table` does this), then a
+/// read pipelined behind the CopyDone: once as a simple query, once over the extended
+/// protocol (Sync before the data, another after the CopyDone). The data may reach tidemark in
+/// the same read as the statement; it must still go to the server (a fresh-clone CI run hung
+/// here for 15 s). The answers must be PostgreSQL's own, message for message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_data_sent_with_the_copy_statement_is_not_left_behind() {
+    use bytes::BytesMut;
+    use postgres_protocol::message::frontend;
+    async fn rounds(addr: std::net::SocketAddr, table: &str) -> Vec<String> {
+        let mut r = raw::Raw::connect(addr, "postgres").await;
+        r.query_ok(&format!(
+            "CREATE TABLE {table} (id int PRIMARY KEY, name text)"
+        ))
+        .await;
+        let mut seen = Vec::new();
+        for extended in [false, true] {
+            let mut b = BytesMut::new();
+            let copy = format!("COPY {table} (id, name) FROM STDIN");
+            if extended {
+                frontend::parse("", &copy, [], &mut b).unwrap();
+                frontend::bind(
+                    "",
+                    "",
+                    [],
+                    [],
+                    |_: (), _: &mut BytesMut| Ok(postgres_protocol::IsNull::Yes),
+                    [],
+                    &mut b,
+                )
+                .map_err(|_| "bind")
+                .unwrap();
+                frontend::execute("", 0, &mut b).unwrap();
+                frontend::sync(&mut b);
+            } else {
+                frontend::query(&copy, &mut b).unwrap();
+            }
+            let first = if extended { 200 } else { 100 };
+            let data = format!("{first}\ta\n{}\tb\n", first + 1);
+            frontend::CopyData::new(data.as_bytes())
+                .unwrap()
+                .write(&mut b);
+            frontend::copy_done(&mut b);
+            if extended {
+                frontend::sync(&mut b);
+            }
+            frontend::query(&format!("SELECT count(*) FROM {table}"), &mut b).unwrap();
+            r.send(&b).await;
+            // The COPY's answer, then the count's.
+            for _ in 0..2 {
+                for (tag, body) in r.until_ready_ok().await {
+                    let text = match tag {
+                        b'C' | b'D' => String::from_utf8_lossy(&body).replace('\0', ""),
+                        _ => String::new(),
+                    };
+                    seen.push(format!("{} {}", tag as char, text.trim()));
+                }
+            }
+        }
+        seen
+    }
+    let env = start(&[None], |c| c.pool.max_size = 4).await;
+    let at = format!("{}:{}", env.cluster.host(), env.cluster.port(0));
+    let direct = rounds(at.parse().unwrap(), "copied_direct").await;
+    let proxied = rounds(env.proxy.addr, "copied_proxied").await;
+    assert!(
+        direct.iter().filter(|m| m.contains("COPY 2")).count() == 2,
+        "{direct:?}"
+    );
+    assert_eq!(proxied, direct);
+}

@@ -200,17 +200,7 @@ impl Relay<'_> {
                     }
                     r = io.fill(), if read_client => {
                         r.map_err(RelayError::Client)?;
-                        while let Some(f) = io.try_frame().map_err(RelayError::Client)? {
-                            if copy.takes(&f, *copy_in) {
-                                conn.send(f.raw()).await.map_err(RelayError::Server)?;
-                                if copy.done_by(&f) {
-                                    *copy_in = false;
-                                }
-                            } else {
-                                *pending_bytes += f.len();
-                                pending.push_back(f);
-                            }
-                        }
+                        take_client_frames(io, conn, &mut copy, copy_in, pending, pending_bytes).await?;
                         continue;
                     }
                 }
@@ -389,6 +379,10 @@ impl Relay<'_> {
                         *copy_in = false;
                     }
                 }
+                // And copy data read with the COPY statement itself, before the server asked
+                // for it (asyncpg sends it without waiting): no more bytes may come from the
+                // client until it is answered.
+                take_client_frames(io, conn, &mut copy, copy_in, pending, pending_bytes).await?;
                 io.flush().await.map_err(RelayError::Client)?;
                 flushed = true;
             }
@@ -418,6 +412,30 @@ impl Relay<'_> {
             (r, _) => r,
         }
     }
+}
+
+/// The client frames already read into `io`: COPY data (while the server copies in) goes to
+/// the server, anything else is kept, in order, for after the unit.
+async fn take_client_frames(
+    io: &mut ClientIo,
+    conn: &mut crate::server::ServerConn,
+    copy: &mut CopyState,
+    copy_in: &mut bool,
+    pending: &mut VecDeque<Frame>,
+    pending_bytes: &mut usize,
+) -> Result<(), RelayError> {
+    while let Some(f) = io.try_frame().map_err(RelayError::Client)? {
+        if copy.takes(&f, *copy_in) {
+            conn.send(f.raw()).await.map_err(RelayError::Server)?;
+            if copy.done_by(&f) {
+                *copy_in = false;
+            }
+        } else {
+            *pending_bytes += f.len();
+            pending.push_back(f);
+        }
+    }
+    Ok(())
 }
 
 pub(super) const NODE_CHECK_INTERVAL: Duration = Duration::from_millis(250);
