@@ -1,6 +1,7 @@
 //! The differential driver matrix (issue 15): each driver's scenario program runs twice, once
 //! against the primary directly and once through tidemark (transaction pooling, two replicas,
-//! one of them 300 ms behind), and the two JSON outputs must be equal, scenario by scenario,
+//! one of them 300 ms behind; each driver once with `routing.transactions = read_only`, the
+//! default, and once with `optimistic`), and the two JSON outputs must be equal, scenario by scenario,
 //! except where docs/compatibility.md lists the difference with its reason (its table "Allowed
 //! differences in the driver matrix").
 //!
@@ -16,6 +17,7 @@ use std::time::Duration;
 
 use common::*;
 use serde_json::Value;
+use tidemark::config::TxMode;
 
 fn drivers_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/drivers")
@@ -107,9 +109,13 @@ fn compare(driver: &str, direct: &BTreeMap<String, Value>, proxied: &BTreeMap<St
     );
 }
 
-async fn matrix_env() -> Env {
+/// The matrix's cluster: two replicas, one 300 ms behind; `transactions` is
+/// `routing.transactions` (each driver runs in the default `read_only` and in `optimistic`,
+/// where its transactions start on replicas and move to the primary at their first write).
+async fn matrix_env(transactions: TxMode) -> Env {
     start(&[None, Some(Duration::from_millis(300))], |c| {
         c.routing.balance = tidemark::config::Balance::Statement;
+        c.routing.transactions = transactions;
     })
     .await
 }
@@ -157,7 +163,16 @@ async fn django_manage_py_test() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn psycopg_matrix() {
-    let env = matrix_env().await;
+    psycopg(TxMode::ReadOnly).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psycopg_matrix_optimistic() {
+    psycopg(TxMode::Optimistic).await;
+}
+
+async fn psycopg(transactions: TxMode) {
+    let env = matrix_env(transactions).await;
     let script = drivers_dir().join("psycopg_matrix.py");
     let dsn =
         |host: String, port: u16| format!("host={host} port={port} user=postgres dbname=postgres");
@@ -176,7 +191,16 @@ async fn psycopg_matrix() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_postgres_matrix() {
-    let env = matrix_env().await;
+    node_postgres(TxMode::ReadOnly).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_postgres_matrix_optimistic() {
+    node_postgres(TxMode::Optimistic).await;
+}
+
+async fn node_postgres(transactions: TxMode) {
+    let env = matrix_env(transactions).await;
     let dir = drivers_dir().join("node");
     assert!(
         dir.join("node_modules/pg").is_dir(),
@@ -205,7 +229,16 @@ async fn node_postgres_matrix() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn asyncpg_matrix() {
-    let env = matrix_env().await;
+    asyncpg(TxMode::ReadOnly).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn asyncpg_matrix_optimistic() {
+    asyncpg(TxMode::Optimistic).await;
+}
+
+async fn asyncpg(transactions: TxMode) {
+    let env = matrix_env(transactions).await;
     let script = drivers_dir().join("asyncpg_matrix.py");
     let url = |host: String, port: u16| format!("postgresql://postgres@{host}:{port}/postgres");
     let (direct, proxied) = tokio::task::block_in_place(|| {
@@ -225,7 +258,16 @@ async fn asyncpg_matrix() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pgjdbc_matrix() {
-    let env = matrix_env().await;
+    pgjdbc(TxMode::ReadOnly).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgjdbc_matrix_optimistic() {
+    pgjdbc(TxMode::Optimistic).await;
+}
+
+async fn pgjdbc(transactions: TxMode) {
+    let env = matrix_env(transactions).await;
     let jar = Path::new("/usr/share/java/postgresql.jar");
     assert!(
         jar.exists(),
@@ -456,7 +498,16 @@ async fn tokio_postgres_scenarios(dsn: &str, suffix: &str) -> BTreeMap<String, V
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokio_postgres_matrix() {
-    let env = matrix_env().await;
+    tokio_postgres(TxMode::ReadOnly).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokio_postgres_matrix_optimistic() {
+    tokio_postgres(TxMode::Optimistic).await;
+}
+
+async fn tokio_postgres(transactions: TxMode) {
+    let env = matrix_env(transactions).await;
     let direct = tokio_postgres_scenarios(&env.cluster.dsn(0), "d").await;
     let proxied = tokio_postgres_scenarios(&env.proxy_dsn(), "p").await;
     compare("tokio-postgres", &direct, &proxied);
@@ -534,7 +585,16 @@ async fn sqlx_scenarios(url: &str, suffix: &str) -> BTreeMap<String, Value> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlx_matrix() {
-    let env = matrix_env().await;
+    sqlx(TxMode::ReadOnly).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlx_matrix_optimistic() {
+    sqlx(TxMode::Optimistic).await;
+}
+
+async fn sqlx(transactions: TxMode) {
+    let env = matrix_env(transactions).await;
     let direct_url = format!(
         "postgres://postgres@{}:{}/postgres",
         env.cluster.host(),

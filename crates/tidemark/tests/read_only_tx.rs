@@ -283,5 +283,104 @@ async fn read_write_and_serializable_transactions_stay_on_the_primary() {
             rows(&msgs)[0][0].as_deref(),
             Some(primary.to_string().as_str())
         );
+        // And a declared read-only transaction: its first statement, refused by the replica,
+        // runs on the primary with the transaction begun anew there.
+        exec(&s, "BEGIN READ ONLY").await;
+        let msgs = s
+            .simple_query("SELECT inet_server_port(), count(*) FROM rotx")
+            .await
+            .expect("a serializable read-only transaction through tidemark works");
+        assert_eq!(
+            rows(&msgs)[0][0].as_deref(),
+            Some(primary.to_string().as_str())
+        );
+        assert_eq!(scalar(&s, "SHOW transaction_read_only").await, "on");
+        exec(&s, "COMMIT").await;
+    }
+
+    // `SET TRANSACTION READ WRITE` first in a transaction that is read-only by default: the
+    // transaction is placed with its first statement, which is no read: on the primary,
+    // which allows it, as directly.
+    let c = env.client().await;
+    exec(&c, "SET default_transaction_read_only = on").await;
+    exec(&c, "BEGIN").await;
+    exec(&c, "SET TRANSACTION READ WRITE").await;
+    exec(&c, "INSERT INTO rotx VALUES (-2)").await;
+    assert_eq!(tx_port(&c).await, primary);
+    exec(&c, "COMMIT").await;
+}
+
+/// A transaction's first statement reads a table another connection created a moment ago,
+/// which the replica (200 ms behind) has not replayed: PostgreSQL's answer is the table's
+/// rows, not 42P01. The transaction's BEGIN is deferred to its first statement, so that
+/// statement, answered "does not exist" by the replica, runs again — the transaction begun
+/// anew — on the primary, unseen (as a plain read outside a transaction is). In every mode
+/// and form that puts a transaction on a replica; once the replica has the table, the
+/// transactions run there again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_reading_a_table_the_replica_lacks_yet_reads_it_on_the_primary() {
+    use tidemark::config::TxMode;
+    for mode in [TxMode::ReadOnly, TxMode::Optimistic] {
+        let env = start(&[Some(DELAY)], |c| {
+            c.routing.wait = WaitMode::Fixed;
+            c.routing.transactions = mode;
+        })
+        .await;
+        let creator = env.client().await;
+        let reader = env.client().await;
+        let begins: &[&str] = match mode {
+            TxMode::Optimistic => &[
+                "BEGIN",
+                "BEGIN READ ONLY",
+                "START TRANSACTION ISOLATION LEVEL REPEATABLE READ",
+            ],
+            _ => &[
+                "BEGIN READ ONLY",
+                "START TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY",
+            ],
+        };
+        for (i, begin) in begins.iter().enumerate() {
+            let t = format!("fresh_{i}");
+            exec(
+                &creator,
+                &format!("CREATE TABLE {t} (id int); INSERT INTO {t} VALUES (1)"),
+            )
+            .await;
+            exec(&reader, begin).await;
+            let n = reader
+                .simple_query(&format!("SELECT count(*) FROM {t}"))
+                .await
+                .map(|m| rows(&m)[0][0].clone());
+            assert_eq!(
+                n.as_ref().map_err(|e| e.to_string()),
+                Ok(&Some("1".to_string())),
+                "{mode:?}, {begin}: the transaction's first read"
+            );
+            // The transaction goes on where it began anew, with its options.
+            let iso = scalar(&reader, "SHOW transaction_isolation").await;
+            let want = if begin.contains("REPEATABLE") {
+                "repeatable read"
+            } else {
+                "read committed"
+            };
+            assert_eq!(iso, want, "{mode:?}, {begin}");
+            let ro = scalar(&reader, "SHOW transaction_read_only").await;
+            let want_ro = if begin.contains("READ ONLY") {
+                "on"
+            } else {
+                "off"
+            };
+            assert_eq!(ro, want_ro, "{mode:?}, {begin}");
+            exec(&reader, "COMMIT").await;
+        }
+        tokio::task::block_in_place(|| wait_all_replayed(&env.cluster));
+        wait_view_caught_up(&env.proxy).await;
+        for begin in begins {
+            assert_eq!(
+                where_tx_runs(&reader, begin).await,
+                env.cluster.port(1),
+                "{mode:?}, {begin}: on the replica once it has the table"
+            );
+        }
     }
 }

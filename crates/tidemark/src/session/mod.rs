@@ -173,6 +173,11 @@ pub struct Session {
     optx: Option<Optx>,
     /// The shape of the transaction a deferred BEGIN started, learned from when it ends.
     tx_shape: Option<u64>,
+    /// The BEGIN of a deferred transaction just placed on a replica, for its first unit: if
+    /// the replica answers that unit "does not exist (yet)" or refuses it, before anything
+    /// reached the client, the transaction begins anew on the primary with it and the unit
+    /// runs there (as a plain read would be retried).
+    first_unit_retry: Option<String>,
     /// This client's pool on each node, looked up once (pools live as long as the process).
     pools: Vec<Option<Arc<crate::pool::Pool>>>,
 }
@@ -259,6 +264,7 @@ impl Session {
             tx_mode,
             optx: None,
             tx_shape: None,
+            first_unit_retry: None,
             pools: Vec::new(),
         };
         s.recompute_state_key();
@@ -575,7 +581,7 @@ impl Session {
     /// Decides where the unit goes and runs it there.
     async fn execute(&mut self, unit: Unit, analysis: Arc<Analysis>) -> SResult<()> {
         // A deferred BEGIN, an optimistic transaction's placement, recording and move.
-        if (self.tx_mode == TxMode::Optimistic || self.optx.is_some())
+        if (self.tx_mode != TxMode::Primary || self.optx.is_some())
             && matches!(self.optx_step(&unit, &analysis).await?, OptStep::Handled)
         {
             return Ok(());
@@ -622,8 +628,16 @@ impl Session {
                 analysis.class,
                 Class::Transaction(TxControl::CommitPrepared | TxControl::RollbackPrepared)
             );
+        // The first unit of a transaction placed on a replica by a deferred BEGIN may be
+        // retried too: the BEGIN is sent again on the primary first.
+        let first_unit = self.first_unit_retry.take().filter(|_| {
+            self.attached
+                .as_ref()
+                .is_some_and(|a| a.role == Role::Replica)
+        });
         let retryable =
-            read_only && self.tx_status == TxStatus::Idle && !self.unit_open && !self.pinned;
+            (read_only && self.tx_status == TxStatus::Idle && !self.unit_open && !self.pinned)
+                || first_unit.is_some();
         let may_commit = self.unit_may_commit(&analysis, may_write);
         let pipeline = self.pipeline_capture(&analysis, may_write) && !self.unit_may_copy(&unit);
         // Until the unit's outcome is known (a client may vanish before it), the connection's
@@ -676,6 +690,15 @@ impl Session {
             return self
                 .send_error_ready(ErrorFields::error("08006", e.to_string()), unit.end)
                 .await;
+        }
+        if let Some(begin) = &first_unit {
+            if self
+                .begin_again_on_primary(&mut conn, begin, unit.end)
+                .await?
+                .is_err()
+            {
+                return Ok(());
+            }
         }
         self.attached = Some(Attached {
             conn,

@@ -1,7 +1,10 @@
 //! Deferred BEGIN and optimistic transactions (issue 22, `routing.transactions = optimistic`).
 //!
 //! A plain `BEGIN` outside a transaction is answered by tidemark itself and remembered
-//! (`Phase::Deferred`); the transaction's first unit decides the node. A first unit that reads
+//! (`Phase::Deferred`); the transaction's first unit decides the node. (A declared read-only
+//! `BEGIN` is deferred the same way in `read_only` mode too, only to be placed with its first
+//! statement; a first unit the replica cannot answer runs again, the transaction begun anew,
+//! on the primary: `Session::begin_again_on_primary`.) A first unit that reads
 //! runs as `BEGIN READ ONLY` (same isolation) on a replica chosen like any read
 //! (`Phase::OnReplica`); every unit the client sends is recorded (within
 //! `routing.replay_budget_bytes`) and every answer relayed is folded into a running hash. At
@@ -45,6 +48,10 @@ pub(super) struct Optx {
     replica_begin: String,
     pub(super) recorded: Vec<Recorded>,
     bytes: usize,
+    /// Declared read-only (`BEGIN READ ONLY`, `default_transaction_read_only`): deferred only
+    /// to be placed with its first statement; never recorded or moved (a write in it is
+    /// refused by any server, as directly).
+    declared: bool,
     /// A unit was not recorded (over budget while failed on the replica): no replay possible.
     overflow: bool,
     pub(super) hash: u64,
@@ -311,7 +318,9 @@ impl Session {
             }
         }
         a.statements.iter().all(|c| match c {
-            Class::Read => !self.tx_defaults.serializable,
+            // The transaction is not SERIALIZABLE (`defer_begin` keeps those on the
+            // primary), whatever the session's default.
+            Class::Read => true,
             Class::Transaction(
                 TxControl::Savepoint | TxControl::Release | TxControl::RollbackTo,
             ) => true,
@@ -491,6 +500,7 @@ impl Session {
             replica_begin: String::new(),
             recorded: Vec::new(),
             bytes: 0,
+            declared: false,
             overflow: false,
             hash: HASH_START,
         });
@@ -570,7 +580,8 @@ impl Session {
 
     /// No transaction, connection, pinning or hint stands in the way of deferring a BEGIN.
     fn may_defer_begin(&self, a: &Analysis) -> bool {
-        self.tx_mode == TxMode::Optimistic
+        self.tx_mode != TxMode::Primary
+            && matches!(a.class, Class::Transaction(TxControl::Begin { .. }))
             && self.optx.is_none()
             && self.tx_status == TxStatus::Idle
             && self.attached.is_none()
@@ -586,7 +597,7 @@ impl Session {
     /// which then runs as the first unit of a deferred transaction. Returns the rest of the
     /// unit, or the unit unchanged when its BEGIN is not deferred.
     pub(super) async fn split_pipelined_begin(&mut self, unit: Unit) -> Unit {
-        if self.tx_mode != TxMode::Optimistic || unit.end != UnitEnd::Sync {
+        if self.tx_mode == TxMode::Primary || unit.end != UnitEnd::Sync {
             return unit;
         }
         // The prefix: Parse "" (the BEGIN), Bind "" "", optionally Describe portal "",
@@ -637,9 +648,12 @@ impl Session {
         Unit { msgs, end }
     }
 
-    /// Sets up a deferred transaction for a plain BEGIN (`sql`, classified `class`); its
-    /// command tag, or `None` when the BEGIN runs as before (SERIALIZABLE and `READ WRITE`
-    /// on the primary, declared read-only on a replica).
+    /// Sets up a deferred transaction for a BEGIN (`sql`, classified `class`); its command
+    /// tag, or `None` when the BEGIN runs as it is sent (SERIALIZABLE and `READ WRITE` on the
+    /// primary; a plain BEGIN on the primary unless `optimistic`). A declared read-only
+    /// transaction is deferred in `read_only` and `optimistic` mode, to be placed (and, if
+    /// the replica lacks what its first statement reads, begun anew on the primary) with its
+    /// first statement.
     fn defer_begin(&mut self, sql: String, class: &Class) -> Option<&'static str> {
         let Class::Transaction(TxControl::Begin {
             read_only,
@@ -654,19 +668,37 @@ impl Session {
             Some(i) => i == "serializable",
             None => self.tx_defaults.serializable,
         };
+        let optimistic = self.tx_mode == TxMode::Optimistic;
         if serializable {
-            self.app.transactions.outcome(TxOutcome::PrimaryLevel);
+            if optimistic {
+                self.app.transactions.outcome(TxOutcome::PrimaryLevel);
+            }
             return None;
         }
         if read_only == Some(false) {
-            self.app.transactions.outcome(TxOutcome::PrimaryDeclared);
-            return None;
-        }
-        if read_only.unwrap_or(self.tx_defaults.read_only) {
-            // Declared read-only: a replica, as before.
+            if optimistic {
+                self.app.transactions.outcome(TxOutcome::PrimaryDeclared);
+            }
             return None;
         }
         let tag = begin_tag(&sql);
+        if read_only.unwrap_or(self.tx_defaults.read_only) {
+            // Declared read-only: sent as it is, wherever it goes.
+            self.optx = Some(Optx {
+                phase: Phase::Deferred,
+                replica_begin: sql.clone(),
+                begin_sql: sql,
+                recorded: Vec::new(),
+                bytes: 0,
+                declared: true,
+                overflow: false,
+                hash: HASH_START,
+            });
+            return Some(tag);
+        }
+        if !optimistic {
+            return None;
+        }
         let mut replica_begin = String::from("BEGIN");
         if let Some(i) = isolation {
             replica_begin.push_str(" ISOLATION LEVEL ");
@@ -682,6 +714,7 @@ impl Session {
             replica_begin,
             recorded: Vec::new(),
             bytes: 0,
+            declared: false,
             overflow: false,
             hash: HASH_START,
         });
@@ -708,9 +741,10 @@ impl Session {
             }
             _ => {}
         }
+        let declared = self.optx.as_ref().is_some_and(|o| o.declared);
         let shape = self.shape_of(unit);
         let reads = self.optx_reads(unit, a);
-        let learned = reads && self.app.transactions.starts_on_primary(shape);
+        let learned = reads && !declared && self.app.transactions.starts_on_primary(shape);
         let to_replica = reads && !learned;
         self.wait_while_paused().await;
         let (mut conn, node, role, reason) = match self.decide(a, to_replica).await {
@@ -754,13 +788,20 @@ impl Session {
         crate::metrics::routed(a.class.label(), target, to_replica.then(|| reason.as_str()));
         self.last_route = Some((node, reason));
         self.attached = Some(Attached { conn, node, role });
-        self.tx_shape = Some(shape);
         if role == Role::Replica {
+            self.first_unit_retry = self.optx.as_ref().map(|o| o.begin_sql.clone());
+        }
+        if declared {
+            // Placed: from here on an ordinary transaction on that server.
+            self.optx = None;
+        } else if role == Role::Replica {
+            self.tx_shape = Some(shape);
             if let Some(o) = self.optx.as_mut() {
                 o.phase = Phase::OnReplica;
             }
             self.record(unit);
         } else {
+            self.tx_shape = Some(shape);
             self.optx = None;
             self.app.transactions.outcome(if learned {
                 TxOutcome::PrimaryLearned
@@ -771,6 +812,31 @@ impl Session {
             });
         }
         Ok(OptStep::Normal)
+    }
+
+    /// The first unit of a transaction placed on a replica must run on the primary instead
+    /// (see `first_unit_retry`): begins the transaction there with the client's BEGIN; an
+    /// optimistic transaction is from now on an ordinary one on the primary. On failure the
+    /// client has been told (the transaction failed here) and the connection is given up.
+    pub(super) async fn begin_again_on_primary(
+        &mut self,
+        conn: &mut Checked,
+        begin: &str,
+        end: UnitEnd,
+    ) -> SResult<Result<(), ()>> {
+        if let Err(e) = begin_on(&mut conn.conn, begin).await {
+            conn.conn.broken = true;
+            let f = match e {
+                ServerError::Server(f) => ErrorFields::error(&f.code, f.message),
+                other => ErrorFields::error("08006", other.to_string()),
+            };
+            self.optx_fail(f, end).await?;
+            return Ok(Err(()));
+        }
+        if self.optx.take().is_some() {
+            self.app.transactions.outcome(TxOutcome::PrimaryRouted);
+        }
+        Ok(Ok(()))
     }
 
     /// The transaction on the replica is about to write: roll it back, replay it on the

@@ -256,6 +256,118 @@ def read_your_writes_in_transactions():
 
 
 @scenario
+def orm_style_requests():
+    """psycopg's default mode: every request's statements inside a transaction, most of them
+    only reading, some reading then writing (savepoints, SET LOCAL, prepared statements)."""
+    t = f"orm_{SUF}"
+    out = []
+    with connect(autocommit=False, prepare_threshold=0) as c:
+        c.execute(f"create table {t} (id int primary key, n int)")
+        c.execute(f"insert into {t} select g, 0 from generate_series(1, 5) g")
+        c.commit()
+        for i in range(12):
+            row = c.execute(f"select n from {t} where id = %s", (i % 5 + 1,)).fetchone()
+            total = c.execute(f"select sum(n) from {t}").fetchone()[0]
+            if i % 3 == 2:
+                c.execute("SET LOCAL statement_timeout = '5s'")
+                with c.transaction():  # a savepoint
+                    c.execute(f"select count(*) from {t}").fetchone()
+                c.execute(f"update {t} set n = n + 1 where id = %s", (i % 5 + 1,))
+                after = c.execute(f"select n from {t} where id = %s", (i % 5 + 1,)).fetchone()[0]
+            else:
+                after = None
+            c.commit()
+            out.append([row[0], total, after])
+        out.append(c.execute("show statement_timeout").fetchone()[0])
+        c.rollback()
+    return out
+
+
+@scenario
+def transaction_error_then_rollback():
+    out = {}
+    with connect(autocommit=False) as c:
+        out["first"] = c.execute("select 41 + 1").fetchone()[0]
+        for sql in ["select 1/0", "select 2"]:
+            try:
+                c.execute(sql)
+                out[sql] = "ok"
+            except psycopg.Error as e:
+                out[sql] = err(e)
+        c.rollback()
+        out["after_rollback"] = c.execute("select 3").fetchone()[0]
+        c.commit()
+    return out
+
+
+@scenario
+def pipeline_in_a_transaction():
+    t = f"pipe_tx_{SUF}"
+    with connect() as c:
+        c.execute(f"create table {t} (id int primary key, v text)")
+        c.autocommit = False
+        with c.pipeline():
+            before = c.execute(f"select count(*) from {t}")
+            c.execute(f"insert into {t} values (1, 'a')")
+            mid = c.execute(f"select v from {t} where id = 1")
+            c.executemany(f"insert into {t} values (%s, %s)", [(i, "m") for i in range(2, 6)])
+            after = c.execute(f"select count(*) from {t}")
+        res = [before.fetchone()[0], mid.fetchone()[0], after.fetchone()[0]]
+        c.commit()
+        res.append(c.execute(f"select count(*) from {t}").fetchone()[0])
+        c.commit()
+    return res
+
+
+@scenario
+def isolation_levels_and_read_only():
+    t = f"iso_{SUF}"
+    out = {}
+    with connect() as c:
+        c.execute(f"create table {t} (id int primary key, n int)")
+        c.execute(f"insert into {t} values (1, 10)")
+        c.autocommit = False
+        for level in ["READ_COMMITTED", "REPEATABLE_READ", "SERIALIZABLE"]:
+            for ro in [False, True]:
+                key = f"{level.lower()}{'_ro' if ro else ''}"
+                c.isolation_level = getattr(psycopg.IsolationLevel, level)
+                c.read_only = ro
+                try:
+                    n = c.execute(f"select n from {t} where id = 1").fetchone()[0]
+                    shown = c.execute("show transaction_isolation").fetchone()[0]
+                    if not ro:
+                        c.execute(f"update {t} set n = n + 1 where id = 1")
+                    c.commit()
+                    out[key] = [n, shown]
+                except psycopg.Error as e:
+                    c.rollback()
+                    out[key] = err(e)
+        c.isolation_level = None
+        c.read_only = None
+        out["final"] = c.execute(f"select n from {t} where id = 1").fetchone()[0]
+        c.commit()
+    return out
+
+
+@scenario
+def transaction_on_a_table_another_connection_just_created():
+    """The first statement of a transaction reads a table created a moment ago on another
+    connection: a replica that has not replayed it yet is not the answer."""
+    out = {}
+    for ro in [False, True]:
+        t = f"fresh_{'ro_' if ro else ''}{SUF}"
+        with connect() as a, connect(autocommit=False) as b:
+            a.execute(f"create table {t} (id int)")
+            b.read_only = ro
+            try:
+                out[f"read_only={ro}"] = b.execute(f"select count(*) from {t}").fetchone()[0]
+                b.commit()
+            except psycopg.Error as e:
+                out[f"read_only={ro}"] = err(e)
+    return out
+
+
+@scenario
 def errors_and_notices():
     out = {}
     with connect() as c:
