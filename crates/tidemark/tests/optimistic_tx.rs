@@ -765,3 +765,70 @@ async fn a_begin_pipelined_with_the_first_statement_is_deferred_too() {
     );
     r.extended_unit(&["COMMIT"]).await;
 }
+
+/// The primary stops answering (blackholed: its connections stay open, nothing comes back)
+/// just as an optimistic transaction on the replica writes and must move there: the client
+/// is answered within seconds (40001, as for any move that cannot complete), not held; nothing
+/// is written; and once the primary answers again the session goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_that_stops_answering_during_the_move_does_not_hold_the_client() {
+    use std::time::Instant;
+    use tidemark_cluster::{ClusterConfig, Fault, FaultProxy};
+    let cluster = start_cluster(ClusterConfig::with_replicas(1)).await;
+    let fault =
+        FaultProxy::start(format!("127.0.0.1:{}", cluster.port(0)).parse().unwrap()).unwrap();
+    let proxy = proxy_for(&cluster, |c| {
+        c.nodes[0].port = fault.port();
+        c.monitor.timeout = Duration::from_millis(500);
+        c.pool.connect_timeout = Duration::from_millis(500);
+        c.routing.transactions = TxMode::Optimistic;
+        c.routing.wait = WaitMode::Fixed;
+    })
+    .await;
+    let c = connect(&proxy_dsn_of(&proxy, "postgres")).await;
+    exec(
+        &c,
+        "CREATE TABLE hung (id int PRIMARY KEY, v int); INSERT INTO hung VALUES (1, 0)",
+    )
+    .await;
+    tokio::task::block_in_place(|| wait_all_replayed(&cluster));
+    wait_view_caught_up(&proxy).await;
+    exec(&c, "BEGIN").await;
+    assert_eq!(scalar(&c, "SELECT v FROM hung WHERE id = 1").await, "0");
+    assert_eq!(
+        served_by(&c).await.unwrap(),
+        cluster.port(1),
+        "the transaction reads on the replica"
+    );
+    fault.set(Fault::Blackhole);
+    let t = Instant::now();
+    let r = tokio::time::timeout(
+        Duration::from_secs(10),
+        c.simple_query("UPDATE hung SET v = 1 WHERE id = 1"),
+    )
+    .await
+    .expect("the client is answered, not held by the silent primary");
+    let e = r.expect_err("the transaction cannot move to a primary that does not answer");
+    assert_eq!(code(&e), "40001", "{e:?}");
+    println!("answered in {:?}: {e:?}", t.elapsed());
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    exec(&c, "ROLLBACK").await;
+    fault.set(Fault::Pass);
+    // Once the primary answers again: nothing was written, and writes work.
+    let t = Instant::now();
+    loop {
+        match c
+            .simple_query("UPDATE hung SET v = v + 10 WHERE id = 1")
+            .await
+        {
+            Ok(_) => break,
+            Err(e) if t.elapsed() < Duration::from_secs(15) => {
+                let _ = e;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("writes did not come back: {e:?}"),
+        }
+    }
+    let c2 = connect(&cluster.dsn(0)).await;
+    assert_eq!(scalar(&c2, "SELECT v FROM hung WHERE id = 1").await, "10");
+}

@@ -693,7 +693,7 @@ impl Session {
         }
         if let Some(begin) = &first_unit {
             if self
-                .begin_again_on_primary(&mut conn, begin, unit.end)
+                .begin_again_on_primary(&mut conn, p, begin, unit.end)
                 .await?
                 .is_err()
             {

@@ -176,7 +176,9 @@ async fn replay_unit(
     conn: &mut crate::server::ServerConn,
     r: &Recorded,
     h: &mut u64,
+    watch: &NodeWatch<'_>,
 ) -> Result<(), String> {
+    let mut last = Instant::now();
     let Rewritten { out, mut exp } = rewrite(
         &r.unit,
         &Prepared {
@@ -198,7 +200,9 @@ async fn replay_unit(
         if exp.is_empty() {
             return Ok(());
         }
-        let f = conn.recv().await.map_err(|e| e.to_string())?;
+        let f = recv_watched(conn, watch, &mut last)
+            .await
+            .map_err(|e| e.to_string())?;
         let kind = f.backend();
         match kind {
             B::NoticeResponse | B::NotificationResponse => continue,
@@ -250,13 +254,55 @@ async fn replay_unit(
     }
 }
 
+/// The node watch for `node` (see [`NodeWatch`]).
+fn watch_on(app: &App, node: NodeId) -> NodeWatch<'_> {
+    NodeWatch {
+        app,
+        node,
+        timeout: app.config.load().monitor.timeout,
+    }
+}
+
+/// `conn.recv()` for the exchanges tidemark runs on its own (a deferred BEGIN, a replay), with
+/// the relay's node watch: given up, the connection marked broken, once the node has been
+/// silent for longer than the monitor timeout and the monitor cannot reach it (a blackholed
+/// or hung server closes no connection).
+async fn recv_watched(
+    conn: &mut crate::server::ServerConn,
+    watch: &NodeWatch<'_>,
+    last: &mut Instant,
+) -> Result<Frame, ServerError> {
+    loop {
+        match tokio::time::timeout(NODE_CHECK_INTERVAL, conn.recv()).await {
+            Ok(r) => {
+                *last = Instant::now();
+                return r;
+            }
+            Err(_) if watch.looks_dead(*last) => {
+                conn.broken = true;
+                return Err(ServerError::Protocol(format!(
+                    "node {} stopped answering (no response for {:?} and the monitor cannot reach it)",
+                    watch.app.node_name(watch.node),
+                    last.elapsed()
+                )));
+            }
+            Err(_) => {}
+        }
+    }
+}
+
 /// Sends a `BEGIN …` and reads its answer (not relayed). Not `ServerConn::simple_query`, which
 /// takes a connection left in a transaction for broken (it is, here, on purpose).
-async fn begin_on(conn: &mut crate::server::ServerConn, sql: &str) -> Result<(), ServerError> {
+async fn begin_on(
+    conn: &mut crate::server::ServerConn,
+    sql: &str,
+    watch: &NodeWatch<'_>,
+) -> Result<(), ServerError> {
     conn.send(fe::query(sql).raw()).await?;
     let mut err = None;
+    let mut last = Instant::now();
     loop {
-        let f = conn.recv().await?;
+        let f = recv_watched(conn, watch, &mut last).await?;
         match f.backend() {
             BackendMessage::ErrorResponse => {
                 err = Some(match ErrorFields::parse(&f) {
@@ -280,15 +326,19 @@ async fn begin_on(conn: &mut crate::server::ServerConn, sql: &str) -> Result<(),
     }
 }
 
-/// Rolls back `c`'s transaction and gives it back; closes it if that fails.
-async fn roll_back_and_release(mut c: Checked) {
+/// Rolls back `c`'s transaction and gives it back, in the background (the client does not
+/// wait for it, and a server that stopped answering cannot hold it); closes it if that fails
+/// or takes longer than `within`.
+fn roll_back_and_release(mut c: Checked, within: Duration) {
     if c.conn.broken {
         return;
     }
-    match c.conn.simple_query("ROLLBACK").await {
-        Ok(_) => c.release(),
-        Err(_) => c.conn.broken = true,
-    }
+    tokio::spawn(async move {
+        match tokio::time::timeout(within, c.conn.simple_query("ROLLBACK")).await {
+            Ok(Ok(_)) => c.release(),
+            _ => c.conn.broken = true,
+        }
+    });
 }
 
 impl Session {
@@ -767,7 +817,9 @@ impl Session {
         } else {
             o.begin_sql.clone()
         };
-        if let Err(e) = begin_on(&mut conn.conn, &begin).await {
+        let app = self.app.clone();
+        let watch = watch_on(&app, node);
+        if let Err(e) = begin_on(&mut conn.conn, &begin, &watch).await {
             let f = match e {
                 ServerError::Server(f) => {
                     conn.release();
@@ -821,10 +873,12 @@ impl Session {
     pub(super) async fn begin_again_on_primary(
         &mut self,
         conn: &mut Checked,
+        node: NodeId,
         begin: &str,
         end: UnitEnd,
     ) -> SResult<Result<(), ()>> {
-        if let Err(e) = begin_on(&mut conn.conn, begin).await {
+        let app = self.app.clone();
+        if let Err(e) = begin_on(&mut conn.conn, begin, &watch_on(&app, node)).await {
             conn.conn.broken = true;
             let f = match e {
                 ServerError::Server(f) => ErrorFields::error(&f.code, f.message),
@@ -846,7 +900,7 @@ impl Session {
             return Ok(OptStep::Normal);
         };
         if let Some(att) = self.attached.take() {
-            roll_back_and_release(att.conn).await;
+            roll_back_and_release(att.conn, self.app.config.load().monitor.timeout);
         }
         match self.replay_on_primary(&o).await {
             Ok((conn, p)) => {
@@ -905,14 +959,17 @@ impl Session {
             conn.conn.broken = true;
             return Err(fail(e.to_string()));
         }
-        if let Err(e) = begin_on(&mut conn.conn, &o.begin_sql).await {
-            roll_back_and_release(conn).await;
+        let app = self.app.clone();
+        let watch = watch_on(&app, p);
+        let within = watch.timeout;
+        if let Err(e) = begin_on(&mut conn.conn, &o.begin_sql, &watch).await {
+            roll_back_and_release(conn, within);
             return Err(fail(e.to_string()));
         }
         let mut h = HASH_START;
         for (i, r) in o.recorded.iter().enumerate() {
-            if let Err(e) = replay_unit(&mut conn.conn, r, &mut h).await {
-                roll_back_and_release(conn).await;
+            if let Err(e) = replay_unit(&mut conn.conn, r, &mut h, &watch).await {
+                roll_back_and_release(conn, within);
                 return Err(fail(format!(
                     "replaying statement {} ({}) failed: {e}",
                     i + 1,
@@ -920,7 +977,7 @@ impl Session {
                 )));
             }
             if h != r.hash_after {
-                roll_back_and_release(conn).await;
+                roll_back_and_release(conn, within);
                 return Err(aborted(format!(
                     "tidemark ran this transaction's reads on a replica; moving it to the primary to write, statement {} ({}) answered differently there (the data changed since the replica's snapshot)",
                     i + 1,
