@@ -19,6 +19,8 @@ pub struct DevOptions {
     /// Nodes serve TLS only (`ssl = on`, `hostssl` in pg_hba) and tidemark connects to them
     /// with `sslmode = verify-full` against a throwaway certificate authority.
     pub server_tls: bool,
+    /// `routing.transactions` (the config's default when `None`).
+    pub transactions: Option<crate::config::TxMode>,
 }
 
 /// Certificates for nodes that accept TLS only: a new CA and a server certificate for
@@ -123,6 +125,9 @@ pub async fn run(opts: DevOptions) -> anyhow::Result<()> {
     let cluster = started_cluster?;
     let mut cfg = config_for(&cluster, &opts.listen);
     cfg.metrics.listen = opts.metrics_listen.clone();
+    if let Some(t) = opts.transactions {
+        cfg.routing.transactions = t;
+    }
     if let Some(ca) = &ca {
         cfg.server_tls = verify_full(ca.clone());
     }

@@ -61,6 +61,10 @@ enum Cmd {
         /// connects to them with server_tls.sslmode = verify-full.
         #[arg(long)]
         server_tls: bool,
+        /// Where transactions run (routing.transactions): primary, read_only (the default)
+        /// or optimistic (plain transactions start on replicas; docs/routing.md).
+        #[arg(long)]
+        transactions: Option<tidemark::config::TxMode>,
     },
 }
 
@@ -140,6 +144,7 @@ fn main() -> ExitCode {
                 keep,
                 metrics_listen,
                 server_tls,
+                transactions,
             }) => {
                 tidemark::dev::run(tidemark::dev::DevOptions {
                     listen: cli.listen.unwrap_or_else(|| "127.0.0.1:6432".into()),
@@ -149,6 +154,7 @@ fn main() -> ExitCode {
                     keep,
                     metrics_listen: Some(metrics_listen),
                     server_tls,
+                    transactions,
                 })
                 .await
             }

@@ -609,3 +609,47 @@ async fn sqlx(transactions: TxMode) {
     let proxied = sqlx_scenarios(&proxy_url, "p").await;
     compare("sqlx", &direct, &proxied);
 }
+
+/// What a new user runs: `tidemark dev --transactions optimistic` (two replicas, the second
+/// 200 ms behind) and psycopg in its default mode, every request's statements in a
+/// transaction. The connection that writes reads its own rows in its next transaction, 500 of
+/// 500; once writes stop, at least 90 % of the write-free requests run on a replica. (With
+/// `--transactions read_only`, the default, 0 of 200 do.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psycopg_default_mode_requests_through_tidemark_dev() {
+    let dev = common::dev::Dev::start(&[
+        "--replicas",
+        "2",
+        "--replica-delay",
+        "200ms",
+        "--transactions",
+        "optimistic",
+    ])
+    .await;
+    let dsn = format!(
+        "host=127.0.0.1 port={} user=postgres dbname=postgres",
+        dev.port
+    );
+    let out = tokio::task::block_in_place(|| {
+        let mut c = python();
+        c.arg(drivers_dir().join("psycopg_requests.py"))
+            .arg(&dsn)
+            .arg("500");
+        run("psycopg", c)
+    });
+    println!("psycopg default mode through tidemark dev: {out:?}");
+    let n = |k: &str| out.get(k).and_then(Value::as_u64).unwrap_or(u64::MAX);
+    assert_eq!(
+        n("stale"),
+        0,
+        "the writer's own transactions read stale rows"
+    );
+    assert_eq!(n("wrong_counts"), 0);
+    assert_eq!(n("requests"), 200);
+    assert!(
+        n("on_replica") >= 180,
+        "{} of 200 write-free requests on a replica",
+        n("on_replica")
+    );
+    drop(dev);
+}

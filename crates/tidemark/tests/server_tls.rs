@@ -232,71 +232,10 @@ async fn verify_full_checks_the_host_name_and_verify_ca_does_not() {
 /// writes through it run over TLS on the primary and on a replica.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tidemark_dev_with_server_tls_serves_reads_and_writes_over_tls() {
-    use std::io::{BufRead, BufReader};
-    use std::process::{Command, Stdio};
-    let free_port = || {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("free port")
-            .port()
-    };
-    let (port, metrics) = (free_port(), free_port());
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tidemark"))
-        .args([
-            "dev",
-            "--server-tls",
-            "--replicas",
-            "1",
-            "--replica-delay",
-            "0",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--metrics-listen",
-            &format!("127.0.0.1:{metrics}"),
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("tidemark dev starts");
-    let stdout = child.stdout.take().expect("stdout");
-    // Ends the dev process (and its cluster) whatever the test's outcome.
-    struct Stop(std::process::Child);
-    impl Drop for Stop {
-        fn drop(&mut self) {
-            unsafe { libc::kill(self.0.id() as i32, libc::SIGINT) };
-            let deadline = std::time::Instant::now() + Duration::from_secs(20);
-            while std::time::Instant::now() < deadline {
-                if let Ok(Some(_)) = self.0.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let stop = Stop(child);
-    // Read stdout to its end on a thread of its own (a closed pipe would make the dev
-    // process's next print fail), handing lines over until the banner's last one.
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let lines = tokio::task::spawn_blocking(move || {
-        let mut seen = Vec::new();
-        while let Ok(line) = rx.recv_timeout(Duration::from_secs(60)) {
-            let done = line.contains("Press Ctrl-C");
-            seen.push(line);
-            if done {
-                break;
-            }
-        }
-        seen
-    })
-    .await
-    .expect("stdout reader");
+    let dev =
+        common::dev::Dev::start(&["--server-tls", "--replicas", "1", "--replica-delay", "0"]).await;
+    let port = dev.port;
+    let lines = dev.banner.clone();
     let text = lines.join("\n");
     assert!(text.contains("tidemark dev is ready"), "{text}");
     assert!(text.contains("TLS only (hostssl)"), "{text}");
@@ -338,5 +277,5 @@ async fn tidemark_dev_with_server_tls_serves_reads_and_writes_over_tls() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    drop(stop);
+    drop(dev);
 }

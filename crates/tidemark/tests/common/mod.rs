@@ -2,6 +2,7 @@
 //! running in the test's own runtime.
 #![allow(dead_code)]
 
+pub mod dev;
 pub mod raw;
 
 use std::time::Duration;
