@@ -111,6 +111,9 @@ pub struct App {
     pub classifier: Classifier,
     /// What optimistic transactions learned per shape, and their outcomes.
     pub transactions: crate::tx_shapes::TxShapes,
+    /// Replica positions checked in the same round trip as the read they gate: [caught up,
+    /// behind] (also `tidemark_replica_checks_total`).
+    pub replica_checks: [std::sync::atomic::AtomicU64; 2],
     pub keys: Arc<dyn KeyStore>,
     /// The highest commit position acknowledged to any client: `causal` reads depend on it.
     pub causal: tidemark_core::CausalFloor,
@@ -166,6 +169,7 @@ impl App {
             view_changed: Notify::new(),
             classifier,
             transactions: Default::default(),
+            replica_checks: Default::default(),
             keys,
             causal: tidemark_core::CausalFloor::new(),
             shared,

@@ -330,6 +330,12 @@ pub fn transaction_replay(bytes: usize) {
     counter!("tidemark_transaction_replayed_bytes_total").increment(bytes as u64);
 }
 
+/// A replica's position checked in the same round trip as the read it gates
+/// (`tidemark_replica_checks_total{result="caught_up"|"behind"}`).
+pub fn replica_check(result: &'static str) {
+    counter!("tidemark_replica_checks_total", "result" => result).increment(1);
+}
+
 pub fn lsn_wait(d: Duration, outcome: &'static str) {
     histogram!("tidemark_lsn_wait_seconds", "outcome" => outcome).record(d.as_secs_f64());
 }

@@ -99,3 +99,86 @@ async fn without_tracking_the_same_workload_is_stale() {
         "expected stale reads without tracking, got {stale}"
     );
 }
+
+/// A read right after the session's write goes to the replica with the check of its replay
+/// position in the same round trip. When the replica has replayed the write (an undelayed
+/// replica), the read is answered from it; when it has not (replay paused), the read's
+/// answers there are dropped unseen — rows, an error for a table it lacks, output larger than
+/// what tidemark holds back, a statement prepared in the unit — and the client gets exactly
+/// the primary's answer, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_replica_check_rides_with_the_read_and_a_behind_replica_shows_nothing() {
+    use std::sync::atomic::Ordering;
+    let env = start(&[None], |c| {
+        c.routing.wait = tidemark::config::WaitMode::Fixed;
+        c.routing.max_wait = Duration::from_millis(50);
+    })
+    .await;
+    let checks = |i: usize| env.proxy.app.replica_checks[i].load(Ordering::Relaxed);
+    let c = env.client().await;
+    exec(&c, "CREATE TABLE spec (id int PRIMARY KEY, v text)").await;
+    // Caught up: 0 stale, and the checks that rode with the reads mostly found it so.
+    let (stale, on_replica) = rounds(&c, "spec", 200, false).await;
+    let (stale_e, on_replica_e) = {
+        exec(&c, "CREATE TABLE spec_e (id int PRIMARY KEY, v text)").await;
+        rounds(&c, "spec_e", 200, true).await
+    };
+    println!(
+        "undelayed replica: {stale}+{stale_e} stale of 400, {} on the replica; checks with the read: {} caught up, {} behind",
+        on_replica + on_replica_e,
+        checks(0),
+        checks(1)
+    );
+    assert_eq!(stale + stale_e, 0);
+    assert!(checks(0) > 0, "no check rode with a read");
+    assert!(on_replica + on_replica_e > 200);
+
+    // Replay paused: every read after a write is checked, found behind, answered by the
+    // primary.
+    let replica = connect(&env.cluster.dsn(1)).await;
+    exec(&replica, "SELECT pg_wal_replay_pause()").await;
+    let behind_before = checks(1);
+    for i in 0..5 {
+        exec(&c, &format!("INSERT INTO spec VALUES ({}, 'p')", 1000 + i)).await;
+        // Rows the replica lacks.
+        let n = scalar(
+            &c,
+            &format!("SELECT count(*) FROM spec WHERE id = {}", 1000 + i),
+        )
+        .await;
+        assert_eq!(n, "1", "round {i}");
+        // A table the replica lacks: its 42P01 there is not the client's.
+        exec(&c, &format!("CREATE TABLE spec_new_{i} (id int)")).await;
+        assert_eq!(
+            scalar(&c, &format!("SELECT count(*) FROM spec_new_{i}")).await,
+            "0",
+            "round {i}"
+        );
+        // Over 256 KiB of rows: dropped there, relayed once from the primary.
+        exec(&c, &format!("INSERT INTO spec VALUES ({}, 'q')", 2000 + i)).await;
+        let big = c
+            .query(
+                "SELECT g, repeat('x', 1000), (SELECT count(*) FROM spec WHERE id = $1) FROM generate_series(1, 1000) g",
+                &[&(2000 + i)],
+            )
+            .await
+            .expect("a large read");
+        assert_eq!(big.len(), 1000, "round {i}");
+        assert!(big.iter().all(|r| r.get::<_, i64>(2) == 1), "round {i}");
+        // A named statement prepared in a unit that ran on the behind replica, used again.
+        exec(&c, &format!("INSERT INTO spec VALUES ({}, 'r')", 3000 + i)).await;
+        let st = c
+            .prepare(&format!("SELECT v FROM spec WHERE id = {}", 3000 + i))
+            .await
+            .expect("prepare");
+        for _ in 0..3 {
+            let r = c.query_one(&st, &[]).await.expect("the prepared read");
+            assert_eq!(r.get::<_, String>(0), "r", "round {i}");
+        }
+    }
+    assert!(
+        checks(1) > behind_before,
+        "no check found the paused replica behind"
+    );
+    exec(&replica, "SELECT pg_wal_replay_resume()").await;
+}

@@ -60,7 +60,7 @@ use crate::tx_shapes::TxOutcome;
 use commit::*;
 use databases::*;
 use optimistic::*;
-use placement::CheckoutFailure;
+use placement::{CheckoutFailure, Speculation};
 use relay::*;
 use rewrite::*;
 pub use settings::startup_to_sets;
@@ -178,6 +178,11 @@ pub struct Session {
     /// reached the client, the transaction begins anew on the primary with it and the unit
     /// runs there (as a plain read would be retried).
     first_unit_retry: Option<String>,
+    /// `decide` may answer a read that must check a replica's position with the replica
+    /// itself, the check to be sent with the read (set by `execute` for a unit that allows it).
+    speculate_ok: bool,
+    /// A read sent to a replica with its check in the same round trip (see [`Speculation`]).
+    speculation: Option<Speculation>,
     /// This client's pool on each node, looked up once (pools live as long as the process).
     pools: Vec<Option<Arc<crate::pool::Pool>>>,
 }
@@ -265,6 +270,8 @@ impl Session {
             optx: None,
             tx_shape: None,
             first_unit_retry: None,
+            speculate_ok: false,
+            speculation: None,
             pools: Vec::new(),
         };
         s.recompute_state_key();
@@ -572,6 +579,12 @@ impl Session {
                 }
             }
             Ok(RelayOutcome::RetryOnPrimary(why)) => return Ok(Some(why)),
+            // (`execute` handles it; should it come here, the primary answers.)
+            Ok(RelayOutcome::NotCaughtUp) => {
+                return Ok(Some(
+                    "the replica had not replayed what the read depends on".into(),
+                ))
+            }
             Err(RelayError::Client(e)) => return Err(e),
             Err(RelayError::Server(e)) => self.server_failed(e, may_commit).await?,
         }
@@ -596,7 +609,15 @@ impl Session {
                 && matches!(analysis.class, Class::Transaction(TxControl::Begin { .. })));
         if self.attached.is_none() {
             self.wait_while_paused().await;
+            // A read outside a transaction, ended by Sync or a simple query, may be sent to a
+            // replica together with the check of its position (one round trip, not two).
+            self.speculate_ok = read_only
+                && self.tx_status == TxStatus::Idle
+                && !self.unit_open
+                && !self.pinned
+                && !self.unit_may_copy(&unit);
             let decision = self.decide(&analysis, read_only).await;
+            self.speculate_ok = false;
             let (mut conn, node, role, reason) = match decision {
                 Ok(d) => d,
                 Err(e) => return self.send_error_ready(e, unit.end).await,
@@ -613,11 +634,14 @@ impl Session {
             } else {
                 "replica"
             };
-            crate::metrics::routed(
-                analysis.class.label(),
-                target,
-                read_only.then(|| reason.as_str()),
-            );
+            if self.speculation.is_none() {
+                // (A speculative read is counted where it ends up.)
+                crate::metrics::routed(
+                    analysis.class.label(),
+                    target,
+                    read_only.then(|| reason.as_str()),
+                );
+            }
             self.last_route = Some((node, reason));
             self.attached = Some(Attached { conn, node, role });
         } else {
@@ -655,7 +679,52 @@ impl Session {
                 *key = STATE_DIRTY;
             }
         }
-        let outcome = self.send_and_relay(&unit, retryable, pipeline).await;
+        let mut outcome = self.send_and_relay(&unit, retryable, pipeline).await;
+        if let Some(spec) = self.speculation.take() {
+            if matches!(outcome, Ok(RelayOutcome::NotCaughtUp)) {
+                // The replica had not replayed it: wait and route as without the speculation.
+                crate::metrics::replica_check("behind");
+                self.app.replica_checks[1].fetch_add(1, Ordering::Relaxed);
+                if let Some(att) = self.attached.take() {
+                    att.conn.release();
+                }
+                let left = spec.budget.saturating_sub(spec.start.elapsed());
+                let decision = self
+                    .wait_for_replica(spec.candidates, spec.required, spec.fallback, left)
+                    .await;
+                let (mut conn, node, role, reason) = match decision {
+                    Ok(d) => d,
+                    Err(e) => return self.send_error_ready(e, unit.end).await,
+                };
+                if let Err(e) = self.sync_state(&mut conn).await {
+                    let f = match e {
+                        ServerError::Server(f) => f,
+                        other => ErrorFields::error("08006", other.to_string()),
+                    };
+                    return self.send_error_ready(f, unit.end).await;
+                }
+                let target = if role == Role::Primary {
+                    "primary"
+                } else {
+                    "replica"
+                };
+                crate::metrics::routed(analysis.class.label(), target, Some(reason.as_str()));
+                self.last_route = Some((node, reason));
+                self.attached = Some(Attached { conn, node, role });
+                outcome = self.send_and_relay(&unit, retryable, pipeline).await;
+            } else {
+                crate::metrics::routed(
+                    analysis.class.label(),
+                    "replica",
+                    Some(Reason::ReplicaCaughtUp.as_str()),
+                );
+                if matches!(outcome, Ok(RelayOutcome::Done { .. })) {
+                    crate::metrics::replica_check("caught_up");
+                    self.app.replica_checks[0].fetch_add(1, Ordering::Relaxed);
+                    crate::metrics::lsn_wait(spec.start.elapsed(), "replica");
+                }
+            }
+        }
         self.optx_answered();
         let Some(why) = self
             .settle(outcome, may_write, may_commit, &analysis)

@@ -334,6 +334,20 @@ impl Session {
                 required_lsn,
                 fallback,
             } => {
+                if self.speculate_ok {
+                    if let Some(cand) = candidates.first().copied() {
+                        if let Ok(c) = self.checkout(cand).await {
+                            self.speculation = Some(Speculation {
+                                candidates,
+                                required: required_lsn,
+                                fallback,
+                                budget,
+                                start: Instant::now(),
+                            });
+                            return Ok((c, cand, Role::Replica, Reason::ReplicaCaughtUp));
+                        }
+                    }
+                }
                 self.wait_for_replica(candidates, required_lsn, fallback, budget)
                     .await
             }
@@ -432,6 +446,21 @@ impl Session {
             }
         }
     }
+}
+
+/// A read sent to the most advanced replica candidate together with the check of its
+/// position, in one write (`SELECT pg_last_wal_replay_lsn()`, then the read): when the
+/// replica has replayed what the read depends on — the common case a moment after a write at
+/// low lag — the read costs one round trip instead of two (a check, then the read). When it
+/// has not, the read's answers are dropped unseen (it is a read: running it changed nothing)
+/// and routing goes on as it would have: polling the candidates within what is left of the
+/// wait budget, then the fallback.
+pub(super) struct Speculation {
+    pub(super) candidates: Vec<NodeId>,
+    pub(super) required: Lsn,
+    pub(super) fallback: Option<NodeId>,
+    pub(super) budget: Duration,
+    pub(super) start: Instant,
 }
 
 /// Why a checkout failed: what routing may do next depends on it (an unreachable replica's

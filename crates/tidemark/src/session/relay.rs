@@ -22,6 +22,10 @@ pub(super) enum Exp {
     /// tidemark's own `SELECT pg_current_wal_insert_lsn()`, pipelined after a unit that
     /// ends a writing transaction; its responses are read, never relayed.
     Capture,
+    /// tidemark's own `SELECT pg_last_wal_replay_lsn()`, sent to a replica in the same write
+    /// as the read it gates (see `Speculation`): if the replica reports less than this, the
+    /// read's answers are read and dropped, never relayed.
+    Check(Lsn),
     /// A response tidemark makes itself (e.g. ParseComplete for a statement the server
     /// connection already has), emitted in its place in the stream.
     Synth(Frame),
@@ -45,6 +49,10 @@ pub(super) enum RelayOutcome {
     /// Nothing reached the client (a read held back from a replica failed): run the unit
     /// again on the primary. The reason, with its SQLSTATE first when the server gave one.
     RetryOnPrimary(String),
+    /// The replica, asked in the same round trip as the read, had not replayed what the read
+    /// depends on: the read ran there but nothing reached the client; the connection is
+    /// clean (its ReadyForQuery was read).
+    NotCaughtUp,
 }
 
 /// Why a relay failed: the client's side or the server's.
@@ -119,6 +127,9 @@ impl Relay<'_> {
     let mut last_heard = Instant::now();
     let mut errored = false;
     let mut captured: Option<Captured> = None;
+    // The replica check before the unit said "behind": the unit's answers are dropped.
+    let mut behind = false;
+    let mut check_ok = false;
     // One timer per session, re-armed only once it has fired: arming a fresh timer for every
     // unit showed in the per-statement profile. The first check of a unit may so come sooner
     // than NODE_CHECK_INTERVAL; `looks_dead` measures silence from `last_heard`, not from it.
@@ -149,7 +160,10 @@ impl Relay<'_> {
                 // position, which arrives right behind it: the causal floor is raised before
                 // the client can act on the acknowledgement (see `after_ready`).
                 let awaiting_capture = matches!(exp.front(), Some(Exp::Capture));
-                if io.pending_out() > 0
+                if behind {
+                    // Nothing of it will be sent: keep no more than nothing.
+                    io.truncate_out(start_out);
+                } else if io.pending_out() > 0
                     && !awaiting_capture
                     && (!hold || io.pending_out() - start_out > MAX_HELD_OUTPUT)
                 {
@@ -230,6 +244,24 @@ impl Relay<'_> {
             }
             _ => {}
         }
+        if let Some(Exp::Check(required)) = exp.front() {
+            // The replica's answer to the check, read before anything of the unit.
+            match kind {
+                BackendMessage::DataRow => {
+                    check_ok = be::data_row_values(&frame)
+                        .ok()
+                        .and_then(|r| r.into_iter().next().flatten())
+                        .and_then(|v| v.parse::<Lsn>().ok())
+                        .is_some_and(|at| at >= *required);
+                }
+                BackendMessage::ReadyForQuery => {
+                    exp.pop_front();
+                    behind = !check_ok;
+                }
+                _ => {}
+            }
+            continue;
+        }
         if let Some(h) = hash.as_deref_mut() {
             fold_reply(h, kind, &frame);
         }
@@ -276,7 +308,7 @@ impl Relay<'_> {
                 let recovery_only = f.code == "0A000"
                     && (f.message.contains("during recovery")
                         || f.message.contains("in a hot standby"));
-                if hold && !flushed && not_replayed_yet(&f.code) {
+                if hold && !flushed && !behind && not_replayed_yet(&f.code) {
                     // An object the replica does not have (yet): a table, column, schema,
                     // function or type another session just created. The primary answers —
                     // with PostgreSQL's own error if the object exists nowhere.
@@ -284,7 +316,7 @@ impl Relay<'_> {
                     drain_to_ready(conn, exp).await.map_err(RelayError::Server)?;
                     return Ok(RelayOutcome::RetryOnPrimary(format!("{} {}", f.code, f.message)));
                 }
-                if hold && !flushed && (f.code == "25006" || recovery_only) {
+                if hold && !flushed && !behind && (f.code == "25006" || recovery_only) {
                     // A replica refused a write it was sent, or a relation it cannot read
                     // (unlogged, temporary): retry on the primary.
                     io.truncate_out(start_out);
@@ -296,7 +328,9 @@ impl Relay<'_> {
                     };
                     return Ok(RelayOutcome::RetryOnPrimary(format!("{code} {}", f.message)));
                 }
-                crate::metrics::error(&f.code);
+                if !behind {
+                    crate::metrics::error(&f.code);
+                }
             }
             io.push(&frame);
             errored = true;
@@ -354,6 +388,10 @@ impl Relay<'_> {
                     })?;
                 *unit_ready = Some((status, errored));
                 if exp.is_empty() {
+                    if behind {
+                        io.truncate_out(start_out);
+                        return Ok(RelayOutcome::NotCaughtUp);
+                    }
                     return Ok(RelayOutcome::Done {
                         status,
                         errored,
@@ -570,6 +608,16 @@ impl Session {
         {
             out.extend_from_slice(fe::query(capture_sql(&self.app)).raw());
             exp.push_back(Exp::Capture);
+        }
+        if att.role == Role::Replica {
+            if let Some(required) = self.speculation.as_ref().map(|s| s.required) {
+                // The replica check goes in the same write, before the read (one round trip).
+                let mut with_check =
+                    bytes::BytesMut::from(&fe::query("SELECT pg_last_wal_replay_lsn()").raw()[..]);
+                with_check.extend_from_slice(&out);
+                out = with_check;
+                exp.push_front(Exp::Check(required));
+            }
         }
         if !out.is_empty() {
             conn.send(&out).await?;
