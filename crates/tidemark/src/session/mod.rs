@@ -591,6 +591,46 @@ impl Session {
         Ok(None)
     }
 
+    /// Attaches the connection routing chose, brought to the session's state, and (`count`)
+    /// counts the route; `false` when it failed and the client has the error.
+    async fn attach(
+        &mut self,
+        decision: Result<(Checked, NodeId, Role, Reason), ErrorFields>,
+        end: UnitEnd,
+        class: &'static str,
+        read: bool,
+        count: bool,
+    ) -> SResult<bool> {
+        let (mut conn, node, role, reason) = match decision {
+            Ok(d) => d,
+            Err(e) => {
+                self.speculation = None;
+                self.send_error_ready(e, end).await?;
+                return Ok(false);
+            }
+        };
+        if let Err(e) = self.sync_state(&mut conn).await {
+            self.speculation = None;
+            let f = match e {
+                ServerError::Server(f) => f,
+                other => ErrorFields::error("08006", other.to_string()),
+            };
+            self.send_error_ready(f, end).await?;
+            return Ok(false);
+        }
+        if count {
+            let target = if role == Role::Primary {
+                "primary"
+            } else {
+                "replica"
+            };
+            crate::metrics::routed(class, target, read.then(|| reason.as_str()));
+        }
+        self.last_route = Some((node, reason));
+        self.attached = Some(Attached { conn, node, role });
+        Ok(true)
+    }
+
     /// Decides where the unit goes and runs it there.
     async fn execute(&mut self, unit: Unit, analysis: Arc<Analysis>) -> SResult<()> {
         // A deferred BEGIN, an optimistic transaction's placement, recording and move.
@@ -618,32 +658,14 @@ impl Session {
                 && !self.unit_may_copy(&unit);
             let decision = self.decide(&analysis, read_only).await;
             self.speculate_ok = false;
-            let (mut conn, node, role, reason) = match decision {
-                Ok(d) => d,
-                Err(e) => return self.send_error_ready(e, unit.end).await,
-            };
-            if let Err(e) = self.sync_state(&mut conn).await {
-                let f = match e {
-                    ServerError::Server(f) => f,
-                    other => ErrorFields::error("08006", other.to_string()),
-                };
-                return self.send_error_ready(f, unit.end).await;
+            // (A speculative read is counted where it ends up.)
+            let count = self.speculation.is_none();
+            if !self
+                .attach(decision, unit.end, analysis.class.label(), read_only, count)
+                .await?
+            {
+                return Ok(());
             }
-            let target = if role == Role::Primary {
-                "primary"
-            } else {
-                "replica"
-            };
-            if self.speculation.is_none() {
-                // (A speculative read is counted where it ends up.)
-                crate::metrics::routed(
-                    analysis.class.label(),
-                    target,
-                    read_only.then(|| reason.as_str()),
-                );
-            }
-            self.last_route = Some((node, reason));
-            self.attached = Some(Attached { conn, node, role });
         } else {
             crate::metrics::routed(analysis.class.label(), "pinned", None);
         }
@@ -692,25 +714,12 @@ impl Session {
                 let decision = self
                     .wait_for_replica(spec.candidates, spec.required, spec.fallback, left)
                     .await;
-                let (mut conn, node, role, reason) = match decision {
-                    Ok(d) => d,
-                    Err(e) => return self.send_error_ready(e, unit.end).await,
-                };
-                if let Err(e) = self.sync_state(&mut conn).await {
-                    let f = match e {
-                        ServerError::Server(f) => f,
-                        other => ErrorFields::error("08006", other.to_string()),
-                    };
-                    return self.send_error_ready(f, unit.end).await;
+                if !self
+                    .attach(decision, unit.end, analysis.class.label(), true, true)
+                    .await?
+                {
+                    return Ok(());
                 }
-                let target = if role == Role::Primary {
-                    "primary"
-                } else {
-                    "replica"
-                };
-                crate::metrics::routed(analysis.class.label(), target, Some(reason.as_str()));
-                self.last_route = Some((node, reason));
-                self.attached = Some(Attached { conn, node, role });
                 outcome = self.send_and_relay(&unit, retryable, pipeline).await;
             } else {
                 crate::metrics::routed(
