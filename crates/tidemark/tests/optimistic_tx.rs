@@ -832,3 +832,89 @@ async fn a_primary_that_stops_answering_during_the_move_does_not_hold_the_client
     let c2 = connect(&cluster.dsn(0)).await;
     assert_eq!(scalar(&c2, "SELECT v FROM hung WHERE id = 1").await, "10");
 }
+
+/// `BEGIN; SELECT …` sent as one simple query (node-postgres users write this; so do
+/// scripts): the transaction starts on the replica all the same, and a later write replays
+/// the whole query — its BEGIN included — on the primary. `BEGIN; SELECT …; COMMIT` in one
+/// query runs on the replica from end to end. Both answer what PostgreSQL answers directly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn begin_and_reads_in_one_query_start_on_the_replica() {
+    let env = setup().await;
+    let primary = env.node(0).await;
+    let replica = env.cluster.port(1).to_string();
+    let c = env.client().await;
+    exec(&c, "INSERT INTO orders VALUES (7)").await;
+    caught_up(&env).await;
+    let direct = env.node(0).await;
+
+    // Complete, read-only: on the replica, the same rows and tags as directly.
+    let sql =
+        "BEGIN; SELECT id, paid FROM orders WHERE id = 7; SELECT count(*) FROM charges; COMMIT";
+    let shape = |m: &[tokio_postgres::SimpleQueryMessage]| -> Vec<String> {
+        m.iter()
+            .map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(r) => (0..r.len())
+                    .map(|i| r.get(i).unwrap_or("NULL").to_string())
+                    .collect::<Vec<_>>()
+                    .join(","),
+                tokio_postgres::SimpleQueryMessage::CommandComplete(n) => format!("complete {n}"),
+                _ => "other".to_string(),
+            })
+            .collect()
+    };
+    let replica_runs = count(&env, "replica");
+    let through = c.simple_query(sql).await.expect("through tidemark");
+    let want = direct.simple_query(sql).await.expect("directly");
+    assert_eq!(shape(&through), shape(&want));
+    assert_eq!(
+        count(&env, "replica"),
+        replica_runs + 1,
+        "ran on the replica"
+    );
+    let ports = rows(
+        &c.simple_query("BEGIN; SELECT inet_server_port(); COMMIT")
+            .await
+            .unwrap(),
+    );
+    assert_eq!(ports[0][0].as_deref(), Some(replica.as_str()));
+
+    // Open: on the replica, then a write moves it (the query replayed with its BEGIN).
+    let replayed = count(&env, "replayed");
+    let m = c
+        .simple_query("BEGIN; SELECT paid FROM orders WHERE id = 7")
+        .await
+        .expect("BEGIN and a read");
+    assert_eq!(rows(&m)[0][0].as_deref(), Some("f"));
+    // (Not `inet_server_port()` here: the replay would answer the primary's, and diverge.)
+    exec(&c, "UPDATE orders SET paid = true WHERE id = 7").await;
+    exec(&c, "INSERT INTO charges VALUES (7)").await;
+    exec(&c, "COMMIT").await;
+    assert_eq!(count(&env, "replayed"), replayed + 1);
+    assert_eq!(
+        scalar(&primary, "SELECT count(*) FROM charges WHERE order_id = 7").await,
+        "1"
+    );
+    assert_eq!(
+        scalar(&primary, "SELECT paid FROM orders WHERE id = 7").await,
+        "t"
+    );
+
+    // The data changed between the replica's read and the write: 40001, nothing written.
+    caught_up(&env).await;
+    let m = c
+        .simple_query("BEGIN; SELECT paid FROM orders WHERE id = 7")
+        .await
+        .unwrap();
+    assert_eq!(rows(&m)[0][0].as_deref(), Some("t"));
+    exec(&primary, "UPDATE orders SET paid = false WHERE id = 7").await;
+    let e = c
+        .simple_query("INSERT INTO charges VALUES (8)")
+        .await
+        .expect_err("the primary's answer differs");
+    assert_eq!(code(&e), "40001", "{e:?}");
+    exec(&c, "ROLLBACK").await;
+    assert_eq!(
+        scalar(&primary, "SELECT count(*) FROM charges WHERE order_id = 8").await,
+        "0"
+    );
+}

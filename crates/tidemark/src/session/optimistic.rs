@@ -619,13 +619,58 @@ impl Session {
             return Ok(OptStep::Normal);
         }
         let Some((sql, class)) = self.single_statement(unit, a) else {
-            return Ok(OptStep::Normal);
+            return self.begin_with_its_reads(unit, a).await;
         };
         let Some(tag) = self.defer_begin(sql, &class) else {
             return Ok(OptStep::Normal);
         };
         crate::metrics::routed(a.class.label(), "deferred", None);
         self.answer_here(unit, tag, None, TxStatus::InBlock).await
+    }
+
+    /// `BEGIN; SELECT …[; COMMIT]` sent as one simple query (`optimistic` mode): a plain BEGIN
+    /// followed only by what may run in an optimistic transaction on a replica. The unit is
+    /// placed like the first unit after a deferred BEGIN, and runs as it was sent (on a hot
+    /// standby the client's own `BEGIN` is read-only): on a replica it is recorded, and a
+    /// later write replays it — its BEGIN included — on the primary.
+    async fn begin_with_its_reads(&mut self, unit: &Unit, a: &Arc<Analysis>) -> SResult<OptStep> {
+        if self.tx_mode != TxMode::Optimistic || unit.end != UnitEnd::Query || unit.msgs.len() != 1
+        {
+            return Ok(OptStep::Normal);
+        }
+        let plain = match a.statements.first() {
+            Some(Class::Transaction(TxControl::Begin {
+                read_only: None,
+                isolation,
+                ..
+            })) => match isolation {
+                Some(i) => i != "serializable",
+                None => !self.tx_defaults.serializable && !self.tx_defaults.read_only,
+            },
+            _ => false,
+        };
+        // A COMMIT or ROLLBACK only last: what follows it would run outside the transaction.
+        let ends_inside = a.statements.iter().skip(1).rev().skip(1).all(|c| {
+            !matches!(
+                c,
+                Class::Transaction(TxControl::Commit | TxControl::Rollback)
+            )
+        });
+        if !plain || !ends_inside || !self.optx_reads(unit, a) {
+            return Ok(OptStep::Normal);
+        }
+        self.optx = Some(Optx {
+            phase: Phase::Deferred,
+            // The unit carries the BEGIN.
+            begin_sql: String::new(),
+            replica_begin: String::new(),
+            recorded: Vec::new(),
+            bytes: 0,
+            declared: false,
+            overflow: false,
+            hash: HASH_START,
+        });
+        self.place_deferred(unit, a).await
     }
 
     /// No transaction, connection, pinning or hint stands in the way of deferring a BEGIN.
@@ -819,7 +864,12 @@ impl Session {
         };
         let app = self.app.clone();
         let watch = watch_on(&app, node);
-        if let Err(e) = begin_on(&mut conn.conn, &begin, &watch).await {
+        let begun = if begin.is_empty() {
+            Ok(())
+        } else {
+            begin_on(&mut conn.conn, &begin, &watch).await
+        };
+        if let Err(e) = begun {
             let f = match e {
                 ServerError::Server(f) => {
                     conn.release();
@@ -878,7 +928,12 @@ impl Session {
         end: UnitEnd,
     ) -> SResult<Result<(), ()>> {
         let app = self.app.clone();
-        if let Err(e) = begin_on(&mut conn.conn, begin, &watch_on(&app, node)).await {
+        let begun = if begin.is_empty() {
+            Ok(())
+        } else {
+            begin_on(&mut conn.conn, begin, &watch_on(&app, node)).await
+        };
+        if let Err(e) = begun {
             conn.conn.broken = true;
             let f = match e {
                 ServerError::Server(f) => ErrorFields::error(&f.code, f.message),
@@ -962,7 +1017,12 @@ impl Session {
         let app = self.app.clone();
         let watch = watch_on(&app, p);
         let within = watch.timeout;
-        if let Err(e) = begin_on(&mut conn.conn, &o.begin_sql, &watch).await {
+        let begun = if o.begin_sql.is_empty() {
+            Ok(())
+        } else {
+            begin_on(&mut conn.conn, &o.begin_sql, &watch).await
+        };
+        if let Err(e) = begun {
             roll_back_and_release(conn, within);
             return Err(fail(e.to_string()));
         }
