@@ -286,6 +286,29 @@ impl ServerConn {
         }
     }
 
+    /// The leading run of complete messages already buffered that `take` accepts (it sees
+    /// each message's tag, in order, and stops the run by returning false), removed from the
+    /// buffer and given to `sink` as one slice. Only headers are read: `take` must accept
+    /// only messages the protocol state ignores (see [`Self::observe`]), never
+    /// ReadyForQuery, ErrorResponse, CopyInResponse or CopyBothResponse.
+    /// True when a run was taken.
+    pub fn take_run(&mut self, mut take: impl FnMut(u8) -> bool, sink: impl FnOnce(&[u8])) -> bool {
+        let mut n = 0;
+        while let Some((tag, total)) = self.codec.peek(&self.rbuf[n..]) {
+            if !take(tag) {
+                break;
+            }
+            debug_assert!(!matches!(tag, b'Z' | b'E' | b'G' | b'W'));
+            n += total;
+        }
+        if n == 0 {
+            return false;
+        }
+        sink(&self.rbuf[..n]);
+        self.rbuf.advance(n);
+        true
+    }
+
     /// Takes a frame that is already buffered, without reading.
     pub fn try_buffered(&mut self) -> Result<Option<Frame>, ServerError> {
         match self.codec.decode(&mut self.rbuf) {

@@ -61,6 +61,7 @@ use commit::*;
 use databases::*;
 use optimistic::*;
 use placement::CheckoutFailure;
+pub use relay::RELAYED_RUNS;
 use relay::*;
 use rewrite::*;
 pub use settings::startup_to_sets;

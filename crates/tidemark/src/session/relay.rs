@@ -2,6 +2,10 @@
 
 use super::*;
 
+/// Runs of server answers relayed as bytes (see `plain_step`): visible to tests, which show
+/// the shortcut is taken.
+pub static RELAYED_RUNS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// Output held back from a replica (so a failed read can be retried invisibly).
 pub(super) const MAX_HELD_OUTPUT: usize = 256 * 1024;
 
@@ -140,6 +144,13 @@ impl Relay<'_> {
         if exp.is_empty() {
             io.flush().await.map_err(RelayError::Client)?;
             return Ok(RelayOutcome::Open);
+        }
+        // Answers that are only copied to the client (rows, and the completions that only
+        // pop their expectation) go as one slice, decoding only their headers; anything
+        // else ends the run and goes through the loop below (see `plain_step`).
+        if hash.is_none() && conn.take_run(|tag| plain_step(exp, tag), |b| io.push_raw(b)) {
+            RELAYED_RUNS.fetch_add(1, Ordering::Relaxed);
+            continue;
         }
         // Process everything already buffered before waiting.
         let frame = match conn.try_buffered() {
@@ -412,6 +423,37 @@ impl Relay<'_> {
             (r, _) => r,
         }
     }
+}
+
+/// Whether the relay loop would only copy a server message with `tag` to the client (and pop
+/// the expectation it answers, which this does): such messages are relayed as bytes, in runs,
+/// without decoding each. Everything else stops the run and goes through the loop: ReadyForQuery,
+/// ErrorResponse, notices, ParameterStatus, notifications, COPY, ParseComplete when it is hidden
+/// or registers a statement, anything while a commit position is read, anything unexpected.
+/// None of the messages taken changes the connection's protocol state
+/// (`tidemark_wire::state::ServerState::received`).
+fn plain_step(exp: &mut VecDeque<Exp>, tag: u8) -> bool {
+    let pop = match (exp.front(), tag) {
+        (None | Some(Exp::Capture | Exp::Synth(_)), _) => return false,
+        (Some(_), b'D') => false,
+        (Some(Exp::Query), b'T' | b'C' | b'I') => false,
+        (Some(Exp::Describe), b't') => false,
+        (Some(Exp::Bind), b'2') | (Some(Exp::Close), b'3') => true,
+        (Some(Exp::Describe), b'T' | b'n') => true,
+        (Some(Exp::Execute), b'C' | b'I' | b's') => true,
+        (
+            Some(Exp::Parse {
+                visible: true,
+                register: None,
+            }),
+            b'1',
+        ) => true,
+        _ => return false,
+    };
+    if pop {
+        exp.pop_front();
+    }
+    true
 }
 
 /// The client frames already read into `io`: COPY data (while the server copies in) goes to
