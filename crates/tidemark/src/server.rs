@@ -309,6 +309,22 @@ impl ServerConn {
         true
     }
 
+    /// Reads more bytes from the server into the buffer, decoding nothing (cancel-safe).
+    pub async fn read_more(&mut self) -> Result<(), ServerError> {
+        let n = match self.stream.read_buf(&mut self.rbuf).await {
+            Ok(n) => n,
+            Err(e) => {
+                self.proto.set_lost();
+                return Err(e.into());
+            }
+        };
+        if n == 0 {
+            self.proto.set_lost();
+            return Err(ServerError::Closed);
+        }
+        Ok(())
+    }
+
     /// Takes a frame that is already buffered, without reading.
     pub fn try_buffered(&mut self) -> Result<Option<Frame>, ServerError> {
         match self.codec.decode(&mut self.rbuf) {

@@ -150,7 +150,9 @@ impl Relay<'_> {
         // else ends the run and goes through the loop below (see `plain_step`).
         if hash.is_none() && conn.take_run(|tag| plain_step(exp, tag), |b| io.push_raw(b)) {
             RELAYED_RUNS.fetch_add(1, Ordering::Relaxed);
-            continue;
+            if exp.is_empty() || matches!(exp.front(), Some(Exp::Synth(_))) {
+                continue;
+            }
         }
         // Process everything already buffered before waiting.
         let frame = match conn.try_buffered() {
@@ -177,12 +179,14 @@ impl Relay<'_> {
                         io.flush().await.map_err(RelayError::Client)?;
                         return Err(RelayError::Client(ClientError::Closed));
                     }
-                    r = conn.recv() => match r {
-                        Ok(f) => {
+                    // Bytes only: what arrived is taken at the top of the loop, in runs
+                    // where it can be (see `plain_step`).
+                    r = conn.read_more() => match r {
+                        Ok(()) => {
                             // Frames already buffered were heard with this read: one clock
                             // read per socket read, not per message.
                             last_heard = Instant::now();
-                            f
+                            continue;
                         }
                         Err(e) => {
                             if hold && !flushed {
