@@ -111,6 +111,8 @@ pub struct Session {
     signal: Arc<ClientSignal>,
     /// The relay's node-check timer, made at the first unit and kept (see `relay::Relay`).
     node_check: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    /// The metric handles of this session's last routing (see `metrics::routed_cached`).
+    routed_cache: crate::metrics::RoutedCache,
     /// Session pooling: the client was given its server's own pid and key.
     real_pid: bool,
     /// SET statements from the startup packet, then from the client, by parameter name.
@@ -223,6 +225,7 @@ impl Session {
             info,
             signal,
             node_check: None,
+            routed_cache: Default::default(),
             real_pid: false,
             startup_sets: startup.into_iter().map(|(_, s)| s).collect(),
             sets: Vec::new(),
@@ -608,7 +611,8 @@ impl Session {
             } else {
                 "replica"
             };
-            crate::metrics::routed(
+            crate::metrics::routed_cached(
+                &mut self.routed_cache,
                 analysis.class.label(),
                 target,
                 read_only.then(|| reason.as_str()),
@@ -616,7 +620,12 @@ impl Session {
             self.last_route = Some((node, reason));
             self.attached = Some(Attached { conn, node, role });
         } else {
-            crate::metrics::routed(analysis.class.label(), "pinned", None);
+            crate::metrics::routed_cached(
+                &mut self.routed_cache,
+                analysis.class.label(),
+                "pinned",
+                None,
+            );
         }
         let may_write = analysis.class.may_write()
             || matches!(
