@@ -589,16 +589,35 @@ impl Session {
         };
         let skipping = self.server_skipping;
         let conn = &mut att.conn.conn;
-        let Rewritten { mut out, mut exp } = rewrite(
-            unit,
-            &Prepared {
-                statements: &self.statements,
-                unnamed: self.unnamed.as_deref(),
-                on_server: &conn.prepared,
+        // A unit that is one simple query goes to the server as the client sent it, without
+        // a rewrite buffer (what `rewrite` would make of it: the same bytes, one Query owed).
+        let mut verbatim = match unit.msgs.as_slice() {
+            [m] if !skipping
+                && matches!(
+                    m.msg,
+                    FrontendMessage::Query(_) | FrontendMessage::NonUtf8 { simple: true, .. }
+                ) =>
+            {
+                Some(m.frame.raw())
+            }
+            _ => None,
+        };
+        let Rewritten { mut out, mut exp } = match verbatim {
+            Some(_) => Rewritten {
+                out: bytes::BytesMut::new(),
+                exp: VecDeque::from([Exp::Query]),
             },
-            skipping,
-        )
-        .map_err(|e| RelayError::Client(e.into()))?;
+            None => rewrite(
+                unit,
+                &Prepared {
+                    statements: &self.statements,
+                    unnamed: self.unnamed.as_deref(),
+                    on_server: &conn.prepared,
+                },
+                skipping,
+            )
+            .map_err(|e| RelayError::Client(e.into()))?,
+        };
         *self.cancel_slot.lock() = Some(CancelTarget {
             node: conn.endpoint.clone(),
             pid: conn.backend_pid,
@@ -614,11 +633,16 @@ impl Session {
             && matches!(unit.end, UnitEnd::Sync | UnitEnd::Query)
             && !skipping
         {
+            if let Some(raw) = verbatim.take() {
+                out.extend_from_slice(raw);
+            }
             out.extend_from_slice(fe::query(capture_sql(&self.app)).raw());
             exp.push_back(Exp::Capture);
         }
-        if !out.is_empty() {
-            conn.send(&out).await?;
+        match verbatim {
+            Some(raw) => conn.send(raw).await?,
+            None if !out.is_empty() => conn.send(&out).await?,
+            None => {}
         }
         let hold = retryable && att.role == Role::Replica;
         let watch = NodeWatch {

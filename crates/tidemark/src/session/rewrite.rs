@@ -260,6 +260,24 @@ mod tests {
             .collect()
     }
 
+    /// `send_and_relay` sends a unit of one simple query as the client sent it, owing one
+    /// Query, without calling `rewrite` (unless the server is skipping to Sync): that is what
+    /// `rewrite` makes of it.
+    #[test]
+    fn a_single_simple_query_is_sent_as_it_came() {
+        let statements = HashMap::new();
+        let none = HashSet::new();
+        let p = Prepared {
+            statements: &statements,
+            unnamed: None,
+            on_server: &none,
+        };
+        let q = fe::query("SELECT abalance FROM pgbench_accounts WHERE aid = 7");
+        let r = rewrite(&unit(std::slice::from_ref(&q), UnitEnd::Query), &p, false).unwrap();
+        assert_eq!(&r.out[..], q.raw());
+        assert_eq!(kinds(&r.exp), ["Query"]);
+    }
+
     #[test]
     fn a_bound_statement_the_connection_lacks_is_parsed_first_invisibly_and_once() {
         let mut statements = HashMap::new();
