@@ -19,6 +19,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use crate::config::SslMode;
 use crate::server_tls::{NodeTls, ServerStream};
 
+/// A set of statement names (looked up for every Bind: foldhash, as the classification cache's
+/// keys, rather than SipHash, which showed in the per-statement profile).
+pub type Names = HashSet<String, foldhash::fast::RandomState>;
+
 /// Where and as whom to connect.
 #[derive(Clone, Debug)]
 pub struct ServerTarget {
@@ -83,7 +87,7 @@ pub struct ServerConn {
     pub backend_pid: i32,
     pub backend_secret: i32,
     /// Statement names (tidemark's global names) prepared on this connection.
-    pub prepared: HashSet<String>,
+    pub prepared: Names,
     /// Hash of the session state (SETs) last applied; 0 = pristine.
     pub state_key: u64,
     pub created: Instant,
@@ -116,7 +120,7 @@ impl ServerConn {
             params: Vec::new(),
             backend_pid: 0,
             backend_secret: 0,
-            prepared: HashSet::new(),
+            prepared: Names::default(),
             state_key: 0,
             created: now,
             last_used: now,

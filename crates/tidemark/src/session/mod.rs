@@ -82,6 +82,9 @@ enum UnitEnd {
     Size,
 }
 
+/// A client's prepared statements by name (looked up for every Bind; see `server::Names`).
+type Statements = HashMap<String, Arc<Stmt>, foldhash::fast::RandomState>;
+
 /// A routing unit: client messages decoded once at intake, and what ended the unit.
 struct Unit {
     msgs: Vec<ClientMessage>,
@@ -136,7 +139,7 @@ pub struct Session {
     /// This session's spreading seed: sessions are spread over eligible replicas round-robin,
     /// and one session's reads stay on one replica while it stays eligible (see `decide`).
     balance: u64,
-    statements: HashMap<String, Arc<Stmt>>,
+    statements: Statements,
     unnamed: Option<Arc<Stmt>>,
     attached: Option<Attached>,
     /// The client must stay on one primary connection (LISTEN, temp tables, ...).
@@ -240,7 +243,7 @@ impl Session {
             applied: None,
             last_route: None,
             balance,
-            statements: HashMap::new(),
+            statements: Statements::default(),
             unnamed: None,
             attached: None,
             pinned,

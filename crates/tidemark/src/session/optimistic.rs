@@ -31,7 +31,7 @@ pub(super) struct Recorded {
     unit: Unit,
     /// The client's statements the unit names, as they were when it ran (a later Close must
     /// not break the replay).
-    stmts: HashMap<String, Arc<Stmt>>,
+    stmts: Statements,
     unnamed: Option<Arc<Stmt>>,
     /// The running hash of the answers once this unit was answered.
     pub(super) hash_after: u64,
@@ -421,7 +421,7 @@ impl Session {
 
     /// Records a unit about to run on the replica.
     fn record(&mut self, unit: &Unit) {
-        let mut stmts = HashMap::new();
+        let mut stmts = Statements::default();
         let mut unnamed = None;
         for m in &unit.msgs {
             let name = match &m.msg {
