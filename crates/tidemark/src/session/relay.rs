@@ -220,7 +220,15 @@ impl Relay<'_> {
                     }
                 }
             }
-            Err(e) => return Err(RelayError::Server(e)),
+            Err(e) => {
+                // A malformed message: as when it arrives while waiting (the select reads
+                // bytes only, so that is where it used to be found), a held read is retried.
+                if hold && !flushed {
+                    io.truncate_out(start_out);
+                    return Ok(RelayOutcome::RetryOnPrimary(e.to_string()));
+                }
+                return Err(RelayError::Server(e));
+            }
         };
         let kind = frame.backend();
         tracing::trace!(?kind, front = ?exp.front().map(|e| format!("{e:?}").chars().take(20).collect::<String>()), "server frame");
