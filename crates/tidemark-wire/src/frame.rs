@@ -81,6 +81,25 @@ impl FrameCodec {
         self.max_len = max_len;
     }
 
+    /// The tag and total length of the complete, valid message at the front of `buf` (only
+    /// its header is read), or `None` when more bytes are needed or the header is one
+    /// [`FrameCodec::decode`] rejects (it then reports the error).
+    #[inline]
+    pub fn peek(&self, buf: &[u8]) -> Option<(u8, usize)> {
+        if buf.len() < 5 {
+            return None;
+        }
+        let len = i32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as i64;
+        if len < 4 {
+            return None;
+        }
+        let total = len as usize + 1;
+        if total > self.max_len || buf.len() < total {
+            return None;
+        }
+        Some((buf[0], total))
+    }
+
     /// Takes one complete message off the front of `buf`, or `None` if more bytes are needed.
     pub fn decode(&self, buf: &mut BytesMut) -> Result<Option<Frame>, WireError> {
         if buf.len() < 5 {
@@ -171,6 +190,18 @@ mod tests {
         assert_eq!(codec.decode(&mut buf).unwrap(), Some(a));
         assert_eq!(codec.decode(&mut buf).unwrap(), Some(b));
         assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn peek_agrees_with_decode() {
+        let codec = FrameCodec::new(100);
+        let a = Frame::new(b'D', b"abc");
+        assert_eq!(codec.peek(a.raw()), Some((b'D', a.raw().len())));
+        assert_eq!(codec.peek(&a.raw()[..a.raw().len() - 1]), None);
+        assert_eq!(codec.peek(&[b'Q', 0, 0, 0, 2]), None);
+        assert_eq!(codec.peek(&[b'Q', 0, 0, 1, 0]), None);
+        assert_eq!(codec.peek(&[b'Q', 0xff, 0xff, 0xff, 0xff]), None);
+        assert_eq!(codec.peek(&[b'Q', 0, 0]), None);
     }
 
     #[test]

@@ -284,6 +284,64 @@ fn count2(
         .increment(1)
 }
 
+/// The counter handles of a session's last [`routed_cached`] label values: a session's units
+/// mostly route alike, and even the thread-local handle lookups of [`routed`] showed in the
+/// per-statement profile.
+#[derive(Default)]
+pub struct RoutedCache {
+    key: Option<(StaticId, StaticId, Option<StaticId>)>,
+    statements: Option<Counter>,
+    reads: Option<Counter>,
+}
+
+/// [`routed`], with the handles kept in the session's `cache` while the label values stay
+/// the same.
+pub fn routed_cached(
+    cache: &mut RoutedCache,
+    class: &'static str,
+    target: &'static str,
+    read: Option<&'static str>,
+) {
+    if !INSTALLED.load(Ordering::Relaxed) {
+        return routed(class, target, read);
+    }
+    let key = (id(class), id(target), read.map(id));
+    if cache.key != Some(key) {
+        let handle = |name: &'static str, k1, v1, k2, v2| {
+            COUNTERS.with(|c| {
+                c.borrow_mut()
+                    .entry((id(name), id(v1), id(v2)))
+                    .or_insert_with(|| counter!(name, k1 => v1, k2 => v2))
+                    .clone()
+            })
+        };
+        cache.statements = Some(handle(
+            "tidemark_statements_total",
+            "class",
+            class,
+            "target",
+            target,
+        ));
+        cache.reads =
+            read.map(|reason| handle("tidemark_reads_total", "target", target, "reason", reason));
+        cache.key = Some(key);
+    }
+    if let Some(c) = &cache.statements {
+        c.increment(1);
+    }
+    if let Some(c) = &cache.reads {
+        c.increment(1);
+    }
+    let read = read.map(|_| {
+        if target == "replica" {
+            recent::Event::ReplicaRead
+        } else {
+            recent::Event::PrimaryRead
+        }
+    });
+    recent::add2(recent::Event::Statement, read);
+}
+
 /// One routed unit: `tidemark_statements_total` by class and target, and for a read also
 /// `tidemark_reads_total` by target and reason (`read`), in one pass (the per-statement path).
 pub fn routed(class: &'static str, target: &'static str, read: Option<&'static str>) {

@@ -19,6 +19,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use crate::config::SslMode;
 use crate::server_tls::{NodeTls, ServerStream};
 
+/// A set of statement names (looked up for every Bind: foldhash, as the classification cache's
+/// keys, rather than SipHash, which showed in the per-statement profile).
+pub type Names = HashSet<String, foldhash::fast::RandomState>;
+
 /// Where and as whom to connect.
 #[derive(Clone, Debug)]
 pub struct ServerTarget {
@@ -83,7 +87,7 @@ pub struct ServerConn {
     pub backend_pid: i32,
     pub backend_secret: i32,
     /// Statement names (tidemark's global names) prepared on this connection.
-    pub prepared: HashSet<String>,
+    pub prepared: Names,
     /// Hash of the session state (SETs) last applied; 0 = pristine.
     pub state_key: u64,
     pub created: Instant,
@@ -116,7 +120,7 @@ impl ServerConn {
             params: Vec::new(),
             backend_pid: 0,
             backend_secret: 0,
-            prepared: HashSet::new(),
+            prepared: Names::default(),
             state_key: 0,
             created: now,
             last_used: now,
@@ -284,6 +288,45 @@ impl ServerConn {
                 return Err(ServerError::Closed);
             }
         }
+    }
+
+    /// The leading run of complete messages already buffered that `take` accepts (it sees
+    /// each message's tag, in order, and stops the run by returning false), removed from the
+    /// buffer and given to `sink` as one slice. Only headers are read: `take` must accept
+    /// only messages the protocol state ignores (see [`Self::observe`]), never
+    /// ReadyForQuery, ErrorResponse, CopyInResponse or CopyBothResponse.
+    /// True when a run was taken.
+    pub fn take_run(&mut self, mut take: impl FnMut(u8) -> bool, sink: impl FnOnce(&[u8])) -> bool {
+        let mut n = 0;
+        while let Some((tag, total)) = self.codec.peek(&self.rbuf[n..]) {
+            if !take(tag) {
+                break;
+            }
+            debug_assert!(!matches!(tag, b'Z' | b'E' | b'G' | b'W'));
+            n += total;
+        }
+        if n == 0 {
+            return false;
+        }
+        sink(&self.rbuf[..n]);
+        self.rbuf.advance(n);
+        true
+    }
+
+    /// Reads more bytes from the server into the buffer, decoding nothing (cancel-safe).
+    pub async fn read_more(&mut self) -> Result<(), ServerError> {
+        let n = match self.stream.read_buf(&mut self.rbuf).await {
+            Ok(n) => n,
+            Err(e) => {
+                self.proto.set_lost();
+                return Err(e.into());
+            }
+        };
+        if n == 0 {
+            self.proto.set_lost();
+            return Err(ServerError::Closed);
+        }
+        Ok(())
     }
 
     /// Takes a frame that is already buffered, without reading.

@@ -298,8 +298,7 @@ impl Session {
     /// transaction (or is an autocommit write) and nobody needs the position before the
     /// client's ReadyForQuery (keys and `report_lsn` need it first, so they don't pipeline).
     pub(super) fn pipeline_capture(&self, analysis: &Analysis, may_write: bool) -> bool {
-        if !self.app.config.load().routing.track_writes
-            || self.report_lsn
+        if self.report_lsn
             || self.key.is_some()
             || self.tx_key.is_some()
             || analysis.hints.key.is_some()
@@ -315,11 +314,14 @@ impl Session {
                 Class::Transaction(TxControl::Commit | TxControl::Rollback)
             )
         });
-        if self.tx_status == TxStatus::Idle {
+        let wanted = if self.tx_status == TxStatus::Idle {
             may_write && !begins
         } else {
             (self.tx_wrote || may_write) && ends
-        }
+        };
+        // The configuration last: a read never needs it (its load showed in the
+        // per-statement profile).
+        wanted && self.app.config.load().routing.track_writes
     }
 
     /// A COPY FROM in the unit would read a pipelined query as copy data: such units are

@@ -61,6 +61,7 @@ use commit::*;
 use databases::*;
 use optimistic::*;
 use placement::{CheckoutFailure, Speculation};
+pub use relay::RELAYED_RUNS;
 use relay::*;
 use rewrite::*;
 pub use settings::startup_to_sets;
@@ -80,6 +81,9 @@ enum UnitEnd {
     Flush,
     Size,
 }
+
+/// A client's prepared statements by name (looked up for every Bind; see `server::Names`).
+type Statements = HashMap<String, Arc<Stmt>, foldhash::fast::RandomState>;
 
 /// A routing unit: client messages decoded once at intake, and what ended the unit.
 struct Unit {
@@ -110,6 +114,8 @@ pub struct Session {
     signal: Arc<ClientSignal>,
     /// The relay's node-check timer, made at the first unit and kept (see `relay::Relay`).
     node_check: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    /// The metric handles of this session's last routing (see `metrics::routed_cached`).
+    routed_cache: crate::metrics::RoutedCache,
     /// Session pooling: the client was given its server's own pid and key.
     real_pid: bool,
     /// SET statements from the startup packet, then from the client, by parameter name.
@@ -133,7 +139,7 @@ pub struct Session {
     /// This session's spreading seed: sessions are spread over eligible replicas round-robin,
     /// and one session's reads stay on one replica while it stays eligible (see `decide`).
     balance: u64,
-    statements: HashMap<String, Arc<Stmt>>,
+    statements: Statements,
     unnamed: Option<Arc<Stmt>>,
     attached: Option<Attached>,
     /// The client must stay on one primary connection (LISTEN, temp tables, ...).
@@ -232,6 +238,7 @@ impl Session {
             info,
             signal,
             node_check: None,
+            routed_cache: Default::default(),
             real_pid: false,
             startup_sets: startup.into_iter().map(|(_, s)| s).collect(),
             sets: Vec::new(),
@@ -246,7 +253,7 @@ impl Session {
             applied: None,
             last_route: None,
             balance,
-            statements: HashMap::new(),
+            statements: Statements::default(),
             unnamed: None,
             attached: None,
             pinned,
@@ -624,7 +631,12 @@ impl Session {
             } else {
                 "replica"
             };
-            crate::metrics::routed(class, target, read.then(|| reason.as_str()));
+            crate::metrics::routed_cached(
+                &mut self.routed_cache,
+                class,
+                target,
+                read.then(|| reason.as_str()),
+            );
         }
         self.last_route = Some((node, reason));
         self.attached = Some(Attached { conn, node, role });
@@ -667,7 +679,12 @@ impl Session {
                 return Ok(());
             }
         } else {
-            crate::metrics::routed(analysis.class.label(), "pinned", None);
+            crate::metrics::routed_cached(
+                &mut self.routed_cache,
+                analysis.class.label(),
+                "pinned",
+                None,
+            );
         }
         let may_write = analysis.class.may_write()
             || matches!(

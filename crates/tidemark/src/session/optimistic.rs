@@ -34,7 +34,7 @@ pub(super) struct Recorded {
     unit: Unit,
     /// The client's statements the unit names, as they were when it ran (a later Close must
     /// not break the replay).
-    stmts: HashMap<String, Arc<Stmt>>,
+    stmts: Statements,
     unnamed: Option<Arc<Stmt>>,
     /// The running hash of the answers once this unit was answered.
     pub(super) hash_after: u64,
@@ -256,11 +256,7 @@ async fn replay_unit(
 
 /// The node watch for `node` (see [`NodeWatch`]).
 fn watch_on(app: &App, node: NodeId) -> NodeWatch<'_> {
-    NodeWatch {
-        app,
-        node,
-        timeout: app.config.load().monitor.timeout,
-    }
+    NodeWatch { app, node }
 }
 
 /// `conn.recv()` for the exchanges tidemark runs on its own (a deferred BEGIN, a replay), with
@@ -480,7 +476,7 @@ impl Session {
 
     /// Records a unit about to run on the replica.
     fn record(&mut self, unit: &Unit) {
-        let mut stmts = HashMap::new();
+        let mut stmts = Statements::default();
         let mut unnamed = None;
         for m in &unit.msgs {
             let name = match &m.msg {
@@ -1016,7 +1012,7 @@ impl Session {
         }
         let app = self.app.clone();
         let watch = watch_on(&app, p);
-        let within = watch.timeout;
+        let within = app.config.load().monitor.timeout;
         let begun = if o.begin_sql.is_empty() {
             Ok(())
         } else {

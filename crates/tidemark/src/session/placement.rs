@@ -196,6 +196,10 @@ impl Session {
 
     /// While an operator has paused tidemark (admin `PAUSE`), new transactions wait.
     pub(super) async fn wait_while_paused(&self) {
+        // Not paused (the per-statement case): no receiver to make and drop.
+        if !*self.app.paused.borrow() {
+            return;
+        }
         let mut rx = self.app.paused.subscribe();
         while *rx.borrow_and_update() {
             if rx.changed().await.is_err() {

@@ -2,6 +2,10 @@
 
 use super::*;
 
+/// Runs of server answers relayed as bytes (see `plain_step`): visible to tests, which show
+/// the shortcut is taken.
+pub static RELAYED_RUNS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// Output held back from a replica (so a failed read can be retried invisibly).
 pub(super) const MAX_HELD_OUTPUT: usize = 256 * 1024;
 
@@ -152,6 +156,15 @@ impl Relay<'_> {
             io.flush().await.map_err(RelayError::Client)?;
             return Ok(RelayOutcome::Open);
         }
+        // Answers that are only copied to the client (rows, and the completions that only
+        // pop their expectation) go as one slice, decoding only their headers; anything
+        // else ends the run and goes through the loop below (see `plain_step`).
+        if hash.is_none() && conn.take_run(|tag| plain_step(exp, tag), |b| io.push_raw(b)) {
+            RELAYED_RUNS.fetch_add(1, Ordering::Relaxed);
+            if exp.is_empty() || matches!(exp.front(), Some(Exp::Synth(_))) {
+                continue;
+            }
+        }
         // Process everything already buffered before waiting.
         let frame = match conn.try_buffered() {
             Ok(Some(f)) => f,
@@ -180,12 +193,14 @@ impl Relay<'_> {
                         io.flush().await.map_err(RelayError::Client)?;
                         return Err(RelayError::Client(ClientError::Closed));
                     }
-                    r = conn.recv() => match r {
-                        Ok(f) => {
+                    // Bytes only: what arrived is taken at the top of the loop, in runs
+                    // where it can be (see `plain_step`).
+                    r = conn.read_more() => match r {
+                        Ok(()) => {
                             // Frames already buffered were heard with this read: one clock
                             // read per socket read, not per message.
                             last_heard = Instant::now();
-                            f
+                            continue;
                         }
                         Err(e) => {
                             if hold && !flushed {
@@ -219,7 +234,15 @@ impl Relay<'_> {
                     }
                 }
             }
-            Err(e) => return Err(RelayError::Server(e)),
+            Err(e) => {
+                // A malformed message: as when it arrives while waiting (the select reads
+                // bytes only, so that is where it used to be found), a held read is retried.
+                if hold && !flushed {
+                    io.truncate_out(start_out);
+                    return Ok(RelayOutcome::RetryOnPrimary(e.to_string()));
+                }
+                return Err(RelayError::Server(e));
+            }
         };
         let kind = frame.backend();
         tracing::trace!(?kind, front = ?exp.front().map(|e| format!("{e:?}").chars().take(20).collect::<String>()), "server frame");
@@ -452,6 +475,38 @@ impl Relay<'_> {
     }
 }
 
+/// Whether the relay loop would only copy a server message with `tag` to the client (and pop
+/// the expectation it answers, which this does): such messages are relayed as bytes, in runs,
+/// without decoding each. Everything else stops the run and goes through the loop: ReadyForQuery,
+/// ErrorResponse, notices, ParameterStatus, notifications, COPY, ParseComplete when it is hidden
+/// or registers a statement, anything while a commit position is read, anything unexpected.
+/// None of the messages taken changes the connection's protocol state
+/// (`tidemark_wire::state::ServerState::received`).
+fn plain_step(exp: &mut VecDeque<Exp>, tag: u8) -> bool {
+    let pop = match (exp.front(), tag) {
+        // tidemark's own exchanges are read, not relayed.
+        (None | Some(Exp::Capture | Exp::Check(_) | Exp::Synth(_)), _) => return false,
+        (Some(_), b'D') => false,
+        (Some(Exp::Query), b'T' | b'C' | b'I') => false,
+        (Some(Exp::Describe), b't') => false,
+        (Some(Exp::Bind), b'2') | (Some(Exp::Close), b'3') => true,
+        (Some(Exp::Describe), b'T' | b'n') => true,
+        (Some(Exp::Execute), b'C' | b'I' | b's') => true,
+        (
+            Some(Exp::Parse {
+                visible: true,
+                register: None,
+            }),
+            b'1',
+        ) => true,
+        _ => return false,
+    };
+    if pop {
+        exp.pop_front();
+    }
+    true
+}
+
 /// The client frames already read into `io`: COPY data (while the server copies in) goes to
 /// the server, anything else is kept, in order, for after the unit.
 async fn take_client_frames(
@@ -484,12 +539,13 @@ pub(super) const NODE_CHECK_INTERVAL: Duration = Duration::from_millis(250);
 pub(super) struct NodeWatch<'a> {
     pub(super) app: &'a App,
     pub(super) node: NodeId,
-    pub(super) timeout: Duration,
 }
 
 impl NodeWatch<'_> {
     pub(super) fn looks_dead(&self, last_heard: Instant) -> bool {
-        last_heard.elapsed() > self.timeout
+        // The monitor timeout is read only here, when the timer fires (reading the
+        // configuration per unit showed in the per-statement profile).
+        last_heard.elapsed() > self.app.config.load().monitor.timeout
             && !self
                 .app
                 .view
@@ -581,16 +637,35 @@ impl Session {
         };
         let skipping = self.server_skipping;
         let conn = &mut att.conn.conn;
-        let Rewritten { mut out, mut exp } = rewrite(
-            unit,
-            &Prepared {
-                statements: &self.statements,
-                unnamed: self.unnamed.as_deref(),
-                on_server: &conn.prepared,
+        // A unit that is one simple query goes to the server as the client sent it, without
+        // a rewrite buffer (what `rewrite` would make of it: the same bytes, one Query owed).
+        let mut verbatim = match unit.msgs.as_slice() {
+            [m] if !skipping
+                && matches!(
+                    m.msg,
+                    FrontendMessage::Query(_) | FrontendMessage::NonUtf8 { simple: true, .. }
+                ) =>
+            {
+                Some(m.frame.raw())
+            }
+            _ => None,
+        };
+        let Rewritten { mut out, mut exp } = match verbatim {
+            Some(_) => Rewritten {
+                out: bytes::BytesMut::new(),
+                exp: VecDeque::from([Exp::Query]),
             },
-            skipping,
-        )
-        .map_err(|e| RelayError::Client(e.into()))?;
+            None => rewrite(
+                unit,
+                &Prepared {
+                    statements: &self.statements,
+                    unnamed: self.unnamed.as_deref(),
+                    on_server: &conn.prepared,
+                },
+                skipping,
+            )
+            .map_err(|e| RelayError::Client(e.into()))?,
+        };
         *self.cancel_slot.lock() = Some(CancelTarget {
             node: conn.endpoint.clone(),
             pid: conn.backend_pid,
@@ -606,6 +681,9 @@ impl Session {
             && matches!(unit.end, UnitEnd::Sync | UnitEnd::Query)
             && !skipping
         {
+            if let Some(raw) = verbatim.take() {
+                out.extend_from_slice(raw);
+            }
             out.extend_from_slice(fe::query(capture_sql(&self.app)).raw());
             exp.push_back(Exp::Capture);
         }
@@ -614,19 +692,23 @@ impl Session {
                 // The replica check goes in the same write, before the read (one round trip).
                 let mut with_check =
                     bytes::BytesMut::from(&fe::query("SELECT pg_last_wal_replay_lsn()").raw()[..]);
-                with_check.extend_from_slice(&out);
+                match verbatim.take() {
+                    Some(raw) => with_check.extend_from_slice(raw),
+                    None => with_check.extend_from_slice(&out),
+                }
                 out = with_check;
                 exp.push_front(Exp::Check(required));
             }
         }
-        if !out.is_empty() {
-            conn.send(&out).await?;
+        match verbatim {
+            Some(raw) => conn.send(raw).await?,
+            None if !out.is_empty() => conn.send(&out).await?,
+            None => {}
         }
         let hold = retryable && att.role == Role::Replica;
         let watch = NodeWatch {
             app: &self.app,
             node: att.node,
-            timeout: self.app.config.load().monitor.timeout,
         };
         let notify_pid = (!self.real_pid).then_some(self.pid);
         let hash = if att.role == Role::Replica {

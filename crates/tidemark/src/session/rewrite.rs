@@ -7,8 +7,6 @@
 //! lacks is parsed first, invisibly; a Close of a named statement is answered here (the
 //! server keeps it for other clients with the same text).
 
-use std::collections::HashSet;
-
 use bytes::BytesMut;
 use tidemark_wire::frontend::Target;
 use tidemark_wire::WireError;
@@ -17,12 +15,12 @@ use super::*;
 
 /// What is prepared where: the client's statements and the server connection's.
 pub(super) struct Prepared<'a> {
-    pub(super) statements: &'a HashMap<String, Arc<Stmt>>,
+    pub(super) statements: &'a Statements,
     /// The client's unnamed statement, parsed in an earlier unit (maybe on another
     /// connection).
     pub(super) unnamed: Option<&'a Stmt>,
     /// Shared names the server connection has prepared.
-    pub(super) on_server: &'a HashSet<String>,
+    pub(super) on_server: &'a crate::server::Names,
 }
 
 /// A unit as sent to one server connection.
@@ -167,7 +165,7 @@ pub(super) fn rewrite(
 /// unless the server connection already has it or the unit parses it already.
 fn ensure_prepared(
     stmt: &Stmt,
-    on_server: &HashSet<String>,
+    on_server: &crate::server::Names,
     out: &mut BytesMut,
     exp: &mut VecDeque<Exp>,
     skipping: bool,
@@ -260,11 +258,29 @@ mod tests {
             .collect()
     }
 
+    /// `send_and_relay` sends a unit of one simple query as the client sent it, owing one
+    /// Query, without calling `rewrite` (unless the server is skipping to Sync): that is what
+    /// `rewrite` makes of it.
+    #[test]
+    fn a_single_simple_query_is_sent_as_it_came() {
+        let statements = Statements::default();
+        let none = crate::server::Names::default();
+        let p = Prepared {
+            statements: &statements,
+            unnamed: None,
+            on_server: &none,
+        };
+        let q = fe::query("SELECT abalance FROM pgbench_accounts WHERE aid = 7");
+        let r = rewrite(&unit(std::slice::from_ref(&q), UnitEnd::Query), &p, false).unwrap();
+        assert_eq!(&r.out[..], q.raw());
+        assert_eq!(kinds(&r.exp), ["Query"]);
+    }
+
     #[test]
     fn a_bound_statement_the_connection_lacks_is_parsed_first_invisibly_and_once() {
-        let mut statements = HashMap::new();
+        let mut statements = Statements::default();
         statements.insert("s1".to_string(), stmt("select 1"));
-        let none = HashSet::new();
+        let none = crate::server::Names::default();
         let p = Prepared {
             statements: &statements,
             unnamed: None,
@@ -302,10 +318,10 @@ mod tests {
 
     #[test]
     fn a_statement_the_connection_has_is_not_parsed_again_and_its_parse_is_answered_here() {
-        let mut statements = HashMap::new();
+        let mut statements = Statements::default();
         let s = stmt("select 22");
         statements.insert("s1".to_string(), s.clone());
-        let on_server: HashSet<String> = [s.global.clone()].into();
+        let on_server: crate::server::Names = [s.global.clone()].into_iter().collect();
         let p = Prepared {
             statements: &statements,
             unnamed: None,
@@ -338,9 +354,9 @@ mod tests {
 
     #[test]
     fn the_unnamed_statement_of_an_earlier_unit_is_parsed_again_before_its_bind() {
-        let statements = HashMap::new();
+        let statements = Statements::default();
         let earlier = stmt("select 333");
-        let none = HashSet::new();
+        let none = crate::server::Names::default();
         let p = Prepared {
             statements: &statements,
             unnamed: Some(&earlier),
@@ -369,9 +385,9 @@ mod tests {
 
     #[test]
     fn after_an_error_the_server_owes_nothing_but_the_ready_for_sync() {
-        let mut statements = HashMap::new();
+        let mut statements = Statements::default();
         statements.insert("s1".to_string(), stmt("select 1"));
-        let none = HashSet::new();
+        let none = crate::server::Names::default();
         let p = Prepared {
             statements: &statements,
             unnamed: None,
