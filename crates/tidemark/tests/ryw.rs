@@ -132,6 +132,24 @@ async fn the_replica_check_rides_with_the_read_and_a_behind_replica_shows_nothin
     assert_eq!(stale + stale_e, 0);
     assert!(checks(0) > 0, "no check rode with a read");
     assert!(on_replica + on_replica_e > 200);
+    // A replica that answered the check serves the session's next reads without another
+    // check, until the session writes again.
+    exec(&c, "INSERT INTO spec VALUES (500, 'again')").await;
+    let asked = checks(0) + checks(1);
+    let mut served = 0;
+    for _ in 0..20 {
+        let m = c
+            .simple_query("SELECT v, pg_is_in_recovery() FROM spec WHERE id = 500")
+            .await
+            .expect("read");
+        let r = rows(&m);
+        assert_eq!(r[0][0].as_deref(), Some("again"));
+        served += usize::from(r[0][1].as_deref() == Some("t"));
+    }
+    let asked = checks(0) + checks(1) - asked;
+    println!("20 reads after one write: {served} on the replica, {asked} checks");
+    assert!(asked <= 2, "{asked} checks for 20 reads of one write");
+    assert!(served >= 19, "{served} of 20 on the replica");
 
     // Replay paused: every read after a write is checked, found behind, answered by the
     // primary.

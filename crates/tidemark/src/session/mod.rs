@@ -745,6 +745,10 @@ impl Session {
                     Some(Reason::ReplicaCaughtUp.as_str()),
                 );
                 if matches!(outcome, Ok(RelayOutcome::Done { .. })) {
+                    if let Some(att) = &self.attached {
+                        let node = att.node;
+                        self.note_replayed(node, spec.required);
+                    }
                     crate::metrics::replica_check("caught_up");
                     self.app.replica_checks[0].fetch_add(1, Ordering::Relaxed);
                     crate::metrics::lsn_wait(spec.start.elapsed(), "replica");

@@ -359,6 +359,28 @@ impl Session {
         }
     }
 
+    /// `node` answered that it has replayed at least `at`: the session's later reads that
+    /// depend on no more than its last write go there without asking again (replay only moves
+    /// forward), as for a replica the primary reported at the commit (`Applied`). Kept while
+    /// the same primary is; the session's next write starts a new set.
+    pub(super) fn note_replayed(&mut self, node: NodeId, at: Lsn) {
+        let Some(p) = self.app.view.load().primary_id() else {
+            return;
+        };
+        match &mut self.applied {
+            Some((a, ap)) if *ap == p => {
+                if a.lsn <= at {
+                    a.nodes.insert(node);
+                }
+            }
+            _ => {
+                let mut nodes = NodeSet::EMPTY;
+                nodes.insert(node);
+                self.applied = Some((Applied { lsn: at, nodes }, p));
+            }
+        }
+    }
+
     /// Asks the most advanced replica for its replay position with a separate statement
     /// before the read, polling until it reaches `required` or the wait `budget` (see
     /// tidemark_core::wait) is spent. Every candidate is asked at least once.
@@ -413,6 +435,7 @@ impl Session {
                         other.release();
                     }
                     crate::metrics::lsn_wait(start.elapsed(), "replica");
+                    self.note_replayed(node, reported);
                     return Ok((c, node, role, reason));
                 }
             }
