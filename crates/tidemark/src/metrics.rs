@@ -332,7 +332,12 @@ pub fn routed_cached(
     if let Some(c) = &cache.reads {
         c.increment(1);
     }
-    let read = read.map(|_| {
+    recent_routed(target, read.is_some());
+}
+
+/// The status page's ring: a statement, and whether it was a read on a replica or the primary.
+fn recent_routed(target: &'static str, read: bool) {
+    let read = read.then(|| {
         if target == "replica" {
             recent::Event::ReplicaRead
         } else {
@@ -362,14 +367,7 @@ pub fn routed(class: &'static str, target: &'static str, read: Option<&'static s
             );
         }
     });
-    let read = read.map(|_| {
-        if target == "replica" {
-            recent::Event::ReplicaRead
-        } else {
-            recent::Event::PrimaryRead
-        }
-    });
-    recent::add2(recent::Event::Statement, read);
+    recent_routed(target, read.is_some());
 }
 
 pub fn fallback(reason: &'static str) {

@@ -276,17 +276,7 @@ impl ServerConn {
             if let Some(f) = self.try_buffered()? {
                 return Ok(f);
             }
-            let n = match self.stream.read_buf(&mut self.rbuf).await {
-                Ok(n) => n,
-                Err(e) => {
-                    self.proto.set_lost();
-                    return Err(e.into());
-                }
-            };
-            if n == 0 {
-                self.proto.set_lost();
-                return Err(ServerError::Closed);
-            }
+            self.read_more().await?;
         }
     }
 

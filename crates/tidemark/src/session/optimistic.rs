@@ -57,6 +57,21 @@ pub(super) struct Optx {
     pub(super) hash: u64,
 }
 
+impl Optx {
+    fn new(phase: Phase, begin_sql: String, replica_begin: String, declared: bool) -> Optx {
+        Optx {
+            phase,
+            begin_sql,
+            replica_begin,
+            recorded: Vec::new(),
+            bytes: 0,
+            declared,
+            overflow: false,
+            hash: HASH_START,
+        }
+    }
+}
+
 pub(super) enum OptStep {
     /// Answered here.
     Handled,
@@ -540,16 +555,12 @@ impl Session {
     /// The session's transaction fails here (no server holds it): the client is told `e`
     /// and gets 25P02 until COMMIT/ROLLBACK.
     async fn optx_fail(&mut self, e: ErrorFields, end: UnitEnd) -> SResult<OptStep> {
-        self.optx = Some(Optx {
-            phase: Phase::Failed,
-            begin_sql: String::new(),
-            replica_begin: String::new(),
-            recorded: Vec::new(),
-            bytes: 0,
-            declared: false,
-            overflow: false,
-            hash: HASH_START,
-        });
+        self.optx = Some(Optx::new(
+            Phase::Failed,
+            String::new(),
+            String::new(),
+            false,
+        ));
         self.tx_status = TxStatus::Failed;
         self.send_error_ready(e, end).await?;
         Ok(OptStep::Handled)
@@ -655,17 +666,13 @@ impl Session {
         if !plain || !ends_inside || !self.optx_reads(unit, a) {
             return Ok(OptStep::Normal);
         }
-        self.optx = Some(Optx {
-            phase: Phase::Deferred,
-            // The unit carries the BEGIN.
-            begin_sql: String::new(),
-            replica_begin: String::new(),
-            recorded: Vec::new(),
-            bytes: 0,
-            declared: false,
-            overflow: false,
-            hash: HASH_START,
-        });
+        // The unit carries the BEGIN: none to send before it.
+        self.optx = Some(Optx::new(
+            Phase::Deferred,
+            String::new(),
+            String::new(),
+            false,
+        ));
         self.place_deferred(unit, a).await
     }
 
@@ -775,16 +782,7 @@ impl Session {
         let tag = begin_tag(&sql);
         if read_only.unwrap_or(self.tx_defaults.read_only) {
             // Declared read-only: sent as it is, wherever it goes.
-            self.optx = Some(Optx {
-                phase: Phase::Deferred,
-                replica_begin: sql.clone(),
-                begin_sql: sql,
-                recorded: Vec::new(),
-                bytes: 0,
-                declared: true,
-                overflow: false,
-                hash: HASH_START,
-            });
+            self.optx = Some(Optx::new(Phase::Deferred, sql.clone(), sql, true));
             return Some(tag);
         }
         if !optimistic {
@@ -799,16 +797,7 @@ impl Session {
         if deferrable {
             replica_begin.push_str(" DEFERRABLE");
         }
-        self.optx = Some(Optx {
-            phase: Phase::Deferred,
-            begin_sql: sql,
-            replica_begin,
-            recorded: Vec::new(),
-            bytes: 0,
-            declared: false,
-            overflow: false,
-            hash: HASH_START,
-        });
+        self.optx = Some(Optx::new(Phase::Deferred, sql, replica_begin, false));
         Some(tag)
     }
 
