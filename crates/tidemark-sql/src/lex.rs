@@ -49,35 +49,30 @@ pub(crate) fn block_comment_end(s: &[u8], mut i: usize) -> Option<usize> {
 /// inside it, and an `E'…'` string takes backslash escapes. `None`: unterminated.
 #[inline]
 pub(crate) fn string_end(s: &[u8], i: usize) -> Option<usize> {
-    let n = s.len();
     let escapes = i > 0 && matches!(s[i - 1], b'e' | b'E') && (i < 2 || !is_ident(s[i - 2]));
-    let mut j = i + 1;
-    while j < n {
-        if escapes && s[j] == b'\\' {
-            j += 2;
-            continue;
-        }
-        if s[j] == b'\'' {
-            if s.get(j + 1) == Some(&b'\'') {
-                j += 2;
-                continue;
-            }
-            return Some(j + 1);
-        }
-        j += 1;
-    }
-    None
+    closing_quote(s, i, b'\'', escapes)
 }
 
 /// The end (exclusive) of the quoted identifier whose opening `"` is at `i` (`""` is a quote
 /// inside it). `None`: unterminated.
 #[inline]
 pub(crate) fn quoted_ident_end(s: &[u8], i: usize) -> Option<usize> {
+    closing_quote(s, i, b'"', false)
+}
+
+/// The end (exclusive) of the text quoted by `q` that opens at `i`: a doubled `q` is one
+/// inside it; with `escapes`, a backslash takes the next byte. `None`: unterminated.
+#[inline]
+fn closing_quote(s: &[u8], i: usize, q: u8, escapes: bool) -> Option<usize> {
     let n = s.len();
     let mut j = i + 1;
     while j < n {
-        if s[j] == b'"' {
-            if s.get(j + 1) == Some(&b'"') {
+        if escapes && s[j] == b'\\' {
+            j += 2;
+            continue;
+        }
+        if s[j] == q {
+            if s.get(j + 1) == Some(&q) {
                 j += 2;
                 continue;
             }

@@ -844,19 +844,7 @@ async fn copy_data_sent_with_the_copy_statement_is_not_left_behind() {
             let mut b = BytesMut::new();
             let copy = format!("COPY {table} (id, name) FROM STDIN");
             if extended {
-                frontend::parse("", &copy, [], &mut b).unwrap();
-                frontend::bind(
-                    "",
-                    "",
-                    [],
-                    [],
-                    |_: (), _: &mut BytesMut| Ok(postgres_protocol::IsNull::Yes),
-                    [],
-                    &mut b,
-                )
-                .map_err(|_| "bind")
-                .unwrap();
-                frontend::execute("", 0, &mut b).unwrap();
+                raw::unnamed_statement(&copy, false, &mut b);
                 frontend::sync(&mut b);
             } else {
                 frontend::query(&copy, &mut b).unwrap();
@@ -929,18 +917,7 @@ async fn answers_relayed_in_runs_are_the_servers_own() {
         r.send(&b).await;
         seen.extend(r.until_ready().await);
         let mut b = BytesMut::new();
-        frontend::parse("", "SELECT g FROM generate_series(1, 5) g", [], &mut b).unwrap();
-        frontend::bind(
-            "",
-            "",
-            [],
-            [],
-            |_: (), _: &mut BytesMut| Ok(postgres_protocol::IsNull::Yes),
-            [],
-            &mut b,
-        )
-        .map_err(|_| "bind")
-        .unwrap();
+        raw::parse_bind("SELECT g FROM generate_series(1, 5) g", &mut b);
         frontend::describe(b'S', "", &mut b).unwrap();
         frontend::execute("", 2, &mut b).unwrap();
         frontend::execute("", 2, &mut b).unwrap();

@@ -184,9 +184,6 @@ pub struct Session {
     /// reached the client, the transaction begins anew on the primary with it and the unit
     /// runs there (as a plain read would be retried).
     first_unit_retry: Option<String>,
-    /// `decide` may answer a read that must check a replica's position with the replica
-    /// itself, the check to be sent with the read (set by `execute` for a unit that allows it).
-    speculate_ok: bool,
     /// A read sent to a replica with its check in the same round trip (see [`Speculation`]).
     speculation: Option<Speculation>,
     /// This client's pool on each node, looked up once (pools live as long as the process).
@@ -277,7 +274,6 @@ impl Session {
             optx: None,
             tx_shape: None,
             first_unit_retry: None,
-            speculate_ok: false,
             speculation: None,
             pools: Vec::new(),
         };
@@ -598,6 +594,12 @@ impl Session {
         Ok(None)
     }
 
+    /// Counts a replica check that rode with its read (the metric, and `App::replica_checks`).
+    fn replica_checked(&self, caught_up: bool) {
+        crate::metrics::replica_check(if caught_up { "caught_up" } else { "behind" });
+        self.app.replica_checks[usize::from(!caught_up)].fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Attaches the connection routing chose, brought to the session's state, and (`count`)
     /// counts the route; `false` when it failed and the client has the error.
     async fn attach(
@@ -663,13 +665,12 @@ impl Session {
             self.wait_while_paused().await;
             // A read outside a transaction, ended by Sync or a simple query, may be sent to a
             // replica together with the check of its position (one round trip, not two).
-            self.speculate_ok = read_only
+            let speculate = read_only
                 && self.tx_status == TxStatus::Idle
                 && !self.unit_open
                 && !self.pinned
                 && !self.unit_may_copy(&unit);
-            let decision = self.decide(&analysis, read_only).await;
-            self.speculate_ok = false;
+            let decision = self.decide(&analysis, read_only, speculate).await;
             // (A speculative read is counted where it ends up.)
             let count = self.speculation.is_none();
             if !self
@@ -722,8 +723,7 @@ impl Session {
         if let Some(spec) = self.speculation.take() {
             if matches!(outcome, Ok(RelayOutcome::NotCaughtUp)) {
                 // The replica had not replayed it: wait and route as without the speculation.
-                crate::metrics::replica_check("behind");
-                self.app.replica_checks[1].fetch_add(1, Ordering::Relaxed);
+                self.replica_checked(false);
                 if let Some(att) = self.attached.take() {
                     att.conn.release();
                 }
@@ -739,7 +739,8 @@ impl Session {
                 }
                 outcome = self.send_and_relay(&unit, retryable, pipeline).await;
             } else {
-                crate::metrics::routed(
+                crate::metrics::routed_cached(
+                    &mut self.routed_cache,
                     analysis.class.label(),
                     "replica",
                     Some(Reason::ReplicaCaughtUp.as_str()),
@@ -749,8 +750,7 @@ impl Session {
                         let node = att.node;
                         self.note_replayed(node, spec.required);
                     }
-                    crate::metrics::replica_check("caught_up");
-                    self.app.replica_checks[0].fetch_add(1, Ordering::Relaxed);
+                    self.replica_checked(true);
                     crate::metrics::lsn_wait(spec.start.elapsed(), "replica");
                 }
             }

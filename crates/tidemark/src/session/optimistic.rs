@@ -303,12 +303,16 @@ async fn recv_watched(
 }
 
 /// Sends a `BEGIN …` and reads its answer (not relayed). Not `ServerConn::simple_query`, which
-/// takes a connection left in a transaction for broken (it is, here, on purpose).
+/// takes a connection left in a transaction for broken (it is, here, on purpose). An empty
+/// `sql` sends nothing: the transaction's first unit carries its own BEGIN.
 async fn begin_on(
     conn: &mut crate::server::ServerConn,
     sql: &str,
     watch: &NodeWatch<'_>,
 ) -> Result<(), ServerError> {
+    if sql.is_empty() {
+        return Ok(());
+    }
     conn.send(fe::query(sql).raw()).await?;
     let mut err = None;
     let mut last = Instant::now();
@@ -827,7 +831,7 @@ impl Session {
         let learned = reads && !declared && self.app.transactions.starts_on_primary(shape);
         let to_replica = reads && !learned;
         self.wait_while_paused().await;
-        let (mut conn, node, role, reason) = match self.decide(a, to_replica).await {
+        let (mut conn, node, role, reason) = match self.decide(a, to_replica, false).await {
             Ok(d) => d,
             Err(e) => return self.optx_fail(e, unit.end).await,
         };
@@ -849,12 +853,7 @@ impl Session {
         };
         let app = self.app.clone();
         let watch = watch_on(&app, node);
-        let begun = if begin.is_empty() {
-            Ok(())
-        } else {
-            begin_on(&mut conn.conn, &begin, &watch).await
-        };
-        if let Err(e) = begun {
+        if let Err(e) = begin_on(&mut conn.conn, &begin, &watch).await {
             let f = match e {
                 ServerError::Server(f) => {
                     conn.release();
@@ -913,12 +912,7 @@ impl Session {
         end: UnitEnd,
     ) -> SResult<Result<(), ()>> {
         let app = self.app.clone();
-        let begun = if begin.is_empty() {
-            Ok(())
-        } else {
-            begin_on(&mut conn.conn, begin, &watch_on(&app, node)).await
-        };
-        if let Err(e) = begun {
+        if let Err(e) = begin_on(&mut conn.conn, begin, &watch_on(&app, node)).await {
             conn.conn.broken = true;
             let f = match e {
                 ServerError::Server(f) => ErrorFields::error(&f.code, f.message),
@@ -1002,12 +996,7 @@ impl Session {
         let app = self.app.clone();
         let watch = watch_on(&app, p);
         let within = app.config.load().monitor.timeout;
-        let begun = if o.begin_sql.is_empty() {
-            Ok(())
-        } else {
-            begin_on(&mut conn.conn, &o.begin_sql, &watch).await
-        };
-        if let Err(e) = begun {
+        if let Err(e) = begin_on(&mut conn.conn, &o.begin_sql, &watch).await {
             roll_back_and_release(conn, within);
             return Err(fail(e.to_string()));
         }

@@ -209,11 +209,14 @@ impl Session {
     }
 
     /// Routes a unit that is not bound to a connection yet, waiting for a replica to
-    /// catch up when needed. Returns the checked-out connection.
+    /// catch up when needed. Returns the checked-out connection. `speculate`: a read that
+    /// must check a replica's position may instead be answered with that replica, the check
+    /// to be sent with the read (see [`Speculation`]).
     pub(super) async fn decide(
         &mut self,
         analysis: &Analysis,
         read_only: bool,
+        speculate: bool,
     ) -> Result<(Checked, NodeId, Role, Reason), ErrorFields> {
         let consistency = analysis.hints.consistency.unwrap_or(self.consistency);
         if read_only && self.write_unknown {
@@ -338,7 +341,7 @@ impl Session {
                 required_lsn,
                 fallback,
             } => {
-                if self.speculate_ok {
+                if speculate {
                     if let Some(cand) = candidates.first().copied() {
                         if let Ok(c) = self.checkout(cand).await {
                             self.speculation = Some(Speculation {

@@ -151,6 +151,15 @@ impl Raw {
 /// Parse (unnamed), Bind (no parameters, text results), Describe portal and Execute of `sql`,
 /// without a Sync: one statement of an extended-protocol unit or pipeline.
 pub fn unnamed_statement(sql: &str, describe: bool, buf: &mut BytesMut) {
+    parse_bind(sql, buf);
+    if describe {
+        frontend::describe(b'P', "", buf).expect("describe");
+    }
+    frontend::execute("", 0, buf).expect("execute");
+}
+
+/// Parse (unnamed) and Bind (no parameters, text results) of `sql` into the unnamed portal.
+pub fn parse_bind(sql: &str, buf: &mut BytesMut) {
     frontend::parse("", sql, std::iter::empty(), buf).expect("parse");
     frontend::bind(
         "",
@@ -165,10 +174,6 @@ pub fn unnamed_statement(sql: &str, describe: bool, buf: &mut BytesMut) {
     )
     .map_err(|_| ())
     .expect("bind");
-    if describe {
-        frontend::describe(b'P', "", buf).expect("describe");
-    }
-    frontend::execute("", 0, buf).expect("execute");
 }
 
 /// The SQLSTATE of an ErrorResponse/NoticeResponse body.
