@@ -145,6 +145,9 @@ pub struct Analysis {
     pub ends_sessions: Option<SessionsOf>,
     /// `tidemark:` hints from the leading comments.
     pub hints: Hints,
+    /// The text has a `COPY` statement, or cannot be read (and so may have one): its answers
+    /// may ask the client for data or stream rows as CopyData.
+    pub copy: bool,
 }
 
 impl Analysis {
@@ -169,6 +172,7 @@ impl Analysis {
                 signal_call: false,
                 ends_sessions: None,
                 hints: Default::default(),
+                copy: false,
             });
         }
         let statements: Vec<Class> = parts
@@ -189,6 +193,7 @@ impl Analysis {
             signal_call: parts.iter().any(|a| a.signal_call),
             ends_sessions: parts.iter().find_map(|a| a.ends_sessions.clone()),
             hints,
+            copy: parts.iter().any(|a| a.copy),
         })
     }
 }
@@ -501,6 +506,7 @@ mod tests {
                 signal_call: false,
                 ends_sessions: None,
                 hints: Default::default(),
+                copy: false,
             })
         };
         let one = a(Class::Read, false);

@@ -232,3 +232,27 @@ fn deep_expression_is_never_read_when_undecidable() {
     let sql = format!("SELECT {} + nextval('s')", vec!["1"; 500].join(" + "));
     assert_ne!(c.classify(&sql).class, R);
 }
+
+/// The COPY flag (the proxy sends no pipelined query behind a unit that may be a COPY, and
+/// does not ride a replica check with it): set by a COPY at any position and by text that
+/// cannot be read, not by the word in a name or a string.
+#[test]
+fn copy_is_flagged_from_the_parse_not_the_text() {
+    let c = Classifier::new(100, FunctionPolicy::default());
+    for sql in [
+        "COPY t FROM STDIN",
+        "copy t to stdout",
+        "COPY (SELECT 1) TO STDOUT",
+        "SELECT 1; COPY t FROM STDIN",
+        "SELEC nonsense (",
+    ] {
+        assert!(c.classify(sql).copy, "{sql}");
+    }
+    for sql in [
+        "SELECT copy_count FROM copies WHERE note = 'copy'",
+        "INSERT INTO t VALUES (1)",
+        "SELECT 1",
+    ] {
+        assert!(!c.classify(sql).copy, "{sql}");
+    }
+}

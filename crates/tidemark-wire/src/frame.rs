@@ -141,13 +141,10 @@ pub(crate) fn read_cstr<'a>(buf: &mut &'a [u8], tag: u8) -> Result<&'a str, Wire
 
 /// A NUL-terminated string as bytes (no UTF-8 check).
 pub(crate) fn read_cbytes<'a>(buf: &mut &'a [u8], tag: u8) -> Result<&'a [u8], WireError> {
-    let end = buf
-        .iter()
-        .position(|b| *b == 0)
-        .ok_or(WireError::Malformed {
-            tag: tag as char,
-            what: "missing string terminator",
-        })?;
+    let end = memchr::memchr(0, buf).ok_or(WireError::Malformed {
+        tag: tag as char,
+        what: "missing string terminator",
+    })?;
     let s = &buf[..end];
     *buf = &buf[end + 1..];
     Ok(s)

@@ -118,7 +118,7 @@ impl ClientIo {
                     buffers::give(std::mem::take(&mut self.out));
                 }
                 let rbuf = &mut self.rbuf;
-                std::future::poll_fn(|cx| loop {
+                std::future::poll_fn(|cx| {
                     if rbuf.capacity() == rbuf.len() {
                         // Take a buffer only once there is something to read.
                         std::task::ready!(tcp.as_ref().poll_read_ready(cx))?;
@@ -128,14 +128,17 @@ impl ClientIo {
                             rbuf.reserve(buffers::SIZE);
                         }
                     }
-                    match tcp.try_read_buf(rbuf) {
-                        Ok(0) => return std::task::Poll::Ready(Err(ClientError::Closed)),
-                        Ok(_) => return std::task::Poll::Ready(Ok(())),
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                            // Readiness was cleared: wait for the next edge.
-                            std::task::ready!(tcp.as_ref().poll_read_ready(cx))?;
-                        }
-                        Err(e) => return std::task::Poll::Ready(Err(e.into())),
+                    // `poll_read` (not `try_read_buf`): a read shorter than the space offered
+                    // clears the socket's readiness, so the next fill waits for epoll instead
+                    // of first paying a `recvfrom` that returns EAGAIN (one per statement).
+                    match std::task::ready!(tokio_util::io::poll_read_buf(
+                        std::pin::Pin::new(&mut *tcp),
+                        cx,
+                        rbuf
+                    )) {
+                        Ok(0) => std::task::Poll::Ready(Err(ClientError::Closed)),
+                        Ok(_) => std::task::Poll::Ready(Ok(())),
+                        Err(e) => std::task::Poll::Ready(Err(e.into())),
                     }
                 })
                 .await

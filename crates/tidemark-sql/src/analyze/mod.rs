@@ -107,6 +107,7 @@ pub(crate) fn analyze(sql: &str, rules: &FunctionRules) -> Analysis {
                 signal_call: false,
                 ends_sessions: None,
                 hints,
+                copy: true,
             };
         }
     };
@@ -117,6 +118,7 @@ pub(crate) fn analyze(sql: &str, rules: &FunctionRules) -> Analysis {
         opaque: false,
         primary_only: false,
         ends_sessions: None,
+        copy: false,
     };
     let statements: Vec<Class> = parsed
         .protobuf
@@ -125,7 +127,10 @@ pub(crate) fn analyze(sql: &str, rules: &FunctionRules) -> Analysis {
         .map(
             |raw| match raw.stmt.as_deref().and_then(|n| n.node.as_ref()) {
                 Some(node) => cx.statement(node),
-                None => Class::Unknown,
+                None => {
+                    cx.copy = true;
+                    Class::Unknown
+                }
             },
         )
         .collect();
@@ -142,6 +147,7 @@ pub(crate) fn analyze(sql: &str, rules: &FunctionRules) -> Analysis {
         signal_call,
         ends_sessions: cx.ends_sessions,
         hints,
+        copy: cx.copy,
     }
 }
 
@@ -154,6 +160,8 @@ struct Cx<'a> {
     primary_only: bool,
     /// The first statement that drops or renames a database or role.
     ends_sessions: Option<crate::class::SessionsOf>,
+    /// A `COPY` statement (at any depth the parser allows: `EXPLAIN` cannot hold one).
+    copy: bool,
 }
 
 /// What a walk over an expression tree found.

@@ -46,6 +46,7 @@ impl Cx<'_> {
                 }
             }
             N::CopyStmt(c) => {
+                self.copy = true;
                 if c.is_from || c.is_program || !c.filename.is_empty() {
                     // COPY FROM writes; COPY TO a server file or program has effects on the server.
                     return Write;

@@ -324,32 +324,6 @@ impl Session {
         wanted && self.app.config.load().routing.track_writes
     }
 
-    /// A COPY FROM in the unit would read a pipelined query as copy data: such units are
-    /// captured the ordinary way. (A plain text search: false positives only cost the
-    /// pipelining.)
-    pub(super) fn unit_may_copy(&self, unit: &Unit) -> bool {
-        let mentions = |t: &str| {
-            t.as_bytes()
-                .windows(4)
-                .any(|w| w.eq_ignore_ascii_case(b"copy"))
-        };
-        unit.msgs.iter().any(|m| match &m.msg {
-            FrontendMessage::Query(q) => mentions(q),
-            // Text tidemark cannot read may be a COPY.
-            FrontendMessage::NonUtf8 { .. } => true,
-            FrontendMessage::Parse { query, .. } => mentions(query),
-            FrontendMessage::Bind { statement, .. } => {
-                let stmt = if statement.is_empty() {
-                    self.unnamed.as_ref()
-                } else {
-                    self.statements.get(&**statement)
-                };
-                stmt.is_some_and(|s| mentions(&s.query))
-            }
-            _ => false,
-        })
-    }
-
     pub(super) fn record_commit(&mut self, c: Captured) {
         let l = c.lsn.normalize_insert_position();
         crate::metrics::lsn_captured();

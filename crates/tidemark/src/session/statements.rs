@@ -30,6 +30,11 @@ impl Stmt {
 /// protocol-level function call): it may do anything, so it goes to the primary and the
 /// connection's session state is unknown afterwards.
 pub(super) fn opaque_analysis() -> Arc<Analysis> {
+    opaque_analysis_of(true)
+}
+
+/// [`opaque_analysis`] of a protocol-level function call, which cannot be a COPY.
+fn opaque_analysis_of(copy: bool) -> Arc<Analysis> {
     Arc::new(Analysis {
         class: Class::Unknown,
         statements: vec![Class::Unknown],
@@ -38,6 +43,7 @@ pub(super) fn opaque_analysis() -> Arc<Analysis> {
         signal_call: false,
         ends_sessions: None,
         hints: Default::default(),
+        copy,
     })
 }
 
@@ -162,9 +168,8 @@ impl Session {
                 } if !name.is_empty() => {
                     updates.push((name.to_string(), None));
                 }
-                FrontendMessage::FunctionCall | FrontendMessage::NonUtf8 { simple: true, .. } => {
-                    parts.push(opaque_analysis())
-                }
+                FrontendMessage::FunctionCall => parts.push(opaque_analysis_of(false)),
+                FrontendMessage::NonUtf8 { simple: true, .. } => parts.push(opaque_analysis()),
                 FrontendMessage::NonUtf8 {
                     name, param_types, ..
                 } => {
