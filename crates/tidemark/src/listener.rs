@@ -526,13 +526,15 @@ async fn serve(
         disconnected();
         return;
     }
-    let session = Session::new(app.clone(), io, user, database, startup, peer.to_string());
+    let mut session = Session::new(app.clone(), io, user, database, startup, peer.to_string());
     // The session runs as a task of its own, and the login task ends: a task's memory is sized
     // for the largest state of its future, and the login's states (TLS, SCRAM) are larger than
     // an idle session's. With `start` and each unit boxed (`Session::run_inner`), an idle
     // client's task holds little more than the `Session` (memory per idle client).
+    // `session` is moved in as it is, not rebound inside (`let mut session = session`): a
+    // rebinding is a second copy of the `Session` in the task's state, held for the whole
+    // session (1 KiB per idle client).
     tokio::spawn(async move {
-        let mut session = session;
         match Box::pin(session.start()).await {
             Ok(true) => session.run().await,
             _ => app.unregister_client(session.backend_key()),

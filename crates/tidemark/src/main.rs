@@ -9,12 +9,6 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use tidemark::config::Config;
 
-// mimalloc: a unit's boxed future, its message vector and the analysis parts are allocated and
-// freed on every statement; glibc's malloc spent ~1.3k instructions per statement on them
-// (callgrind, docs/benchmarks.md), mimalloc's thread-local free lists a fraction of that.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[derive(Parser)]
 #[command(
     name = "tidemark",
