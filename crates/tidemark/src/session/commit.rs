@@ -248,8 +248,9 @@ impl Session {
             self.write_unknown = true;
             self.applied = None;
             self.app.causal.mark_unknown();
-            if self.app.shared.is_some() {
-                // Other instances learn it only through the shared store: resolve first.
+            if self.app.shared.is_some() || self.tx_key.is_some() || self.key.is_some() {
+                // Other instances learn it only through the shared store, readers of the key
+                // only through the key store: resolve first.
                 self.resolve_unknown_write().await;
                 self.publish_shared().await;
                 self.io.flush().await?;
@@ -259,8 +260,18 @@ impl Session {
             }
         } else if let (true, Some(c)) = (capture, captured) {
             // Captured in the same pipeline as the commit (no extra round trip); the relay
-            // held the acknowledgement until the position arrived.
+            // held the acknowledgement until the position arrived, so the key store, the
+            // causal floor and the token are all set before the client hears of it.
             self.record_commit(c);
+            if self.report_lsn {
+                if let Some(z) = self.io.take_trailing_ready() {
+                    self.io.push(&be::parameter_status(
+                        "tidemark.commit_lsn",
+                        &self.last_write_lsn.to_string(),
+                    ));
+                    self.io.push(&z);
+                }
+            }
             self.publish_shared().await;
             self.io.flush().await?;
         } else if capture {
@@ -295,15 +306,11 @@ impl Session {
     }
 
     /// Whether to pipeline the commit-LSN read right behind this unit: it ends a writing
-    /// transaction (or is an autocommit write) and nobody needs the position before the
-    /// client's ReadyForQuery (keys and `report_lsn` need it first, so they don't pipeline).
+    /// transaction (or is an autocommit write). The relay holds the unit's ReadyForQuery until
+    /// the position is read, so what needs it before the client hears of the commit (a key,
+    /// the causal floor, `report_lsn`'s ParameterStatus) still has it first.
     pub(super) fn pipeline_capture(&self, analysis: &Analysis, may_write: bool) -> bool {
-        if self.report_lsn
-            || self.key.is_some()
-            || self.tx_key.is_some()
-            || analysis.hints.key.is_some()
-            || self.unit_open
-        {
+        if self.unit_open {
             return false;
         }
         let has = |f: fn(&Class) -> bool| analysis.statements.iter().any(f);
