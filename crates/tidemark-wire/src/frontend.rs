@@ -255,14 +255,33 @@ pub fn sync() -> Frame {
 
 /// Returns a copy of a Bind frame with its statement name replaced.
 pub fn rename_bind(frame: &Frame, new_statement: &str) -> Result<Frame, WireError> {
+    let mut b = BytesMut::with_capacity(frame.len() + new_statement.len() + 1);
+    put_renamed_bind(&mut b, frame, new_statement)?;
+    Ok(Frame::from_encoded(b.freeze()))
+}
+
+/// [`rename_bind`] written straight into `out` (the unit's outgoing bytes): no frame of its
+/// own, no second copy.
+pub fn put_renamed_bind(
+    out: &mut BytesMut,
+    frame: &Frame,
+    new_statement: &str,
+) -> Result<(), WireError> {
     let mut rest = frame.body();
     let portal = read_cstr(&mut rest, b'B')?;
     let _old = read_cstr(&mut rest, b'B')?;
-    let mut b = BytesMut::with_capacity(frame.len() + new_statement.len());
-    put_cstr(&mut b, portal);
-    put_cstr(&mut b, new_statement);
-    b.extend_from_slice(rest);
-    Ok(Frame::new(b'B', &b))
+    let len = 4 + portal.len() + 1 + new_statement.len() + 1 + rest.len();
+    let len = i32::try_from(len).map_err(|_| WireError::Malformed {
+        tag: 'B',
+        what: "message too long after renaming its statement",
+    })?;
+    out.reserve(1 + len as usize);
+    out.put_u8(b'B');
+    out.put_i32(len);
+    put_cstr(out, portal);
+    put_cstr(out, new_statement);
+    out.extend_from_slice(rest);
+    Ok(())
 }
 
 pub(crate) fn put_cstr(b: &mut BytesMut, s: &str) {

@@ -37,8 +37,12 @@ pub(super) fn rewrite(
     prepared: &Prepared<'_>,
     skipping: bool,
 ) -> Result<Rewritten, WireError> {
-    let mut out = BytesMut::new();
-    let mut exp: VecDeque<Exp> = VecDeque::new();
+    // Sized once: grown message by message it was reallocated twice per statement (the
+    // largest allocator cost of the prepared-statement path). Renamed statements and
+    // re-sent Parses may still need more.
+    let size: usize = unit.msgs.iter().map(|m| m.frame.len()).sum();
+    let mut out = BytesMut::with_capacity(size + 64);
+    let mut exp: VecDeque<Exp> = VecDeque::with_capacity(unit.msgs.len() + 1);
     let push_exp = |e: Exp, exp: &mut VecDeque<Exp>| {
         if !skipping || matches!(e, Exp::Sync) {
             exp.push_back(e);
@@ -85,7 +89,7 @@ pub(super) fn rewrite(
                 match stmt {
                     Some(stmt) => {
                         ensure_prepared(stmt, prepared.on_server, &mut out, &mut exp, skipping);
-                        out.extend_from_slice(fe::rename_bind(&m.frame, &stmt.global)?.raw());
+                        fe::put_renamed_bind(&mut out, &m.frame, &stmt.global)?;
                     }
                     None => {
                         if statement.is_empty() && !unit_parses_unnamed(unit) {
