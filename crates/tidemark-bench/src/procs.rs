@@ -482,6 +482,21 @@ fn field_kib(text: &str, key: &str) -> Option<u64> {
         .ok()
 }
 
+/// User and system CPU time `pid` has used so far, in microseconds (`/proc/<pid>/stat`).
+pub fn cpu_us(pid: u32) -> Option<(u64, u64)> {
+    let s = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the parenthesised command start with the state (field 3); utime and
+    // stime are fields 14 and 15, in clock ticks.
+    let rest = &s[s.rfind(')')? + 2..];
+    let mut f = rest.split_whitespace().skip(11);
+    let user: u64 = f.next()?.parse().ok()?;
+    let sys: u64 = f.next()?.parse().ok()?;
+    // SAFETY: sysconf only reads a configuration value.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let hz = u64::try_from(hz).ok().filter(|h| *h > 0)?;
+    Some((user * 1_000_000 / hz, sys * 1_000_000 / hz))
+}
+
 /// Pids of every process in process group `pgid`.
 pub fn group_pids(pgid: u32) -> Vec<u32> {
     let Ok(rd) = fs::read_dir("/proc") else {

@@ -136,6 +136,16 @@ impl Workload {
         }
     }
 
+    /// Statements per pgbench transaction: one `SELECT`, or the TPC-B-like script's seven
+    /// (BEGIN, three UPDATEs, a SELECT, an INSERT, END).
+    fn statements(&self) -> f64 {
+        if self.name == "tpcb" {
+            7.0
+        } else {
+            1.0
+        }
+    }
+
     fn args(&self) -> Vec<String> {
         let mut a = vec![];
         match self.name {
@@ -161,6 +171,11 @@ struct RunResult {
     tps: f64,
     lat_avg_ms: f64,
     lat_p99_ms: f64,
+    /// The proxy process's user and system CPU per statement in the run (µs; NaN for direct
+    /// and for Pgpool-II, whose clients are served by many processes). tidemark's include
+    /// its node monitor.
+    cpu_user_us: f64,
+    cpu_sys_us: f64,
     error: Option<String>,
 }
 

@@ -17,6 +17,8 @@ struct Summary {
     lat_avg_ms: f64,
     added_latency_us: f64,
     lat_p99_ms: f64,
+    cpu_user_us: f64,
+    cpu_sys_us: f64,
     error: Option<String>,
 }
 
@@ -58,6 +60,8 @@ fn summarize(targets: &[Target], wl: &[Workload], runs: &[RunResult]) -> Vec<Sum
                 lat_avg_ms: median(&ok.iter().map(|r| r.lat_avg_ms).collect::<Vec<_>>()),
                 added_latency_us: paired(&|r, d| (r.lat_avg_ms - d.lat_avg_ms) * 1000.0),
                 lat_p99_ms: median(&ok.iter().map(|r| r.lat_p99_ms).collect::<Vec<_>>()),
+                cpu_user_us: median(&ok.iter().map(|r| r.cpu_user_us).collect::<Vec<_>>()),
+                cpu_sys_us: median(&ok.iter().map(|r| r.cpu_sys_us).collect::<Vec<_>>()),
                 error: mine.iter().find_map(|r| r.error.clone()),
             });
         }
@@ -103,6 +107,7 @@ pub(super) fn report_results(
             "latency avg ms",
             "added µs",
             "p99 ms",
+            "proxy CPU µs/stmt user + sys",
             "runs ok",
         ],
         3,
@@ -121,13 +126,18 @@ pub(super) fn report_results(
                 f0(s.added_latency_us)
             },
             format!("{:.3}", s.lat_p99_ms),
+            if s.cpu_user_us.is_nan() {
+                "–".into()
+            } else {
+                format!("{} + {}", f1(s.cpu_user_us), f1(s.cpu_sys_us))
+            },
             format!("{}/{}", s.runs_ok, args.reps),
         ];
         if s.runs_ok == 0 {
             let e = s.error.clone().unwrap_or_default();
             let short: String = e.chars().take(70).collect();
             row[3] = format!("fails: {short}");
-            for c in row.iter_mut().take(8).skip(4) {
+            for c in row.iter_mut().take(9).skip(4) {
                 *c = "–".into();
             }
         }
@@ -203,6 +213,8 @@ pub(super) fn report_results(
             "tps",
             "lat_avg_ms",
             "lat_p99_ms",
+            "cpu_user_us_per_stmt",
+            "cpu_sys_us_per_stmt",
             "error",
         ],
         4,
@@ -216,6 +228,8 @@ pub(super) fn report_results(
             format!("{:.1}", r.tps),
             format!("{:.4}", r.lat_avg_ms),
             format!("{:.4}", r.lat_p99_ms),
+            format!("{:.2}", r.cpu_user_us),
+            format!("{:.2}", r.cpu_sys_us),
             r.error.clone().unwrap_or_default(),
         ]);
     }

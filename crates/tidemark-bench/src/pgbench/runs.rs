@@ -199,19 +199,42 @@ pub(super) async fn run_all(
                 .await
                 .with_context(|| format!("starting {}", t.name()))?;
             let port = running.port;
+            // The proxy's own CPU per statement (one process: tidemark, PgBouncer).
+            let pid = match t {
+                Target::Direct | Target::Pgpool => None,
+                _ => running.guard.as_ref().map(|g| g.pid()),
+            };
             for w in wl.iter().filter(|w| w.applies_to(t)) {
+                let cpu_before = pid.and_then(procs::cpu_us);
                 let r = pgbench_once(&bins.pgbench, port, w, args.duration).await;
+                let cpu_after = pid.and_then(procs::cpu_us);
                 let rr = match r {
-                    Ok((tps, lat, p99)) => RunResult {
-                        rep,
-                        target: t,
-                        workload: w.name.into(),
-                        clients: w.clients,
-                        tps,
-                        lat_avg_ms: lat,
-                        lat_p99_ms: p99,
-                        error: None,
-                    },
+                    Ok((tps, lat, p99)) => {
+                        let statements = tps * args.duration.as_secs_f64() * w.statements();
+                        let per = |a: u64, b: u64| {
+                            if statements > 0.0 {
+                                b.saturating_sub(a) as f64 / statements
+                            } else {
+                                f64::NAN
+                            }
+                        };
+                        let (cpu_user_us, cpu_sys_us) = match (cpu_before, cpu_after) {
+                            (Some((u0, s0)), Some((u1, s1))) => (per(u0, u1), per(s0, s1)),
+                            _ => (f64::NAN, f64::NAN),
+                        };
+                        RunResult {
+                            rep,
+                            target: t,
+                            workload: w.name.into(),
+                            clients: w.clients,
+                            tps,
+                            lat_avg_ms: lat,
+                            lat_p99_ms: p99,
+                            cpu_user_us,
+                            cpu_sys_us,
+                            error: None,
+                        }
+                    }
                     Err(e) => RunResult {
                         rep,
                         target: t,
@@ -220,6 +243,8 @@ pub(super) async fn run_all(
                         tps: f64::NAN,
                         lat_avg_ms: f64::NAN,
                         lat_p99_ms: f64::NAN,
+                        cpu_user_us: f64::NAN,
+                        cpu_sys_us: f64::NAN,
                         error: Some(format!("{e:#}")),
                     },
                 };
