@@ -146,6 +146,15 @@ fn main() -> ExitCode {
                 server_tls,
                 transactions,
             }) => {
+                if let Some(path) = &cli.config {
+                    // It would otherwise be accepted (the flag is global) and silently unused.
+                    anyhow::bail!(
+                        "tidemark dev writes its own config for the cluster it starts and does not read {}: \
+                         use its flags (--transactions, --listen, ...), or run `tidemark --config {}` against your own servers",
+                        path.display(),
+                        path.display()
+                    );
+                }
                 tidemark::dev::run(tidemark::dev::DevOptions {
                     listen: cli.listen.unwrap_or_else(|| "127.0.0.1:6432".into()),
                     replicas,

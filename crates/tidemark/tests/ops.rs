@@ -365,3 +365,19 @@ async fn json_logs_with_a_line_per_client_connect_and_close() {
         "no permission warning:\n{log}"
     );
 }
+
+/// `tidemark dev` makes its own config: a `--config` given with it is refused with a clear
+/// message, not silently ignored (before, the global flag was accepted and unused).
+#[test]
+fn dev_refuses_a_config_file_it_would_not_read() {
+    let o = Command::new(BIN)
+        .args(["dev", "--config", "/nonexistent/tidemark.toml"])
+        .output()
+        .expect("tidemark runs");
+    assert!(!o.status.success(), "{}", text(&o));
+    let t = text(&o);
+    assert!(
+        t.contains("does not read /nonexistent/tidemark.toml"),
+        "{t}"
+    );
+}
