@@ -81,27 +81,10 @@ impl FrameCodec {
         self.max_len = max_len;
     }
 
-    /// The tag and total length of the complete, valid message at the front of `buf` (only
-    /// its header is read), or `None` when more bytes are needed or the header is one
-    /// [`FrameCodec::decode`] rejects (it then reports the error).
+    /// The tag and total length (tag included) the header at the front of `buf` declares;
+    /// `None` until the 5 header bytes are there. The one place a header is checked.
     #[inline]
-    pub fn peek(&self, buf: &[u8]) -> Option<(u8, usize)> {
-        if buf.len() < 5 {
-            return None;
-        }
-        let len = i32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as i64;
-        if len < 4 {
-            return None;
-        }
-        let total = len as usize + 1;
-        if total > self.max_len || buf.len() < total {
-            return None;
-        }
-        Some((buf[0], total))
-    }
-
-    /// Takes one complete message off the front of `buf`, or `None` if more bytes are needed.
-    pub fn decode(&self, buf: &mut BytesMut) -> Result<Option<Frame>, WireError> {
+    fn header(&self, buf: &[u8]) -> Result<Option<(u8, usize)>, WireError> {
         if buf.len() < 5 {
             return Ok(None);
         }
@@ -121,6 +104,25 @@ impl FrameCodec {
                 max: self.max_len,
             });
         }
+        Ok(Some((tag, total)))
+    }
+
+    /// The tag and total length of the complete, valid message at the front of `buf` (only
+    /// its header is read), or `None` when more bytes are needed or the header is one
+    /// [`FrameCodec::decode`] rejects (it then reports the error).
+    #[inline]
+    pub fn peek(&self, buf: &[u8]) -> Option<(u8, usize)> {
+        match self.header(buf) {
+            Ok(Some((tag, total))) if buf.len() >= total => Some((tag, total)),
+            _ => None,
+        }
+    }
+
+    /// Takes one complete message off the front of `buf`, or `None` if more bytes are needed.
+    pub fn decode(&self, buf: &mut BytesMut) -> Result<Option<Frame>, WireError> {
+        let Some((_, total)) = self.header(buf)? else {
+            return Ok(None);
+        };
         if buf.len() < total {
             // Grow towards the declared length in steps, never reserving what has not
             // arrived (a peer may claim a large message and send nothing).

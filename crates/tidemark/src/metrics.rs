@@ -264,24 +264,34 @@ thread_local! {
     /// showed in the per-statement profile. Handles are cached only once the recorder exists
     /// (a handle taken before would stay a no-op). Keyed by the strings' identity, not their
     /// text: hashing the text showed in the profile too.
-    static COUNTERS: RefCell<rustc_hash::FxHashMap<(StaticId, StaticId, StaticId), Counter>> =
-        RefCell::new(Default::default());
+    static COUNTERS: RefCell<Counters> = RefCell::new(Default::default());
+}
+
+type Counters = rustc_hash::FxHashMap<(StaticId, StaticId, StaticId), Counter>;
+
+/// The handle of `counter!(name, k1 => v1, k2 => v2)`, cached in `c` per label values (call
+/// only once the recorder is installed).
+fn handle2<'c>(
+    c: &'c mut Counters,
+    name: &'static str,
+    (k1, v1): (&'static str, &'static str),
+    (k2, v2): (&'static str, &'static str),
+) -> &'c Counter {
+    c.entry((id(name), id(v1), id(v2)))
+        .or_insert_with(|| counter!(name, k1 => v1, k2 => v2))
 }
 
 /// `counter!(name, k1 => v1, k2 => v2).increment(1)` with the handle cached per label values.
 fn count2(
-    c: &mut rustc_hash::FxHashMap<(StaticId, StaticId, StaticId), Counter>,
+    c: &mut Counters,
     name: &'static str,
     (k1, v1): (&'static str, &'static str),
     (k2, v2): (&'static str, &'static str),
 ) {
-    let make = || counter!(name, k1 => v1, k2 => v2);
     if !INSTALLED.load(Ordering::Relaxed) {
-        return make().increment(1);
+        return counter!(name, k1 => v1, k2 => v2).increment(1);
     }
-    c.entry((id(name), id(v1), id(v2)))
-        .or_insert_with(make)
-        .increment(1)
+    handle2(c, name, (k1, v1), (k2, v2)).increment(1)
 }
 
 /// The counter handles of a session's last [`routed_cached`] label values: a session's units
@@ -307,23 +317,27 @@ pub fn routed_cached(
     }
     let key = (id(class), id(target), read.map(id));
     if cache.key != Some(key) {
-        let handle = |name: &'static str, k1, v1, k2, v2| {
-            COUNTERS.with(|c| {
-                c.borrow_mut()
-                    .entry((id(name), id(v1), id(v2)))
-                    .or_insert_with(|| counter!(name, k1 => v1, k2 => v2))
-                    .clone()
-            })
-        };
-        cache.statements = Some(handle(
-            "tidemark_statements_total",
-            "class",
-            class,
-            "target",
-            target,
-        ));
-        cache.reads =
-            read.map(|reason| handle("tidemark_reads_total", "target", target, "reason", reason));
+        COUNTERS.with(|c| {
+            let mut c = c.borrow_mut();
+            cache.statements = Some(
+                handle2(
+                    &mut c,
+                    "tidemark_statements_total",
+                    ("class", class),
+                    ("target", target),
+                )
+                .clone(),
+            );
+            cache.reads = read.map(|reason| {
+                handle2(
+                    &mut c,
+                    "tidemark_reads_total",
+                    ("target", target),
+                    ("reason", reason),
+                )
+                .clone()
+            });
+        });
         cache.key = Some(key);
     }
     if let Some(c) = &cache.statements {

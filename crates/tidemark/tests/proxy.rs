@@ -942,26 +942,18 @@ async fn answers_relayed_in_runs_are_the_servers_own() {
     let env = start(&[None], |c| c.pool.max_size = 4).await;
     let at = format!("{}:{}", env.cluster.host(), env.cluster.port(0));
     let direct = rounds(at.parse().unwrap()).await;
-    let before = tidemark::session::RELAYED_RUNS.load(std::sync::atomic::Ordering::Relaxed);
+    let before = relayed_runs();
     let proxied = rounds(env.proxy.addr).await;
-    let after = tidemark::session::RELAYED_RUNS.load(std::sync::atomic::Ordering::Relaxed);
+    let after = relayed_runs();
     assert!(after > before, "no answer was relayed in runs");
-    assert!(
-        direct.iter().any(|m| m.0 == b'E'),
-        "the errors were answered"
-    );
-    assert!(
-        direct.iter().any(|m| m.0 == b'N'),
-        "the notice was answered"
-    );
-    assert!(
-        direct.iter().any(|m| m.0 == b's'),
-        "the portal was suspended"
-    );
-    assert!(
-        direct.iter().any(|m| m.0 == b'I'),
-        "the empty query was answered"
-    );
+    for (tag, what) in [
+        (b'E', "the errors were answered"),
+        (b'N', "the notice was answered"),
+        (b's', "the portal was suspended"),
+        (b'I', "the empty query was answered"),
+    ] {
+        assert!(direct.iter().any(|m| m.0 == tag), "{what}");
+    }
     assert_eq!(tags(&proxied), tags(&direct));
     assert_eq!(proxied, direct);
 
@@ -985,9 +977,9 @@ async fn rows_relayed_in_a_run_are_taken_back_when_the_read_moves_to_the_primary
         .unwrap();
     let mut r = raw::Raw::connect(env.proxy.addr, "postgres").await;
     let sql = "SELECT g FROM generate_series(1, 3) g; SELECT id, pg_is_in_recovery() FROM made_on_primary";
-    let before = tidemark::session::RELAYED_RUNS.load(std::sync::atomic::Ordering::Relaxed);
+    let before = relayed_runs();
     let msgs = r.query_ok(sql).await;
-    let after = tidemark::session::RELAYED_RUNS.load(std::sync::atomic::Ordering::Relaxed);
+    let after = relayed_runs();
     assert!(after > before, "no answer was relayed in runs");
     assert_eq!(
         raw::data_rows(&msgs),
@@ -1007,4 +999,9 @@ async fn rows_relayed_in_a_run_are_taken_back_when_the_read_moves_to_the_primary
     )
     .await;
     assert_eq!(d.query_ok(sql).await, msgs);
+}
+
+/// Runs of answers relayed as bytes so far (`session::relay::plain_step`), process-wide.
+fn relayed_runs() -> u64 {
+    tidemark::session::RELAYED_RUNS.load(std::sync::atomic::Ordering::Relaxed)
 }

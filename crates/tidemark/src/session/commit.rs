@@ -308,9 +308,11 @@ impl Session {
     /// Whether to pipeline the commit-LSN read right behind this unit: it ends a writing
     /// transaction (or is an autocommit write). The relay holds the unit's ReadyForQuery until
     /// the position is read, so what needs it before the client hears of the commit (a key,
-    /// the causal floor, `report_lsn`'s ParameterStatus) still has it first.
+    /// the causal floor, `report_lsn`'s ParameterStatus) still has it first. A COPY FROM in
+    /// the unit would read a pipelined query as copy data: such units are captured the
+    /// ordinary way.
     pub(super) fn pipeline_capture(&self, analysis: &Analysis, may_write: bool) -> bool {
-        if self.unit_open {
+        if self.unit_open || analysis.copy {
             return false;
         }
         let has = |f: fn(&Class) -> bool| analysis.statements.iter().any(f);

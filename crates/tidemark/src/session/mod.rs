@@ -703,9 +703,7 @@ impl Session {
             (read_only && self.tx_status == TxStatus::Idle && !self.unit_open && !self.pinned)
                 || first_unit.is_some();
         let may_commit = self.unit_may_commit(&analysis, may_write);
-        // A COPY FROM in the unit would read a pipelined query as copy data: such units are
-        // captured the ordinary way.
-        let pipeline = self.pipeline_capture(&analysis, may_write) && !analysis.copy;
+        let pipeline = self.pipeline_capture(&analysis, may_write);
         // Until the unit's outcome is known (a client may vanish before it), the connection's
         // session state is not what its key says.
         if let Some(att) = self.attached.as_mut() {
@@ -769,7 +767,7 @@ impl Session {
         // any write's.
         tracing::info!(client = self.pid, reason = %why, "read retried on the primary");
         let may_write = may_write || why.starts_with("25006");
-        let pipeline = pipeline || (self.pipeline_capture(&analysis, may_write) && !analysis.copy);
+        let pipeline = pipeline || self.pipeline_capture(&analysis, may_write);
         crate::metrics::fallback("replica_error");
         if !retryable {
             return Ok(());

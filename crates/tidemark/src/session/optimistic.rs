@@ -269,11 +269,6 @@ async fn replay_unit(
     }
 }
 
-/// The node watch for `node` (see [`NodeWatch`]).
-fn watch_on(app: &App, node: NodeId) -> NodeWatch<'_> {
-    NodeWatch { app, node }
-}
-
 /// `conn.recv()` for the exchanges tidemark runs on its own (a deferred BEGIN, a replay), with
 /// the relay's node watch: given up, the connection marked broken, once the node has been
 /// silent for longer than the monitor timeout and the monitor cannot reach it (a blackholed
@@ -852,7 +847,7 @@ impl Session {
             o.begin_sql.clone()
         };
         let app = self.app.clone();
-        let watch = watch_on(&app, node);
+        let watch = NodeWatch { app: &app, node };
         if let Err(e) = begin_on(&mut conn.conn, &begin, &watch).await {
             let f = match e {
                 ServerError::Server(f) => {
@@ -912,7 +907,7 @@ impl Session {
         end: UnitEnd,
     ) -> SResult<Result<(), ()>> {
         let app = self.app.clone();
-        if let Err(e) = begin_on(&mut conn.conn, begin, &watch_on(&app, node)).await {
+        if let Err(e) = begin_on(&mut conn.conn, begin, &NodeWatch { app: &app, node }).await {
             conn.conn.broken = true;
             let f = match e {
                 ServerError::Server(f) => ErrorFields::error(&f.code, f.message),
@@ -994,7 +989,7 @@ impl Session {
             return Err(fail(e.to_string()));
         }
         let app = self.app.clone();
-        let watch = watch_on(&app, p);
+        let watch = NodeWatch { app: &app, node: p };
         let within = app.config.load().monitor.timeout;
         if let Err(e) = begin_on(&mut conn.conn, &o.begin_sql, &watch).await {
             roll_back_and_release(conn, within);

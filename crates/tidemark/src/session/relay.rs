@@ -202,13 +202,7 @@ impl Relay<'_> {
                             last_heard = Instant::now();
                             continue;
                         }
-                        Err(e) => {
-                            if hold && !flushed {
-                                io.truncate_out(start_out);
-                                return Ok(RelayOutcome::RetryOnPrimary(e.to_string()));
-                            }
-                            return Err(RelayError::Server(e));
-                        }
+                        Err(e) => return retry_held_or_fail(hold && !flushed, io, start_out, e),
                     },
                     _ = check.as_mut() => {
                         check.as_mut().reset(tokio::time::Instant::now() + NODE_CHECK_INTERVAL);
@@ -219,11 +213,7 @@ impl Relay<'_> {
                                 last_heard.elapsed()
                             ));
                             conn.broken = true;
-                            if hold && !flushed {
-                                io.truncate_out(start_out);
-                                return Ok(RelayOutcome::RetryOnPrimary(e.to_string()));
-                            }
-                            return Err(RelayError::Server(e));
+                            return retry_held_or_fail(hold && !flushed, io, start_out, e);
                         }
                         continue;
                     }
@@ -237,11 +227,7 @@ impl Relay<'_> {
             Err(e) => {
                 // A malformed message: as when it arrives while waiting (the select reads
                 // bytes only, so that is where it used to be found), a held read is retried.
-                if hold && !flushed {
-                    io.truncate_out(start_out);
-                    return Ok(RelayOutcome::RetryOnPrimary(e.to_string()));
-                }
-                return Err(RelayError::Server(e));
+                return retry_held_or_fail(hold && !flushed, io, start_out, e);
             }
         };
         let kind = frame.backend();
@@ -473,6 +459,22 @@ impl Relay<'_> {
             (r, _) => r,
         }
     }
+}
+
+/// A server failure during the relay. A read still held back from a replica (`held`: nothing
+/// of it reached the client) drops what was queued and runs again on the primary; anything
+/// else fails the unit.
+fn retry_held_or_fail(
+    held: bool,
+    io: &mut ClientIo,
+    start_out: usize,
+    e: ServerError,
+) -> Result<RelayOutcome, RelayError> {
+    if held {
+        io.truncate_out(start_out);
+        return Ok(RelayOutcome::RetryOnPrimary(e.to_string()));
+    }
+    Err(RelayError::Server(e))
 }
 
 /// Whether the relay loop would only copy a server message with `tag` to the client (and pop

@@ -33,7 +33,8 @@ pub(super) fn opaque_analysis() -> Arc<Analysis> {
     opaque_analysis_of(true)
 }
 
-/// [`opaque_analysis`] of a protocol-level function call, which cannot be a COPY.
+/// [`opaque_analysis`], saying whether the text may be a COPY (a protocol-level function
+/// call cannot be).
 fn opaque_analysis_of(copy: bool) -> Arc<Analysis> {
     Arc::new(Analysis {
         class: Class::Unknown,
