@@ -155,13 +155,10 @@ impl Analysis {
     /// messages up to Sync): the strongest class wins ([`combine`]), the statements are
     /// concatenated, any flag set by one part is set, hints come from the first part that has
     /// any. One part is returned as it is; none is an empty read.
-    pub fn combine(parts: Vec<std::sync::Arc<Analysis>>) -> std::sync::Arc<Analysis> {
+    pub fn combine(parts: &[std::sync::Arc<Analysis>]) -> std::sync::Arc<Analysis> {
         use std::sync::Arc;
-        if parts.len() == 1 {
-            if let Some(one) = parts.into_iter().next() {
-                return one;
-            }
-            unreachable!("one part");
+        if let [one] = parts {
+            return one.clone();
         }
         if parts.is_empty() {
             return Arc::new(Analysis {
@@ -510,12 +507,15 @@ mod tests {
             })
         };
         let one = a(Class::Read, false);
-        assert!(Arc::ptr_eq(&Analysis::combine(vec![one.clone()]), &one));
-        let c = Analysis::combine(vec![a(Class::Read, false), a(Class::Write, true)]);
+        assert!(Arc::ptr_eq(
+            &Analysis::combine(std::slice::from_ref(&one)),
+            &one
+        ));
+        let c = Analysis::combine(&[a(Class::Read, false), a(Class::Write, true)]);
         assert_eq!(c.class, Class::Write);
         assert_eq!(c.statements, vec![Class::Read, Class::Write]);
         assert!(c.pins_session);
-        let empty = Analysis::combine(vec![]);
+        let empty = Analysis::combine(&[]);
         assert_eq!(empty.class, Class::Read);
         assert!(empty.statements.is_empty());
         assert_eq!(Class::Write.label(), "write");

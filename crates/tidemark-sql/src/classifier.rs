@@ -17,7 +17,7 @@ use crate::comment::{
     merge_trailing, scan_sqlcommenter, split_trailing_comment, DEFAULT_KEY_ATTRIBUTE,
 };
 use crate::functions::{FunctionCatalog, FunctionPolicy, FunctionRules};
-use crate::normalize::normalize;
+use crate::normalize::normalize_in;
 
 /// Texts longer than this are classified but not cached (typically one-off bulk statements).
 pub const MAX_CACHED_TEXT: usize = 64 * 1024;
@@ -181,38 +181,50 @@ impl Classifier {
     fn classify_statement(&self, sql: &str) -> Arc<Analysis> {
         // Two keys: the text with constants blanked (shared by every statement of the same
         // shape, used only for analyses no constant can change) and the exact text.
-        let norm = if sql.len() <= MAX_CACHED_TEXT {
-            normalize(sql)
+        // The shape is written into a per-thread buffer (no allocation per statement); the
+        // buffer is taken out while in use, so a nested call would only allocate its own.
+        let mut buf = ShapeBuf::take();
+        let shaped = if sql.len() <= MAX_CACHED_TEXT {
+            normalize_in(sql, &mut buf.0)
         } else {
-            std::borrow::Cow::Borrowed(sql)
+            None
         };
-        let shape_key = text_hash(&norm) ^ SHAPE_SALT;
-        // A text without constants is its own shape: one hash serves both keys.
-        let exact_key = match &norm {
-            std::borrow::Cow::Borrowed(_) => shape_key ^ SHAPE_SALT,
-            std::borrow::Cow::Owned(_) => text_hash(sql),
+        let norm: &str = shaped.unwrap_or(sql);
+        let shape_key = text_hash(norm) ^ SHAPE_SALT;
+        // A text without constants is its own shape: one hash serves both keys. Otherwise the
+        // exact text is hashed only when its shape is not cached (the common hit needs one).
+        let exact_key_of = || match shaped {
+            None => shape_key ^ SHAPE_SALT,
+            Some(_) => text_hash(sql),
         };
-        let (generation, rules) = {
+        let (generation, rules, exact_key) = {
             let mut inner = self.inner.lock();
+            let mut exact = None;
             if let Some(cache) = inner.cache.as_mut() {
-                for (key, text) in [(shape_key, &*norm), (exact_key, sql)] {
-                    if let Some(e) = cache.get(&key) {
-                        if &*e.text == text {
-                            self.hits.fetch_add(1, Ordering::Relaxed);
-                            return e.analysis.clone();
-                        }
+                if let Some(e) = cache.get(&shape_key) {
+                    if *e.text == *norm {
+                        self.hits.fetch_add(1, Ordering::Relaxed);
+                        return e.analysis.clone();
+                    }
+                }
+                let key = exact_key_of();
+                exact = Some(key);
+                if let Some(e) = cache.get(&key) {
+                    if &*e.text == sql {
+                        self.hits.fetch_add(1, Ordering::Relaxed);
+                        return e.analysis.clone();
                     }
                 }
             }
-            (inner.generation, inner.rules.clone())
+            (inner.generation, inner.rules.clone(), exact)
         };
         self.misses.fetch_add(1, Ordering::Relaxed);
         let analysis = Arc::new(analyze(sql, &rules));
         if sql.len() <= MAX_CACHED_TEXT {
             let (key, text) = if constant_blind(&analysis, sql) {
-                (shape_key, &*norm)
+                (shape_key, norm)
             } else {
-                (exact_key, sql)
+                (exact_key.unwrap_or_else(exact_key_of), sql)
             };
             let mut inner = self.inner.lock();
             if inner.generation == generation {
@@ -267,6 +279,29 @@ impl Classifier {
     /// Bytes of text the cache holds.
     pub fn cached_bytes(&self) -> usize {
         self.inner.lock().bytes
+    }
+}
+
+thread_local! {
+    static SHAPE_BUF: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// The per-thread buffer a statement's shape is written into, given back when dropped (kept
+/// only while small: one very long statement does not pin its size).
+struct ShapeBuf(Vec<u8>);
+
+impl ShapeBuf {
+    fn take() -> ShapeBuf {
+        ShapeBuf(SHAPE_BUF.try_with(|b| b.take()).unwrap_or_default())
+    }
+}
+
+impl Drop for ShapeBuf {
+    fn drop(&mut self) {
+        if self.0.capacity() <= 16 * 1024 {
+            let b = std::mem::take(&mut self.0);
+            let _ = SHAPE_BUF.try_with(|c| c.set(b));
+        }
     }
 }
 

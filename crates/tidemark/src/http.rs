@@ -109,6 +109,7 @@ fn readyz(app: &App) -> (&'static str, &'static str, String) {
 /// `/metrics` render.
 pub fn refresh_from(app: &App) {
     for p in app.pools.all() {
+        p.flush_waits();
         let s = &p.stats;
         let active = s.in_use.load(std::sync::atomic::Ordering::Relaxed);
         let idle = p.idle_count();

@@ -43,6 +43,7 @@ pub mod monitor;
 pub mod pace;
 pub mod passthrough;
 pub mod pool;
+pub mod recycled;
 pub mod reload;
 pub mod server;
 pub mod server_tls;

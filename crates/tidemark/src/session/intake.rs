@@ -176,6 +176,10 @@ impl Session {
                 }
                 _ => None,
             };
+            if msgs.capacity() == 0 {
+                // Taken only now: an idle client waiting in this loop holds no list.
+                msgs = Unit::spare_msgs();
+            }
             msgs.push(m);
             if let Some(end) = end {
                 return Ok(Some(Unit { msgs, end }));

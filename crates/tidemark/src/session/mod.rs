@@ -91,6 +91,26 @@ struct Unit {
     end: UnitEnd,
 }
 
+thread_local! {
+    /// Message lists of finished units, for the next ones (see `recycled::Spares`).
+    static UNIT_MSGS: crate::recycled::Spares<Vec<ClientMessage>> =
+        const { crate::recycled::Spares::new() };
+}
+
+impl Unit {
+    /// An empty message list, with the capacity of a finished unit's when there is one.
+    fn spare_msgs() -> Vec<ClientMessage> {
+        UNIT_MSGS.try_with(|s| s.take()).unwrap_or_default()
+    }
+}
+
+impl Drop for Unit {
+    fn drop(&mut self) {
+        let msgs = std::mem::take(&mut self.msgs);
+        let _ = UNIT_MSGS.try_with(|s| s.give(msgs));
+    }
+}
+
 /// The server connection a session holds across units (transaction, pinned session, or a
 /// unit left open by Flush).
 struct Attached {
@@ -415,10 +435,11 @@ impl Session {
                 Some(u) => u,
                 None => return Ok(()),
             };
-            // Boxed: the future of a unit is several KiB, and kept inline it would make every
-            // idle client's task that large (memory per idle client); the allocation per unit
-            // costs less than the memory.
-            boxed_in_place(|| self.run_unit(unit)).await?;
+            // On the heap: the future of a unit is several KiB, and kept inline it would make
+            // every idle client's task that large (memory per idle client). The allocation is
+            // recycled from unit to unit (see `recycled`), so the heap costs no malloc/free per
+            // statement either.
+            crate::recycled::Recycled::new(|| self.run_unit(unit)).await?;
         }
     }
 
@@ -809,17 +830,6 @@ impl Session {
             .await?;
         Ok(())
     }
-}
-
-/// Boxes a future by creating it in its allocation. `Box::pin(f)` builds the future on the stack
-/// and then copies all of it, every byte of the largest state it can reach: for a unit that was
-/// a memcpy of several KiB per statement (~470 instructions, the largest single item of the
-/// per-statement profile after the allocator).
-fn boxed_in_place<F: std::future::Future>(make: impl FnOnce() -> F) -> std::pin::Pin<Box<F>> {
-    let mut slot = Box::<F>::new_uninit();
-    slot.write(make());
-    // SAFETY: the slot was written on the line above.
-    Box::into_pin(unsafe { slot.assume_init() })
 }
 
 #[cfg(test)]

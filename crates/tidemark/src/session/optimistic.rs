@@ -740,9 +740,9 @@ impl Session {
             self.io.push(&be::no_data());
         }
         self.io.push(&be::command_complete(tag));
-        let Unit { mut msgs, end } = unit;
-        msgs.drain(..rest);
-        Unit { msgs, end }
+        let mut unit = unit;
+        unit.msgs.drain(..rest);
+        unit
     }
 
     /// Sets up a deferred transaction for a BEGIN (`sql`, classified `class`); its command

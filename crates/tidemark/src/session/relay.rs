@@ -655,7 +655,11 @@ impl Session {
         let Rewritten { mut out, mut exp } = match verbatim {
             Some(_) => Rewritten {
                 out: bytes::BytesMut::new(),
-                exp: VecDeque::from([Exp::Query]),
+                exp: {
+                    let mut exp = spare_exp();
+                    exp.push_back(Exp::Query);
+                    exp
+                },
             },
             None => rewrite(
                 unit,
@@ -741,6 +745,7 @@ impl Session {
         }
         .run()
         .await;
+        let _ = EXP_SPARES.try_with(|s| s.give(exp));
         *self.cancel_slot.lock() = None;
         self.info.lock().state = "idle";
         if let Ok(RelayOutcome::RetryOnPrimary(_)) = &r {
@@ -751,6 +756,18 @@ impl Session {
         }
         r
     }
+}
+
+thread_local! {
+    /// Lists of expected answers of finished units, for the next ones (see
+    /// `recycled::Spares`).
+    static EXP_SPARES: crate::recycled::Spares<VecDeque<Exp>> =
+        const { crate::recycled::Spares::new() };
+}
+
+/// An empty list of expected answers, with the capacity of a finished unit's when there is one.
+pub(super) fn spare_exp() -> VecDeque<Exp> {
+    EXP_SPARES.try_with(|s| s.take()).unwrap_or_default()
 }
 
 /// SQLSTATEs a replica answers for an object it has not replayed yet (and the primary may

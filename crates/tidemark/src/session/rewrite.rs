@@ -42,7 +42,8 @@ pub(super) fn rewrite(
     // re-sent Parses may still need more.
     let size: usize = unit.msgs.iter().map(|m| m.frame.len()).sum();
     let mut out = BytesMut::with_capacity(size + 64);
-    let mut exp: VecDeque<Exp> = VecDeque::with_capacity(unit.msgs.len() + 1);
+    let mut exp: VecDeque<Exp> = super::relay::spare_exp();
+    exp.reserve(unit.msgs.len() + 1);
     let push_exp = |e: Exp, exp: &mut VecDeque<Exp>| {
         if !skipping || matches!(e, Exp::Sync) {
             exp.push_back(e);

@@ -83,7 +83,8 @@ impl Session {
         &mut self,
         unit: &Unit,
     ) -> Result<(Arc<Analysis>, Vec<(String, Option<Arc<Stmt>>)>), ErrorFields> {
-        let mut parts: Vec<Arc<Analysis>> = Vec::new();
+        // Inline: a unit of one statement (nearly all of them) allocates nothing for its parts.
+        let mut parts: smallvec::SmallVec<[Arc<Analysis>; 4]> = smallvec::SmallVec::new();
         let mut updates: Vec<(String, Option<Arc<Stmt>>)> = Vec::new();
         let mut new_named = 0usize;
         let clears = |a: &Analysis| {
@@ -199,7 +200,7 @@ impl Session {
         }
         // One statement parsed, described and bound in the same unit counts once.
         parts.dedup_by(|a, b| Arc::ptr_eq(a, b));
-        Ok((Analysis::combine(parts), updates))
+        Ok((Analysis::combine(&parts), updates))
     }
 
     pub(super) fn lookup_stmt(
