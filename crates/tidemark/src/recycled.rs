@@ -121,11 +121,14 @@ impl<F> Drop for Recycled<F> {
 
 /// A collection whose capacity [`Spares`] can keep: emptied when given back.
 pub trait Spare: Default {
+    /// The largest capacity kept (in elements): one large pipeline does not pin its memory.
+    const MAX_KEPT: usize;
     fn capacity(&self) -> usize;
     fn clear(&mut self);
 }
 
 impl<T> Spare for Vec<T> {
+    const MAX_KEPT: usize = 16;
     fn capacity(&self) -> usize {
         Vec::capacity(self)
     }
@@ -135,6 +138,7 @@ impl<T> Spare for Vec<T> {
 }
 
 impl<T> Spare for std::collections::VecDeque<T> {
+    const MAX_KEPT: usize = 16;
     fn capacity(&self) -> usize {
         std::collections::VecDeque::capacity(self)
     }
@@ -143,16 +147,25 @@ impl<T> Spare for std::collections::VecDeque<T> {
     }
 }
 
+impl Spare for bytes::BytesMut {
+    const MAX_KEPT: usize = 8 * 1024;
+    fn capacity(&self) -> usize {
+        bytes::BytesMut::capacity(self)
+    }
+    fn clear(&mut self) {
+        bytes::BytesMut::clear(self)
+    }
+}
+
 /// A per-thread free list of empty collections with capacity (declare one per type in a
-/// `thread_local!`): a unit's message list and its list of expected answers were allocated
-/// and freed per statement (~200 instructions each in the callgrind profile). Only small
-/// capacities are kept, so one large pipeline does not pin its memory.
+/// `thread_local!`): a unit's message list, its list of expected answers and its rewritten
+/// bytes were allocated and freed per statement (~200 instructions each in the callgrind
+/// profile). Only small capacities are kept ([`Spare::MAX_KEPT`]), at most 64 per thread.
 pub struct Spares<C>(RefCell<Vec<C>>);
 
 impl<C: Spare> Spares<C> {
-    /// Collections kept, and the largest capacity kept.
+    /// Collections kept per thread.
     const KEEP: usize = 64;
-    const MAX_CAPACITY: usize = 16;
 
     pub const fn new() -> Spares<C> {
         Spares(RefCell::new(Vec::new()))
@@ -170,7 +183,7 @@ impl<C: Spare> Spares<C> {
     /// Keeps `c`'s capacity for the next [`Spares::take`] (its elements are dropped first).
     pub fn give(&self, mut c: C) {
         let cap = c.capacity();
-        if cap == 0 || cap > Self::MAX_CAPACITY {
+        if cap == 0 || cap > C::MAX_KEPT {
             return;
         }
         c.clear();

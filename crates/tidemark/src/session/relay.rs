@@ -746,6 +746,7 @@ impl Session {
         .run()
         .await;
         let _ = EXP_SPARES.try_with(|s| s.give(exp));
+        let _ = OUT_SPARES.try_with(|s| s.give(out));
         *self.cancel_slot.lock() = None;
         self.info.lock().state = "idle";
         if let Ok(RelayOutcome::RetryOnPrimary(_)) = &r {
@@ -768,6 +769,18 @@ thread_local! {
 /// An empty list of expected answers, with the capacity of a finished unit's when there is one.
 pub(super) fn spare_exp() -> VecDeque<Exp> {
     EXP_SPARES.try_with(|s| s.take()).unwrap_or_default()
+}
+
+thread_local! {
+    /// Rewritten bytes of finished units, for the next ones (see `recycled::Spares`).
+    static OUT_SPARES: crate::recycled::Spares<bytes::BytesMut> =
+        const { crate::recycled::Spares::new() };
+}
+
+/// An empty buffer for a unit's rewritten bytes, with a finished unit's capacity when there
+/// is one.
+pub(super) fn spare_out() -> bytes::BytesMut {
+    OUT_SPARES.try_with(|s| s.take()).unwrap_or_default()
 }
 
 /// SQLSTATEs a replica answers for an object it has not replayed yet (and the primary may

@@ -41,7 +41,8 @@ pub(super) fn rewrite(
     // largest allocator cost of the prepared-statement path). Renamed statements and
     // re-sent Parses may still need more.
     let size: usize = unit.msgs.iter().map(|m| m.frame.len()).sum();
-    let mut out = BytesMut::with_capacity(size + 64);
+    let mut out = super::relay::spare_out();
+    out.reserve(size + 64);
     let mut exp: VecDeque<Exp> = super::relay::spare_exp();
     exp.reserve(unit.msgs.len() + 1);
     let push_exp = |e: Exp, exp: &mut VecDeque<Exp>| {
