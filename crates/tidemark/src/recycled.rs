@@ -62,6 +62,8 @@ fn give(layout: Layout, ptr: NonNull<u8>) {
 /// never moves the future; dropping it drops the future and returns the memory.
 pub struct Recycled<F> {
     ptr: NonNull<F>,
+    /// It owns an `F` (for the drop checker, as `Box<F>` does).
+    _owns: std::marker::PhantomData<F>,
 }
 
 // SAFETY: `Recycled<F>` owns its `F` as a `Box<F>` does; the free list holds only memory with
@@ -76,7 +78,10 @@ impl<F> Recycled<F> {
             let ptr = NonNull::<F>::dangling();
             // SAFETY: a zero-sized write to a dangling, aligned pointer is valid.
             unsafe { ptr.as_ptr().write(make()) };
-            return Recycled { ptr };
+            return Recycled {
+                ptr,
+                _owns: std::marker::PhantomData,
+            };
         }
         let raw = take(layout);
         // Should `make` panic, the memory goes back rather than leaking.
@@ -94,7 +99,10 @@ impl<F> Recycled<F> {
         let ptr = raw.cast::<F>();
         // SAFETY: `raw` is a live allocation of `F`'s layout holding no value.
         unsafe { ptr.as_ptr().write(value) };
-        Recycled { ptr }
+        Recycled {
+            ptr,
+            _owns: std::marker::PhantomData,
+        }
     }
 }
 
