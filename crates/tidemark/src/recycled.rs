@@ -21,14 +21,26 @@ use std::task::{Context, Poll};
 /// are freed. (At ~5 KiB each, at most ~160 KiB per worker thread.)
 const KEEP: usize = 32;
 
+/// A thread's free allocations; returned to the allocator when the thread ends.
+struct FreeList(Vec<(Layout, NonNull<u8>)>);
+
+impl Drop for FreeList {
+    fn drop(&mut self) {
+        for (layout, ptr) in self.0.drain(..) {
+            // SAFETY: every entry came from `alloc(layout)` and holds no value.
+            unsafe { dealloc(ptr.as_ptr(), layout) }
+        }
+    }
+}
+
 thread_local! {
-    static FREE: RefCell<Vec<(Layout, NonNull<u8>)>> = const { RefCell::new(Vec::new()) };
+    static FREE: RefCell<FreeList> = const { RefCell::new(FreeList(Vec::new())) };
 }
 
 fn take(layout: Layout) -> NonNull<u8> {
     let reused = FREE
         .try_with(|f| {
-            let mut f = f.borrow_mut();
+            let f = &mut f.borrow_mut().0;
             let i = f.iter().rposition(|(l, _)| *l == layout)?;
             Some(f.swap_remove(i).1)
         })
@@ -43,7 +55,7 @@ fn take(layout: Layout) -> NonNull<u8> {
 fn give(layout: Layout, ptr: NonNull<u8>) {
     let kept = FREE
         .try_with(|f| {
-            let mut f = f.borrow_mut();
+            let f = &mut f.borrow_mut().0;
             if f.len() < KEEP {
                 f.push((layout, ptr));
                 true
@@ -166,10 +178,23 @@ impl Spare for bytes::BytesMut {
 }
 
 /// A per-thread free list of empty collections with capacity (declare one per type in a
-/// `thread_local!`): a unit's message list, its list of expected answers and its rewritten
-/// bytes were allocated and freed per statement (~200 instructions each in the callgrind
-/// profile). Only small capacities are kept ([`Spare::MAX_KEPT`]), at most 64 per thread.
+/// `thread_local!` and use it through [`take_spare`] and [`give_spare`]): a unit's message
+/// list, its list of expected answers and its rewritten bytes were allocated and freed per
+/// statement (~200 instructions each in the callgrind profile). Only small capacities are
+/// kept ([`Spare::MAX_KEPT`]), at most 64 per thread.
 pub struct Spares<C>(RefCell<Vec<C>>);
+
+/// An empty collection from this thread's `list`, with a given-back one's capacity when
+/// there is one (a new, empty one while the thread ends).
+pub fn take_spare<C: Spare>(list: &'static std::thread::LocalKey<Spares<C>>) -> C {
+    list.try_with(|s| s.take()).unwrap_or_default()
+}
+
+/// Keeps `c`'s capacity in this thread's `list` (see [`Spares::give`]).
+pub fn give_spare<C: Spare>(list: &'static std::thread::LocalKey<Spares<C>>, c: C) {
+    // While the thread ends, `c` is simply dropped.
+    let _ = list.try_with(|s| s.give(c));
+}
 
 impl<C: Spare> Spares<C> {
     /// Collections kept per thread.
@@ -260,18 +285,18 @@ mod tests {
             .map(|_| Recycled::new(|| async { [1u64; 300] }))
             .collect();
         drop(many);
-        let kept = FREE.with(|f| f.borrow().len());
+        let kept = FREE.with(|f| f.borrow().0.len());
         assert!(kept <= KEEP, "{kept}");
     }
 
     #[test]
     fn a_panic_while_making_returns_the_memory() {
-        let before = FREE.with(|f| f.borrow().len());
+        let before = FREE.with(|f| f.borrow().0.len());
         let r = std::panic::catch_unwind(|| {
             Recycled::new(|| -> std::future::Ready<[u8; 512]> { panic!("make") })
         });
         assert!(r.is_err());
-        let after = FREE.with(|f| f.borrow().len());
+        let after = FREE.with(|f| f.borrow().0.len());
         assert_eq!(after, (before + 1).min(KEEP));
     }
 }

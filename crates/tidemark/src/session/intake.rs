@@ -178,7 +178,7 @@ impl Session {
             };
             if msgs.capacity() == 0 {
                 // Taken only now: an idle client waiting in this loop holds no list.
-                msgs = Unit::spare_msgs();
+                msgs = crate::recycled::take_spare(&super::UNIT_MSGS);
             }
             msgs.push(m);
             if let Some(end) = end {

@@ -97,17 +97,9 @@ thread_local! {
         const { crate::recycled::Spares::new() };
 }
 
-impl Unit {
-    /// An empty message list, with the capacity of a finished unit's when there is one.
-    fn spare_msgs() -> Vec<ClientMessage> {
-        UNIT_MSGS.try_with(|s| s.take()).unwrap_or_default()
-    }
-}
-
 impl Drop for Unit {
     fn drop(&mut self) {
-        let msgs = std::mem::take(&mut self.msgs);
-        let _ = UNIT_MSGS.try_with(|s| s.give(msgs));
+        crate::recycled::give_spare(&UNIT_MSGS, std::mem::take(&mut self.msgs));
     }
 }
 

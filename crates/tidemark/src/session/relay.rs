@@ -1,6 +1,7 @@
 //! The relay: rewriting a unit for the server connection it runs on (prepared-statement names, Parses the connection lacks), sending it, and relaying the answers with the responses each message owes.
 
 use super::*;
+use crate::recycled::{give_spare, take_spare, Spares};
 
 /// Runs of server answers relayed as bytes (see `plain_step`): visible to tests, which show
 /// the shortcut is taken.
@@ -656,7 +657,7 @@ impl Session {
             Some(_) => Rewritten {
                 out: bytes::BytesMut::new(),
                 exp: {
-                    let mut exp = spare_exp();
+                    let mut exp = take_spare(&EXP_SPARES);
                     exp.push_back(Exp::Query);
                     exp
                 },
@@ -745,8 +746,8 @@ impl Session {
         }
         .run()
         .await;
-        let _ = EXP_SPARES.try_with(|s| s.give(exp));
-        let _ = OUT_SPARES.try_with(|s| s.give(out));
+        give_spare(&EXP_SPARES, exp);
+        give_spare(&OUT_SPARES, out);
         *self.cancel_slot.lock() = None;
         self.info.lock().state = "idle";
         if let Ok(RelayOutcome::RetryOnPrimary(_)) = &r {
@@ -760,27 +761,10 @@ impl Session {
 }
 
 thread_local! {
-    /// Lists of expected answers of finished units, for the next ones (see
-    /// `recycled::Spares`).
-    static EXP_SPARES: crate::recycled::Spares<VecDeque<Exp>> =
-        const { crate::recycled::Spares::new() };
-}
-
-/// An empty list of expected answers, with the capacity of a finished unit's when there is one.
-pub(super) fn spare_exp() -> VecDeque<Exp> {
-    EXP_SPARES.try_with(|s| s.take()).unwrap_or_default()
-}
-
-thread_local! {
-    /// Rewritten bytes of finished units, for the next ones (see `recycled::Spares`).
-    static OUT_SPARES: crate::recycled::Spares<bytes::BytesMut> =
-        const { crate::recycled::Spares::new() };
-}
-
-/// An empty buffer for a unit's rewritten bytes, with a finished unit's capacity when there
-/// is one.
-pub(super) fn spare_out() -> bytes::BytesMut {
-    OUT_SPARES.try_with(|s| s.take()).unwrap_or_default()
+    /// Lists of expected answers and rewritten bytes of finished units, for the next ones
+    /// (see `recycled::Spares`).
+    pub(super) static EXP_SPARES: Spares<VecDeque<Exp>> = const { Spares::new() };
+    pub(super) static OUT_SPARES: Spares<bytes::BytesMut> = const { Spares::new() };
 }
 
 /// SQLSTATEs a replica answers for an object it has not replayed yet (and the primary may

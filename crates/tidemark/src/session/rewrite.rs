@@ -41,9 +41,9 @@ pub(super) fn rewrite(
     // largest allocator cost of the prepared-statement path). Renamed statements and
     // re-sent Parses may still need more.
     let size: usize = unit.msgs.iter().map(|m| m.frame.len()).sum();
-    let mut out = super::relay::spare_out();
+    let mut out = crate::recycled::take_spare(&super::relay::OUT_SPARES);
     out.reserve(size + 64);
-    let mut exp: VecDeque<Exp> = super::relay::spare_exp();
+    let mut exp: VecDeque<Exp> = crate::recycled::take_spare(&super::relay::EXP_SPARES);
     exp.reserve(unit.msgs.len() + 1);
     let push_exp = |e: Exp, exp: &mut VecDeque<Exp>| {
         if !skipping || matches!(e, Exp::Sync) {
