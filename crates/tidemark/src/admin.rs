@@ -7,7 +7,6 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
 
 use tidemark_wire::backend::{self as be, ErrorFields};
 use tidemark_wire::frontend::FrontendMessage;
@@ -319,7 +318,7 @@ fn show_pools(app: &App) -> Result<Output, ErrorFields> {
 /// seconds rather than timestamps.
 fn show_servers(app: &App) -> Result<Output, ErrorFields> {
     let cfg = app.config.load();
-    let now = Instant::now();
+    let now = crate::clock::Coarse::now();
     let mut rows = Vec::new();
     for p in app.pools.all() {
         let (host, port) = cfg

@@ -66,7 +66,13 @@ async fn serve(app: Arc<App>, mut s: tokio::net::TcpStream) {
                 (
                     "200 OK",
                     "text/plain; version=0.0.4",
-                    handle().map(|h| h.render()).unwrap_or_default(),
+                    handle()
+                        .map(|h| {
+                            let mut text = h.render();
+                            crate::metrics::render_pool_waits(&app.pools.all(), &mut text);
+                            text
+                        })
+                        .unwrap_or_default(),
                 )
             }
             "/" => ("200 OK", "text/html; charset=utf-8", status::page(&app)),
@@ -109,7 +115,6 @@ fn readyz(app: &App) -> (&'static str, &'static str, String) {
 /// `/metrics` render.
 pub fn refresh_from(app: &App) {
     for p in app.pools.all() {
-        p.flush_waits();
         let s = &p.stats;
         let active = s.in_use.load(std::sync::atomic::Ordering::Relaxed);
         let idle = p.idle_count();

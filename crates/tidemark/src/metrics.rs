@@ -104,10 +104,6 @@ fn describe() {
         "tidemark_lsn_wait_seconds",
         "Time a read waited for a replica to replay its required LSN, by outcome"
     );
-    describe_histogram!(
-        "tidemark_pool_checkout_wait_seconds",
-        "Time waiting for a server connection from a pool"
-    );
     describe_counter!(
         "tidemark_errors_total",
         "Errors tidemark sent to clients, by SQLSTATE"
@@ -412,11 +408,48 @@ pub fn lsn_wait(d: Duration, outcome: &'static str) {
 
 /// The checkout-wait histogram of one pool, or `None` while no recorder is installed (a
 /// handle taken before would stay a no-op). The pool keeps it.
-pub fn pool_wait_histogram(pool: &str) -> Option<Histogram> {
-    if !INSTALLED.load(Ordering::Relaxed) {
-        return None;
+/// Appends the pools' checkout-wait histograms (`tidemark_pool_checkout_wait_seconds`, kept
+/// by each pool: see `Pool::wait_histogram`) to a Prometheus text render.
+pub fn render_pool_waits(pools: &[std::sync::Arc<crate::pool::Pool>], out: &mut String) {
+    use std::fmt::Write;
+    const NAME: &str = "tidemark_pool_checkout_wait_seconds";
+    if pools.is_empty() {
+        return;
     }
-    Some(histogram!("tidemark_pool_checkout_wait_seconds", "pool" => pool.to_string()))
+    if !out.is_empty() && !out.ends_with('\n') {
+        out.push('\n');
+    }
+    let _ = writeln!(
+        out,
+        "# HELP {NAME} Time waiting for a server connection from a pool\n# TYPE {NAME} histogram"
+    );
+    for p in pools {
+        let h = p.wait_histogram();
+        let pool = label_value(&p.name);
+        for (bound, n) in crate::pool::WAIT_BUCKETS.iter().zip(h.buckets) {
+            let _ = writeln!(out, "{NAME}_bucket{{pool=\"{pool}\",le=\"{bound}\"}} {n}");
+        }
+        let _ = writeln!(
+            out,
+            "{NAME}_bucket{{pool=\"{pool}\",le=\"+Inf\"}} {count}\n{NAME}_sum{{pool=\"{pool}\"}} {sum}\n{NAME}_count{{pool=\"{pool}\"}} {count}",
+            count = h.count,
+            sum = h.sum_seconds
+        );
+    }
+}
+
+/// A Prometheus label value, escaped (pool names hold database and user names).
+fn label_value(v: &str) -> String {
+    let mut s = String::with_capacity(v.len());
+    for c in v.chars() {
+        match c {
+            '\\' => s.push_str("\\\\"),
+            '"' => s.push_str("\\\""),
+            '\n' => s.push_str("\\n"),
+            c => s.push(c),
+        }
+    }
+    s
 }
 
 pub fn error(sqlstate: &str) {
@@ -559,6 +592,7 @@ pub fn replication_slot(slot: &str, retained_bytes: f64, active: bool) {
 
 /// The last minute, second by second, for the status page.
 pub mod recent {
+    use std::sync::atomic::{AtomicU64, Ordering};
     use std::sync::OnceLock;
 
     use parking_lot::Mutex;
@@ -574,30 +608,22 @@ pub mod recent {
         Error,
     }
 
-    #[derive(Clone, Default)]
+    /// One second's counts. The per-statement events are atomics (a lock per statement
+    /// showed in the per-statement profile); a slot is reset for a new second, and fallback
+    /// reasons are counted, under the ring's lock.
+    #[derive(Default)]
     struct Slot {
-        sec: u64,
-        statements: u64,
-        replica_reads: u64,
-        primary_reads: u64,
-        errors: u64,
-        /// Reasons are `&'static str` from a fixed set, so this stays small.
-        fallbacks: Vec<(&'static str, u64)>,
-    }
-
-    impl Slot {
-        fn reset(&mut self, sec: u64) {
-            *self = Slot {
-                sec,
-                fallbacks: std::mem::take(&mut self.fallbacks),
-                ..Slot::default()
-            };
-            self.fallbacks.clear();
-        }
+        sec: AtomicU64,
+        statements: AtomicU64,
+        replica_reads: AtomicU64,
+        primary_reads: AtomicU64,
+        errors: AtomicU64,
     }
 
     struct Ring {
         slots: Vec<Slot>,
+        /// Per slot: fallback reasons (from a fixed set of `&'static str`, so small).
+        fallbacks: Mutex<Vec<Vec<(&'static str, u64)>>>,
     }
 
     /// The coarse clock's second when the process first recorded anything.
@@ -606,12 +632,11 @@ pub mod recent {
         *START.get_or_init(crate::clock::coarse_secs)
     }
 
-    fn ring() -> &'static Mutex<Ring> {
-        static RING: OnceLock<Mutex<Ring>> = OnceLock::new();
-        RING.get_or_init(|| {
-            Mutex::new(Ring {
-                slots: vec![Slot::default(); SLOTS],
-            })
+    fn ring() -> &'static Ring {
+        static RING: OnceLock<Ring> = OnceLock::new();
+        RING.get_or_init(|| Ring {
+            slots: (0..SLOTS).map(|_| Slot::default()).collect(),
+            fallbacks: Mutex::new(vec![Vec::new(); SLOTS]),
         })
     }
 
@@ -624,34 +649,46 @@ pub mod recent {
         add2(e, None)
     }
 
-    /// Records one or two events under one lock (the per-statement path).
+    /// Records one or two events (the per-statement path).
     pub fn add2(e: Event, more: Option<Event>) {
         let sec = now_sec();
-        let mut r = ring().lock();
-        let s = &mut r.slots[(sec as usize) % SLOTS];
-        if s.sec != sec {
-            s.reset(sec);
+        let r = ring();
+        let i = (sec as usize) % SLOTS;
+        let s = &r.slots[i];
+        if s.sec.load(Ordering::Acquire) != sec {
+            let mut fb = r.fallbacks.lock();
+            if s.sec.load(Ordering::Relaxed) != sec {
+                for c in [&s.statements, &s.replica_reads, &s.primary_reads, &s.errors] {
+                    c.store(0, Ordering::Relaxed);
+                }
+                fb[i].clear();
+                s.sec.store(sec, Ordering::Release);
+            }
         }
-        s.count(e);
+        r.count(i, e);
         if let Some(e) = more {
-            s.count(e);
+            r.count(i, e);
         }
     }
 
-    impl Slot {
-        fn count(&mut self, e: Event) {
-            let s = self;
-            match e {
-                Event::Statement => s.statements += 1,
-                Event::ReplicaRead => s.replica_reads += 1,
-                Event::PrimaryRead => s.primary_reads += 1,
-                Event::Error => s.errors += 1,
-                Event::Fallback(reason) => match s.fallbacks.iter_mut().find(|(r, _)| *r == reason)
-                {
-                    Some((_, n)) => *n += 1,
-                    None => s.fallbacks.push((reason, 1)),
-                },
-            }
+    impl Ring {
+        fn count(&self, i: usize, e: Event) {
+            let s = &self.slots[i];
+            let c = match e {
+                Event::Statement => &s.statements,
+                Event::ReplicaRead => &s.replica_reads,
+                Event::PrimaryRead => &s.primary_reads,
+                Event::Error => &s.errors,
+                Event::Fallback(reason) => {
+                    let mut fb = self.fallbacks.lock();
+                    match fb[i].iter_mut().find(|(r, _)| *r == reason) {
+                        Some((_, n)) => *n += 1,
+                        None => fb[i].push((reason, 1)),
+                    }
+                    return;
+                }
+            };
+            c.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -672,7 +709,8 @@ pub mod recent {
     pub fn summary(window: u64) -> Summary {
         let window = window.min(SLOTS as u64 - 1);
         let now = now_sec();
-        let r = ring().lock();
+        let r = ring();
+        let fallbacks = r.fallbacks.lock();
         let mut out = Summary {
             window_seconds: window,
             ..Summary::default()
@@ -684,24 +722,27 @@ pub mod recent {
                 out.per_second.push((0, 0, 0));
                 continue;
             };
-            let s = &r.slots[(sec as usize) % SLOTS];
-            if s.sec != sec {
+            let i = (sec as usize) % SLOTS;
+            let s = &r.slots[i];
+            if s.sec.load(Ordering::Acquire) != sec {
                 out.per_second.push((0, 0, 0));
                 continue;
             }
-            out.statements += s.statements;
-            out.replica_reads += s.replica_reads;
-            out.primary_reads += s.primary_reads;
-            out.errors += s.errors;
+            let replica_reads = s.replica_reads.load(Ordering::Relaxed);
+            let primary_reads = s.primary_reads.load(Ordering::Relaxed);
+            out.statements += s.statements.load(Ordering::Relaxed);
+            out.replica_reads += replica_reads;
+            out.primary_reads += primary_reads;
+            out.errors += s.errors.load(Ordering::Relaxed);
             let mut fb = 0;
-            for (reason, n) in &s.fallbacks {
+            for (reason, n) in &fallbacks[i] {
                 fb += n;
                 match out.fallbacks.iter_mut().find(|(r, _)| r == reason) {
                     Some((_, t)) => *t += n,
                     None => out.fallbacks.push((reason, *n)),
                 }
             }
-            out.per_second.push((s.replica_reads, s.primary_reads, fb));
+            out.per_second.push((replica_reads, primary_reads, fb));
         }
         out.fallbacks
             .sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
@@ -729,5 +770,17 @@ pub mod recent {
                 .any(|(r, n)| *r == "replicas_behind" && *n >= 1));
             assert_eq!(after.per_second.len(), 60);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(super::label_value("db/user@node"), "db/user@node");
+        assert_eq!(
+            super::label_value("a\"b\\c\nd"),
+            "a\\\"b\\\\c\\nd".to_string()
+        );
     }
 }

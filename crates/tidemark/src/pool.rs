@@ -6,6 +6,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::clock::Coarse;
+
 use parking_lot::Mutex;
 use tidemark_core::NodeId;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -42,14 +44,44 @@ pub struct PoolStats {
     pub timeouts: AtomicU64,
 }
 
+/// Upper bounds (seconds) of the checkout-wait histogram's buckets.
+pub const WAIT_BUCKETS: [f64; 16] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];
+
+/// A pool's checkout-wait histogram as Prometheus shows it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct WaitHistogram {
+    /// Cumulative counts per bound of [`WAIT_BUCKETS`].
+    pub buckets: [u64; WAIT_BUCKETS.len()],
+    pub count: u64,
+    pub sum_seconds: f64,
+}
+
+/// Cumulative bucket counts of `count` checkouts of which `waited[i]` waited up to
+/// `WAIT_BUCKETS[i]` (the last entry: longer) and the rest did not wait.
+fn cumulative_waits(
+    count: u64,
+    waited: &[u64; WAIT_BUCKETS.len() + 1],
+) -> [u64; WAIT_BUCKETS.len()] {
+    let mut cumulative = count.saturating_sub(waited.iter().sum());
+    let mut buckets = [0; WAIT_BUCKETS.len()];
+    for (b, w) in buckets.iter_mut().zip(waited) {
+        cumulative += w;
+        *b = cumulative.min(count);
+    }
+    buckets
+}
+
 /// One server connection as SHOW SERVERS shows it.
 #[derive(Clone, Debug)]
 pub struct ServerInfo {
     pub pid: i32,
     pub active: bool,
-    pub created: Instant,
+    pub created: Coarse,
     /// Checked out at (active) or last used at (idle).
-    pub since: Instant,
+    pub since: Coarse,
 }
 
 pub struct Pool {
@@ -57,26 +89,37 @@ pub struct Pool {
     pub name: String,
     target: ServerTarget,
     settings: Mutex<PoolConfig>,
-    /// Boxed: a connection moves through several futures per checkout, and moving the
-    /// struct itself showed as memcpy in the per-statement profile.
-    #[allow(clippy::vec_box)]
-    idle: Mutex<Vec<Box<ServerConn>>>,
-    /// Checked-out connections by backend pid: (connected at, checked out at).
-    /// (Fx hashing: SipHash of the pid showed in the per-statement profile; pids are not
-    /// chosen by clients.)
-    active: Mutex<rustc_hash::FxHashMap<i32, (Instant, Instant)>>,
+    conns: Mutex<Conns>,
     sem: Arc<Semaphore>,
     max: AtomicUsize,
     pub stats: PoolStats,
-    /// The checkout-wait histogram's handle, once a metrics recorder exists.
-    wait_histogram: std::sync::OnceLock<metrics::Histogram>,
-    /// Checkouts that did not wait, not yet in the histogram: recording each one showed in the
-    /// per-statement profile (~150 instructions), so they go in as one `record_many(0)` at
-    /// the next scrape or reaper round ([`Pool::flush_waits`]).
-    unwaited: AtomicU64,
+    /// Checkouts that waited, by bucket of [`WAIT_BUCKETS`] (the last one: longer). Those
+    /// that did not wait are `stats.checkouts` minus these. The pool keeps its checkout-wait
+    /// histogram itself ([`Pool::wait_histogram`], rendered by `metrics::render_pool_waits`):
+    /// a histogram of the metrics recorder costs ~150 instructions per recorded value
+    /// (`record_many` records them one by one), which showed in the per-statement profile,
+    /// while a checkout that did not wait, the common case, only counts here in `checkouts`.
+    waited: [AtomicU64; WAIT_BUCKETS.len() + 1],
     /// Its node was removed or moved by a RELOAD: the pool is no longer in [`Pools`], its
     /// idle connections are closed and connections in use are closed when they come back.
     draining: AtomicBool,
+}
+
+/// The pool's connections and the limits a checkout applies to them, under one lock: a
+/// checkout and a release take it once each (separate locks for the idle list, the in-use list
+/// and the settings showed in the per-statement profile).
+struct Conns {
+    /// Boxed: a connection moves through several futures per checkout, and moving the
+    /// struct itself showed as memcpy in the per-statement profile.
+    #[allow(clippy::vec_box)]
+    idle: Vec<Box<ServerConn>>,
+    /// Checked-out connections by backend pid: (connected at, checked out at).
+    /// (Fx hashing: SipHash of the pid showed in the per-statement profile; pids are not
+    /// chosen by clients.)
+    active: rustc_hash::FxHashMap<i32, (Coarse, Coarse)>,
+    /// `server_lifetime` and `idle_timeout` of the settings.
+    lifetime: Duration,
+    idle_timeout: Duration,
 }
 
 /// A checked-out server connection. Dropping it without [`Pool::release`] closes the
@@ -87,16 +130,15 @@ pub struct Checked {
     guard: InUse,
 }
 
-/// Counts a connection as in use for as long as it is checked out, and as closed when it
-/// is dropped without going back to the pool.
+/// Counts a connection as in use for as long as it is checked out (it is in the pool's
+/// `active` list from checkout), and as closed when it is dropped without going back to the
+/// pool (`.1`: it went back, and `put_back` took it off the list).
 struct InUse(Arc<Pool>, bool, i32);
 
 impl InUse {
-    fn new(pool: &Arc<Pool>, conn: &ServerConn, now: Instant) -> InUse {
+    /// For a connection already entered in `active`.
+    fn entered(pool: &Arc<Pool>, conn: &ServerConn) -> InUse {
         pool.stats.in_use.fetch_add(1, Ordering::Relaxed);
-        pool.active
-            .lock()
-            .insert(conn.backend_pid, (conn.created, now));
         InUse(pool.clone(), false, conn.backend_pid)
     }
 }
@@ -104,8 +146,8 @@ impl InUse {
 impl Drop for InUse {
     fn drop(&mut self) {
         self.0.stats.in_use.fetch_sub(1, Ordering::Relaxed);
-        self.0.active.lock().remove(&self.2);
         if !self.1 {
+            self.0.conns.lock().active.remove(&self.2);
             self.0.stats.open.fetch_sub(1, Ordering::Relaxed);
         }
     }
@@ -122,7 +164,7 @@ impl Checked {
             conn, mut guard, ..
         } = self;
         guard.1 = true;
-        guard.0.clone().put_back(conn);
+        guard.0.put_back(conn);
     }
 }
 
@@ -133,14 +175,17 @@ impl Pool {
             name: format!("{}/{}@{}", key.database, key.user, node_name),
             key,
             target,
+            conns: Mutex::new(Conns {
+                idle: Vec::new(),
+                active: Default::default(),
+                lifetime: settings.server_lifetime,
+                idle_timeout: settings.idle_timeout,
+            }),
             settings: Mutex::new(settings),
-            idle: Mutex::new(Vec::new()),
-            active: Mutex::new(Default::default()),
             sem: Arc::new(Semaphore::new(max)),
             max: AtomicUsize::new(max),
             stats: PoolStats::default(),
-            wait_histogram: std::sync::OnceLock::new(),
-            unwaited: AtomicU64::new(0),
+            waited: Default::default(),
             draining: AtomicBool::new(false),
         }
     }
@@ -155,14 +200,14 @@ impl Pool {
     }
 
     pub fn idle_count(&self) -> usize {
-        self.idle.lock().len()
+        self.conns.lock().idle.len()
     }
 
     /// The pool's server connections for SHOW SERVERS, active ones first.
     pub fn servers(&self) -> Vec<ServerInfo> {
-        let mut v: Vec<ServerInfo> = self
+        let conns = self.conns.lock();
+        let mut v: Vec<ServerInfo> = conns
             .active
-            .lock()
             .iter()
             .map(|(pid, (created, since))| ServerInfo {
                 pid: *pid,
@@ -172,7 +217,7 @@ impl Pool {
             })
             .collect();
         v.sort_by_key(|s| s.pid);
-        v.extend(self.idle.lock().iter().map(|c| ServerInfo {
+        v.extend(conns.idle.iter().map(|c| ServerInfo {
             pid: c.backend_pid,
             active: false,
             created: c.created,
@@ -196,6 +241,11 @@ impl Pool {
                 }
             });
         }
+        {
+            let mut c = self.conns.lock();
+            c.lifetime = s.server_lifetime;
+            c.idle_timeout = s.idle_timeout;
+        }
         *self.settings.lock() = s;
     }
 
@@ -209,17 +259,8 @@ impl Pool {
     }
 
     async fn checkout_with(self: &Arc<Self>, wait: bool) -> Result<Checked, PoolError> {
-        let (timeout, lifetime, idle_timeout, connect_timeout) = {
-            let s = self.settings.lock();
-            (
-                s.checkout_timeout,
-                s.server_lifetime,
-                s.idle_timeout,
-                s.connect_timeout,
-            )
-        };
-        // A free slot is the common case: take it without arming a timer or reading the
-        // clock (both showed in the per-statement profile).
+        // A free slot is the common case: take it without arming a timer, reading the clock
+        // or the settings (all showed in the per-statement profile).
         let (permit, waited) = match self.sem.clone().try_acquire_owned() {
             Ok(p) => (p, Duration::ZERO),
             Err(_) if !wait => {
@@ -230,6 +271,7 @@ impl Pool {
                 })
             }
             Err(_) => {
+                let timeout = self.settings.lock().checkout_timeout;
                 let start = Instant::now();
                 self.stats.waiting.fetch_add(1, Ordering::Relaxed);
                 let permit = tokio::time::timeout(timeout, self.sem.clone().acquire_owned()).await;
@@ -247,37 +289,53 @@ impl Pool {
                 }
             }
         };
-        self.stats
-            .wait_micros
-            .fetch_add(waited.as_micros() as u64, Ordering::Relaxed);
-        self.stats.checkouts.fetch_add(1, Ordering::Relaxed);
-        if waited.is_zero() {
-            self.unwaited.fetch_add(1, Ordering::Relaxed);
-        } else if let Some(h) = self.wait_histogram() {
-            h.record(waited.as_secs_f64());
+        if !waited.is_zero() {
+            self.stats
+                .wait_micros
+                .fetch_add(waited.as_micros() as u64, Ordering::Relaxed);
+            let secs = waited.as_secs_f64();
+            let i = WAIT_BUCKETS.partition_point(|b| *b < secs);
+            // Before `checkouts` (Release), which `wait_histogram` reads first (Acquire): a
+            // render never counts this checkout as one that did not wait.
+            self.waited[i].fetch_add(1, Ordering::Relaxed);
         }
+        self.stats.checkouts.fetch_add(1, Ordering::Release);
+        let now = Coarse::now();
         loop {
-            let candidate = self.idle.lock().pop();
-            let Some(mut conn) = candidate else { break };
-            let now = Instant::now();
-            if now.duration_since(conn.created) > lifetime
-                || now.duration_since(conn.last_used) > idle_timeout
+            let mut conns = self.conns.lock();
+            let Some(mut conn) = conns.idle.pop() else {
+                break;
+            };
+            // (The probe reads the socket's readiness; it makes a system call only when the
+            // server did send something.)
+            if now.duration_since(conn.created) > conns.lifetime
+                || now.duration_since(conn.last_used) > conns.idle_timeout
                 || conn.has_unexpected_input()
             {
+                drop(conns);
+                // Closed outside the lock.
+                drop(conn);
                 self.stats.open.fetch_sub(1, Ordering::Relaxed);
                 continue;
             }
             conn.last_used = now;
-            let guard = InUse::new(self, &conn, now);
+            conns.active.insert(conn.backend_pid, (conn.created, now));
+            drop(conns);
+            let guard = InUse::entered(self, &conn);
             return Ok(Checked {
                 conn,
                 _permit: permit,
                 guard,
             });
         }
+        let connect_timeout = self.settings.lock().connect_timeout;
         let conn = Box::new(ServerConn::connect(&self.target, connect_timeout).await?);
         self.stats.open.fetch_add(1, Ordering::Relaxed);
-        let guard = InUse::new(self, &conn, Instant::now());
+        self.conns
+            .lock()
+            .active
+            .insert(conn.backend_pid, (conn.created, Coarse::now()));
+        let guard = InUse::entered(self, &conn);
         Ok(Checked {
             conn,
             _permit: permit,
@@ -285,63 +343,58 @@ impl Pool {
         })
     }
 
+    /// Takes a connection back (off the `active` list): kept idle if it can serve another
+    /// client, closed otherwise.
     fn put_back(&self, mut conn: Box<ServerConn>) {
         // The one gate: a connection that still owes anything, is in a transaction or was
         // lost track of is closed, never handed to another client.
-        if !conn.reusable() || conn.has_unexpected_input() {
-            if !conn.broken && !conn.proto.is_idle() {
-                tracing::debug!(pool = %self.name, phase = ?conn.proto.phase(), "server connection not idle at release: closed");
-            }
-            self.stats.open.fetch_sub(1, Ordering::Relaxed);
+        let reusable = conn.reusable() && !conn.has_unexpected_input();
+        if !reusable && !conn.broken && !conn.proto.is_idle() {
+            tracing::debug!(pool = %self.name, phase = ?conn.proto.phase(), "server connection not idle at release: closed");
+        }
+        conn.last_used = Coarse::now();
+        let mut conns = self.conns.lock();
+        conns.active.remove(&conn.backend_pid);
+        // Draining is checked under this lock, which `drain_idle` takes after the flag is set.
+        let draining = self.is_draining();
+        if reusable && !draining {
+            conns.idle.push(conn);
             return;
         }
-        conn.last_used = Instant::now();
-        // Checked under the idle lock, which `drain_node` takes after setting the flag.
-        let mut idle = self.idle.lock();
-        if self.is_draining() {
-            drop(idle);
+        drop(conns);
+        if reusable {
             tracing::debug!(pool = %self.name, "server connection of a drained pool closed at release");
-            self.stats.open.fetch_sub(1, Ordering::Relaxed);
-            return;
         }
-        idle.push(conn);
+        // Closed outside the lock.
+        drop(conn);
+        self.stats.open.fetch_sub(1, Ordering::Relaxed);
     }
 
-    fn wait_histogram(&self) -> Option<&metrics::Histogram> {
-        if self.wait_histogram.get().is_none() {
-            if let Some(h) = crate::metrics::pool_wait_histogram(&self.name) {
-                let _ = self.wait_histogram.set(h);
-            }
-        }
-        self.wait_histogram.get()
-    }
-
-    /// Puts the checkouts that did not wait into the wait histogram (as zero waits).
-    pub fn flush_waits(&self) {
-        let n = self.unwaited.swap(0, Ordering::Relaxed);
-        if n > 0 {
-            if let Some(h) = self.wait_histogram() {
-                h.record_many(0.0, n as usize);
-            }
+    /// The checkout-wait histogram: every successful checkout, by time waited.
+    pub fn wait_histogram(&self) -> WaitHistogram {
+        let count = self.stats.checkouts.load(Ordering::Acquire);
+        let waited = self.waited.each_ref().map(|w| w.load(Ordering::Relaxed));
+        WaitHistogram {
+            buckets: cumulative_waits(count, &waited),
+            count,
+            sum_seconds: self.stats.wait_micros.load(Ordering::Relaxed) as f64 / 1e6,
         }
     }
 
     /// Closes idle connections past their idle timeout or lifetime.
     pub fn reap(&self) {
-        self.flush_waits();
-        let (lifetime, idle_timeout) = {
-            let s = self.settings.lock();
-            (s.server_lifetime, s.idle_timeout)
+        let now = Coarse::now();
+        let closed: Vec<Box<ServerConn>> = {
+            let mut conns = self.conns.lock();
+            let (lifetime, idle_timeout) = (conns.lifetime, conns.idle_timeout);
+            let (keep, closed) = std::mem::take(&mut conns.idle).into_iter().partition(|c| {
+                now.duration_since(c.created) <= lifetime
+                    && now.duration_since(c.last_used) <= idle_timeout
+            });
+            conns.idle = keep;
+            closed
         };
-        let now = Instant::now();
-        let mut idle = self.idle.lock();
-        let before = idle.len();
-        idle.retain(|c| {
-            now.duration_since(c.created) <= lifetime
-                && now.duration_since(c.last_used) <= idle_timeout
-        });
-        let closed = before - idle.len();
-        self.stats.open.fetch_sub(closed, Ordering::Relaxed);
+        self.stats.open.fetch_sub(closed.len(), Ordering::Relaxed);
     }
 
     /// Opens connections until `min` are open (best effort: failures wait for the next round).
@@ -372,9 +425,8 @@ impl Pool {
 
     /// Closes every idle connection (e.g. after a failover).
     pub fn drain_idle(&self) {
-        let mut idle = self.idle.lock();
+        let idle = std::mem::take(&mut self.conns.lock().idle);
         self.stats.open.fetch_sub(idle.len(), Ordering::Relaxed);
-        idle.clear();
     }
 }
 
@@ -424,7 +476,6 @@ impl Pools {
             }
             let keep = now.duration_since(entry.1) < idle;
             if !keep {
-                p.flush_waits();
                 tracing::debug!(pool = %p.name, "idle pool dropped");
                 seen.remove(key);
             }
@@ -455,7 +506,6 @@ impl Pools {
             keys.iter().filter_map(|k| m.remove(k)).collect()
         };
         for p in &drained {
-            p.flush_waits();
             p.draining.store(true, Ordering::Relaxed);
             p.drain_idle();
         }
@@ -466,5 +516,40 @@ impl Pools {
         let mut v: Vec<_> = self.map.lock().values().cloned().collect();
         v.sort_by(|a, b| a.name.cmp(&b.name));
         v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checkouts_that_did_not_wait_fill_the_first_bucket() {
+        let mut waited = [0; WAIT_BUCKETS.len() + 1];
+        assert_eq!(cumulative_waits(0, &waited), [0; WAIT_BUCKETS.len()]);
+        assert_eq!(cumulative_waits(7, &waited), [7; WAIT_BUCKETS.len()]);
+        // 10 checkouts: 2 waited up to 1 ms (bucket 3), 1 more than the last bound.
+        waited[3] = 2;
+        waited[WAIT_BUCKETS.len()] = 1;
+        let b = cumulative_waits(10, &waited);
+        assert_eq!(b[0], 7);
+        assert_eq!(b[2], 7);
+        assert_eq!(b[3], 9);
+        assert_eq!(b[WAIT_BUCKETS.len() - 1], 9);
+        // A render that saw a waited checkout before its `checkouts` increment never
+        // counts more than `count`, and stays cumulative.
+        let b = cumulative_waits(2, &waited);
+        assert!(b.windows(2).all(|w| w[0] <= w[1]));
+        assert!(b.iter().all(|n| *n <= 2));
+    }
+
+    #[test]
+    fn a_wait_lands_in_the_first_bucket_at_or_above_it() {
+        let i = |secs: f64| WAIT_BUCKETS.partition_point(|b| *b < secs);
+        assert_eq!(i(0.00005), 0);
+        assert_eq!(i(0.0001), 0);
+        assert_eq!(i(0.0002), 1);
+        assert_eq!(i(10.0), WAIT_BUCKETS.len() - 1);
+        assert_eq!(i(11.0), WAIT_BUCKETS.len());
     }
 }

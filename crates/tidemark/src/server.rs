@@ -4,7 +4,7 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
 use postgres_protocol::authentication::sasl::SCRAM_SHA_256;
@@ -90,8 +90,8 @@ pub struct ServerConn {
     pub prepared: Names,
     /// Hash of the session state (SETs) last applied; 0 = pristine.
     pub state_key: u64,
-    pub created: Instant,
-    pub last_used: Instant,
+    pub created: crate::clock::Coarse,
+    pub last_used: crate::clock::Coarse,
     /// Set when the connection must not go back to a pool.
     pub broken: bool,
     /// What the server owes and whether it is idle, from every frame sent and received: a
@@ -110,7 +110,7 @@ impl ServerConn {
 
     async fn connect_inner(t: &ServerTarget) -> Result<ServerConn, ServerError> {
         let stream = t.tls.open().await?;
-        let now = Instant::now();
+        let now = crate::clock::Coarse::now();
         let mut c = ServerConn {
             node: t.node,
             stream,

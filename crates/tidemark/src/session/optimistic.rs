@@ -16,6 +16,7 @@
 //! client sent after the divergence is written.
 
 use super::*;
+use crate::clock::Coarse;
 
 /// Where a deferred or optimistic transaction is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -193,7 +194,7 @@ async fn replay_unit(
     h: &mut u64,
     watch: &NodeWatch<'_>,
 ) -> Result<(), String> {
-    let mut last = Instant::now();
+    let mut last = Coarse::now();
     let Rewritten { out, mut exp } = rewrite(
         &r.unit,
         &Prepared {
@@ -276,12 +277,12 @@ async fn replay_unit(
 async fn recv_watched(
     conn: &mut crate::server::ServerConn,
     watch: &NodeWatch<'_>,
-    last: &mut Instant,
+    last: &mut Coarse,
 ) -> Result<Frame, ServerError> {
     loop {
         match tokio::time::timeout(NODE_CHECK_INTERVAL, conn.recv()).await {
             Ok(r) => {
-                *last = Instant::now();
+                *last = Coarse::now();
                 return r;
             }
             Err(_) if watch.looks_dead(*last) => {
@@ -310,7 +311,7 @@ async fn begin_on(
     }
     conn.send(fe::query(sql).raw()).await?;
     let mut err = None;
-    let mut last = Instant::now();
+    let mut last = Coarse::now();
     loop {
         let f = recv_watched(conn, watch, &mut last).await?;
         match f.backend() {

@@ -1,6 +1,7 @@
 //! The relay: rewriting a unit for the server connection it runs on (prepared-statement names, Parses the connection lacks), sending it, and relaying the answers with the responses each message owes.
 
 use super::*;
+use crate::clock::Coarse;
 use crate::recycled::{give_spare, take_spare, Spares};
 
 /// Runs of server answers relayed as bytes (see `plain_step`): visible to tests, which show
@@ -129,7 +130,7 @@ impl Relay<'_> {
     let start_out = io.pending_out();
     let mut flushed = false;
     let mut copy = CopyState::default();
-    let mut last_heard = Instant::now();
+    let mut last_heard = Coarse::now();
     let mut errored = false;
     let mut captured: Option<Captured> = None;
     // The replica check before the unit said "behind": the unit's answers are dropped.
@@ -200,7 +201,7 @@ impl Relay<'_> {
                         Ok(()) => {
                             // Frames already buffered were heard with this read: one clock
                             // read per socket read, not per message.
-                            last_heard = Instant::now();
+                            last_heard = Coarse::now();
                             continue;
                         }
                         Err(e) => return retry_held_or_fail(hold && !flushed, io, start_out, e),
@@ -545,7 +546,7 @@ pub(super) struct NodeWatch<'a> {
 }
 
 impl NodeWatch<'_> {
-    pub(super) fn looks_dead(&self, last_heard: Instant) -> bool {
+    pub(super) fn looks_dead(&self, last_heard: Coarse) -> bool {
         // The monitor timeout is read only here, when the timer fires (reading the
         // configuration per unit showed in the per-statement profile).
         last_heard.elapsed() > self.app.config.load().monitor.timeout
