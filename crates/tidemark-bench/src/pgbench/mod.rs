@@ -63,6 +63,10 @@ pub struct PgbenchArgs {
     /// Don't run `cargo build -p tidemark` before starting.
     #[arg(long)]
     pub no_build: bool,
+    /// A second tidemark binary, run as target `tidemark-alt` (session consistency, as
+    /// `tidemark-session`): two builds compared in one run, interleaved like every target.
+    #[arg(long)]
+    pub tidemark_alt_bin: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -72,6 +76,8 @@ enum Target {
     TidemarkSession,
     TidemarkEventual,
     TidemarkNotrack,
+    /// `--tidemark-alt-bin` in session consistency.
+    TidemarkAlt,
     Pgbouncer,
     Pgpool,
 }
@@ -83,11 +89,12 @@ impl Target {
             "tidemark-session" | "tidemark" => Target::TidemarkSession,
             "tidemark-eventual" => Target::TidemarkEventual,
             "tidemark-notrack" => Target::TidemarkNotrack,
+            "tidemark-alt" => Target::TidemarkAlt,
             "pgbouncer" => Target::Pgbouncer,
             "pgpool" => Target::Pgpool,
             _ => bail!(
                 "--targets: unknown target '{s}' (direct, tidemark-session, tidemark-eventual, \
-                 tidemark-notrack, pgbouncer, pgpool)"
+                 tidemark-notrack, tidemark-alt, pgbouncer, pgpool)"
             ),
         })
     }
@@ -98,6 +105,7 @@ impl Target {
             Target::TidemarkSession => "tidemark (session)",
             Target::TidemarkEventual => "tidemark (eventual)",
             Target::TidemarkNotrack => "tidemark (track_writes off)",
+            Target::TidemarkAlt => "tidemark (alt build, session)",
             Target::Pgbouncer => "PgBouncer (transaction)",
             Target::Pgpool => "Pgpool-II (SR + LB)",
         }
@@ -105,7 +113,7 @@ impl Target {
 
     fn tidemark(self) -> Option<TidemarkOpts> {
         let (consistency, track_writes) = match self {
-            Target::TidemarkSession => ("session", true),
+            Target::TidemarkSession | Target::TidemarkAlt => ("session", true),
             Target::TidemarkEventual => ("eventual", true),
             Target::TidemarkNotrack => ("session", false),
             _ => return None,
@@ -192,6 +200,8 @@ struct Memory {
 struct Bins {
     pgbench: PathBuf,
     tidemark: Option<PathBuf>,
+    /// `--tidemark-alt-bin`.
+    tidemark_alt: Option<PathBuf>,
     pgbouncer: Option<PathBuf>,
     pgpool: Option<PathBuf>,
     owner: Option<(u32, u32)>,
@@ -212,7 +222,20 @@ pub async fn run(mut args: PgbenchArgs) -> Result<()> {
         .map(|t| Target::parse(t))
         .collect::<Result<_>>()?;
     let started = Instant::now();
-    let needs_tidemark = targets.iter().any(|t| t.tidemark().is_some());
+    let tidemark_alt = match (
+        targets.contains(&Target::TidemarkAlt),
+        &args.tidemark_alt_bin,
+    ) {
+        (true, None) => bail!("--targets tidemark-alt needs --tidemark-alt-bin"),
+        (true, Some(b)) if !b.is_file() => {
+            bail!("--tidemark-alt-bin: {} is not a file", b.display())
+        }
+        (true, Some(b)) => Some(b.clone()),
+        (false, _) => None,
+    };
+    let needs_tidemark = targets
+        .iter()
+        .any(|t| t.tidemark().is_some() && *t != Target::TidemarkAlt);
     let tidemark = if needs_tidemark {
         Some(procs::tidemark_binary(
             args.tidemark_bin.as_deref(),
@@ -258,6 +281,7 @@ pub async fn run(mut args: PgbenchArgs) -> Result<()> {
     let bins = Bins {
         pgbench: cluster.bindir().join("pgbench"),
         tidemark,
+        tidemark_alt,
         pgbouncer,
         pgpool,
         owner,

@@ -160,6 +160,16 @@ pub(super) fn report_results(
             Target::Pgbouncer,
             "tidemark (session) vs PgBouncer",
         ),
+        (
+            Target::TidemarkAlt,
+            Target::TidemarkSession,
+            "alt build vs tidemark (session)",
+        ),
+        (
+            Target::TidemarkAlt,
+            Target::Pgbouncer,
+            "alt build vs PgBouncer",
+        ),
     ];
     for (a, b, label) in pairs {
         if !targets.contains(&a) || !targets.contains(&b) {

@@ -100,7 +100,12 @@ struct Running {
 /// Starts whatever serves `target`.
 async fn start_target(t: Target, cluster: &Cluster, bins: &Bins, dir: &Path) -> Result<Running> {
     if let Some(opts) = t.tidemark() {
-        let bin = bins.tidemark.as_deref().context("no tidemark binary")?;
+        let bin = if t == Target::TidemarkAlt {
+            bins.tidemark_alt.as_deref()
+        } else {
+            bins.tidemark.as_deref()
+        }
+        .context("no tidemark binary")?;
         let tag = format!("{t:?}").to_lowercase();
         let (g, port) = procs::start_tidemark(bin, cluster, &opts, dir, &tag).await?;
         return Ok(Running {
@@ -272,7 +277,7 @@ pub(super) async fn run_all(
         for &t in targets {
             if matches!(
                 t,
-                Target::TidemarkSession | Target::Pgbouncer | Target::Pgpool
+                Target::TidemarkSession | Target::TidemarkAlt | Target::Pgbouncer | Target::Pgpool
             ) {
                 match measure_memory(t, cluster, bins, scratch.path(), args.idle_clients).await {
                     Ok(m) => {
