@@ -406,8 +406,6 @@ pub fn lsn_wait(d: Duration, outcome: &'static str) {
     histogram!("tidemark_lsn_wait_seconds", "outcome" => outcome).record(d.as_secs_f64());
 }
 
-/// The checkout-wait histogram of one pool, or `None` while no recorder is installed (a
-/// handle taken before would stay a no-op). The pool keeps it.
 /// Appends the pools' checkout-wait histograms (`tidemark_pool_checkout_wait_seconds`, kept
 /// by each pool: see `Pool::wait_histogram`) to a Prometheus text render.
 pub fn render_pool_waits(pools: &[std::sync::Arc<crate::pool::Pool>], out: &mut String) {
