@@ -65,6 +65,8 @@ pub struct Classifier {
     hits: AtomicU64,
     misses: AtomicU64,
     key_attribute: RwLock<Arc<str>>,
+    /// `Inner::generation`, readable without the lock (see [`Classifier::generation`]).
+    generation: AtomicU64,
 }
 
 impl std::fmt::Debug for Classifier {
@@ -126,6 +128,7 @@ impl Classifier {
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
             key_attribute: RwLock::new(Arc::from(DEFAULT_KEY_ATTRIBUTE)),
+            generation: AtomicU64::new(0),
         }
     }
 
@@ -136,11 +139,19 @@ impl Classifier {
         let rules = Arc::new(FunctionRules::new(&self.policy, catalog));
         let mut inner = self.inner.lock();
         inner.generation += 1;
+        self.generation.store(inner.generation, Ordering::Release);
         inner.rules = rules;
         if let Some(c) = inner.cache.as_mut() {
             c.clear();
         }
         inner.bytes = 0;
+    }
+
+    /// Which function catalog answers are judged with: it changes whenever
+    /// [`Classifier::set_catalog`] replaces it. An analysis kept outside the cache (a
+    /// session's last unnamed statement) is only reused while this is unchanged.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
     }
 
     /// The sqlcommenter attribute that carries a key (`routing.comment_key_attribute`; default
@@ -410,9 +421,12 @@ mod tests {
     fn set_catalog_clears_cache_and_changes_answers() {
         let c = Classifier::new(10, FunctionPolicy::default());
         assert_eq!(c.classify("SELECT my_read()").class, Class::Write);
+        let before = c.generation();
         let mut cat = FunctionCatalog::new();
         cat.insert("public", "my_read", Volatility::Stable);
         c.set_catalog(cat);
+        // What sessions keep outside the cache (their last unnamed statement) is judged anew.
+        assert_ne!(c.generation(), before);
         assert_eq!(c.cached_len(), 0);
         assert_eq!(c.classify("SELECT my_read()").class, Class::Read);
     }

@@ -220,6 +220,8 @@ mod tests {
             param_types: vec![],
             global: format!("tm_{}", query.len()),
             analysis: opaque_analysis(),
+            state_key: 0,
+            generation: 0,
         })
     }
 

@@ -14,6 +14,28 @@ pub(super) struct Stmt {
     /// Name used on server connections (shared by every client with the same text).
     pub(super) global: String,
     pub(super) analysis: Arc<Analysis>,
+    /// The session state (`Session::state_key`) `global` was made under, and the classifier
+    /// generation `analysis` was judged with: an unnamed Parse of the same text is answered
+    /// with this statement only while both are unchanged (see `Session::analyse`).
+    pub(super) state_key: u64,
+    pub(super) generation: u64,
+}
+
+impl Stmt {
+    /// Whether an unnamed Parse of `query` with `param_types` may reuse this statement.
+    fn same_unnamed(
+        &self,
+        query: &str,
+        param_types: &[u32],
+        state_key: u64,
+        generation: u64,
+    ) -> bool {
+        self.wire.is_none()
+            && self.state_key == state_key
+            && self.generation == generation
+            && self.param_types == param_types
+            && self.query == query
+    }
 }
 
 impl Stmt {
@@ -111,6 +133,24 @@ impl Session {
                     param_types,
                 } => {
                     let query: &str = query;
+                    let generation = self.app.classifier.generation();
+                    if name.is_empty() {
+                        // Drivers that do not prepare (pgbench -M extended, psycopg and
+                        // asyncpg for one-off statements, JDBC below its prepare threshold)
+                        // send the same unnamed text again and again: the previous unnamed
+                        // statement answers it, without classifying, naming and allocating
+                        // it anew (a third of the extended protocol's per-statement work).
+                        let state_key = self.state_key;
+                        if let Some(s) = self
+                            .unnamed
+                            .as_ref()
+                            .filter(|s| s.same_unnamed(query, param_types, state_key, generation))
+                        {
+                            parts.push(s.analysis.clone());
+                            updates.push((String::new(), Some(s.clone())));
+                            continue;
+                        }
+                    }
                     let analysis = classify(&self.app, query).await;
                     let global =
                         format!("tm_{:016x}", hash_of(&(query, param_types, self.state_key)));
@@ -147,6 +187,8 @@ impl Session {
                             param_types: param_types.clone(),
                             global,
                             analysis,
+                            state_key: self.state_key,
+                            generation,
                         })),
                     ));
                 }
@@ -192,6 +234,8 @@ impl Session {
                             param_types: param_types.clone(),
                             global,
                             analysis,
+                            state_key: self.state_key,
+                            generation: self.app.classifier.generation(),
                         })),
                     ));
                 }
@@ -216,5 +260,39 @@ impl Session {
         } else {
             self.statements.get(name).cloned()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unnamed_statement_is_reused_only_for_the_same_text_types_state_and_rules() {
+        let s = Stmt {
+            query: "SELECT v FROM t WHERE id = $1".into(),
+            wire: None,
+            param_types: vec![23],
+            global: "tm_0".into(),
+            analysis: opaque_analysis(),
+            state_key: 7,
+            generation: 2,
+        };
+        assert!(s.same_unnamed("SELECT v FROM t WHERE id = $1", &[23], 7, 2));
+        // Another text (even one byte, even a prefix), other parameter types, another
+        // session state or a new function catalog: classified and named anew.
+        assert!(!s.same_unnamed("SELECT v FROM t WHERE id = $2", &[23], 7, 2));
+        assert!(!s.same_unnamed("SELECT v FROM t WHERE id = ", &[23], 7, 2));
+        assert!(!s.same_unnamed("DELETE FROM t WHERE id = $1", &[23], 7, 2));
+        assert!(!s.same_unnamed("SELECT v FROM t WHERE id = $1", &[20], 7, 2));
+        assert!(!s.same_unnamed("SELECT v FROM t WHERE id = $1", &[], 7, 2));
+        assert!(!s.same_unnamed("SELECT v FROM t WHERE id = $1", &[23], 8, 2));
+        assert!(!s.same_unnamed("SELECT v FROM t WHERE id = $1", &[23], 7, 3));
+        // A text that is not UTF-8 is never reused (its analysis is opaque by construction).
+        let raw = Stmt {
+            wire: Some(b"SELECT v FROM t WHERE id = $1".to_vec()),
+            ..s
+        };
+        assert!(!raw.same_unnamed("SELECT v FROM t WHERE id = $1", &[23], 7, 2));
     }
 }
