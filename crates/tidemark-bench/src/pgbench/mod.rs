@@ -35,6 +35,11 @@ pub struct PgbenchArgs {
     /// Client counts for `pgbench -S`.
     #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
     pub clients: Vec<u32>,
+    /// Protocols for `pgbench -S` (`-M`): simple, extended (unnamed Parse/Bind/Execute per
+    /// statement) and prepared (named statements, prepared once per connection).
+    #[arg(long, value_delimiter = ',', default_value = "simple,extended,prepared",
+          value_parser = ["simple", "extended", "prepared"])]
+    pub protocols: Vec<String>,
     /// Clients for the TPC-B-like default script (0 to skip it).
     #[arg(long, default_value_t = 8)]
     pub tpcb_clients: u32,
@@ -130,7 +135,7 @@ impl Target {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 struct Workload {
-    /// `select-simple`, `select-prepared` or `tpcb`.
+    /// `select-simple`, `select-extended`, `select-prepared` or `tpcb`.
     name: &'static str,
     clients: u32,
 }
@@ -139,6 +144,7 @@ impl Workload {
     fn label(&self) -> String {
         match self.name {
             "select-simple" => "-S -M simple".into(),
+            "select-extended" => "-S -M extended".into(),
             "select-prepared" => "-S -M prepared".into(),
             _ => "TPC-B-like (default)".into(),
         }
@@ -158,6 +164,7 @@ impl Workload {
         let mut a = vec![];
         match self.name {
             "select-simple" => a.extend(["-S".to_string(), "-M".into(), "simple".into()]),
+            "select-extended" => a.extend(["-S".to_string(), "-M".into(), "extended".into()]),
             "select-prepared" => a.extend(["-S".to_string(), "-M".into(), "prepared".into()]),
             _ => a.extend(["-M".to_string(), "simple".into()]),
         }
@@ -299,7 +306,14 @@ pub async fn run(mut args: PgbenchArgs) -> Result<()> {
 
 fn workloads(args: &PgbenchArgs) -> Vec<Workload> {
     let mut w = vec![];
-    for name in ["select-simple", "select-prepared"] {
+    for (protocol, name) in [
+        ("simple", "select-simple"),
+        ("extended", "select-extended"),
+        ("prepared", "select-prepared"),
+    ] {
+        if !args.protocols.iter().any(|p| p == protocol) {
+            continue;
+        }
         for &clients in &args.clients {
             w.push(Workload { name, clients });
         }

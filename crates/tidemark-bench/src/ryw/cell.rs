@@ -38,7 +38,9 @@ impl Statements {
     /// read-only transaction") and Pgpool ends the session with FATAL "kind mismatch among
     /// backends". Unnamed statements are routed per statement, as Pgpool documents.
     pub(super) fn for_mode(mode: Mode, unnamed: bool) -> Statements {
-        if unnamed || matches!(mode, Mode::Pgpool(_)) {
+        // PgBouncer 1.18 in transaction pooling has no named statements either (a statement
+        // prepared on one server connection is unknown on the next).
+        if unnamed || matches!(mode, Mode::Pgpool(_) | Mode::Pgbouncer) {
             Statements::Unnamed
         } else {
             Statements::Prepared
@@ -257,7 +259,7 @@ async fn user_loop(
                 rng.gen_range(1..=rows)
             };
             let conn = match mode {
-                Mode::Tidemark | Mode::Pgpool(_) => writer,
+                Mode::Tidemark | Mode::Pgpool(_) | Mode::Pgbouncer => writer,
                 Mode::TidemarkCausal => u.reader.as_ref().unwrap_or(writer),
                 Mode::Primary => writer,
                 Mode::Pin(d) if wrote_at.elapsed() < d => writer,
@@ -349,7 +351,7 @@ pub(super) async fn run_cell(
         };
         proxy = Some(procs::start_tidemark(bin, c, &opts, ctx.scratch.path(), "ryw").await?);
     }
-    let mut _pgpool_dir = None;
+    let mut _proxy_dir = None;
     if let Mode::Pgpool(which) = mode {
         let bin = procs::ensure_program("pgpool", "pgpool2")
             .context("Pgpool-II is not installed (apt-get install pgpool2)")?;
@@ -360,7 +362,19 @@ pub(super) async fn run_cell(
         };
         let d = procs::scratch_dir("tidemark-bench-pgpool", owner)?;
         proxy = Some(procs::start_pgpool(&bin, c, d.path(), owner, which).await?);
-        _pgpool_dir = Some(d);
+        _proxy_dir = Some(d);
+    }
+    if mode == Mode::Pgbouncer {
+        let bin = procs::ensure_program("pgbouncer", "pgbouncer")
+            .context("PgBouncer is not installed (apt-get install pgbouncer)")?;
+        let owner = if procs::is_root() {
+            procs::lookup_account("postgres")
+        } else {
+            None
+        };
+        let d = procs::scratch_dir("tidemark-bench-pgbouncer", owner)?;
+        proxy = Some(procs::start_pgbouncer(&bin, c, d.path(), owner).await?);
+        _proxy_dir = Some(d);
     }
     let statements = Statements::for_mode(mode, args.unnamed);
     let mut users = Vec::with_capacity(args.users);
@@ -383,7 +397,7 @@ pub(super) async fn run_cell(
                 u.proxy = Some(connect(port, None, statements).await?);
                 u.reader = Some(connect(port, None, statements).await?);
             }
-            Mode::Pgpool(_) => {
+            Mode::Pgpool(_) | Mode::Pgbouncer => {
                 let port = proxy.as_ref().map(|p| p.1).context("no proxy port")?;
                 u.proxy = Some(connect(port, None, statements).await?);
             }

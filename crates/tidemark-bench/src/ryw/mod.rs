@@ -52,7 +52,8 @@ pub struct RywArgs {
     pub profiles: Vec<String>,
     /// Modes: primary, naive, pin-<duration> (e.g. pin-2s), tidemark (`session` consistency,
     /// one connection and a key per user), tidemark-causal (`causal`, no key, each user's
-    /// reads on a second connection: an application's pool).
+    /// reads on a second connection: an application's pool), pgbouncer (everything through
+    /// PgBouncer to the primary: the cost of a forwarding hop), pgpool-<setting>.
     #[arg(
         long,
         value_delimiter = ',',
@@ -105,6 +106,9 @@ enum Mode {
     /// Through tidemark at `causal` consistency, without a key: each user writes on one
     /// connection and reads on another, as through an application's connection pool.
     TidemarkCausal,
+    /// Everything through PgBouncer (transaction pooling) to the primary: what one proxy hop
+    /// that only forwards costs in the loop (no routing, no replica), beside `primary`.
+    Pgbouncer,
     /// Through Pgpool-II (streaming replication, load balancing) with this
     /// `disable_load_balance_on_write` setting.
     Pgpool(&'static str),
@@ -122,6 +126,7 @@ fn parse_mode(s: &str) -> Result<Mode> {
         "naive" => Mode::Naive,
         "tidemark" => Mode::Tidemark,
         "tidemark-causal" => Mode::TidemarkCausal,
+        "pgbouncer" => Mode::Pgbouncer,
         "pgpool-transaction" => Mode::Pgpool("transaction"),
         "pgpool-always" => Mode::Pgpool("always"),
         "pgpool-dml_adaptive" => Mode::Pgpool("dml_adaptive"),
@@ -132,7 +137,7 @@ fn parse_mode(s: &str) -> Result<Mode> {
             }
             None => bail!(
                 "--modes: unknown mode '{s}' (primary, naive, pin-2s, pin-5s, tidemark, tidemark-causal, \
-                 pgpool-transaction, pgpool-always, pgpool-dml_adaptive, pgpool-off)"
+                 pgbouncer, pgpool-transaction, pgpool-always, pgpool-dml_adaptive, pgpool-off)"
             ),
         },
     })
