@@ -24,6 +24,10 @@ impl Target {
     }
 }
 
+/// A Parse message's parameter types: inline up to four (statements seldom declare more), so
+/// decoding a Parse allocates nothing.
+pub type ParamTypes = smallvec::SmallVec<[u32; 4]>;
+
 /// A decoded frontend message. Its strings share the frame's buffer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FrontendMessage {
@@ -31,7 +35,7 @@ pub enum FrontendMessage {
     Parse {
         name: Text,
         query: Text,
-        param_types: Vec<u32>,
+        param_types: ParamTypes,
     },
     Bind {
         portal: Text,
@@ -64,7 +68,7 @@ pub enum FrontendMessage {
     NonUtf8 {
         simple: bool,
         name: Text,
-        param_types: Vec<u32>,
+        param_types: ParamTypes,
     },
 }
 
@@ -100,7 +104,7 @@ impl FrontendMessage {
                 Err(WireError::NotUtf8 { .. }) => FrontendMessage::NonUtf8 {
                     simple: true,
                     name: Text::new(),
-                    param_types: Vec::new(),
+                    param_types: ParamTypes::new(),
                 },
                 Err(e) => return Err(e),
             },
@@ -118,7 +122,7 @@ impl FrontendMessage {
                         what: "bad parameter type count",
                     });
                 }
-                let mut param_types = Vec::with_capacity(n as usize);
+                let mut param_types = ParamTypes::with_capacity(n as usize);
                 for _ in 0..n {
                     param_types.push(read_i32(&mut b, tag)? as u32);
                 }
@@ -388,7 +392,7 @@ mod tests {
                 simple: false,
                 name,
                 param_types,
-            }) if name == "s1" => assert_eq!(param_types, vec![25]),
+            }) if name == "s1" => assert_eq!(&param_types[..], &[25]),
             other => panic!("{other:?}"),
         }
         assert_eq!(parse_query_bytes(&p).unwrap(), b"select '\xe9'");
@@ -410,7 +414,7 @@ mod tests {
             FrontendMessage::Parse {
                 name: "s1".into(),
                 query: "SELECT $1".into(),
-                param_types: vec![23]
+                param_types: ParamTypes::from_slice(&[23])
             }
         );
     }

@@ -1005,3 +1005,88 @@ async fn rows_relayed_in_a_run_are_taken_back_when_the_read_moves_to_the_primary
 fn relayed_runs() -> u64 {
     tidemark::session::RELAYED_RUNS.load(std::sync::atomic::Ordering::Relaxed)
 }
+
+/// Drivers that do not prepare send the same few unnamed statements again and again: each is
+/// judged once (the classifier is not asked again), and a different text, or the same text
+/// with other parameter types or after a SET, is judged on its own: a write among reads still
+/// goes to the primary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeated_unnamed_statement_is_judged_once_and_a_new_one_anew() {
+    use tokio_postgres::types::Type;
+    let (env, c) = with_items().await;
+    c.batch_execute("INSERT INTO items VALUES (1, 'a')")
+        .await
+        .unwrap();
+    let lsn = env.cluster.current_lsn(0).unwrap();
+    env.cluster
+        .wait_replayed(1, &lsn, Duration::from_secs(10))
+        .unwrap();
+    let read = "SELECT name, pg_is_in_recovery() FROM items WHERE id = $1";
+    let asked = |env: &Env| {
+        let (h, m) = env.proxy.app.classifier.cache_stats();
+        h + m
+    };
+    c.query_typed(read, &[(&1i32, Type::INT4)]).await.unwrap();
+    let before = asked(&env);
+    for _ in 0..10 {
+        let r = c.query_typed(read, &[(&1i32, Type::INT4)]).await.unwrap();
+        assert_eq!(r[0].get::<_, &str>(0), "a");
+    }
+    assert_eq!(
+        asked(&env),
+        before,
+        "the same unnamed text is not classified again"
+    );
+    // Another text in between (a write): judged anew, on the primary. The read after it is
+    // the one remembered from before, and reads the write.
+    let w = "UPDATE items SET name = $2 WHERE id = $1 RETURNING pg_is_in_recovery()";
+    for (i, name) in ["b", "c", "d"].into_iter().enumerate() {
+        let r = c
+            .query_typed(w, &[(&1i32, Type::INT4), (&name, Type::TEXT)])
+            .await
+            .unwrap();
+        assert!(!r[0].get::<_, bool>(0), "the write ran on the primary");
+        let r = c.query_typed(read, &[(&1i32, Type::INT4)]).await.unwrap();
+        assert_eq!(
+            r[0].get::<_, &str>(0),
+            name,
+            "the session reads its own write"
+        );
+        if i == 0 {
+            assert_eq!(asked(&env), before + 1, "only the new text was classified");
+        }
+    }
+    assert_eq!(
+        asked(&env),
+        before + 1,
+        "a write and a read taking turns: judged once each"
+    );
+    // The same text with other parameter types is judged anew.
+    c.query_typed(read, &[(&1i64, Type::INT8)]).await.unwrap();
+    assert_eq!(asked(&env), before + 2);
+    // A few texts are remembered, not every one: with five taking turns, each is judged again.
+    let texts: Vec<String> = (0..5)
+        .map(|i| format!("SELECT {i} AS n, name FROM items WHERE id = $1"))
+        .collect();
+    for t in &texts {
+        c.query_typed(t.as_str(), &[(&1i32, Type::INT4)])
+            .await
+            .unwrap();
+    }
+    let cycled = asked(&env);
+    for t in &texts {
+        c.query_typed(t.as_str(), &[(&1i32, Type::INT4)])
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        asked(&env),
+        cycled + 5,
+        "at most four unnamed statements are remembered"
+    );
+    // After a SET (the session state changed), too.
+    c.batch_execute("SET application_name = 'x'").await.unwrap();
+    let after_set = asked(&env);
+    c.query_typed(read, &[(&1i64, Type::INT8)]).await.unwrap();
+    assert_eq!(asked(&env), after_set + 1);
+}

@@ -27,6 +27,25 @@ pub(super) fn capture_sql(app: &App) -> &'static str {
     }
 }
 
+/// [`capture_sql`] as a Query message, made once: it is pipelined behind every write.
+pub(super) fn capture_query(app: &App) -> &'static [u8] {
+    static PLAIN: std::sync::LazyLock<Frame> = std::sync::LazyLock::new(|| fe::query(CAPTURE_SQL));
+    static APPLIED: std::sync::LazyLock<Frame> =
+        std::sync::LazyLock::new(|| fe::query(CAPTURE_APPLIED_SQL));
+    if capture_sql(app) == CAPTURE_APPLIED_SQL {
+        APPLIED.raw()
+    } else {
+        PLAIN.raw()
+    }
+}
+
+/// The replica check sent ahead of a read in the same write, as a Query message made once.
+pub(super) fn replay_check_query() -> &'static [u8] {
+    static CHECK: std::sync::LazyLock<Frame> =
+        std::sync::LazyLock::new(|| fe::query("SELECT pg_last_wal_replay_lsn()"));
+    CHECK.raw()
+}
+
 /// A one-dimensional PostgreSQL integer array in text form (`{1,2,3}`); `None` if malformed.
 pub(super) fn parse_int_array(s: &str) -> Option<Vec<i32>> {
     let inner = s.strip_prefix('{')?.strip_suffix('}')?;
@@ -226,6 +245,7 @@ impl Session {
             if !errored {
                 self.statements.clear();
                 self.unnamed = None;
+                self.recent_unnamed = Default::default();
             }
         }
         att.conn.conn.state_key = if analysis.opaque_state || self.conn_state_unknown {

@@ -153,6 +153,8 @@ pub struct Session {
     balance: u64,
     statements: Statements,
     unnamed: Option<Arc<Stmt>>,
+    /// Unnamed statements before `unnamed`, newest first (see `Session::set_unnamed`).
+    recent_unnamed: [Option<Arc<Stmt>>; RECENT_UNNAMED],
     attached: Option<Attached>,
     /// The client must stay on one primary connection (LISTEN, temp tables, ...).
     pinned: bool,
@@ -264,6 +266,7 @@ impl Session {
             balance,
             statements: Statements::default(),
             unnamed: None,
+            recent_unnamed: Default::default(),
             attached: None,
             pinned,
             tx_status: TxStatus::Idle,

@@ -701,10 +701,10 @@ impl Session {
         // The prefix: Parse "" (the BEGIN), Bind "" "", optionally Describe portal "",
         // Execute "" — and more than a Sync after it.
         let msgs = &unit.msgs;
-        let sql = match msgs.first().map(|m| &m.msg) {
-            Some(FrontendMessage::Parse { name, query, .. }) if name.is_empty() => {
-                query.to_string()
-            }
+        // (The text is copied only once the unit has that shape: an ordinary extended unit,
+        // Parse/Bind/Describe/Execute/Sync of one statement, is looked at without a copy.)
+        let query = match msgs.first().map(|m| &m.msg) {
+            Some(FrontendMessage::Parse { name, query, .. }) if name.is_empty() => query,
             _ => return unit,
         };
         if !matches!(msgs.get(1).map(|m| &m.msg), Some(FrontendMessage::Bind { portal, statement }) if portal.is_empty() && statement.is_empty())
@@ -725,6 +725,7 @@ impl Session {
         if msgs.len() <= rest + 1 {
             return unit;
         }
+        let sql = query.to_string();
         let a = statements::classify(&self.app, &sql).await;
         if a.statements.len() != 1 || !self.may_defer_begin(&a) {
             return unit;

@@ -241,11 +241,13 @@ impl Session {
         };
         let mut required = required;
         let mut requirement_unknown = false;
-        let key = analysis.hints.key.as_ref().or(self.key.as_ref()).cloned();
+        let has_key = analysis.hints.key.is_some() || self.key.is_some();
         let matters = !matches!(consistency, Consistency::Strong | Consistency::Eventual)
             && analysis.hints.target != Some(HintTarget::Primary);
-        if read_only && matters && self.app.shared.is_some() && (wants_floor || key.is_some()) {
+        if read_only && matters && self.app.shared.is_some() && (wants_floor || has_key) {
             // What other instances acknowledged: the shared floor and the key's last write.
+            // (The key is copied only here: most reads of a keyed session need no copy.)
+            let key = analysis.hints.key.as_ref().or(self.key.as_ref()).cloned();
             match self.shared_view(key.as_deref()).await {
                 Some(r) => {
                     if wants_floor {
@@ -256,7 +258,7 @@ impl Session {
                     }
                 }
                 None => {
-                    requirement_unknown = key.is_some();
+                    requirement_unknown = has_key;
                     if wants_floor {
                         causal_floor = None;
                     }

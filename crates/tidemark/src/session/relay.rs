@@ -690,21 +690,28 @@ impl Session {
             && !skipping
         {
             if let Some(raw) = verbatim.take() {
+                out = take_spare(&OUT_SPARES);
                 out.extend_from_slice(raw);
             }
-            out.extend_from_slice(fe::query(capture_sql(&self.app)).raw());
+            out.extend_from_slice(capture_query(&self.app));
             exp.push_back(Exp::Capture);
         }
         if att.role == Role::Replica {
             if let Some(required) = self.speculation.as_ref().map(|s| s.required) {
                 // The replica check goes in the same write, before the read (one round trip).
-                let mut with_check =
-                    bytes::BytesMut::from(&fe::query("SELECT pg_last_wal_replay_lsn()").raw()[..]);
                 match verbatim.take() {
-                    Some(raw) => with_check.extend_from_slice(raw),
-                    None => with_check.extend_from_slice(&out),
+                    Some(raw) => {
+                        out = take_spare(&OUT_SPARES);
+                        out.extend_from_slice(replay_check_query());
+                        out.extend_from_slice(raw);
+                    }
+                    None => {
+                        let mut with_check = take_spare(&OUT_SPARES);
+                        with_check.extend_from_slice(replay_check_query());
+                        with_check.extend_from_slice(&out);
+                        give_spare(&OUT_SPARES, std::mem::replace(&mut out, with_check));
+                    }
                 }
-                out = with_check;
                 exp.push_front(Exp::Check(required));
             }
         }

@@ -48,6 +48,15 @@ impl Stmt {
     }
 }
 
+/// Unnamed statements remembered besides the current one (see `Session::set_unnamed`).
+pub(super) const RECENT_UNNAMED: usize = 3;
+/// Longer unnamed texts are not remembered (memory per client stays small).
+pub(super) const MAX_RECENT_UNNAMED_TEXT: usize = 4096;
+
+/// The prepared statements a unit defines (`Some`) or closes (`None`), by name: inline for
+/// the usual one or two, so a unit with a Parse allocates no list.
+pub(super) type StmtUpdates = smallvec::SmallVec<[(String, Option<Arc<Stmt>>); 2]>;
+
 /// What tidemark knows of a statement it cannot read (text in a non-UTF-8 client encoding, a
 /// protocol-level function call): it may do anything, so it goes to the primary and the
 /// connection's session state is unknown afterwards.
@@ -84,10 +93,30 @@ pub(super) async fn classify(app: &Arc<App>, sql: &str) -> Arc<Analysis> {
 }
 
 impl Session {
-    pub(super) fn apply_statement_updates(&mut self, updates: Vec<(String, Option<Arc<Stmt>>)>) {
+    /// Makes `s` the unnamed statement. The one it replaces is remembered (a few, newest
+    /// first, texts of at most [`MAX_RECENT_UNNAMED_TEXT`] bytes), so that drivers cycling
+    /// through a handful of unnamed statements (a write, then its reads) find theirs again.
+    fn set_unnamed(&mut self, s: Arc<Stmt>) {
+        let Some(old) = self.unnamed.replace(s.clone()) else {
+            return;
+        };
+        if Arc::ptr_eq(&old, &s) {
+            return;
+        }
+        let memo = &mut self.recent_unnamed;
+        // `s` leaves the memo (it is the current one now), or the oldest entry does.
+        let end = memo
+            .iter()
+            .position(|m| m.as_ref().is_some_and(|m| Arc::ptr_eq(m, &s)))
+            .unwrap_or(RECENT_UNNAMED - 1);
+        memo[..=end].rotate_right(1);
+        memo[0] = (old.wire.is_none() && old.query.len() <= MAX_RECENT_UNNAMED_TEXT).then_some(old);
+    }
+
+    pub(super) fn apply_statement_updates(&mut self, updates: StmtUpdates) {
         for (name, stmt) in updates {
             match stmt {
-                Some(s) if name.is_empty() => self.unnamed = Some(s),
+                Some(s) if name.is_empty() => self.set_unnamed(s),
                 Some(s) => {
                     self.statements.insert(name, s);
                 }
@@ -104,10 +133,10 @@ impl Session {
     pub(super) async fn analyse(
         &mut self,
         unit: &Unit,
-    ) -> Result<(Arc<Analysis>, Vec<(String, Option<Arc<Stmt>>)>), ErrorFields> {
+    ) -> Result<(Arc<Analysis>, StmtUpdates), ErrorFields> {
         // Inline: a unit of one statement (nearly all of them) allocates nothing for its parts.
         let mut parts: smallvec::SmallVec<[Arc<Analysis>; 4]> = smallvec::SmallVec::new();
-        let mut updates: Vec<(String, Option<Arc<Stmt>>)> = Vec::new();
+        let mut updates = StmtUpdates::new();
         let mut new_named = 0usize;
         let clears = |a: &Analysis| {
             a.statements.iter().any(|c| {
@@ -141,10 +170,10 @@ impl Session {
                         // statement answers it, without classifying, naming and allocating
                         // it anew (a third of the extended protocol's per-statement work).
                         let state_key = self.state_key;
-                        if let Some(s) = self
-                            .unnamed
-                            .as_ref()
-                            .filter(|s| s.same_unnamed(query, param_types, state_key, generation))
+                        if let Some(s) = std::iter::once(&self.unnamed)
+                            .chain(&self.recent_unnamed)
+                            .flatten()
+                            .find(|s| s.same_unnamed(query, param_types, state_key, generation))
                         {
                             parts.push(s.analysis.clone());
                             updates.push((String::new(), Some(s.clone())));
@@ -184,7 +213,7 @@ impl Session {
                         Some(Arc::new(Stmt {
                             query: query.to_string(),
                             wire: None,
-                            param_types: param_types.clone(),
+                            param_types: param_types.to_vec(),
                             global,
                             analysis,
                             state_key: self.state_key,
@@ -231,7 +260,7 @@ impl Session {
                         Some(Arc::new(Stmt {
                             query: String::from_utf8_lossy(bytes).into_owned(),
                             wire: Some(bytes.to_vec()),
-                            param_types: param_types.clone(),
+                            param_types: param_types.to_vec(),
                             global,
                             analysis,
                             state_key: self.state_key,
