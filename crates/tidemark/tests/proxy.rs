@@ -1017,10 +1017,7 @@ async fn a_repeated_unnamed_statement_is_judged_once_and_a_new_one_anew() {
     c.batch_execute("INSERT INTO items VALUES (1, 'a')")
         .await
         .unwrap();
-    let lsn = env.cluster.current_lsn(0).unwrap();
-    env.cluster
-        .wait_replayed(1, &lsn, Duration::from_secs(10))
-        .unwrap();
+    wait_all_replayed(&env.cluster);
     let read = "SELECT name, pg_is_in_recovery() FROM items WHERE id = $1";
     let asked = |env: &Env| {
         let (h, m) = env.proxy.app.classifier.cache_stats();

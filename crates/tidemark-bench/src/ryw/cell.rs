@@ -352,27 +352,25 @@ pub(super) async fn run_cell(
         proxy = Some(procs::start_tidemark(bin, c, &opts, ctx.scratch.path(), "ryw").await?);
     }
     let mut _proxy_dir = None;
-    if let Mode::Pgpool(which) = mode {
-        let bin = procs::ensure_program("pgpool", "pgpool2")
-            .context("Pgpool-II is not installed (apt-get install pgpool2)")?;
+    // A peer proxy runs as `postgres` when the bench runs as root, from a directory of its own.
+    let peer = |program: &str, package: &str, what: &str| -> Result<_> {
+        let bin = procs::ensure_program(program, package)
+            .with_context(|| format!("{what} is not installed (apt-get install {package})"))?;
         let owner = if procs::is_root() {
             procs::lookup_account("postgres")
         } else {
             None
         };
-        let d = procs::scratch_dir("tidemark-bench-pgpool", owner)?;
+        let d = procs::scratch_dir(&format!("tidemark-bench-{program}"), owner)?;
+        Ok((bin, owner, d))
+    };
+    if let Mode::Pgpool(which) = mode {
+        let (bin, owner, d) = peer("pgpool", "pgpool2", "Pgpool-II")?;
         proxy = Some(procs::start_pgpool(&bin, c, d.path(), owner, which).await?);
         _proxy_dir = Some(d);
     }
     if mode == Mode::Pgbouncer {
-        let bin = procs::ensure_program("pgbouncer", "pgbouncer")
-            .context("PgBouncer is not installed (apt-get install pgbouncer)")?;
-        let owner = if procs::is_root() {
-            procs::lookup_account("postgres")
-        } else {
-            None
-        };
-        let d = procs::scratch_dir("tidemark-bench-pgbouncer", owner)?;
+        let (bin, owner, d) = peer("pgbouncer", "pgbouncer", "PgBouncer")?;
         proxy = Some(procs::start_pgbouncer(&bin, c, d.path(), owner).await?);
         _proxy_dir = Some(d);
     }
