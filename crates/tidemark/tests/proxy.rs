@@ -1081,7 +1081,12 @@ async fn a_repeated_unnamed_statement_is_judged_once_and_a_new_one_anew() {
         cycled + 5,
         "at most four unnamed statements are remembered"
     );
-    // After a SET (the session state changed), too.
+    // After a SET (the session state changed), too: the same text, remembered just before,
+    // is judged again.
+    c.query_typed(read, &[(&1i64, Type::INT8)]).await.unwrap();
+    let remembered = asked(&env);
+    c.query_typed(read, &[(&1i64, Type::INT8)]).await.unwrap();
+    assert_eq!(asked(&env), remembered, "remembered before the SET");
     c.batch_execute("SET application_name = 'x'").await.unwrap();
     let after_set = asked(&env);
     c.query_typed(read, &[(&1i64, Type::INT8)]).await.unwrap();

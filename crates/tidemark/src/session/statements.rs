@@ -36,9 +36,7 @@ impl Stmt {
             && self.param_types == param_types
             && self.query == query
     }
-}
 
-impl Stmt {
     /// A Parse of this statement under `name` (tidemark's shared name, or "").
     pub(super) fn parse_frame(&self, name: &str) -> Frame {
         match &self.wire {
