@@ -13,7 +13,7 @@ use tidemark_core::NodeId;
 use tidemark_wire::backend::{
     data_row_values, parse_parameter_status, BackendMessage, ErrorFields,
 };
-use tidemark_wire::{Frame, FrameCodec};
+use tidemark_wire::{Frame, FrameCodec, TxStatus};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::config::SslMode;
@@ -301,6 +301,24 @@ impl ServerConn {
         sink(&self.rbuf[..n]);
         self.rbuf.advance(n);
         true
+    }
+
+    /// The ReadyForQuery at the front of the buffer, taken as bytes (`sink`) without making a
+    /// frame of it: its status, after the protocol state has seen it. `None` (and nothing
+    /// taken) when the front is anything else, incomplete, or a ReadyForQuery with a status
+    /// PostgreSQL never sends (the decoding path reports those).
+    pub fn take_ready(&mut self, sink: impl FnOnce(&[u8])) -> Option<TxStatus> {
+        const LEN: usize = 6;
+        match self.codec.peek(&self.rbuf) {
+            Some((b'Z', LEN)) => {}
+            _ => return None,
+        }
+        let byte = self.rbuf[LEN - 1];
+        let status = TxStatus::from_byte(byte)?;
+        self.proto.received(BackendMessage::ReadyForQuery, byte);
+        sink(&self.rbuf[..LEN]);
+        self.rbuf.advance(LEN);
+        Some(status)
     }
 
     /// Reads more bytes from the server into the buffer, decoding nothing (cancel-safe).

@@ -551,10 +551,10 @@ impl Session {
                 "session pinned to one primary connection"
             );
         }
-        let ends = analysis
-            .ends_sessions
-            .clone()
-            .filter(|_| unit_executes(&unit));
+        let ends = match &analysis.ends_sessions {
+            Some(target) if unit_executes(&unit) => Some(target.clone()),
+            _ => None,
+        };
         if let Some(target) = &ends {
             if let Some(e) = self.end_sessions_of(target).await {
                 return self.send_error_ready(e, unit.end).await;

@@ -130,7 +130,12 @@ impl Relay<'_> {
     let start_out = io.pending_out();
     let mut flushed = false;
     let mut copy = CopyState::default();
-    let mut last_heard = Coarse::now();
+    // When the server was last heard, as the node check sees it: set when the check fires
+    // (first at the unit's first check, then if anything was read since the one before), so a
+    // unit reads no clock unless a check comes due. Silence is so measured in steps of
+    // NODE_CHECK_INTERVAL, against a monitor timeout of seconds.
+    let mut last_heard: Option<Coarse> = None;
+    let mut heard = false;
     let mut errored = false;
     let mut captured: Option<Captured> = None;
     // The replica check before the unit said "behind": the unit's answers are dropped.
@@ -167,6 +172,25 @@ impl Relay<'_> {
                 continue;
             }
         }
+        // The unit's last answer right behind its run, a ReadyForQuery, goes as bytes too: the
+        // common end of a unit without making a frame of it (what the `ReadyForQuery` arm
+        // below does with it when it is the last thing owed).
+        if hash.is_none() && !behind && exp.len() == 1 {
+            if let Some(Exp::Sync | Exp::Query) = exp.front() {
+                if let Some(status) = conn.take_ready(|b| io.push_raw(b)) {
+                    exp.pop_front();
+                    *skipping = false;
+                    *copy_in = false;
+                    *unit_ready = Some((status, errored));
+                    return Ok(RelayOutcome::Done {
+                        status,
+                        errored,
+                        captured: None,
+                        capture_lost: false,
+                    });
+                }
+            }
+        }
         // Process everything already buffered before waiting.
         let frame = match conn.try_buffered() {
             Ok(Some(f)) => f,
@@ -199,15 +223,18 @@ impl Relay<'_> {
                     // where it can be (see `plain_step`).
                     r = conn.read_more() => match r {
                         Ok(()) => {
-                            // Frames already buffered were heard with this read: one clock
-                            // read per socket read, not per message.
-                            last_heard = Coarse::now();
+                            heard = true;
                             continue;
                         }
                         Err(e) => return retry_held_or_fail(hold && !flushed, io, start_out, e),
                     },
                     _ = check.as_mut() => {
                         check.as_mut().reset(tokio::time::Instant::now() + NODE_CHECK_INTERVAL);
+                        if heard || last_heard.is_none() {
+                            last_heard = Some(Coarse::now());
+                            heard = false;
+                        }
+                        let last_heard = last_heard.unwrap_or_else(Coarse::now);
                         if watch.looks_dead(last_heard) {
                             let e = ServerError::Protocol(format!(
                                 "node {} stopped answering (no response for {:?} and the monitor cannot reach it)",
