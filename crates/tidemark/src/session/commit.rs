@@ -148,17 +148,10 @@ impl Session {
     /// Whether this unit may commit a write: an autocommit write, or the COMMIT of a
     /// transaction that wrote. If its connection is lost, its outcome is unknown.
     pub(super) fn unit_may_commit(&self, analysis: &Analysis, may_write: bool) -> bool {
-        let has = |f: fn(&Class) -> bool| analysis.statements.iter().any(f);
-        let begins = has(|c| matches!(c, Class::Transaction(TxControl::Begin { .. })));
-        let ends = has(|c| {
-            matches!(
-                c,
-                Class::Transaction(TxControl::Commit | TxControl::CommitPrepared)
-            )
-        });
+        let tx = TxEffects::of(analysis);
+        let ends = tx.commits || tx.commits_prepared;
         if self.tx_status == TxStatus::Idle {
-            (may_write && (!begins || ends))
-                || has(|c| matches!(c, Class::Transaction(TxControl::CommitPrepared)))
+            (may_write && (!tx.begins || ends)) || tx.commits_prepared
         } else {
             ends && (self.tx_wrote || may_write)
         }
@@ -335,18 +328,11 @@ impl Session {
         if self.unit_open || analysis.copy {
             return false;
         }
-        let has = |f: fn(&Class) -> bool| analysis.statements.iter().any(f);
-        let begins = has(|c| matches!(c, Class::Transaction(TxControl::Begin { .. })));
-        let ends = has(|c| {
-            matches!(
-                c,
-                Class::Transaction(TxControl::Commit | TxControl::Rollback)
-            )
-        });
+        let tx = TxEffects::of(analysis);
         let wanted = if self.tx_status == TxStatus::Idle {
-            may_write && !begins
+            may_write && !tx.begins
         } else {
-            (self.tx_wrote || may_write) && ends
+            (self.tx_wrote || may_write) && (tx.commits || tx.rolls_back)
         };
         // The configuration last: a read never needs it (its load showed in the
         // per-statement profile).
@@ -431,5 +417,84 @@ impl Session {
                 self.resolve_unknown_write().await;
             }
         }
+    }
+}
+
+/// What a unit's statements do to its transaction, found in one pass over them (the
+/// per-statement path asks twice per unit: `unit_may_commit`, `pipeline_capture`).
+#[derive(Default, Debug, PartialEq)]
+struct TxEffects {
+    /// `BEGIN` / `START TRANSACTION`.
+    begins: bool,
+    /// `COMMIT` / `END`.
+    commits: bool,
+    /// `COMMIT PREPARED`.
+    commits_prepared: bool,
+    /// `ROLLBACK` / `ABORT` (not `ROLLBACK TO`, not `ROLLBACK PREPARED`).
+    rolls_back: bool,
+}
+
+impl TxEffects {
+    fn of(analysis: &Analysis) -> TxEffects {
+        let mut e = TxEffects::default();
+        for c in &analysis.statements {
+            match c {
+                Class::Transaction(TxControl::Begin { .. }) => e.begins = true,
+                Class::Transaction(TxControl::Commit) => e.commits = true,
+                Class::Transaction(TxControl::CommitPrepared) => e.commits_prepared = true,
+                Class::Transaction(TxControl::Rollback) => e.rolls_back = true,
+                _ => {}
+            }
+        }
+        e
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::TxEffects;
+    use tidemark_sql::{Classifier, FunctionPolicy};
+
+    fn effects(sql: &str) -> TxEffects {
+        TxEffects::of(&Classifier::new(0, FunctionPolicy::default()).classify_uncached(sql))
+    }
+
+    #[test]
+    fn a_units_transaction_effects_are_found_in_one_pass() {
+        assert_eq!(effects("SELECT 1"), TxEffects::default());
+        assert_eq!(effects("INSERT INTO t VALUES (1)"), TxEffects::default());
+        let e = effects("BEGIN; INSERT INTO t VALUES (1); COMMIT");
+        assert!(e.begins && e.commits && !e.rolls_back && !e.commits_prepared);
+        assert_eq!(
+            effects("START TRANSACTION READ ONLY"),
+            TxEffects {
+                begins: true,
+                ..Default::default()
+            }
+        );
+        assert_eq!(
+            effects("END"),
+            TxEffects {
+                commits: true,
+                ..Default::default()
+            }
+        );
+        assert_eq!(
+            effects("ABORT"),
+            TxEffects {
+                rolls_back: true,
+                ..Default::default()
+            }
+        );
+        // Neither a savepoint's rollback nor a prepared transaction's is the transaction's.
+        assert_eq!(effects("ROLLBACK TO SAVEPOINT s"), TxEffects::default());
+        assert_eq!(effects("ROLLBACK PREPARED 'g'"), TxEffects::default());
+        assert_eq!(
+            effects("COMMIT PREPARED 'g'"),
+            TxEffects {
+                commits_prepared: true,
+                ..Default::default()
+            }
+        );
     }
 }

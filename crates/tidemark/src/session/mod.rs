@@ -113,6 +113,18 @@ struct Attached {
 
 type SResult<T> = Result<T, ClientError>;
 
+/// A future behind a pointer to `dyn Future`, for the paths a unit rarely takes (errors,
+/// tidemark's own commands, retries, a replica that was behind): its poll function is then a
+/// separate one the compiler cannot inline, so its code stays out of the unit's state
+/// machine. The unit's poll function had grown to 57 KB with every such path inlined, and the
+/// per-statement path crosses it: more code than the instruction cache holds
+/// (docs/benchmarks.md, stop 22). One allocation, only when the path is taken.
+type Cold<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+
+fn cold<'a, T>(f: impl std::future::Future<Output = T> + Send + 'a) -> Cold<'a, T> {
+    Box::pin(f)
+}
+
 pub struct Session {
     app: Arc<App>,
     io: ClientIo,
@@ -401,9 +413,10 @@ impl Session {
     pub async fn run(&mut self) {
         let r = self.run_inner().await;
         // The ending is boxed like each unit: its future would otherwise size every idle
-        // client's task.
+        // client's task; `cold` keeps its code (the abandoned-connection recovery) out of the
+        // session loop's.
         let this = &mut *self;
-        Box::pin(async move {
+        cold(async move {
             match r {
                 Ok(()) | Err(ClientError::Closed) => {}
                 Err(ClientError::Protocol(e)) => {
@@ -436,6 +449,12 @@ impl Session {
             // statement either.
             crate::recycled::Recycled::new(|| self.run_unit(unit)).await?;
         }
+    }
+
+    /// [`Session::send_error_ready`] behind `cold`: the unit's error paths keep their code out
+    /// of the per-statement path's.
+    fn error_ready(&mut self, e: ErrorFields, end: UnitEnd) -> Cold<'_, SResult<()>> {
+        Box::pin(self.send_error_ready(e, end))
     }
 
     async fn send_error_ready(&mut self, e: ErrorFields, end: UnitEnd) -> SResult<()> {
@@ -473,11 +492,11 @@ impl Session {
         // What is this unit?
         let (analysis, stmt_updates) = match self.analyse(&unit).await {
             Ok(a) => a,
-            Err(e) => return self.send_error_ready(e, unit.end).await,
+            Err(e) => return self.error_ready(e, unit.end).await,
         };
         if let Class::Tidemark(cmd) = &analysis.class {
             if unit.end == UnitEnd::Query {
-                return self.tidemark_command(cmd.clone()).await;
+                return cold(self.tidemark_command(cmd.clone())).await;
             }
         }
         let all_tidemark = !analysis.statements.is_empty()
@@ -490,7 +509,7 @@ impl Session {
             // the unit defines (a prepared SET/SHOW tidemark.* is answered here each time it
             // is executed), then answer message by message.
             self.apply_statement_updates(stmt_updates);
-            return self.tidemark_command_extended(&unit).await;
+            return cold(self.tidemark_command_extended(&unit)).await;
         }
         if analysis.statements.len() > 1
             && analysis
@@ -510,7 +529,7 @@ impl Session {
                 )
                 .with_hint("use the driver's simple-query call (psql, simple_query, exec without parameters), or the /* tidemark: ... */ hints")
             };
-            return self.send_error_ready(e, unit.end).await;
+            return self.error_ready(e, unit.end).await;
         }
         self.apply_statement_updates(stmt_updates);
         if unit.end == UnitEnd::Query && self.tx_status != TxStatus::Failed {
@@ -526,15 +545,14 @@ impl Session {
                 }
             }
         }
-        if analysis.signal_call && !self.real_pid && self.answer_backend_signal(&unit).await? {
+        if analysis.signal_call && !self.real_pid && cold(self.answer_backend_signal(&unit)).await?
+        {
             return Ok(());
         }
         if let Some(k) = &analysis.hints.key {
             let max = self.app.config.load().limits.max_key_length;
             if k.len() > max {
-                return self
-                    .send_error_ready(key_too_long(k.len(), max), unit.end)
-                    .await;
+                return self.error_ready(key_too_long(k.len(), max), unit.end).await;
             }
         }
         for err in &analysis.hints.errors {
@@ -556,8 +574,8 @@ impl Session {
             _ => None,
         };
         if let Some(target) = &ends {
-            if let Some(e) = self.end_sessions_of(target).await {
-                return self.send_error_ready(e, unit.end).await;
+            if let Some(e) = cold(self.end_sessions_of(target)).await {
+                return self.error_ready(e, unit.end).await;
             }
             // Until a server answers the unit (it may fail before it is sent).
             self.unit_errored = true;
@@ -630,7 +648,7 @@ impl Session {
             Ok(d) => d,
             Err(e) => {
                 self.speculation = None;
-                self.send_error_ready(e, end).await?;
+                self.error_ready(e, end).await?;
                 return Ok(false);
             }
         };
@@ -640,7 +658,7 @@ impl Session {
                 ServerError::Server(f) => f,
                 other => ErrorFields::error("08006", other.to_string()),
             };
-            self.send_error_ready(f, end).await?;
+            self.error_ready(f, end).await?;
             return Ok(false);
         }
         if count {
@@ -744,16 +762,19 @@ impl Session {
                     att.conn.release();
                 }
                 let left = spec.budget.saturating_sub(spec.start.elapsed());
-                let decision = self
-                    .wait_for_replica(spec.candidates, spec.required, spec.fallback, left)
-                    .await;
-                if !self
-                    .attach(decision, unit.end, analysis.class.label(), true, true)
+                let decision = cold(self.wait_for_replica(
+                    spec.candidates,
+                    spec.required,
+                    spec.fallback,
+                    left,
+                ))
+                .await;
+                if !cold(self.attach(decision, unit.end, analysis.class.label(), true, true))
                     .await?
                 {
                     return Ok(());
                 }
-                outcome = self.send_and_relay(&unit, retryable, pipeline).await;
+                outcome = cold(self.send_and_relay(&unit, retryable, pipeline)).await;
             } else {
                 crate::metrics::routed_cached(
                     &mut self.routed_cache,
@@ -788,6 +809,26 @@ impl Session {
         if !retryable {
             return Ok(());
         }
+        cold(self.retry_on_primary(
+            unit, analysis, why, first_unit, may_write, may_commit, pipeline,
+        ))
+        .await
+    }
+
+    /// The end of [`Session::execute`] for a read that a replica could not answer and that
+    /// nothing of reached the client: the unit runs again on the primary (behind `cold`, out of
+    /// the per-statement path's code).
+    #[allow(clippy::too_many_arguments)]
+    async fn retry_on_primary(
+        &mut self,
+        unit: Unit,
+        analysis: Arc<Analysis>,
+        why: String,
+        first_unit: Option<String>,
+        may_write: bool,
+        may_commit: bool,
+        pipeline: bool,
+    ) -> SResult<()> {
         let view = self.app.view.load_full();
         let retry = match view.primary_id() {
             Some(p) => self.checkout(p).await.map(|c| (c, p)),
@@ -798,11 +839,11 @@ impl Session {
         };
         let (mut conn, p) = match retry {
             Ok(r) => r,
-            Err(e) => return self.send_error_ready(e, unit.end).await,
+            Err(e) => return self.error_ready(e, unit.end).await,
         };
         if let Err(e) = self.sync_state(&mut conn).await {
             return self
-                .send_error_ready(ErrorFields::error("08006", e.to_string()), unit.end)
+                .error_ready(ErrorFields::error("08006", e.to_string()), unit.end)
                 .await;
         }
         if let Some(begin) = &first_unit {

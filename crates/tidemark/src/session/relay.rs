@@ -246,7 +246,7 @@ impl Relay<'_> {
                         }
                         continue;
                     }
-                    r = io.fill(), if read_client => {
+                    r = io.fill_active(), if read_client => {
                         r.map_err(RelayError::Client)?;
                         take_client_frames(io, conn, &mut copy, copy_in, pending, pending_bytes).await?;
                         continue;
