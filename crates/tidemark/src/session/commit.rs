@@ -231,7 +231,11 @@ impl Session {
             // DISCARD ALL / DEALLOCATE ALL ran: the server dropped every prepared statement on
             // this connection, and the client's protocol-level statements are gone too, as on
             // a direct connection. If the unit failed, whether it ran is unknown: make sure.
-            if errored && att.conn.conn.simple_query("DEALLOCATE ALL").await.is_err() {
+            if errored
+                && cold(att.conn.conn.simple_query("DEALLOCATE ALL"))
+                    .await
+                    .is_err()
+            {
                 att.conn.conn.broken = true;
             }
             att.conn.conn.prepared.clear();
@@ -264,12 +268,12 @@ impl Session {
             if self.app.shared.is_some() || self.tx_key.is_some() || self.key.is_some() {
                 // Other instances learn it only through the shared store, readers of the key
                 // only through the key store: resolve first.
-                self.resolve_unknown_write().await;
+                cold(self.resolve_unknown_write()).await;
                 self.publish_shared().await;
                 self.io.flush().await?;
             } else {
                 self.io.flush().await?;
-                self.resolve_unknown_write().await;
+                cold(self.resolve_unknown_write()).await;
             }
         } else if let (true, Some(c)) = (capture, captured) {
             // Captured in the same pipeline as the commit (no extra round trip); the relay
@@ -291,7 +295,7 @@ impl Session {
             // The client may ask for the token with the result, other connections depend on
             // it through a key or the causal floor: capture before ReadyForQuery.
             let z = self.io.take_trailing_ready();
-            self.capture_lsn().await;
+            cold(self.capture_lsn()).await;
             if let Some(z) = z {
                 if self.report_lsn {
                     self.io.push(&be::parameter_status(

@@ -623,7 +623,7 @@ impl Session {
                 ))
             }
             Err(RelayError::Client(e)) => return Err(e),
-            Err(RelayError::Server(e)) => self.server_failed(e, may_commit).await?,
+            Err(RelayError::Server(e)) => cold(self.server_failed(e, may_commit)).await?,
         }
         Ok(None)
     }
@@ -682,8 +682,11 @@ impl Session {
     /// Decides where the unit goes and runs it there.
     async fn execute(&mut self, unit: Unit, analysis: Arc<Analysis>) -> SResult<()> {
         // A deferred BEGIN, an optimistic transaction's placement, recording and move.
-        if (self.tx_mode != TxMode::Primary || self.optx.is_some())
-            && matches!(self.optx_step(&unit, &analysis).await?, OptStep::Handled)
+        if self.optx_concerns(&analysis)
+            && matches!(
+                cold(self.optx_step(&unit, &analysis)).await?,
+                OptStep::Handled
+            )
         {
             return Ok(());
         }

@@ -621,6 +621,15 @@ impl Session {
     }
 
     /// A plain BEGIN outside a transaction, with no connection held: answered here.
+    /// Whether [`Session::optx_step`] has anything to do with a unit of analysis `a`: a
+    /// transaction it placed is in progress, or the unit may begin one it defers. Checked
+    /// before it is called, so a unit outside such transactions (nearly all) does not enter it.
+    pub(super) fn optx_concerns(&self, a: &Analysis) -> bool {
+        self.optx.is_some()
+            || (self.tx_mode != TxMode::Primary
+                && matches!(a.class, Class::Transaction(TxControl::Begin { .. })))
+    }
+
     async fn maybe_defer_begin(&mut self, unit: &Unit, a: &Arc<Analysis>) -> SResult<OptStep> {
         if !self.may_defer_begin(a) {
             return Ok(OptStep::Normal);

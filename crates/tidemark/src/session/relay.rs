@@ -351,14 +351,14 @@ impl Relay<'_> {
                     // function or type another session just created. The primary answers —
                     // with PostgreSQL's own error if the object exists nowhere.
                     io.truncate_out(start_out);
-                    drain_to_ready(conn, exp).await.map_err(RelayError::Server)?;
+                    cold(drain_to_ready(conn, exp)).await.map_err(RelayError::Server)?;
                     return Ok(RelayOutcome::RetryOnPrimary(format!("{} {}", f.code, f.message)));
                 }
                 if hold && !flushed && !behind && (f.code == "25006" || recovery_only) {
                     // A replica refused a write it was sent, or a relation it cannot read
                     // (unlogged, temporary): retry on the primary.
                     io.truncate_out(start_out);
-                    drain_to_ready(conn, exp).await.map_err(RelayError::Server)?;
+                    cold(drain_to_ready(conn, exp)).await.map_err(RelayError::Server)?;
                     let code = if f.message.contains("in a hot standby") {
                         "0A000"
                     } else {
