@@ -454,7 +454,7 @@ impl Session {
     /// [`Session::send_error_ready`] behind `cold`: the unit's error paths keep their code out
     /// of the per-statement path's.
     fn error_ready(&mut self, e: ErrorFields, end: UnitEnd) -> Cold<'_, SResult<()>> {
-        Box::pin(self.send_error_ready(e, end))
+        cold(self.send_error_ready(e, end))
     }
 
     async fn send_error_ready(&mut self, e: ErrorFields, end: UnitEnd) -> SResult<()> {

@@ -620,16 +620,17 @@ impl Session {
         }
     }
 
-    /// A plain BEGIN outside a transaction, with no connection held: answered here.
     /// Whether [`Session::optx_step`] has anything to do with a unit of analysis `a`: a
-    /// transaction it placed is in progress, or the unit may begin one it defers. Checked
-    /// before it is called, so a unit outside such transactions (nearly all) does not enter it.
+    /// transaction it placed is in progress, or the unit may begin one it defers (the first
+    /// two conditions of `may_defer_begin`). Checked before it is called, so a unit outside
+    /// such transactions (nearly all) does not enter it.
     pub(super) fn optx_concerns(&self, a: &Analysis) -> bool {
         self.optx.is_some()
             || (self.tx_mode != TxMode::Primary
                 && matches!(a.class, Class::Transaction(TxControl::Begin { .. })))
     }
 
+    /// A plain BEGIN outside a transaction, with no connection held: answered here.
     async fn maybe_defer_begin(&mut self, unit: &Unit, a: &Arc<Analysis>) -> SResult<OptStep> {
         if !self.may_defer_begin(a) {
             return Ok(OptStep::Normal);

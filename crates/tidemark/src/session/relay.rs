@@ -181,7 +181,6 @@ impl Relay<'_> {
                     exp.pop_front();
                     *skipping = false;
                     *copy_in = false;
-                    *unit_ready = Some((status, errored));
                     return Ok(RelayOutcome::Done {
                         status,
                         errored,
@@ -230,11 +229,13 @@ impl Relay<'_> {
                     },
                     _ = check.as_mut() => {
                         check.as_mut().reset(tokio::time::Instant::now() + NODE_CHECK_INTERVAL);
-                        if heard || last_heard.is_none() {
-                            last_heard = Some(Coarse::now());
-                            heard = false;
-                        }
-                        let last_heard = last_heard.unwrap_or_else(Coarse::now);
+                        let last_heard = match last_heard {
+                            Some(at) if !heard => at,
+                            _ => {
+                                heard = false;
+                                *last_heard.insert(Coarse::now())
+                            }
+                        };
                         if watch.looks_dead(last_heard) {
                             let e = ServerError::Protocol(format!(
                                 "node {} stopped answering (no response for {:?} and the monitor cannot reach it)",
