@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use common::*;
-use tidemark::config::{AuthMethod, UserConfig};
+use tidemark::config::{AuthMethod, UserConfig, WaitMode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::Client;
@@ -139,9 +139,13 @@ async fn try_connect(dsn: &str) -> Result<Client, tokio_postgres::Error> {
 async fn metrics_console_and_status_page_against_a_real_cluster() {
     let env = start(&[None, None], |cfg| {
         cfg.metrics.listen = Some("127.0.0.1:0".into());
-        // Long enough that a loaded machine's replica lag (a replica lagging beyond max_wait is
-        // not waited for) never skips the wait this test counts.
+        // Long enough that a loaded machine's replica lag (a replica lagging beyond the wait
+        // budget is not waited for) never skips the wait this test counts. The fixed policy:
+        // the adaptive one caps the budget at the primary's round trip (well under a
+        // millisecond here), so any lag sample above that plus the monitor interval would
+        // send the unreachable token straight to the primary without a wait to count.
         cfg.routing.max_wait = std::time::Duration::from_secs(1);
+        cfg.routing.wait = WaitMode::Fixed;
         cfg.users.push(UserConfig {
             name: "viewer".into(),
             password: None,
