@@ -46,7 +46,8 @@ pub struct PgbenchArgs {
     /// pgbench scale factor for `pgbench -i`.
     #[arg(long, default_value_t = 10)]
     pub scale: u32,
-    /// Targets: direct, tidemark-session, tidemark-eventual, tidemark-notrack, pgbouncer, pgpool.
+    /// Targets: direct, tidemark-session, tidemark-eventual, tidemark-notrack, tidemark-strong
+    /// (every statement to the primary), tidemark-alt, pgbouncer, pgpool.
     #[arg(
         long,
         value_delimiter = ',',
@@ -81,6 +82,9 @@ enum Target {
     TidemarkSession,
     TidemarkEventual,
     TidemarkNotrack,
+    /// `strong` consistency: every statement to the primary, as PgBouncer sends them (the
+    /// proxy's own cost without the replicas' share of the work).
+    TidemarkStrong,
     /// `--tidemark-alt-bin` in session consistency.
     TidemarkAlt,
     Pgbouncer,
@@ -94,12 +98,13 @@ impl Target {
             "tidemark-session" | "tidemark" => Target::TidemarkSession,
             "tidemark-eventual" => Target::TidemarkEventual,
             "tidemark-notrack" => Target::TidemarkNotrack,
+            "tidemark-strong" => Target::TidemarkStrong,
             "tidemark-alt" => Target::TidemarkAlt,
             "pgbouncer" => Target::Pgbouncer,
             "pgpool" => Target::Pgpool,
             _ => bail!(
                 "--targets: unknown target '{s}' (direct, tidemark-session, tidemark-eventual, \
-                 tidemark-notrack, tidemark-alt, pgbouncer, pgpool)"
+                 tidemark-notrack, tidemark-strong, tidemark-alt, pgbouncer, pgpool)"
             ),
         })
     }
@@ -110,6 +115,7 @@ impl Target {
             Target::TidemarkSession => "tidemark (session)",
             Target::TidemarkEventual => "tidemark (eventual)",
             Target::TidemarkNotrack => "tidemark (track_writes off)",
+            Target::TidemarkStrong => "tidemark (strong, primary only)",
             Target::TidemarkAlt => "tidemark (alt build, session)",
             Target::Pgbouncer => "PgBouncer (transaction)",
             Target::Pgpool => "Pgpool-II (SR + LB)",
@@ -121,6 +127,7 @@ impl Target {
             Target::TidemarkSession | Target::TidemarkAlt => ("session", true),
             Target::TidemarkEventual => ("eventual", true),
             Target::TidemarkNotrack => ("session", false),
+            Target::TidemarkStrong => ("strong", true),
             _ => return None,
         };
         Some(TidemarkOpts {

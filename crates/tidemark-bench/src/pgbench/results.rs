@@ -161,6 +161,11 @@ pub(super) fn report_results(
             "tidemark (session) vs PgBouncer",
         ),
         (
+            Target::TidemarkStrong,
+            Target::Pgbouncer,
+            "tidemark (strong) vs PgBouncer",
+        ),
+        (
             Target::TidemarkAlt,
             Target::TidemarkSession,
             "alt build vs tidemark (session)",
