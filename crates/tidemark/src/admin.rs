@@ -502,7 +502,7 @@ fn show_version(_app: &App) -> Result<Output, ErrorFields> {
 
 /// Holds new transactions (sessions wait while `app.paused` is true); running ones finish.
 fn pause(app: &App) -> Result<Output, ErrorFields> {
-    if app.paused.send_replace(true) {
+    if app.set_paused(true) {
         return Err(ErrorFields::error("55000", "tidemark is already paused")
             .with_hint("RESUME lets held transactions run"));
     }
@@ -512,7 +512,7 @@ fn pause(app: &App) -> Result<Output, ErrorFields> {
 }
 
 fn resume(app: &App) -> Result<Output, ErrorFields> {
-    if !app.paused.send_replace(false) {
+    if !app.set_paused(false) {
         return Err(ErrorFields::error("55000", "tidemark is not paused"));
     }
     crate::metrics::paused(false);

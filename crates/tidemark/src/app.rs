@@ -128,7 +128,12 @@ pub struct App {
     clients: Mutex<HashMap<i32, ClientEntry>>,
     next_pid: AtomicI32,
     pub balance: AtomicU64,
+    /// Admin `PAUSE`: sessions wait for it to be false (see `Session::wait_while_paused`).
+    /// Set with [`App::set_paused`], which keeps `paused_now` the same.
     pub paused: tokio::sync::watch::Sender<bool>,
+    /// `paused` as a plain flag for the per-statement check: reading the watch takes its
+    /// lock, which showed in the per-statement profile.
+    paused_now: std::sync::atomic::AtomicBool,
     pub shutting_down: tokio::sync::watch::Sender<bool>,
     /// TLS for clients (`[tls]`), rebuilt on RELOAD.
     pub tls: arc_swap::ArcSwapOption<tokio_rustls::TlsAcceptor>,
@@ -149,6 +154,18 @@ pub struct App {
 }
 
 impl App {
+    /// Pauses (`true`) or resumes new transactions; returns the previous state.
+    pub fn set_paused(&self, paused: bool) -> bool {
+        self.paused_now.store(paused, Ordering::Relaxed);
+        self.paused.send_replace(paused)
+    }
+
+    /// Whether new transactions are held (admin `PAUSE`); a unit that reads `false` while a
+    /// PAUSE is being applied runs as one that arrived just before it.
+    pub fn is_paused(&self) -> bool {
+        self.paused_now.load(Ordering::Relaxed)
+    }
+
     /// The shared state for `config`; fails when a `server_tls` file cannot be loaded.
     pub fn new(config: Config) -> anyhow::Result<Arc<App>> {
         let server_tls = crate::server_tls::NodeTls::build_all(&config)?;
@@ -181,6 +198,7 @@ impl App {
             next_pid: AtomicI32::new(FIRST_CLIENT_PID),
             balance: AtomicU64::new(0),
             paused: tokio::sync::watch::channel(false).0,
+            paused_now: std::sync::atomic::AtomicBool::new(false),
             shutting_down: tokio::sync::watch::channel(false).0,
             tls: arc_swap::ArcSwapOption::empty(),
             server_tls: ArcSwap::from_pointee(server_tls),

@@ -614,3 +614,54 @@ async fn own_notifications_carry_the_pid_the_client_was_given() {
     let pid = i32::from_be_bytes(body[0..4].try_into().unwrap());
     assert_ne!(pid, c.pid);
 }
+
+/// A pooled server connection the server ended while it sat idle in the pool (terminated,
+/// `idle_session_timeout`, a restart) is never handed to the next statement: the checkout
+/// finds it closed and opens another, and the client sees only its answer. With a pool of
+/// one, the next statement can only run on a replacement.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pooled_connection_ended_while_idle_is_not_handed_out() {
+    let cluster = start_cluster(ClusterConfig::with_replicas(0)).await;
+    let proxy = proxy_for(&cluster, |c| c.pool.max_size = 1).await;
+    let c = connect(&proxy_dsn_of(&proxy, "postgres")).await;
+    let direct = connect(&cluster.dsn(0)).await;
+    let own: i32 = direct
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    for round in 0..3 {
+        assert_eq!(one(&c, "SELECT 41 + 1").await.as_deref(), Some("42"));
+        // The pool's one connection, idle between statements: ended by the server.
+        let pooled: Vec<i32> = direct
+            .query(
+                "SELECT pid FROM pg_stat_activity WHERE backend_type = 'client backend' \
+                 AND pid <> $1 AND state = 'idle'",
+                &[&own],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        assert!(!pooled.is_empty(), "round {round}: a pooled connection");
+        for pid in &pooled {
+            // The timeout makes the call wait until the backend is gone (PostgreSQL 14+).
+            direct
+                .execute("SELECT pg_terminate_backend($1, 10000)", &[pid])
+                .await
+                .unwrap();
+        }
+        // Let the server's goodbye reach the idle socket.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let next: i32 = c
+            .query_one(
+                "SELECT count(*)::int FROM pg_stat_activity WHERE pid = ANY($1)",
+                &[&pooled],
+            )
+            .await
+            .expect("the next statement runs on a live connection")
+            .get(0);
+        assert_eq!(next, 0, "round {round}: the ended connections are gone");
+    }
+}

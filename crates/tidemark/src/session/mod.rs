@@ -488,7 +488,11 @@ impl Session {
             return Ok(());
         }
         // pgjdbc's BEGIN pipelined before the first statement, under `optimistic`.
-        let unit = self.split_pipelined_begin(unit).await;
+        let unit = if self.may_split_pipelined_begin(&unit) {
+            self.split_pipelined_begin(unit).await
+        } else {
+            unit
+        };
         // What is this unit?
         let (analysis, stmt_updates) = match self.analyse(&unit).await {
             Ok(a) => a,
@@ -652,14 +656,16 @@ impl Session {
                 return Ok(false);
             }
         };
-        if let Err(e) = self.sync_state(&mut conn).await {
-            self.speculation = None;
-            let f = match e {
-                ServerError::Server(f) => f,
-                other => ErrorFields::error("08006", other.to_string()),
-            };
-            self.error_ready(f, end).await?;
-            return Ok(false);
+        if self.needs_sync(&conn) {
+            if let Err(e) = self.sync_state(&mut conn).await {
+                self.speculation = None;
+                let f = match e {
+                    ServerError::Server(f) => f,
+                    other => ErrorFields::error("08006", other.to_string()),
+                };
+                self.error_ready(f, end).await?;
+                return Ok(false);
+            }
         }
         if count {
             let target = if role == Role::Primary {
@@ -699,7 +705,9 @@ impl Session {
             && !(self.tx_mode == TxMode::Primary
                 && matches!(analysis.class, Class::Transaction(TxControl::Begin { .. })));
         if self.attached.is_none() {
-            self.wait_while_paused().await;
+            if self.app.is_paused() {
+                self.wait_while_paused().await;
+            }
             // A read outside a transaction, ended by Sync or a simple query, may be sent to a
             // replica together with the check of its position (one round trip, not two).
             let speculate = read_only

@@ -704,8 +704,17 @@ impl Session {
     /// [NoData], CommandComplete, no ReadyForQuery: the unit goes on) and taken off the unit,
     /// which then runs as the first unit of a deferred transaction. Returns the rest of the
     /// unit, or the unit unchanged when its BEGIN is not deferred.
+    /// The cheap part of [`Session::split_pipelined_begin`]'s test, checked before making its
+    /// future (most units fail it): an extended unit, not under `transactions = primary`,
+    /// that starts with an unnamed Parse.
+    pub(super) fn may_split_pipelined_begin(&self, unit: &Unit) -> bool {
+        self.tx_mode != TxMode::Primary
+            && unit.end == UnitEnd::Sync
+            && matches!(unit.msgs.first().map(|m| &m.msg), Some(FrontendMessage::Parse { name, .. }) if name.is_empty())
+    }
+
     pub(super) async fn split_pipelined_begin(&mut self, unit: Unit) -> Unit {
-        if self.tx_mode == TxMode::Primary || unit.end != UnitEnd::Sync {
+        if !self.may_split_pipelined_begin(&unit) {
             return unit;
         }
         // The prefix: Parse "" (the BEGIN), Bind "" "", optionally Describe portal "",
@@ -837,7 +846,9 @@ impl Session {
         let reads = self.optx_reads(unit, a);
         let learned = reads && !declared && self.app.transactions.starts_on_primary(shape);
         let to_replica = reads && !learned;
-        self.wait_while_paused().await;
+        if self.app.is_paused() {
+            self.wait_while_paused().await;
+        }
         let (mut conn, node, role, reason) = match self.decide(a, to_replica, false).await {
             Ok(d) => d,
             Err(e) => return self.optx_fail(e, unit.end).await,

@@ -102,6 +102,13 @@ impl Session {
             .map_err(CheckoutFailure::into_error)
     }
 
+    /// The common checkout without a future (see [`crate::pool::Pool::try_checkout_idle`]):
+    /// the session's pool for `node` has a free slot and an idle connection. `None`: take
+    /// the full [`Session::checkout_typed`].
+    pub(super) fn try_checkout_idle(&self, node: NodeId) -> Option<Checked> {
+        self.pools.get(node)?.as_ref()?.try_checkout_idle()
+    }
+
     /// A checkout whose failure says what failed (see [`CheckoutFailure`]).
     pub(super) async fn checkout_typed(
         &mut self,
@@ -169,6 +176,12 @@ impl Session {
         }
     }
 
+    /// Whether [`Session::sync_state`] has anything to do for `c` (the per-statement check,
+    /// without making its future).
+    pub(super) fn needs_sync(&self, c: &Checked) -> bool {
+        c.conn.prepared.len() > MAX_PREPARED_PER_SERVER || c.conn.state_key != self.state_key
+    }
+
     /// Brings a server connection to this session's SET state.
     pub(super) async fn sync_state(&mut self, c: &mut Checked) -> Result<(), ServerError> {
         if c.conn.prepared.len() > MAX_PREPARED_PER_SERVER {
@@ -196,10 +209,6 @@ impl Session {
 
     /// While an operator has paused tidemark (admin `PAUSE`), new transactions wait.
     pub(super) async fn wait_while_paused(&self) {
-        // Not paused (the per-statement case): no receiver to make and drop.
-        if !*self.app.paused.borrow() {
-            return;
-        }
         let mut rx = self.app.paused.subscribe();
         while *rx.borrow_and_update() {
             if rx.changed().await.is_err() {
@@ -314,7 +323,11 @@ impl Session {
                     crate::metrics::fallback(reason.as_str());
                     tracing::debug!(client = self.pid, reason = reason.as_str(), required_lsn = %required, "read routed to the primary");
                 }
-                match self.checkout_typed(node, true).await {
+                let checked = match self.try_checkout_idle(node) {
+                    Some(c) => Ok(c),
+                    None => self.checkout_typed(node, true).await,
+                };
+                match checked {
                     Ok(c) => Ok((c, node, role, reason)),
                     // Not reachable, or refusing logins (starting up, shutting down): the
                     // read goes to the primary; an exhausted pool is reported, not moved.

@@ -150,7 +150,11 @@ impl Session {
         for m in &unit.msgs {
             match &m.msg {
                 FrontendMessage::Query(sql) => {
-                    let a = classify(&self.app, sql).await;
+                    let a = if sql.len() <= tidemark_sql::INLINE_PARSE_LIMIT {
+                        self.app.classifier.classify(sql)
+                    } else {
+                        classify(&self.app, sql).await
+                    };
                     self.unit_clears_statements |= clears(&a);
                     parts.push(a);
                 }
@@ -178,7 +182,11 @@ impl Session {
                             continue;
                         }
                     }
-                    let analysis = classify(&self.app, query).await;
+                    let analysis = if query.len() <= tidemark_sql::INLINE_PARSE_LIMIT {
+                        self.app.classifier.classify(query)
+                    } else {
+                        classify(&self.app, query).await
+                    };
                     let global =
                         format!("tm_{:016x}", hash_of(&(query, param_types, self.state_key)));
                     parts.push(analysis.clone());
