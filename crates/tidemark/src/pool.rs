@@ -113,13 +113,55 @@ struct Conns {
     /// struct itself showed as memcpy in the per-statement profile.
     #[allow(clippy::vec_box)]
     idle: Vec<Box<ServerConn>>,
-    /// Checked-out connections by backend pid: (connected at, checked out at).
-    /// (Fx hashing: SipHash of the pid showed in the per-statement profile; pids are not
-    /// chosen by clients.)
-    active: rustc_hash::FxHashMap<i32, (Coarse, Coarse)>,
+    /// Checked-out connections: (backend pid, connected at, checked out at), in slots a
+    /// checkout takes and its release frees (a hash map's insert and remove per statement
+    /// showed in the per-statement profile).
+    active: Slots<(i32, Coarse, Coarse)>,
     /// `server_lifetime` and `idle_timeout` of the settings.
     lifetime: Duration,
     idle_timeout: Duration,
+}
+
+/// Entries in reusable slots: `insert` gives the slot, `remove` frees it for the next.
+struct Slots<T> {
+    entries: Vec<Option<T>>,
+    free: Vec<usize>,
+}
+
+impl<T> Default for Slots<T> {
+    fn default() -> Self {
+        Slots {
+            entries: Vec::new(),
+            free: Vec::new(),
+        }
+    }
+}
+
+impl<T> Slots<T> {
+    fn insert(&mut self, v: T) -> usize {
+        match self.free.pop() {
+            Some(i) => {
+                self.entries[i] = Some(v);
+                i
+            }
+            None => {
+                self.entries.push(Some(v));
+                self.entries.len() - 1
+            }
+        }
+    }
+
+    fn remove(&mut self, i: usize) {
+        if let Some(e) = self.entries.get_mut(i) {
+            if e.take().is_some() {
+                self.free.push(i);
+            }
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &T> {
+        self.entries.iter().flatten()
+    }
 }
 
 /// A checked-out server connection. Dropping it without [`Pool::release`] closes the
@@ -132,14 +174,14 @@ pub struct Checked {
 
 /// Counts a connection as in use for as long as it is checked out (it is in the pool's
 /// `active` list from checkout), and as closed when it is dropped without going back to the
-/// pool (`.1`: it went back, and `put_back` took it off the list).
-struct InUse(Arc<Pool>, bool, i32);
+/// pool (`.1`: it went back, and `put_back` took it off the list; `.2`: its `active` slot).
+struct InUse(Arc<Pool>, bool, usize);
 
 impl InUse {
-    /// For a connection already entered in `active`.
-    fn entered(pool: &Arc<Pool>, conn: &ServerConn) -> InUse {
+    /// For a connection already entered in `active`, at `slot`.
+    fn entered(pool: &Arc<Pool>, slot: usize) -> InUse {
         pool.stats.in_use.fetch_add(1, Ordering::Relaxed);
-        InUse(pool.clone(), false, conn.backend_pid)
+        InUse(pool.clone(), false, slot)
     }
 }
 
@@ -147,7 +189,7 @@ impl Drop for InUse {
     fn drop(&mut self) {
         self.0.stats.in_use.fetch_sub(1, Ordering::Relaxed);
         if !self.1 {
-            self.0.conns.lock().active.remove(&self.2);
+            self.0.conns.lock().active.remove(self.2);
             self.0.stats.open.fetch_sub(1, Ordering::Relaxed);
         }
     }
@@ -164,7 +206,7 @@ impl Checked {
             conn, mut guard, ..
         } = self;
         guard.1 = true;
-        guard.0.put_back(conn);
+        guard.0.put_back(conn, Some(guard.2));
     }
 }
 
@@ -209,7 +251,7 @@ impl Pool {
         let mut v: Vec<ServerInfo> = conns
             .active
             .iter()
-            .map(|(pid, (created, since))| ServerInfo {
+            .map(|(pid, created, since)| ServerInfo {
                 pid: *pid,
                 active: true,
                 created: *created,
@@ -280,10 +322,10 @@ impl Pool {
         }
         let mut conn = conns.idle.pop()?;
         conn.last_used = now;
-        conns.active.insert(conn.backend_pid, (conn.created, now));
+        let slot = conns.active.insert((conn.backend_pid, conn.created, now));
         drop(conns);
         self.stats.checkouts.fetch_add(1, Ordering::Release);
-        let guard = InUse::entered(self, &conn);
+        let guard = InUse::entered(self, slot);
         Some(Checked {
             conn,
             _permit: permit,
@@ -352,9 +394,9 @@ impl Pool {
                 continue;
             }
             conn.last_used = now;
-            conns.active.insert(conn.backend_pid, (conn.created, now));
+            let slot = conns.active.insert((conn.backend_pid, conn.created, now));
             drop(conns);
-            let guard = InUse::entered(self, &conn);
+            let guard = InUse::entered(self, slot);
             return Ok(Checked {
                 conn,
                 _permit: permit,
@@ -364,11 +406,12 @@ impl Pool {
         let connect_timeout = self.settings.lock().connect_timeout;
         let conn = Box::new(ServerConn::connect(&self.target, connect_timeout).await?);
         self.stats.open.fetch_add(1, Ordering::Relaxed);
-        self.conns
+        let slot = self
+            .conns
             .lock()
             .active
-            .insert(conn.backend_pid, (conn.created, Coarse::now()));
-        let guard = InUse::entered(self, &conn);
+            .insert((conn.backend_pid, conn.created, Coarse::now()));
+        let guard = InUse::entered(self, slot);
         Ok(Checked {
             conn,
             _permit: permit,
@@ -376,9 +419,9 @@ impl Pool {
         })
     }
 
-    /// Takes a connection back (off the `active` list): kept idle if it can serve another
-    /// client, closed otherwise.
-    fn put_back(&self, mut conn: Box<ServerConn>) {
+    /// Takes a connection back (off the `active` list, from its `slot` there): kept idle if
+    /// it can serve another client, closed otherwise.
+    fn put_back(&self, mut conn: Box<ServerConn>, slot: Option<usize>) {
         // The one gate: a connection that still owes anything, is in a transaction or was
         // lost track of is closed, never handed to another client.
         // (What the server sends while the connection is idle is looked for at its next
@@ -389,7 +432,9 @@ impl Pool {
         }
         conn.last_used = Coarse::now();
         let mut conns = self.conns.lock();
-        conns.active.remove(&conn.backend_pid);
+        if let Some(i) = slot {
+            conns.active.remove(i);
+        }
         // Draining is checked under this lock, which `drain_idle` takes after the flag is set.
         let draining = self.is_draining();
         if reusable && !draining {
@@ -447,7 +492,7 @@ impl Pool {
             match ServerConn::connect(&self.target, timeout).await {
                 Ok(conn) => {
                     self.stats.open.fetch_add(1, Ordering::Relaxed);
-                    self.put_back(Box::new(conn));
+                    self.put_back(Box::new(conn), None);
                     drop(permit);
                 }
                 Err(e) => {
@@ -557,6 +602,27 @@ impl Pools {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn slots_reuse_what_was_freed_and_list_what_is_held() {
+        let mut s = Slots::default();
+        let a = s.insert(10);
+        let b = s.insert(20);
+        let c = s.insert(30);
+        assert_eq!((a, b, c), (0, 1, 2));
+        s.remove(b);
+        // Freeing twice, or a slot that was never given, changes nothing.
+        s.remove(b);
+        s.remove(99);
+        assert_eq!(s.iter().copied().collect::<Vec<_>>(), vec![10, 30]);
+        assert_eq!(s.insert(40), b, "a freed slot is taken first");
+        assert_eq!(s.insert(50), 3);
+        assert_eq!(s.iter().copied().collect::<Vec<_>>(), vec![10, 40, 30, 50]);
+        for i in [a, b, c, 3] {
+            s.remove(i);
+        }
+        assert_eq!(s.iter().count(), 0);
+    }
 
     #[test]
     fn checkouts_that_did_not_wait_fill_the_first_bucket() {

@@ -316,6 +316,36 @@ async fn metrics_console_and_status_page_against_a_real_cluster() {
         "SHOW SERVERS lists the pooled connections"
     );
     assert!(servers.iter().all(|r| r.get("remote_pid").is_some()));
+    // A connection held by an open transaction is listed as active, with its server pid,
+    // and as idle once the transaction has ended.
+    let holder = env.client().await;
+    holder.batch_execute("BEGIN").await.unwrap();
+    holder.batch_execute("SELECT 1").await.unwrap();
+    let server_states = |msgs: &[tokio_postgres::SimpleQueryMessage]| -> Vec<(String, String)> {
+        rows_by_name(msgs)
+            .iter()
+            .map(|r| {
+                (
+                    r.get("state").unwrap_or_default().to_string(),
+                    r.get("remote_pid").unwrap_or_default().to_string(),
+                )
+            })
+            .collect()
+    };
+    let during = server_states(&console.simple_query("SHOW SERVERS").await.unwrap());
+    let active: Vec<&String> = during
+        .iter()
+        .filter(|(state, _)| state == "active")
+        .map(|(_, pid)| pid)
+        .collect();
+    assert_eq!(active.len(), 1, "one connection in use: {during:?}");
+    holder.batch_execute("COMMIT").await.unwrap();
+    let after = server_states(&console.simple_query("SHOW SERVERS").await.unwrap());
+    assert!(after.iter().all(|(state, _)| state == "idle"), "{after:?}");
+    assert!(
+        after.iter().any(|(_, pid)| pid == active[0]),
+        "the connection went back to the pool: {after:?}"
+    );
     for cmd in [
         "SHOW POOLS",
         "SHOW CLIENTS",
