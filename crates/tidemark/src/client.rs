@@ -198,13 +198,53 @@ impl ClientIo {
         self.out.len()
     }
 
+    /// Writes what is pending without a future when the client's socket takes all of it at
+    /// once (the end of nearly every unit): `true` when nothing is left for
+    /// [`ClientIo::finish_flush`]. A socket that takes part or nothing keeps the rest pending.
+    pub fn flush_now(&mut self) -> Result<bool, ClientError> {
+        use bytes::Buf;
+        use std::task::{Context, Poll, Waker};
+        if self.out.is_empty() {
+            return Ok(true);
+        }
+        // A no-op waker: when the socket is not ready, `flush` polls again with the task's.
+        let mut cx = Context::from_waker(Waker::noop());
+        if let Poll::Ready(r) = std::pin::Pin::new(&mut self.wr).poll_write(&mut cx, &self.out) {
+            let n = r?;
+            if n == 0 {
+                return Err(ClientError::Io(std::io::ErrorKind::WriteZero.into()));
+            }
+            if n >= self.out.len() {
+                // (Cleared, not advanced: the buffer keeps its whole capacity.)
+                self.out.clear();
+            } else {
+                self.out.advance(n);
+            }
+        }
+        if !self.out.is_empty() {
+            return Ok(false);
+        }
+        // A TLS stream may keep records buffered until flushed (a no-op for TCP).
+        match std::pin::Pin::new(&mut self.wr).poll_flush(&mut cx) {
+            Poll::Ready(r) => r.map(|()| true).map_err(ClientError::Io),
+            Poll::Pending => Ok(false),
+        }
+    }
+
     pub async fn flush(&mut self) -> Result<(), ClientError> {
         if !self.out.is_empty() {
-            self.wr.write_all(&self.out).await?;
-            // A TLS stream may keep records buffered until flushed (a no-op for TCP).
-            self.wr.flush().await?;
-            self.out.clear();
+            self.finish_flush().await?;
         }
+        Ok(())
+    }
+
+    /// Writes what is pending and flushes the writer: [`ClientIo::flush`], and what is left
+    /// after [`ClientIo::flush_now`] returned `false` (maybe only a TLS flush).
+    pub async fn finish_flush(&mut self) -> Result<(), ClientError> {
+        self.wr.write_all(&self.out).await?;
+        // A TLS stream may keep records buffered until flushed (a no-op for TCP).
+        self.wr.flush().await?;
+        self.out.clear();
         Ok(())
     }
 
@@ -212,5 +252,106 @@ impl ClientIo {
     pub async fn send(&mut self, f: &Frame) -> Result<(), ClientError> {
         self.push(f);
         self.flush().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::pin::Pin;
+    use std::sync::{Arc, Mutex};
+    use std::task::{Context, Poll};
+
+    /// A writer that takes at most `take` bytes per call (0: not ready) and whose flush is
+    /// pending `pending_flushes` times; what it took goes to `got`.
+    struct Stingy {
+        take: usize,
+        pending_flushes: usize,
+        got: Arc<Mutex<Vec<u8>>>,
+    }
+
+    impl AsyncWrite for Stingy {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            if self.take == 0 {
+                // Ready on the next poll, as a socket that drained.
+                self.take = 3;
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            let n = buf.len().min(self.take);
+            self.got.lock().unwrap().extend_from_slice(&buf[..n]);
+            Poll::Ready(Ok(n))
+        }
+
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            if self.pending_flushes > 0 {
+                self.pending_flushes -= 1;
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    fn io(take: usize, pending_flushes: usize) -> (ClientIo, Arc<Mutex<Vec<u8>>>) {
+        let got = Arc::new(Mutex::new(Vec::new()));
+        let wr = Stingy {
+            take,
+            pending_flushes,
+            got: got.clone(),
+        };
+        let rd = ClientRead::Other(Box::new(tokio::io::empty()));
+        (
+            ClientIo::new(rd, Box::new(wr), BytesMut::new(), 1 << 20),
+            got,
+        )
+    }
+
+    #[tokio::test]
+    async fn flush_now_writes_what_the_socket_takes_and_leaves_the_rest_in_order() {
+        // Everything at once.
+        let (mut c, got) = io(usize::MAX, 0);
+        c.push_raw(b"hello");
+        assert!(c.flush_now().unwrap());
+        assert_eq!(c.pending_out(), 0);
+        assert_eq!(&*got.lock().unwrap(), b"hello");
+
+        // Part of it: the rest stays pending, and `finish_flush` sends it after, in order.
+        let (mut c, got) = io(2, 0);
+        c.push_raw(b"abcdef");
+        assert!(!c.flush_now().unwrap());
+        assert_eq!(c.pending_out(), 4);
+        c.push_raw(b"gh");
+        c.finish_flush().await.unwrap();
+        assert_eq!(&*got.lock().unwrap(), b"abcdefgh");
+        assert_eq!(c.pending_out(), 0);
+
+        // Not ready at all: nothing is lost.
+        let (mut c, got) = io(0, 0);
+        c.push_raw(b"xyz");
+        assert!(!c.flush_now().unwrap());
+        assert_eq!(c.pending_out(), 3);
+        c.finish_flush().await.unwrap();
+        assert_eq!(&*got.lock().unwrap(), b"xyz");
+
+        // Written, but the writer's flush is pending (TLS records): not done until flushed.
+        let (mut c, got) = io(usize::MAX, 1);
+        c.push_raw(b"tls");
+        assert!(!c.flush_now().unwrap());
+        assert_eq!(c.pending_out(), 0);
+        c.finish_flush().await.unwrap();
+        assert_eq!(&*got.lock().unwrap(), b"tls");
+
+        // Nothing pending: nothing to do.
+        let (mut c, _) = io(0, 5);
+        assert!(c.flush_now().unwrap());
     }
 }

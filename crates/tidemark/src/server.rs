@@ -370,6 +370,23 @@ impl ServerConn {
     /// Writes whole frontend frames.
     pub async fn send(&mut self, bytes: &[u8]) -> Result<(), ServerError> {
         self.proto.sent(bytes);
+        self.send_tail(bytes).await
+    }
+
+    /// [`ServerConn::send`] without a future for what the socket takes at once (a unit's
+    /// bytes, nearly always all of them): returns how many it took, and the caller sends the
+    /// rest with [`ServerConn::send_tail`]. The protocol state records all of `bytes` here.
+    pub fn send_now(&mut self, bytes: &[u8]) -> Result<usize, ServerError> {
+        self.proto.sent(bytes);
+        self.stream.try_write_now(bytes).map_err(|e| {
+            self.proto.set_lost();
+            e.into()
+        })
+    }
+
+    /// Writes bytes whose protocol state was already recorded (the rest after
+    /// [`ServerConn::send_now`]).
+    pub async fn send_tail(&mut self, bytes: &[u8]) -> Result<(), ServerError> {
         if let Err(e) = self.stream.write_all(bytes).await {
             self.proto.set_lost();
             return Err(e.into());

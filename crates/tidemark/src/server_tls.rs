@@ -293,6 +293,22 @@ impl AsyncRead for ServerStream {
     }
 }
 
+impl ServerStream {
+    /// Writes what a plain socket takes right now, without a future: `Ok(0)` when it takes
+    /// nothing, and always for TLS (whose records may need a flush the caller's `write_all`
+    /// and its waker handle).
+    pub fn try_write_now(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            ServerStream::Plain(s) => match s.try_write(buf) {
+                Ok(n) => Ok(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(0),
+                Err(e) => Err(e),
+            },
+            ServerStream::Tls(_) => Ok(0),
+        }
+    }
+}
+
 impl AsyncWrite for ServerStream {
     #[inline]
     fn poll_write(

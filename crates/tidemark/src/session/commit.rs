@@ -307,8 +307,8 @@ impl Session {
             }
             self.publish_shared().await;
             self.io.flush().await?;
-        } else {
-            self.io.flush().await?;
+        } else if !self.io.flush_now()? {
+            self.io.finish_flush().await?;
         }
         if status == TxStatus::Idle {
             self.tx_wrote = false;

@@ -743,10 +743,13 @@ impl Session {
                 exp.push_front(Exp::Check(required));
             }
         }
-        match verbatim {
-            Some(raw) => conn.send(raw).await?,
-            None if !out.is_empty() => conn.send(&out).await?,
-            None => {}
+        let bytes: &[u8] = verbatim.map_or(&out[..], |b| &b[..]);
+        if !bytes.is_empty() {
+            // Without a future when the socket takes the unit at once (see `send_now`).
+            let sent = conn.send_now(bytes)?;
+            if sent < bytes.len() {
+                conn.send_tail(&bytes[sent..]).await?;
+            }
         }
         let hold = retryable && att.role == Role::Replica;
         let watch = NodeWatch {
