@@ -698,12 +698,6 @@ impl Session {
             && a.hints == Default::default()
     }
 
-    /// A BEGIN pipelined before the transaction's first statement in one unit, as pgjdbc
-    /// sends it with autocommit off (Parse/Bind/[Describe]/Execute of `BEGIN`, then the
-    /// statement, then Sync): the BEGIN is answered here (ParseComplete, BindComplete,
-    /// [NoData], CommandComplete, no ReadyForQuery: the unit goes on) and taken off the unit,
-    /// which then runs as the first unit of a deferred transaction. Returns the rest of the
-    /// unit, or the unit unchanged when its BEGIN is not deferred.
     /// The cheap part of [`Session::split_pipelined_begin`]'s test, checked before making its
     /// future (most units fail it): an extended unit, not under `transactions = primary`,
     /// that starts with an unnamed Parse.
@@ -713,6 +707,12 @@ impl Session {
             && matches!(unit.msgs.first().map(|m| &m.msg), Some(FrontendMessage::Parse { name, .. }) if name.is_empty())
     }
 
+    /// A BEGIN pipelined before the transaction's first statement in one unit, as pgjdbc
+    /// sends it with autocommit off (Parse/Bind/[Describe]/Execute of `BEGIN`, then the
+    /// statement, then Sync): the BEGIN is answered here (ParseComplete, BindComplete,
+    /// [NoData], CommandComplete, no ReadyForQuery: the unit goes on) and taken off the unit,
+    /// which then runs as the first unit of a deferred transaction. Returns the rest of the
+    /// unit, or the unit unchanged when its BEGIN is not deferred.
     pub(super) async fn split_pipelined_begin(&mut self, unit: Unit) -> Unit {
         if !self.may_split_pipelined_begin(&unit) {
             return unit;
