@@ -80,14 +80,20 @@ fn opaque_analysis_of(copy: bool) -> Arc<Analysis> {
 /// Classifies a statement text. Long texts (whose parse can take milliseconds) are classified
 /// on tokio's blocking pool, so they never stall the event loop other clients share.
 pub(super) async fn classify(app: &Arc<App>, sql: &str) -> Arc<Analysis> {
-    if sql.len() <= tidemark_sql::INLINE_PARSE_LIMIT {
-        return app.classifier.classify(sql);
+    if let Some(a) = classify_inline(app, sql) {
+        return a;
     }
     let app = app.clone();
     let text = sql.to_string();
     tokio::task::spawn_blocking(move || app.classifier.classify(&text))
         .await
         .unwrap_or_else(|_| opaque_analysis())
+}
+
+/// [`classify`] for a text short enough to parse on the event loop, without a future (the
+/// per-statement case); `None` for a long one, which [`classify`] sends to the blocking pool.
+fn classify_inline(app: &App, sql: &str) -> Option<Arc<Analysis>> {
+    (sql.len() <= tidemark_sql::INLINE_PARSE_LIMIT).then(|| app.classifier.classify(sql))
 }
 
 impl Session {
@@ -150,10 +156,9 @@ impl Session {
         for m in &unit.msgs {
             match &m.msg {
                 FrontendMessage::Query(sql) => {
-                    let a = if sql.len() <= tidemark_sql::INLINE_PARSE_LIMIT {
-                        self.app.classifier.classify(sql)
-                    } else {
-                        classify(&self.app, sql).await
+                    let a = match classify_inline(&self.app, sql) {
+                        Some(a) => a,
+                        None => classify(&self.app, sql).await,
                     };
                     self.unit_clears_statements |= clears(&a);
                     parts.push(a);
@@ -182,10 +187,9 @@ impl Session {
                             continue;
                         }
                     }
-                    let analysis = if query.len() <= tidemark_sql::INLINE_PARSE_LIMIT {
-                        self.app.classifier.classify(query)
-                    } else {
-                        classify(&self.app, query).await
+                    let analysis = match classify_inline(&self.app, query) {
+                        Some(a) => a,
+                        None => classify(&self.app, query).await,
                     };
                     let global =
                         format!("tm_{:016x}", hash_of(&(query, param_types, self.state_key)));
