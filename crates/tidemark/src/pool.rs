@@ -116,52 +116,10 @@ struct Conns {
     /// Checked-out connections: (backend pid, connected at, checked out at), in slots a
     /// checkout takes and its release frees (a hash map's insert and remove per statement
     /// showed in the per-statement profile).
-    active: Slots<(i32, Coarse, Coarse)>,
+    active: slab::Slab<(i32, Coarse, Coarse)>,
     /// `server_lifetime` and `idle_timeout` of the settings.
     lifetime: Duration,
     idle_timeout: Duration,
-}
-
-/// Entries in reusable slots: `insert` gives the slot, `remove` frees it for the next.
-struct Slots<T> {
-    entries: Vec<Option<T>>,
-    free: Vec<usize>,
-}
-
-impl<T> Default for Slots<T> {
-    fn default() -> Self {
-        Slots {
-            entries: Vec::new(),
-            free: Vec::new(),
-        }
-    }
-}
-
-impl<T> Slots<T> {
-    fn insert(&mut self, v: T) -> usize {
-        match self.free.pop() {
-            Some(i) => {
-                self.entries[i] = Some(v);
-                i
-            }
-            None => {
-                self.entries.push(Some(v));
-                self.entries.len() - 1
-            }
-        }
-    }
-
-    fn remove(&mut self, i: usize) {
-        if let Some(e) = self.entries.get_mut(i) {
-            if e.take().is_some() {
-                self.free.push(i);
-            }
-        }
-    }
-
-    fn iter(&self) -> impl Iterator<Item = &T> {
-        self.entries.iter().flatten()
-    }
 }
 
 /// A checked-out server connection. Dropping it without [`Pool::release`] closes the
@@ -189,7 +147,7 @@ impl Drop for InUse {
     fn drop(&mut self) {
         self.0.stats.in_use.fetch_sub(1, Ordering::Relaxed);
         if !self.1 {
-            self.0.conns.lock().active.remove(self.2);
+            self.0.conns.lock().active.try_remove(self.2);
             self.0.stats.open.fetch_sub(1, Ordering::Relaxed);
         }
     }
@@ -208,6 +166,20 @@ impl Checked {
         guard.1 = true;
         guard.0.put_back(conn, Some(guard.2));
     }
+}
+
+/// Whether an idle connection may serve another client at `now`: within its lifetime and
+/// idle timeout, and nothing arrived from the server while it was idle. (The probe reads the
+/// socket's readiness; it makes a system call only when the server did send something.)
+fn fit_to_serve(
+    conn: &mut ServerConn,
+    now: Coarse,
+    lifetime: Duration,
+    idle_timeout: Duration,
+) -> bool {
+    now.duration_since(conn.created) <= lifetime
+        && now.duration_since(conn.last_used) <= idle_timeout
+        && !conn.has_unexpected_input()
 }
 
 impl Pool {
@@ -251,7 +223,7 @@ impl Pool {
         let mut v: Vec<ServerInfo> = conns
             .active
             .iter()
-            .map(|(pid, created, since)| ServerInfo {
+            .map(|(_, (pid, created, since))| ServerInfo {
                 pid: *pid,
                 active: true,
                 created: *created,
@@ -312,25 +284,32 @@ impl Pool {
         let now = Coarse::now();
         let mut conns = self.conns.lock();
         let (lifetime, idle_timeout) = (conns.lifetime, conns.idle_timeout);
-        let conn = conns.idle.last_mut()?;
-        if now.duration_since(conn.created) > lifetime
-            || now.duration_since(conn.last_used) > idle_timeout
-            || conn.has_unexpected_input()
-        {
+        if !fit_to_serve(conns.idle.last_mut()?, now, lifetime, idle_timeout) {
             // Closing it is the full checkout's part.
             return None;
         }
-        let mut conn = conns.idle.pop()?;
+        let conn = conns.idle.pop()?;
+        self.stats.checkouts.fetch_add(1, Ordering::Release);
+        Some(self.hand_out(conns, conn, now, permit))
+    }
+
+    /// Enters `conn` as checked out at `now` under the pool's lock (`conns`, released here)
+    /// and gives it to the caller.
+    fn hand_out(
+        self: &Arc<Self>,
+        mut conns: parking_lot::MutexGuard<'_, Conns>,
+        mut conn: Box<ServerConn>,
+        now: Coarse,
+        permit: OwnedSemaphorePermit,
+    ) -> Checked {
         conn.last_used = now;
         let slot = conns.active.insert((conn.backend_pid, conn.created, now));
         drop(conns);
-        self.stats.checkouts.fetch_add(1, Ordering::Release);
-        let guard = InUse::entered(self, slot);
-        Some(Checked {
+        Checked {
+            guard: InUse::entered(self, slot),
             conn,
             _permit: permit,
-            guard,
-        })
+        }
     }
 
     async fn checkout_with(self: &Arc<Self>, wait: bool) -> Result<Checked, PoolError> {
@@ -381,42 +360,19 @@ impl Pool {
             let Some(mut conn) = conns.idle.pop() else {
                 break;
             };
-            // (The probe reads the socket's readiness; it makes a system call only when the
-            // server did send something.)
-            if now.duration_since(conn.created) > conns.lifetime
-                || now.duration_since(conn.last_used) > conns.idle_timeout
-                || conn.has_unexpected_input()
-            {
+            if !fit_to_serve(&mut conn, now, conns.lifetime, conns.idle_timeout) {
                 drop(conns);
                 // Closed outside the lock.
                 drop(conn);
                 self.stats.open.fetch_sub(1, Ordering::Relaxed);
                 continue;
             }
-            conn.last_used = now;
-            let slot = conns.active.insert((conn.backend_pid, conn.created, now));
-            drop(conns);
-            let guard = InUse::entered(self, slot);
-            return Ok(Checked {
-                conn,
-                _permit: permit,
-                guard,
-            });
+            return Ok(self.hand_out(conns, conn, now, permit));
         }
         let connect_timeout = self.settings.lock().connect_timeout;
         let conn = Box::new(ServerConn::connect(&self.target, connect_timeout).await?);
         self.stats.open.fetch_add(1, Ordering::Relaxed);
-        let slot = self
-            .conns
-            .lock()
-            .active
-            .insert((conn.backend_pid, conn.created, Coarse::now()));
-        let guard = InUse::entered(self, slot);
-        Ok(Checked {
-            conn,
-            _permit: permit,
-            guard,
-        })
+        Ok(self.hand_out(self.conns.lock(), conn, Coarse::now(), permit))
     }
 
     /// Takes a connection back (off the `active` list, from its `slot` there): kept idle if
@@ -433,7 +389,7 @@ impl Pool {
         conn.last_used = Coarse::now();
         let mut conns = self.conns.lock();
         if let Some(i) = slot {
-            conns.active.remove(i);
+            conns.active.try_remove(i);
         }
         // Draining is checked under this lock, which `drain_idle` takes after the flag is set.
         let draining = self.is_draining();
@@ -602,27 +558,6 @@ impl Pools {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn slots_reuse_what_was_freed_and_list_what_is_held() {
-        let mut s = Slots::default();
-        let a = s.insert(10);
-        let b = s.insert(20);
-        let c = s.insert(30);
-        assert_eq!((a, b, c), (0, 1, 2));
-        s.remove(b);
-        // Freeing twice, or a slot that was never given, changes nothing.
-        s.remove(b);
-        s.remove(99);
-        assert_eq!(s.iter().copied().collect::<Vec<_>>(), vec![10, 30]);
-        assert_eq!(s.insert(40), b, "a freed slot is taken first");
-        assert_eq!(s.insert(50), 3);
-        assert_eq!(s.iter().copied().collect::<Vec<_>>(), vec![10, 40, 30, 50]);
-        for i in [a, b, c, 3] {
-            s.remove(i);
-        }
-        assert_eq!(s.iter().count(), 0);
-    }
 
     #[test]
     fn checkouts_that_did_not_wait_fill_the_first_bucket() {
