@@ -89,6 +89,12 @@ impl ClientMessage {
 
 /// A NUL-terminated UTF-8 string of `frame`, sharing its buffer.
 fn read_text(frame: &Frame, b: &mut &[u8], tag: u8) -> Result<Text, WireError> {
+    // The empty name of the unnamed statement or portal (most names an extended unit
+    // carries): no search for its terminator, no check, no share of the buffer.
+    if let [0, rest @ ..] = *b {
+        *b = rest;
+        return Ok(Text::new());
+    }
     let bytes = read_cbytes(b, tag)?;
     Text::try_from(frame.raw().slice_ref(bytes))
         .map_err(|_| WireError::NotUtf8 { tag: tag as char })
@@ -438,9 +444,48 @@ mod tests {
     }
 
     #[test]
+    fn unnamed_statements_and_portals_have_empty_names() {
+        let cases = [
+            (b'P', &b"\0SELECT 1\0\0\0"[..]),
+            (b'B', &b"\0\0\0\0\0\0\0\0"[..]),
+            (b'D', &b"P\0"[..]),
+            (b'E', &b"\0\0\0\0\0"[..]),
+            (b'C', &b"S\0"[..]),
+        ];
+        for (tag, body) in cases {
+            let m = FrontendMessage::parse(&Frame::new(tag, body)).unwrap();
+            let names: Vec<&str> = match &m {
+                FrontendMessage::Parse { name, query, .. } => {
+                    assert_eq!(&**query, "SELECT 1");
+                    vec![name]
+                }
+                FrontendMessage::Bind { portal, statement } => vec![portal, statement],
+                FrontendMessage::Describe { name, .. } | FrontendMessage::Close { name, .. } => {
+                    vec![name]
+                }
+                FrontendMessage::Execute { portal, max_rows } => {
+                    assert_eq!(*max_rows, 0);
+                    vec![portal]
+                }
+                other => panic!("{other:?}"),
+            };
+            assert!(names.iter().all(|n| n.is_empty()), "{m:?}");
+        }
+        // An empty Query is an empty text, not a missing one.
+        assert_eq!(
+            FrontendMessage::parse(&Frame::new(b'Q', b"\0")).unwrap(),
+            FrontendMessage::Query("".into())
+        );
+    }
+
+    #[test]
     fn malformed_messages_are_errors() {
         for (tag, body) in [
             (b'Q', &b"no terminator"[..]),
+            (b'Q', &b""[..]),
+            (b'B', &b"\0"[..]),
+            (b'B', &b"\0s1"[..]),
+            (b'E', &b"\0"[..]),
             (b'P', &b"s\0q\0\xff\xff"[..]),
             (b'P', &b"s\0q\0\0\x05"[..]),
             (b'D', &b"Xname\0"[..]),
