@@ -1,4 +1,4 @@
-//! Client input: the one place client frames are decoded (`next_message`), a held server
+//! Client input: the one place client frames are decoded (`next_unit`), a held server
 //! connection's asynchronous messages and failures between units, shutdown and
 //! `pg_terminate_backend` while idle, and collecting a routing unit (`next_unit`).
 
@@ -9,18 +9,6 @@ impl Session {
     fn hold_for_next_unit(&mut self, m: ClientMessage) {
         debug_assert!(self.held.is_none());
         self.held = Some(m);
-    }
-
-    /// The next client message, decoded (the one place client messages are decoded):
-    /// malformed input ends this client only.
-    pub(super) async fn next_message(&mut self) -> SResult<Option<ClientMessage>> {
-        if let Some(m) = self.held.take() {
-            return Ok(Some(m));
-        }
-        Ok(match self.next_frame().await? {
-            Some(f) => Some(ClientMessage::decode(f)?),
-            None => None,
-        })
     }
 
     pub(super) async fn next_frame(&mut self) -> SResult<Option<Frame>> {
@@ -134,8 +122,15 @@ impl Session {
         let mut msgs: Vec<ClientMessage> = Vec::new();
         let mut bytes = 0;
         loop {
-            let Some(m) = self.next_message().await? else {
-                return Ok(None);
+            // The next client message, decoded (the one place client messages are decoded:
+            // malformed input ends this client only). Decoded here rather than returned by
+            // an async helper: each message then moves once less (measured with callgrind).
+            let m = match self.held.take() {
+                Some(m) => m,
+                None => match self.next_frame().await? {
+                    Some(f) => ClientMessage::decode(f)?,
+                    None => return Ok(None),
+                },
             };
             bytes += m.frame.len();
             let end = match &m.msg {

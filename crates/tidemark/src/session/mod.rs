@@ -7,7 +7,7 @@
 //! Routing rules live in `tidemark_core::route`; the session only carries them out.
 //!
 //! This file is the client loop (`run`, `run_unit`, `execute`). One part per concern beside it:
-//! - `intake`: client input, decoded once (`next_message`), and collecting a unit (`next_unit`);
+//! - `intake`: client input, decoded once as a unit is collected (`next_unit`);
 //! - `statements`: classifying a unit, the client's prepared statements;
 //! - `settings`: SETs and startup parameters replayed per client, `SET/SHOW tidemark.*`;
 //! - `signals`: `pg_terminate_backend`/`pg_cancel_backend` on tidemark pids;
