@@ -497,6 +497,33 @@ pub fn cpu_us(pid: u32) -> Option<(u64, u64)> {
     Some((user * 1_000_000 / hz, sys * 1_000_000 / hz))
 }
 
+/// The whole machine's busy and idle CPU time so far, summed over its cores, in microseconds
+/// (the `cpu` line of `/proc/stat`: busy is user, nice, system, irq, softirq and steal; idle is
+/// idle and iowait).
+pub fn machine_cpu_us() -> Option<(u64, u64)> {
+    let s = fs::read_to_string("/proc/stat").ok()?;
+    parse_machine_cpu(s.lines().next()?)
+}
+
+fn parse_machine_cpu(line: &str) -> Option<(u64, u64)> {
+    let mut f = line.split_whitespace();
+    if f.next()? != "cpu" {
+        return None;
+    }
+    let v: Vec<u64> = f.take(8).map(|x| x.parse().ok()).collect::<Option<_>>()?;
+    let [user, nice, system, idle, iowait, irq, softirq, steal] = v[..] else {
+        return None;
+    };
+    // SAFETY: sysconf only reads a configuration value.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let hz = u64::try_from(hz).ok().filter(|h| *h > 0)?;
+    let us = |t: u64| t * 1_000_000 / hz;
+    Some((
+        us(user + nice + system + irq + softirq + steal),
+        us(idle + iowait),
+    ))
+}
+
 /// Pids of every process in process group `pgid`.
 pub fn group_pids(pgid: u32) -> Vec<u32> {
     let Ok(rd) = fs::read_dir("/proc") else {
@@ -528,4 +555,23 @@ pub fn group_memory_kib(pgid: u32) -> (u64, u64) {
         }
     }
     (rss, pss)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn machine_cpu_line() {
+        // SAFETY: sysconf only reads a configuration value.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+        let (busy, idle) =
+            parse_machine_cpu("cpu  100 5 50 1000 20 3 2 10 0 0").expect("a cpu line");
+        assert_eq!(busy, (100 + 5 + 50 + 3 + 2 + 10) * 1_000_000 / hz);
+        assert_eq!(idle, (1000 + 20) * 1_000_000 / hz);
+        assert_eq!(parse_machine_cpu("cpu0 1 2 3 4 5 6 7 8"), None);
+        assert_eq!(parse_machine_cpu("cpu 1 2 x 4 5 6 7 8"), None);
+        assert_eq!(parse_machine_cpu("cpu 1 2 3"), None);
+        assert!(machine_cpu_us().is_some());
+    }
 }

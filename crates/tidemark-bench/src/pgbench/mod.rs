@@ -57,6 +57,10 @@ pub struct PgbenchArgs {
     /// Idle client connections opened to each proxy for the memory figure (0 to skip).
     #[arg(long, default_value_t = 1000)]
     pub idle_clients: usize,
+    /// Streaming replicas beside the primary (tidemark's reads go to them; PgBouncer and
+    /// `tidemark-strong` use the primary only). Every node shares this machine's cores.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=4))]
+    pub replicas: u32,
     /// Directory for pgbench.csv, pgbench.json and pgbench.md.
     #[arg(long, default_value = "target/bench")]
     pub out: PathBuf,
@@ -198,6 +202,11 @@ struct RunResult {
     /// its node monitor.
     cpu_user_us: f64,
     cpu_sys_us: f64,
+    /// The whole machine's busy CPU per statement in the run (µs): pgbench, the proxy, every
+    /// PostgreSQL server and the kernel's share; and the share of the machine left idle (%).
+    /// On a machine where all of them share the cores this is what throughput is made of.
+    machine_us: f64,
+    idle_pct: f64,
     error: Option<String>,
 }
 
@@ -284,9 +293,10 @@ pub async fn run(mut args: PgbenchArgs) -> Result<()> {
     } else {
         None
     };
-    eprintln!("starting a primary and 2 replicas...");
-    let cluster = tokio::task::spawn_blocking(|| {
-        let mut cfg = ClusterConfig::with_replicas(2);
+    let replicas = args.replicas as usize;
+    eprintln!("starting a primary and {replicas} replica(s)...");
+    let cluster = tokio::task::spawn_blocking(move || {
+        let mut cfg = ClusterConfig::with_replicas(replicas);
         cfg.extra_conf.push("max_connections = 400".into());
         Cluster::start(cfg)
     })

@@ -19,6 +19,8 @@ struct Summary {
     lat_p99_ms: f64,
     cpu_user_us: f64,
     cpu_sys_us: f64,
+    machine_us: f64,
+    idle_pct: f64,
     error: Option<String>,
 }
 
@@ -62,6 +64,8 @@ fn summarize(targets: &[Target], wl: &[Workload], runs: &[RunResult]) -> Vec<Sum
                 lat_p99_ms: median(&ok.iter().map(|r| r.lat_p99_ms).collect::<Vec<_>>()),
                 cpu_user_us: median(&ok.iter().map(|r| r.cpu_user_us).collect::<Vec<_>>()),
                 cpu_sys_us: median(&ok.iter().map(|r| r.cpu_sys_us).collect::<Vec<_>>()),
+                machine_us: median(&ok.iter().map(|r| r.machine_us).collect::<Vec<_>>()),
+                idle_pct: median(&ok.iter().map(|r| r.idle_pct).collect::<Vec<_>>()),
                 error: mine.iter().find_map(|r| r.error.clone()),
             });
         }
@@ -108,6 +112,7 @@ pub(super) fn report_results(
             "added µs",
             "p99 ms",
             "proxy CPU µs/stmt user + sys",
+            "machine CPU µs/stmt (idle %)",
             "runs ok",
         ],
         3,
@@ -131,13 +136,18 @@ pub(super) fn report_results(
             } else {
                 format!("{} + {}", f1(s.cpu_user_us), f1(s.cpu_sys_us))
             },
+            if s.machine_us.is_nan() {
+                "–".into()
+            } else {
+                format!("{} ({})", f1(s.machine_us), f1(s.idle_pct))
+            },
             format!("{}/{}", s.runs_ok, args.reps),
         ];
         if s.runs_ok == 0 {
             let e = s.error.clone().unwrap_or_default();
             let short: String = e.chars().take(70).collect();
             row[3] = format!("fails: {short}");
-            for c in row.iter_mut().take(9).skip(4) {
+            for c in row.iter_mut().take(10).skip(4) {
                 *c = "–".into();
             }
         }
@@ -230,6 +240,8 @@ pub(super) fn report_results(
             "lat_p99_ms",
             "cpu_user_us_per_stmt",
             "cpu_sys_us_per_stmt",
+            "machine_us_per_stmt",
+            "idle_pct",
             "error",
         ],
         4,
@@ -245,6 +257,8 @@ pub(super) fn report_results(
             format!("{:.4}", r.lat_p99_ms),
             format!("{:.2}", r.cpu_user_us),
             format!("{:.2}", r.cpu_sys_us),
+            format!("{:.2}", r.machine_us),
+            format!("{:.1}", r.idle_pct),
             r.error.clone().unwrap_or_default(),
         ]);
     }

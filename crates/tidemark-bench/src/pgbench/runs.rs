@@ -211,7 +211,9 @@ pub(super) async fn run_all(
             };
             for w in wl.iter().filter(|w| w.applies_to(t)) {
                 let cpu_before = pid.and_then(procs::cpu_us);
+                let machine_before = procs::machine_cpu_us();
                 let r = pgbench_once(&bins.pgbench, port, w, args.duration).await;
+                let machine_after = procs::machine_cpu_us();
                 let cpu_after = pid.and_then(procs::cpu_us);
                 let rr = match r {
                     Ok((tps, lat, p99)) => {
@@ -227,6 +229,23 @@ pub(super) async fn run_all(
                             (Some((u0, s0)), Some((u1, s1))) => (per(u0, u1), per(s0, s1)),
                             _ => (f64::NAN, f64::NAN),
                         };
+                        // (The samples span pgbench's whole run, connecting included: the
+                        // same for every target.)
+                        let (machine_us, idle_pct) = match (machine_before, machine_after) {
+                            (Some((b0, i0)), Some((b1, i1))) => {
+                                let (busy, idle) = (b1.saturating_sub(b0), i1.saturating_sub(i0));
+                                let all = (busy + idle) as f64;
+                                (
+                                    per(b0, b1),
+                                    if all > 0.0 {
+                                        100.0 * idle as f64 / all
+                                    } else {
+                                        f64::NAN
+                                    },
+                                )
+                            }
+                            _ => (f64::NAN, f64::NAN),
+                        };
                         RunResult {
                             rep,
                             target: t,
@@ -237,6 +256,8 @@ pub(super) async fn run_all(
                             lat_p99_ms: p99,
                             cpu_user_us,
                             cpu_sys_us,
+                            machine_us,
+                            idle_pct,
                             error: None,
                         }
                     }
@@ -250,6 +271,8 @@ pub(super) async fn run_all(
                         lat_p99_ms: f64::NAN,
                         cpu_user_us: f64::NAN,
                         cpu_sys_us: f64::NAN,
+                        machine_us: f64::NAN,
+                        idle_pct: f64::NAN,
                         error: Some(format!("{e:#}")),
                     },
                 };
