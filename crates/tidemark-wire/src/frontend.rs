@@ -263,6 +263,26 @@ pub fn sync() -> Frame {
     Frame::new(b'S', b"")
 }
 
+/// Encodes a Bind of `statement` to `portal` with no parameters, results in text.
+pub fn bind(portal: &str, statement: &str) -> Frame {
+    let mut b = BytesMut::with_capacity(portal.len() + statement.len() + 8);
+    put_cstr(&mut b, portal);
+    put_cstr(&mut b, statement);
+    // No parameter formats, no parameters, no result formats (all text).
+    b.put_i16(0);
+    b.put_i16(0);
+    b.put_i16(0);
+    Frame::new(b'B', &b)
+}
+
+/// Encodes an Execute of `portal` (`max_rows` 0: all rows).
+pub fn execute(portal: &str, max_rows: i32) -> Frame {
+    let mut b = BytesMut::with_capacity(portal.len() + 5);
+    put_cstr(&mut b, portal);
+    b.put_i32(max_rows);
+    Frame::new(b'E', &b)
+}
+
 /// Returns a copy of a Bind frame with its statement name replaced.
 pub fn rename_bind(frame: &Frame, new_statement: &str) -> Result<Frame, WireError> {
     let mut b = BytesMut::with_capacity(frame.len() + new_statement.len() + 1);
@@ -421,6 +441,27 @@ mod tests {
                 name: "s1".into(),
                 query: "SELECT $1".into(),
                 param_types: ParamTypes::from_slice(&[23])
+            }
+        );
+    }
+
+    #[test]
+    fn bind_and_execute_round_trip() {
+        assert_eq!(
+            FrontendMessage::parse(&bind("", "tm_x")).unwrap(),
+            FrontendMessage::Bind {
+                portal: "".into(),
+                statement: "tm_x".into()
+            }
+        );
+        let b = bind("p", "s");
+        let v = bind_values(&b).unwrap();
+        assert!(v.params.is_empty() && v.param_formats.is_empty() && v.result_formats.is_empty());
+        assert_eq!(
+            FrontendMessage::parse(&execute("", 0)).unwrap(),
+            FrontendMessage::Execute {
+                portal: "".into(),
+                max_rows: 0
             }
         );
     }

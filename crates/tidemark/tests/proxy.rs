@@ -1092,3 +1092,48 @@ async fn a_repeated_unnamed_statement_is_judged_once_and_a_new_one_anew() {
     c.query_typed(read, &[(&1i64, Type::INT8)]).await.unwrap();
     assert_eq!(asked(&env), after_set + 1);
 }
+
+/// The commit-position read behind each write runs as tidemark's own prepared statement
+/// (`tm_capture`, parsed once per server connection). A client that deallocates it leaves
+/// its next write acknowledged and readable as always (the position is read the other way),
+/// and the statement is parsed again after that.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_commit_position_read_is_prepared_once_and_survives_a_deallocate() {
+    // One server connection per node: every unit of the client runs on the same ones.
+    let env = start(&[None], |c| c.pool.max_size = 1).await;
+    let c = env.client().await;
+    c.batch_execute("CREATE TABLE items (id int PRIMARY KEY, name text)")
+        .await
+        .unwrap();
+    let on_primary = "BEGIN; SELECT pg_is_in_recovery(), count(*) FROM pg_prepared_statements \
+                      WHERE name = 'tm_capture'; COMMIT";
+    let prepared_there = |r: Vec<Vec<Option<String>>>| {
+        assert_eq!(r[0][0].as_deref(), Some("f"), "asked on the primary");
+        r[0][1].clone()
+    };
+    for (i, name) in [(1, "a"), (2, "b"), (3, "c")] {
+        c.batch_execute(&format!("INSERT INTO items VALUES ({i}, '{name}')"))
+            .await
+            .unwrap();
+        let seen = rows(
+            &c.simple_query(&format!("SELECT name FROM items WHERE id = {i}"))
+                .await
+                .unwrap(),
+        );
+        assert_eq!(seen[0][0].as_deref(), Some(name), "write {i} read back");
+        let r = rows(&c.simple_query(on_primary).await.unwrap());
+        match i {
+            // Prepared by the first write; then dropped by the client.
+            1 => {
+                assert_eq!(prepared_there(r).as_deref(), Some("1"));
+                c.batch_execute("BEGIN; DEALLOCATE tm_capture; COMMIT")
+                    .await
+                    .unwrap();
+            }
+            // Write 2 found it gone (its position was read the other way): not there yet.
+            2 => assert_eq!(prepared_there(r).as_deref(), Some("0")),
+            // Write 3 parsed it again.
+            _ => assert_eq!(prepared_there(r).as_deref(), Some("1")),
+        }
+    }
+}

@@ -19,31 +19,95 @@ pub(super) const CAPTURE_APPLIED_SQL: &str = "SELECT l::text, \
      (SELECT array_agg(w.pid)::text FROM pg_stat_get_wal_senders() w WHERE w.replay_lsn >= l) \
      FROM pg_current_wal_insert_lsn() l";
 
-pub(super) fn capture_sql(app: &App) -> &'static str {
+/// The commit-position read to pipeline behind a write on the current primary.
+pub(super) fn capture_stmt(app: &App) -> Internal {
     if app.view.load().has_synchronous_standby() {
-        CAPTURE_APPLIED_SQL
+        Internal::CaptureApplied
     } else {
-        CAPTURE_SQL
+        Internal::Capture
     }
 }
 
-/// [`capture_sql`] as a Query message, made once: it is pipelined behind every write.
-pub(super) fn capture_query(app: &App) -> &'static [u8] {
-    static PLAIN: std::sync::LazyLock<Frame> = std::sync::LazyLock::new(|| fe::query(CAPTURE_SQL));
-    static APPLIED: std::sync::LazyLock<Frame> =
-        std::sync::LazyLock::new(|| fe::query(CAPTURE_APPLIED_SQL));
-    if capture_sql(app) == CAPTURE_APPLIED_SQL {
-        APPLIED.raw()
-    } else {
-        PLAIN.raw()
-    }
+pub(super) fn capture_sql(app: &App) -> &'static str {
+    capture_stmt(app).sql()
 }
 
-/// The replica check sent ahead of a read in the same write, as a Query message made once.
-pub(super) fn replay_check_query() -> &'static [u8] {
-    static CHECK: std::sync::LazyLock<Frame> =
-        std::sync::LazyLock::new(|| fe::query("SELECT pg_last_wal_replay_lsn()"));
-    CHECK.raw()
+/// The replica's replay position, asked ahead of a read it gates.
+const REPLAY_CHECK_SQL: &str = "SELECT pg_last_wal_replay_lsn()";
+
+/// tidemark's own statements, pipelined with clients' units: the commit-position read behind
+/// every write, the replica check ahead of a gated read. Each is prepared once per server
+/// connection (a Parse the first time, then Bind and Execute): run as a simple query, the
+/// server parsed and planned it every time, and pgbench ran 50 % more of the prepared form
+/// on the same cores (docs/benchmarks.md, stop 24). Their names are not `tm_` + hex digits,
+/// so no client statement's shared name is one of them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Internal {
+    Capture,
+    CaptureApplied,
+    ReplayCheck,
+}
+
+impl Internal {
+    pub(super) fn name(self) -> &'static str {
+        match self {
+            Internal::Capture => "tm_capture",
+            Internal::CaptureApplied => "tm_capture_applied",
+            Internal::ReplayCheck => "tm_replay_check",
+        }
+    }
+
+    pub(super) fn sql(self) -> &'static str {
+        match self {
+            Internal::Capture => CAPTURE_SQL,
+            Internal::CaptureApplied => CAPTURE_APPLIED_SQL,
+            Internal::ReplayCheck => REPLAY_CHECK_SQL,
+        }
+    }
+
+    /// The statement's messages, made once: 0, a simple Query; 1, Bind, Execute and Sync of
+    /// the prepared statement; 2, the same after its Parse.
+    fn messages(self, form: usize) -> &'static [u8] {
+        use std::sync::OnceLock;
+        static MADE: [[OnceLock<Vec<u8>>; 3]; 3] = [const { [const { OnceLock::new() }; 3] }; 3];
+        MADE[self as usize][form].get_or_init(|| {
+            if form == 0 {
+                return fe::query(self.sql()).raw().to_vec();
+            }
+            let mut b = Vec::new();
+            if form == 2 {
+                b.extend_from_slice(fe::parse(self.name(), self.sql(), &[]).raw());
+            }
+            b.extend_from_slice(fe::bind("", self.name()).raw());
+            b.extend_from_slice(fe::execute("", 0).raw());
+            b.extend_from_slice(fe::sync().raw());
+            b
+        })
+    }
+
+    /// The messages that run the statement on a server connection that has prepared
+    /// `prepared`: with its Parse the first time, after which it counts as prepared there.
+    /// On the connection of a pinned session, a simple query: a client can prepare statements
+    /// of its own (SQL `PREPARE`) only there, under any name, and such a connection is closed
+    /// when its session ends; tidemark's statements are kept to connections where no client
+    /// statement can take their names.
+    pub(super) fn run_on(self, prepared: &mut crate::server::Names, pinned: bool) -> &'static [u8] {
+        if pinned {
+            return self.messages(0);
+        }
+        let with_parse = !prepared.contains(self.name());
+        if with_parse {
+            prepared.insert(self.name().to_string());
+        }
+        self.messages(1 + usize::from(with_parse))
+    }
+
+    /// The server answered the statement with an error: whether the connection still has it
+    /// (a client's `DEALLOCATE` of it, a failed transaction) is unknown, so the next run parses
+    /// it again. A Parse that failed is never followed by a Bind-only run.
+    pub(super) fn failed(self, prepared: &mut crate::server::Names) {
+        prepared.remove(self.name());
+    }
 }
 
 /// A one-dimensional PostgreSQL integer array in text form (`{1,2,3}`); `None` if malformed.
@@ -456,8 +520,61 @@ impl TxEffects {
 
 #[cfg(test)]
 mod tests {
-    use super::TxEffects;
+    use super::{Internal, TxEffects};
     use tidemark_sql::{Classifier, FunctionPolicy};
+    use tidemark_wire::frontend::FrontendMessage;
+    use tidemark_wire::FrameCodec;
+
+    /// The messages in `bytes`, decoded.
+    fn decoded(bytes: &[u8]) -> Vec<FrontendMessage> {
+        let mut buf = bytes::BytesMut::from(bytes);
+        let codec = FrameCodec::default();
+        let mut out = Vec::new();
+        while let Some(f) = codec.decode(&mut buf).unwrap() {
+            out.push(FrontendMessage::parse(&f).unwrap());
+        }
+        assert!(buf.is_empty(), "whole messages only");
+        out
+    }
+
+    #[test]
+    fn internal_statements_are_parsed_once_per_connection_and_again_after_an_error() {
+        let mut prepared = crate::server::Names::default();
+        for stmt in [
+            Internal::Capture,
+            Internal::CaptureApplied,
+            Internal::ReplayCheck,
+        ] {
+            let name = stmt.name();
+            assert!(name.starts_with("tm_") && !name[3..].chars().all(|c| c.is_ascii_hexdigit()));
+            let first = decoded(stmt.run_on(&mut prepared, false));
+            assert_eq!(first.len(), 4, "{first:?}");
+            assert!(matches!(&first[0],
+                FrontendMessage::Parse { name: n, query, param_types } if n == name && query == stmt.sql() && param_types.is_empty()));
+            assert!(matches!(&first[1],
+                FrontendMessage::Bind { portal, statement } if portal.is_empty() && statement == name));
+            assert!(matches!(
+                &first[2],
+                FrontendMessage::Execute { max_rows: 0, .. }
+            ));
+            assert_eq!(first[3], FrontendMessage::Sync);
+            assert!(prepared.contains(name));
+            // Prepared now: no Parse.
+            let again = decoded(stmt.run_on(&mut prepared, false));
+            assert_eq!(again[..], first[1..]);
+            // An error: parsed again next time.
+            stmt.failed(&mut prepared);
+            assert!(!prepared.contains(name));
+            assert_eq!(decoded(stmt.run_on(&mut prepared, false)), first);
+            // A pinned session's connection: a simple query, nothing recorded.
+            let mut none = crate::server::Names::default();
+            assert_eq!(
+                decoded(stmt.run_on(&mut none, true)),
+                vec![FrontendMessage::Query(stmt.sql().into())]
+            );
+            assert!(none.is_empty());
+        }
+    }
 
     fn effects(sql: &str) -> TxEffects {
         TxEffects::of(&Classifier::new(0, FunctionPolicy::default()).classify_uncached(sql))

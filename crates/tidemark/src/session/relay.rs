@@ -25,9 +25,9 @@ pub(super) enum Exp {
     Sync,
     Query,
     Func,
-    /// tidemark's own `SELECT pg_current_wal_insert_lsn()`, pipelined after a unit that
-    /// ends a writing transaction; its responses are read, never relayed.
-    Capture,
+    /// tidemark's own `SELECT pg_current_wal_insert_lsn()` (see `Internal`), pipelined after
+    /// a unit that ends a writing transaction; its responses are read, never relayed.
+    Capture(Internal),
     /// tidemark's own `SELECT pg_last_wal_replay_lsn()`, sent to a replica in the same write
     /// as the read it gates (see `Speculation`): if the replica reports less than this, the
     /// read's answers are read and dropped, never relayed.
@@ -197,7 +197,7 @@ impl Relay<'_> {
                 // A write's acknowledgement (its ReadyForQuery) waits for the pipelined commit
                 // position, which arrives right behind it: the causal floor is raised before
                 // the client can act on the acknowledgement (see `after_ready`).
-                let awaiting_capture = matches!(exp.front(), Some(Exp::Capture));
+                let awaiting_capture = matches!(exp.front(), Some(Exp::Capture(_)));
                 if behind {
                     // Nothing of it will be sent: keep no more than nothing.
                     io.truncate_out(start_out);
@@ -297,6 +297,7 @@ impl Relay<'_> {
                     exp.pop_front();
                     behind = !check_ok;
                 }
+                BackendMessage::ErrorResponse => Internal::ReplayCheck.failed(&mut conn.prepared),
                 _ => {}
             }
             continue;
@@ -304,7 +305,7 @@ impl Relay<'_> {
         if let Some(h) = hash.as_deref_mut() {
             fold_reply(h, kind, &frame);
         }
-        if matches!(exp.front(), Some(Exp::Capture)) {
+        if let Some(&Exp::Capture(stmt)) = exp.front() {
             // The unit's ReadyForQuery is held (not flushed) until its commit position is
             // read; read the pipelined capture.
             match kind {
@@ -325,7 +326,10 @@ impl Relay<'_> {
                         });
                     }
                 }
-                BackendMessage::ErrorResponse => captured = None,
+                BackendMessage::ErrorResponse => {
+                    captured = None;
+                    stmt.failed(&mut conn.prepared);
+                }
                 _ => {}
             }
             continue;
@@ -473,7 +477,7 @@ impl Relay<'_> {
         .await;
         match (r, unit_ready_slot) {
             (Err(RelayError::Server(e)), Some((status, errored)))
-                if matches!(exp.front(), Some(Exp::Capture)) =>
+                if matches!(exp.front(), Some(Exp::Capture(_))) =>
             {
                 tracing::warn!(error = %e, "server connection lost after a commit, before its position was read");
                 conn.broken = true;
@@ -517,7 +521,7 @@ fn retry_held_or_fail(
 fn plain_step(exp: &mut VecDeque<Exp>, tag: u8) -> bool {
     let pop = match (exp.front(), tag) {
         // tidemark's own exchanges are read, not relayed.
-        (None | Some(Exp::Capture | Exp::Check(_) | Exp::Synth(_)), _) => return false,
+        (None | Some(Exp::Capture(_) | Exp::Check(_) | Exp::Synth(_)), _) => return false,
         (Some(_), b'D') => false,
         (Some(Exp::Query), b'T' | b'C' | b'I') => false,
         (Some(Exp::Describe), b't') => false,
@@ -721,8 +725,9 @@ impl Session {
                 out = take_spare(&OUT_SPARES);
                 out.extend_from_slice(raw);
             }
-            out.extend_from_slice(capture_query(&self.app));
-            exp.push_back(Exp::Capture);
+            let stmt = capture_stmt(&self.app);
+            out.extend_from_slice(stmt.run_on(&mut conn.prepared, self.pinned));
+            exp.push_back(Exp::Capture(stmt));
         }
         if att.role == Role::Replica {
             if let Some(required) = self.speculation.as_ref().map(|s| s.required) {
@@ -730,12 +735,16 @@ impl Session {
                 match verbatim.take() {
                     Some(raw) => {
                         out = take_spare(&OUT_SPARES);
-                        out.extend_from_slice(replay_check_query());
+                        out.extend_from_slice(
+                            Internal::ReplayCheck.run_on(&mut conn.prepared, self.pinned),
+                        );
                         out.extend_from_slice(raw);
                     }
                     None => {
                         let mut with_check = take_spare(&OUT_SPARES);
-                        with_check.extend_from_slice(replay_check_query());
+                        with_check.extend_from_slice(
+                            Internal::ReplayCheck.run_on(&mut conn.prepared, self.pinned),
+                        );
                         with_check.extend_from_slice(&out);
                         give_spare(&OUT_SPARES, std::mem::replace(&mut out, with_check));
                     }
