@@ -491,10 +491,16 @@ pub fn cpu_us(pid: u32) -> Option<(u64, u64)> {
     let mut f = rest.split_whitespace().skip(11);
     let user: u64 = f.next()?.parse().ok()?;
     let sys: u64 = f.next()?.parse().ok()?;
+    let us = ticks_to_us()?;
+    Some((us(user), us(sys)))
+}
+
+/// Converts the kernel's clock ticks (`/proc` CPU times) to microseconds.
+fn ticks_to_us() -> Option<impl Fn(u64) -> u64> {
     // SAFETY: sysconf only reads a configuration value.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
     let hz = u64::try_from(hz).ok().filter(|h| *h > 0)?;
-    Some((user * 1_000_000 / hz, sys * 1_000_000 / hz))
+    Some(move |t: u64| t * 1_000_000 / hz)
 }
 
 /// The whole machine's busy and idle CPU time so far, summed over its cores, in microseconds
@@ -514,10 +520,7 @@ fn parse_machine_cpu(line: &str) -> Option<(u64, u64)> {
     let [user, nice, system, idle, iowait, irq, softirq, steal] = v[..] else {
         return None;
     };
-    // SAFETY: sysconf only reads a configuration value.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    let hz = u64::try_from(hz).ok().filter(|h| *h > 0)?;
-    let us = |t: u64| t * 1_000_000 / hz;
+    let us = ticks_to_us()?;
     Some((
         us(user + nice + system + irq + softirq + steal),
         us(idle + iowait),

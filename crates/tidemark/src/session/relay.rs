@@ -732,19 +732,16 @@ impl Session {
         if att.role == Role::Replica {
             if let Some(required) = self.speculation.as_ref().map(|s| s.required) {
                 // The replica check goes in the same write, before the read (one round trip).
+                let check = Internal::ReplayCheck.run_on(&mut conn.prepared, self.pinned);
                 match verbatim.take() {
                     Some(raw) => {
                         out = take_spare(&OUT_SPARES);
-                        out.extend_from_slice(
-                            Internal::ReplayCheck.run_on(&mut conn.prepared, self.pinned),
-                        );
+                        out.extend_from_slice(check);
                         out.extend_from_slice(raw);
                     }
                     None => {
                         let mut with_check = take_spare(&OUT_SPARES);
-                        with_check.extend_from_slice(
-                            Internal::ReplayCheck.run_on(&mut conn.prepared, self.pinned),
-                        );
+                        with_check.extend_from_slice(check);
                         with_check.extend_from_slice(&out);
                         give_spare(&OUT_SPARES, std::mem::replace(&mut out, with_check));
                     }
