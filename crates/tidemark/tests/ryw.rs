@@ -200,3 +200,132 @@ async fn the_replica_check_rides_with_the_read_and_a_behind_replica_shows_nothin
     );
     exec(&replica, "SELECT pg_wal_replay_resume()").await;
 }
+
+/// The replica check is tidemark's own prepared statement on the replica's connection. When
+/// its execution fails there (here: the client's role may not call the replay-position
+/// function; in production a recovery conflict or a cancel does the same), the read is
+/// answered by the primary with nothing of the error shown and the check counts as behind,
+/// never as caught up; once the function may be called again, the checks find the replica
+/// caught up again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_replica_check_falls_back_unseen_and_the_checks_recover() {
+    use std::sync::atomic::Ordering;
+    let env = start(&[None], |c| {
+        c.routing.wait = tidemark::config::WaitMode::Fixed;
+        c.routing.max_wait = Duration::from_millis(50);
+        trust_user(c, "lim");
+    })
+    .await;
+    let checks = |i: usize| env.proxy.app.replica_checks[i].load(Ordering::Relaxed);
+    let admin = env.node(0).await;
+    exec(
+        &admin,
+        "CREATE ROLE lim LOGIN PASSWORD 'pw'; \
+         CREATE TABLE rc (id int PRIMARY KEY, v text); GRANT SELECT, INSERT ON rc TO lim; \
+         REVOKE EXECUTE ON FUNCTION pg_last_wal_replay_lsn() FROM PUBLIC",
+    )
+    .await;
+    tokio::task::block_in_place(|| wait_all_replayed(&env.cluster));
+    let c = connect(&proxy_dsn_of(&env.proxy, "lim")).await;
+    let round = |i: i32| {
+        let c = &c;
+        async move {
+            exec(c, &format!("INSERT INTO rc VALUES ({i}, 'x')")).await;
+            let n = scalar(c, &format!("SELECT count(*) FROM rc WHERE id = {i}")).await;
+            assert_eq!(n, "1", "read-back of write {i}");
+        }
+    };
+    // The role may not ask the replica its position: every check fails, no read is stale and
+    // none of the checks' errors reaches the client.
+    let caught_up_before = checks(0);
+    for i in 0..30 {
+        round(i).await;
+    }
+    println!(
+        "revoked: {} checks caught up, {} behind",
+        checks(0) - caught_up_before,
+        checks(1)
+    );
+    assert_eq!(
+        checks(0),
+        caught_up_before,
+        "a failed check counted caught up"
+    );
+    assert!(checks(1) > 0, "no check rode with a read");
+    // Allowed again: the checks find the replica caught up again.
+    exec(
+        &admin,
+        "GRANT EXECUTE ON FUNCTION pg_last_wal_replay_lsn() TO PUBLIC",
+    )
+    .await;
+    tokio::task::block_in_place(|| wait_all_replayed(&env.cluster));
+    let caught_up_before = checks(0);
+    for i in 100..130 {
+        round(i).await;
+    }
+    let caught_up = checks(0) - caught_up_before;
+    println!("granted again: {caught_up} checks caught up");
+    assert!(
+        caught_up > 0,
+        "after the first failure no check ever succeeded"
+    );
+}
+
+/// tidemark's position reads run on connections that carry the client's settings, so a
+/// client's `search_path` reaches them. Functions of the client's own named like the ones
+/// they call, found first on that path, must not change what tidemark learns: a replay
+/// position that claims the paused replica is far ahead, or a commit position that claims the
+/// write is older than it is, would each send the read-back to a replica without the write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clients_search_path_cannot_stand_in_for_tidemarks_position_reads() {
+    let env = start(&[None], |c| {
+        c.routing.wait = tidemark::config::WaitMode::Fixed;
+        c.routing.max_wait = Duration::from_millis(50);
+    })
+    .await;
+    let admin = env.node(0).await;
+    exec(
+        &admin,
+        "CREATE SCHEMA decoy_check; CREATE SCHEMA decoy_commit; \
+         CREATE FUNCTION decoy_check.pg_last_wal_replay_lsn() RETURNS pg_lsn \
+           LANGUAGE sql AS $$ SELECT 'FFFFFFFF/FFFFFFF0'::pg_lsn $$; \
+         CREATE FUNCTION decoy_commit.pg_current_wal_insert_lsn() RETURNS pg_lsn \
+           LANGUAGE sql AS $$ SELECT '0/1'::pg_lsn $$; \
+         CREATE TABLE hp (id int PRIMARY KEY, v text)",
+    )
+    .await;
+    tokio::task::block_in_place(|| wait_all_replayed(&env.cluster));
+    let replica = connect(&env.cluster.dsn(1)).await;
+    exec(&replica, "SELECT pg_wal_replay_pause()").await;
+    for (label, schema, first) in [
+        ("replay check", "decoy_check", 0),
+        ("commit position", "decoy_commit", 100),
+    ] {
+        // A new client each time: no earlier write of its own raises what it waits for.
+        let c = env.client().await;
+        exec(
+            &c,
+            &format!("SET search_path = {schema}, pg_catalog, public"),
+        )
+        .await;
+        let mut on_replica = 0;
+        for i in first..first + 10 {
+            exec(&c, &format!("INSERT INTO hp VALUES ({i}, 'x')")).await;
+            let r = rows(
+                &c.simple_query(&format!(
+                    "SELECT count(*), pg_catalog.pg_is_in_recovery() FROM hp WHERE id = {i}"
+                ))
+                .await
+                .expect("read-back"),
+            );
+            on_replica += usize::from(r[0][1].as_deref() == Some("t"));
+            assert_eq!(
+                r[0][0].as_deref(),
+                Some("1"),
+                "{label}: read-back of write {i}"
+            );
+        }
+        println!("{label}: {on_replica} of 10 read-backs on the paused replica (all fresh)");
+    }
+    exec(&replica, "SELECT pg_wal_replay_resume()").await;
+}

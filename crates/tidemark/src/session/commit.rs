@@ -6,7 +6,13 @@ use super::*;
 /// insert position after the commit is never below the commit's end).
 /// The commit position after a write (`pg_current_wal_insert_lsn()`, see
 /// `Lsn::normalize_insert_position`).
-pub(super) const CAPTURE_SQL: &str = "SELECT pg_current_wal_insert_lsn()::text";
+///
+/// Every name in tidemark's own statements is schema-qualified: they run on connections that
+/// carry the client's settings, and a client's `search_path` could otherwise put a function,
+/// type or operator of its own in place of the catalog's and forge a position (test
+/// `ryw::a_clients_search_path_cannot_stand_in_for_tidemarks_position_reads`).
+pub(super) const CAPTURE_SQL: &str =
+    "SELECT pg_catalog.pg_current_wal_insert_lsn()::pg_catalog.text";
 
 /// The same, plus the pids of the primary's walsenders whose standby had replayed up to it at
 /// that moment (mapped to nodes with the monitor's view). With `synchronous_commit =
@@ -15,9 +21,10 @@ pub(super) const CAPTURE_SQL: &str = "SELECT pg_current_wal_insert_lsn()::text";
 /// wrong); without `pg_read_all_stats` the positions are hidden and the list is empty (reads
 /// then wait for replay as usual). Only asked when the primary has a synchronous standby: an
 /// asynchronous one has practically never replayed a commit by the time it returns.
-pub(super) const CAPTURE_APPLIED_SQL: &str = "SELECT l::text, \
-     (SELECT array_agg(w.pid)::text FROM pg_stat_get_wal_senders() w WHERE w.replay_lsn >= l) \
-     FROM pg_current_wal_insert_lsn() l";
+pub(super) const CAPTURE_APPLIED_SQL: &str = "SELECT l::pg_catalog.text, \
+     (SELECT pg_catalog.array_agg(w.pid)::pg_catalog.text \
+      FROM pg_catalog.pg_stat_get_wal_senders() w WHERE w.replay_lsn OPERATOR(pg_catalog.>=) l) \
+     FROM pg_catalog.pg_current_wal_insert_lsn() l";
 
 /// The commit-position read to pipeline behind a write on the current primary.
 pub(super) fn capture_stmt(app: &App) -> Internal {
@@ -33,7 +40,7 @@ pub(super) fn capture_sql(app: &App) -> &'static str {
 }
 
 /// The replica's replay position, asked ahead of a read it gates.
-const REPLAY_CHECK_SQL: &str = "SELECT pg_last_wal_replay_lsn()";
+pub(super) const REPLAY_CHECK_SQL: &str = "SELECT pg_catalog.pg_last_wal_replay_lsn()";
 
 /// tidemark's own statements, pipelined with clients' units: the commit-position read behind
 /// every write, the replica check ahead of a gated read. Each is prepared once per server
@@ -66,7 +73,7 @@ impl Internal {
     }
 
     /// The statement's messages, made once: 0, a simple Query; 1, Bind, Execute and Sync of
-    /// the prepared statement; 2, the same after its Parse.
+    /// the prepared statement; 2, the same after its Close and Parse.
     fn messages(self, form: usize) -> &'static [u8] {
         use std::sync::OnceLock;
         static MADE: [[OnceLock<Vec<u8>>; 3]; 3] = [const { [const { OnceLock::new() }; 3] }; 3];
@@ -76,6 +83,13 @@ impl Internal {
             }
             let mut b = Vec::new();
             if form == 2 {
+                // Closed first: after an error the statement may still be there (a cancel or a
+                // recovery conflict that hit its execution on a connection that is kept), and
+                // a Parse of a name in use fails (42P05) every time. Closing a statement that
+                // does not exist is not an error.
+                b.extend_from_slice(
+                    fe::describe_or_close(b'C', Target::Statement, self.name()).raw(),
+                );
                 b.extend_from_slice(fe::parse(self.name(), self.sql(), &[]).raw());
             }
             b.extend_from_slice(fe::bind("", self.name()).raw());
@@ -548,20 +562,24 @@ mod tests {
             let name = stmt.name();
             assert!(name.starts_with("tm_") && !name[3..].chars().all(|c| c.is_ascii_hexdigit()));
             let first = decoded(stmt.run_on(&mut prepared, false));
-            assert_eq!(first.len(), 4, "{first:?}");
+            assert_eq!(first.len(), 5, "{first:?}");
+            // Closed before it is parsed: a copy left on the server after an error that did
+            // not remove it would make every later Parse fail.
             assert!(matches!(&first[0],
-                FrontendMessage::Parse { name: n, query, param_types } if n == name && query == stmt.sql() && param_types.is_empty()));
+                FrontendMessage::Close { target: tidemark_wire::frontend::Target::Statement, name: n } if n == name));
             assert!(matches!(&first[1],
+                FrontendMessage::Parse { name: n, query, param_types } if n == name && query == stmt.sql() && param_types.is_empty()));
+            assert!(matches!(&first[2],
                 FrontendMessage::Bind { portal, statement } if portal.is_empty() && statement == name));
             assert!(matches!(
-                &first[2],
+                &first[3],
                 FrontendMessage::Execute { max_rows: 0, .. }
             ));
-            assert_eq!(first[3], FrontendMessage::Sync);
+            assert_eq!(first[4], FrontendMessage::Sync);
             assert!(prepared.contains(name));
-            // Prepared now: no Parse.
+            // Prepared now: no Close, no Parse.
             let again = decoded(stmt.run_on(&mut prepared, false));
-            assert_eq!(again[..], first[1..]);
+            assert_eq!(again[..], first[2..]);
             // An error: parsed again next time.
             stmt.failed(&mut prepared);
             assert!(!prepared.contains(name));

@@ -431,7 +431,7 @@ impl Session {
                 let r = conns[idx]
                     .1
                     .conn
-                    .simple_query("SELECT pg_last_wal_replay_lsn()")
+                    .simple_query(super::commit::REPLAY_CHECK_SQL)
                     .await;
                 let reported = match r {
                     Ok(rows) => rows
