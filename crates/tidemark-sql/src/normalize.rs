@@ -12,28 +12,49 @@ use std::borrow::Cow;
 
 use crate::lex::{block_comment_end, dollar, is_ident, quoted_ident_end, string_end, Dollar};
 
-/// Byte classes for the scan (a table: the per-byte `match` showed in the per-statement
-/// profile). Most bytes need no look; an identifier is skipped whole, digits and `$` in it
-/// included, which is what the byte-wise rules did to them.
-const PLAIN: u8 = 0;
-const IDENT_START: u8 = 1;
-const SPECIAL: u8 = 2;
-static CLASS: [u8; 256] = {
-    let mut t = [PLAIN; 256];
+/// The bytes the scan looks at: quotes, `$`, `-`, `/`, `.` and digits. Every other byte is
+/// skipped (an identifier's letters, spaces, operators); a digit or `$` inside an identifier
+/// is told apart by the byte before it, as the byte-wise rules did.
+static SPECIAL: [bool; 256] = {
+    let mut t = [false; 256];
     let mut i = 0;
     while i < 256 {
-        let b = i as u8;
-        t[i] = if b.is_ascii_alphabetic() || b == b'_' || b >= 0x80 {
-            IDENT_START
-        } else if matches!(b, b'-' | b'/' | b'"' | b'\'' | b'$' | b'.' | b'0'..=b'9') {
-            SPECIAL
-        } else {
-            PLAIN
-        };
+        t[i] = matches!(
+            i as u8,
+            b'-' | b'/' | b'"' | b'\'' | b'$' | b'.' | b'0'..=b'9'
+        );
         i += 1;
     }
     t
 };
+
+/// The first index at or after `i` whose byte is in `0x22..=0x39` (every [`SPECIAL`] byte is;
+/// so are `#%&()*+,`, which the caller steps over), or `s.len()`. Eight bytes per step: the
+/// byte-at-a-time loop was most of the scan, and most of a statement's bytes are letters and
+/// spaces. The word test is exact per byte (no carry or borrow crosses a byte): for the low
+/// seven bits `v` of each byte, `(0xB9 - v)` has its high bit set when `v < 0x3A`, `(v + 0x5E)`
+/// when `v > 0x21`, and `!x` when the byte is ASCII.
+#[inline]
+fn next_candidate(s: &[u8], mut i: usize) -> usize {
+    const L: u64 = 0x0101_0101_0101_0101;
+    const LOW7: u64 = L * 0x7F;
+    const HIGH: u64 = L * 0x80;
+    const BELOW: u64 = L * (0x7F + 0x3A);
+    const ABOVE: u64 = L * (0x7F - 0x21);
+    while let Some(w) = s.get(i..i + 8).and_then(|w| <[u8; 8]>::try_from(w).ok()) {
+        let x = u64::from_le_bytes(w);
+        let v = x & LOW7;
+        let hit = (BELOW - v) & !x & (v + ABOVE) & HIGH;
+        if hit != 0 {
+            return i + (hit.trailing_zeros() / 8) as usize;
+        }
+        i += 8;
+    }
+    while i < s.len() && !(0x22..=0x39).contains(&s[i]) {
+        i += 1;
+    }
+    i
+}
 
 /// The text with constants replaced by `?`; borrowed when there is none.
 pub fn normalize(sql: &str) -> Cow<'_, str> {
@@ -82,19 +103,14 @@ fn scan(sql: &str, out: &mut Vec<u8>) -> bool {
         out.push(b'?');
         *copied = end;
     };
-    while i < n {
-        let b = s[i];
-        match CLASS[b as usize] {
-            PLAIN => {
-                i += 1;
-                continue;
-            }
-            IDENT_START => {
-                // As an iterator: no bounds check per byte (the loop is most of the scan).
-                i += 1 + s[i + 1..].iter().take_while(|&&c| is_ident(c)).count();
-                continue;
-            }
-            _ => {}
+    loop {
+        i = next_candidate(s, i);
+        let Some(&b) = s.get(i) else {
+            break;
+        };
+        if !SPECIAL[b as usize] {
+            i += 1;
+            continue;
         }
         let prev_ident = i > 0 && is_ident(s[i - 1]);
         match b {
@@ -168,6 +184,28 @@ mod tests {
     fn tables_follow_the_rule() {
         for b in 0..=255u8 {
             assert_eq!(super::is_ident(b), is_ident(b), "{b}");
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn the_word_test_finds_the_first_byte_in_range(
+            bytes in proptest::collection::vec(any::<u8>(), 0..40),
+            from in 0usize..45,
+        ) {
+            let want = (from..bytes.len())
+                .find(|&i| (0x22..=0x39).contains(&bytes[i]))
+                .unwrap_or(bytes.len().max(from));
+            prop_assert_eq!(super::next_candidate(&bytes, from), want);
+        }
+    }
+
+    #[test]
+    fn every_special_byte_is_in_the_word_tests_range() {
+        for b in 0..=255u8 {
+            if super::SPECIAL[b as usize] {
+                assert!((0x22..=0x39).contains(&b), "{b}");
+            }
         }
     }
 
@@ -320,6 +358,10 @@ mod tests {
                 Just("''"), Just("E'"), Just("\\"), Just("\""), Just("-- c\n"), Just("/*"),
                 Just("*/"), Just("."), Just("1.5e3"), Just("42"), Just(" "), Just("x$"),
                 Just("é"), Just("_9"), Just("\n"), Just("="), Just("e"),
+                // Runs longer than a word, and bytes the word test stops at but the scan
+                // steps over.
+                Just("pgbench_accounts"), Just("abcdefgh12"), Just("(#%&*+,)"),
+                Just("        "), Just("日本語テキスト"),
             ], 0..24)
         ) {
             let text: String = parts.concat();
