@@ -24,6 +24,8 @@ pub enum Fault {
 struct Shared {
     mode: AtomicU8,
     delay_us: AtomicU64,
+    /// New connections wait this long before the proxy connects them on (0: at once).
+    hold_new_us: AtomicU64,
     stop: AtomicBool,
     conns: Mutex<Vec<TcpStream>>,
     /// A one-shot cut armed by [`FaultProxy::cut_on`]: (pattern, forward it).
@@ -49,6 +51,7 @@ impl FaultProxy {
         let shared = Arc::new(Shared {
             mode: AtomicU8::new(PASS),
             delay_us: AtomicU64::new(0),
+            hold_new_us: AtomicU64::new(0),
             stop: AtomicBool::new(false),
             conns: Mutex::new(Vec::new()),
             cut: Mutex::new(None),
@@ -91,6 +94,15 @@ impl FaultProxy {
         if let Ok(mut c) = self.shared.cut.lock() {
             *c = Some((pattern.to_vec(), forward));
         }
+    }
+
+    /// Connections accepted from now on wait `d` before the proxy connects them to the target
+    /// (a connection already open is not affected): a cancel request, which travels on a new
+    /// connection, reaches the server late. `Duration::ZERO` ends it.
+    pub fn hold_new_connections(&self, d: Duration) {
+        self.shared
+            .hold_new_us
+            .store(d.as_micros() as u64, Ordering::SeqCst);
     }
 
     /// True while an armed cut has not happened yet.
@@ -139,6 +151,10 @@ fn connect_pair(client: TcpStream, target: SocketAddr, sh: Arc<Shared>) {
     // A blackholed node does not answer new connections either.
     while sh.mode.load(Ordering::SeqCst) == BLACKHOLE && !sh.stop.load(Ordering::SeqCst) {
         thread::sleep(Duration::from_millis(10));
+    }
+    let hold = sh.hold_new_us.load(Ordering::SeqCst);
+    if hold > 0 {
+        thread::sleep(Duration::from_micros(hold));
     }
     let Ok(server) = TcpStream::connect(target) else {
         return;

@@ -27,9 +27,76 @@ pub struct CancelTarget {
     pub secret: i32,
 }
 
+/// A client's cancel slot: the server statement it runs now, and the cancel requests for it
+/// that are on their way to the server.
+///
+/// A cancel travels on a connection of its own and may reach the server after the statement
+/// ended. PostgreSQL ignores a cancel that finds its backend idle, but if the server
+/// connection had gone back to the pool and another client's statement started on it, that
+/// statement would be canceled. So a unit that ends while a cancel for it is still on its way
+/// ([`CancelSlot::clear`] says so) keeps its server connection from any other client: the
+/// session closes it at release.
+#[derive(Debug, Default)]
+pub struct CancelSlot {
+    target: Option<CancelTarget>,
+    /// Counts [`CancelSlot::set`]s: a cancel that ends after its unit is not counted against
+    /// a later one.
+    unit: u64,
+    /// Cancels forwarded for the current `target` whose delivery is not confirmed yet.
+    in_flight: u32,
+}
+
+impl CancelSlot {
+    /// A unit starts on `t`.
+    pub fn set(&mut self, t: CancelTarget) {
+        self.target = Some(t);
+        self.unit = self.unit.wrapping_add(1);
+        self.in_flight = 0;
+    }
+
+    /// The unit ended: whether a cancel forwarded for it may still reach its server connection
+    /// (which then must not serve another client).
+    pub fn clear(&mut self) -> bool {
+        self.target = None;
+        std::mem::take(&mut self.in_flight) > 0
+    }
+
+    /// A cancel for the current statement, if one runs: counted in flight until
+    /// [`CancelSlot::delivered`].
+    fn start_cancel(&mut self) -> Option<(CancelTarget, u64)> {
+        let t = self.target.clone()?;
+        self.in_flight += 1;
+        Some((t, self.unit))
+    }
+
+    /// The server has the cancel started in `unit` (or it was never sent).
+    fn delivered(&mut self, unit: u64) {
+        if self.unit == unit && self.target.is_some() {
+            self.in_flight = self.in_flight.saturating_sub(1);
+        }
+    }
+}
+
+/// Forwards a cancel for the statement in `slot`, if any, and waits until the server has it.
+async fn forward_cancel(slot: &Mutex<CancelSlot>) {
+    let Some((t, unit)) = slot.lock().start_cancel() else {
+        return;
+    };
+    match crate::server::cancel(&t.node, t.pid, t.secret).await {
+        // Not confirmed in time: it may still arrive, so it stays counted and the unit's
+        // connection is not reused.
+        Ok(false) => {}
+        Ok(true) => slot.lock().delivered(unit),
+        Err(e) => {
+            tracing::warn!(error = %e, "forwarding cancel request failed");
+            slot.lock().delivered(unit);
+        }
+    }
+}
+
 pub struct ClientEntry {
     pub secret: i32,
-    pub slot: Arc<Mutex<Option<CancelTarget>>>,
+    pub slot: Arc<Mutex<CancelSlot>>,
     pub info: Arc<Mutex<ClientInfo>>,
     /// Raised to end the session (`pg_terminate_backend` on its pid) or at shutdown.
     pub signal: Arc<ClientSignal>,
@@ -350,7 +417,7 @@ impl App {
     /// Registers a client for cancel requests and signals; returns its (pid, secret).
     pub fn register_client(
         &self,
-        slot: Arc<Mutex<Option<CancelTarget>>>,
+        slot: Arc<Mutex<CancelSlot>>,
         info: Arc<Mutex<ClientInfo>>,
         signal: Arc<ClientSignal>,
     ) -> (i32, i32) {
@@ -412,15 +479,12 @@ impl App {
             if !caller_is_admin && e.info.lock().user != caller {
                 return Signalled::Denied;
             }
-            let slot = e.slot.lock().clone();
-            (e.signal.clone(), slot)
+            (e.signal.clone(), e.slot.clone())
         };
         if terminate {
             kill.raise(ClientSignal::KILL);
-        } else if let Some(t) = slot {
-            if let Err(e) = crate::server::cancel(&t.node, t.pid, t.secret).await {
-                tracing::warn!(error = %e, "forwarding cancel failed");
-            }
+        } else {
+            forward_cancel(&slot).await;
         }
         Signalled::Done
     }
@@ -465,18 +529,14 @@ impl App {
 
     /// Forwards a CancelRequest to the server connection serving that client now, if any.
     pub async fn cancel(&self, pid: i32, secret: i32) {
-        let target = {
+        let slot = {
             let clients = self.clients.lock();
             match clients.get(&pid) {
-                Some(e) if e.secret == secret => e.slot.lock().clone(),
-                _ => None,
+                Some(e) if e.secret == secret => e.slot.clone(),
+                _ => return,
             }
         };
-        if let Some(t) = target {
-            if let Err(e) = crate::server::cancel(&t.node, t.pid, t.secret).await {
-                tracing::warn!(error = %e, "forwarding cancel request failed");
-            }
-        }
+        forward_cancel(&slot).await;
     }
 }
 
@@ -531,4 +591,57 @@ pub fn set_config_path(p: std::path::PathBuf) {
 
 pub fn config_path() -> Option<std::path::PathBuf> {
     CONFIG_PATH.get().cloned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target() -> CancelTarget {
+        let cfg = crate::config::Config::parse(
+            "[[nodes]]\nname = \"p\"\nhost = \"127.0.0.1\"\nport = 5432\n",
+        )
+        .expect("config");
+        CancelTarget {
+            node: Arc::new(crate::server_tls::NodeTls::build(&cfg, &cfg.nodes[0]).expect("tls")),
+            pid: 1,
+            secret: 2,
+        }
+    }
+
+    #[test]
+    fn a_cancel_still_on_its_way_when_the_unit_ends_is_reported_once() {
+        let mut s = CancelSlot::default();
+        // No statement: nothing to cancel.
+        assert!(s.start_cancel().is_none());
+        assert!(!s.clear());
+        // Delivered while the unit ran: the unit ends clean.
+        s.set(target());
+        let (_, unit) = s.start_cancel().expect("a statement runs");
+        s.delivered(unit);
+        assert!(!s.clear());
+        // Still on its way at the end: reported, and only for that unit.
+        s.set(target());
+        let (_, unit) = s.start_cancel().expect("a statement runs");
+        assert!(s.clear());
+        s.delivered(unit);
+        s.set(target());
+        assert!(
+            !s.clear(),
+            "a cancel of the unit before counted against this one"
+        );
+        // Two on their way, one confirmed: still reported.
+        s.set(target());
+        let (_, u1) = s.start_cancel().expect("runs");
+        let (_, _u2) = s.start_cancel().expect("runs");
+        s.delivered(u1);
+        assert!(s.clear());
+        // A confirmation from an earlier unit does not hide this unit's cancel.
+        s.set(target());
+        let (_, u3) = s.start_cancel().expect("runs");
+        s.set(target());
+        let (_, _u4) = s.start_cancel().expect("runs");
+        s.delivered(u3);
+        assert!(s.clear());
+    }
 }

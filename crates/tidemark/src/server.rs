@@ -487,12 +487,18 @@ pub fn server_error(f: &Frame) -> ServerError {
 /// Sends a CancelRequest for a backend, over a new connection that negotiates TLS as the
 /// node's `server_tls.sslmode` says (PostgreSQL accepts a cancel either way: pg_hba does not
 /// apply to it, but `require` means nothing goes over the network in clear).
-pub async fn cancel(node: &NodeTls, pid: i32, secret: i32) -> Result<(), ServerError> {
+///
+/// `Ok(true)` once the server has closed the cancel's connection (it has signalled the backend
+/// by then), `Ok(false)` when it did not within 2 s (the cancel may still arrive).
+pub async fn cancel(node: &NodeTls, pid: i32, secret: i32) -> Result<bool, ServerError> {
     let mut s = node.open().await?;
     let mut b = BytesMut::new();
     pgfe::cancel_request(pid, secret, &mut b);
     s.write_all(&b).await?;
     let mut sink = [0u8; 1];
-    let _ = tokio::time::timeout(Duration::from_secs(2), s.read(&mut sink)).await;
-    Ok(())
+    Ok(
+        tokio::time::timeout(Duration::from_secs(2), s.read(&mut sink))
+            .await
+            .is_ok(),
+    )
 }

@@ -665,3 +665,71 @@ async fn a_pooled_connection_ended_while_idle_is_not_handed_out() {
         assert_eq!(next, 0, "round {round}: the ended connections are gone");
     }
 }
+
+/// A client cancels its statement just as the statement ends. The cancel travels on a new
+/// connection to the server (here held back 700 ms on the way, as a busy network or server
+/// would); meanwhile the server connection the statement ran on goes back to the pool, and
+/// the next client's statement starts on it. Directly, a late cancel can only ever hit the
+/// canceling client's own next statement: through tidemark it must not cancel another
+/// client's (57014 "canceling statement due to user request" for a statement nobody
+/// canceled).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_cancel_never_reaches_the_next_clients_statement() {
+    let cluster = start_cluster(ClusterConfig {
+        replicas: vec![tidemark_cluster::ReplicaConfig::default()],
+        ..Default::default()
+    })
+    .await;
+    let fault =
+        FaultProxy::start(format!("127.0.0.1:{}", cluster.port(0)).parse().unwrap()).unwrap();
+    // One server connection to the primary: the next client's statement runs on the same
+    // one unless tidemark keeps it from being reused.
+    let proxy = proxy_for(&cluster, |c| {
+        c.nodes[0].port = fault.port();
+        c.pool.max_size = 1;
+    })
+    .await;
+    let dsn = proxy_dsn_of(&proxy, "postgres");
+    let a = std::sync::Arc::new(connect(&dsn).await);
+    let b = connect(&dsn).await;
+    for round in 0..3 {
+        // The pooled connection is open before new connections are held.
+        assert_eq!(
+            one(&a, "/* tidemark: primary */ select 'warm'")
+                .await
+                .as_deref(),
+            Some("warm")
+        );
+        fault.hold_new_connections(Duration::from_millis(700));
+        let token = a.cancel_token();
+        let a_run = {
+            let a = a.clone();
+            tokio::spawn(async move {
+                a.simple_query("/* tidemark: primary */ select pg_sleep(0.3)")
+                    .await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let cancel = tokio::spawn(async move { token.cancel_query(tokio_postgres::NoTls).await });
+        // A's statement ends before its cancel arrives: A got what it asked for.
+        a_run
+            .await
+            .unwrap()
+            .unwrap_or_else(|e| panic!("round {round}: the cancel arrived early: {e}"));
+        // B's statement runs while A's cancel is still on its way to the server.
+        let b_run = b
+            .simple_query("/* tidemark: primary */ select pg_sleep(1), 'B'")
+            .await;
+        let _ = cancel.await;
+        fault.hold_new_connections(Duration::ZERO);
+        match b_run {
+            Ok(m) => assert_eq!(rows(&m)[0][1].as_deref(), Some("B"), "round {round}"),
+            Err(e) => {
+                panic!(
+                    "round {round}: client B's statement failed ({:?}) after client A's late cancel: {e}",
+                    e.code().map(|c| c.code())
+                )
+            }
+        }
+    }
+}

@@ -27,10 +27,11 @@ pub(super) async fn recover_abandoned(conn: &mut crate::server::ServerConn) -> b
     }
     if conn.proto.owed() > 0 {
         let ep = conn.endpoint.clone();
-        if crate::server::cancel(&ep, conn.backend_pid, conn.backend_secret)
-            .await
-            .is_err()
-        {
+        // Not confirmed: the cancel may still arrive, and hit the connection's next client.
+        if !matches!(
+            crate::server::cancel(&ep, conn.backend_pid, conn.backend_secret).await,
+            Ok(true)
+        ) {
             return false;
         }
         while conn.proto.owed() > 0 {

@@ -166,7 +166,8 @@ impl Session {
         self.unit_open = false;
         self.copy_in = false;
         self.server_skipping = false;
-        *self.cancel_slot.lock() = None;
+        // The connection is dropped above: a cancel still on its way finds no backend.
+        self.cancel_slot.lock().clear();
         let name = node.map(|n| self.app.node_name(n)).unwrap_or_default();
         let was_in_tx = self.tx_status != TxStatus::Idle;
         self.tx_status = TxStatus::Idle;

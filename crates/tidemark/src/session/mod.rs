@@ -37,7 +37,7 @@ use tidemark_wire::backend::{self as be, BackendMessage, ErrorFields};
 use tidemark_wire::frontend::{self as fe, ClientMessage, FrontendMessage, Target};
 use tidemark_wire::{Frame, StartupParams, TxStatus};
 
-use crate::app::{App, CancelTarget, ClientInfo, ClientSignal};
+use crate::app::{App, CancelSlot, CancelTarget, ClientInfo, ClientSignal};
 use crate::client::{ClientError, ClientIo};
 use crate::config::{Balance, PoolMode};
 use crate::pool::{Checked, PoolError};
@@ -132,7 +132,7 @@ pub struct Session {
     database: String,
     pid: i32,
     secret: i32,
-    cancel_slot: Arc<Mutex<Option<CancelTarget>>>,
+    cancel_slot: Arc<Mutex<CancelSlot>>,
     info: Arc<Mutex<ClientInfo>>,
     /// `pg_terminate_backend` on this client's pid, and shutdown.
     signal: Arc<ClientSignal>,
@@ -238,7 +238,7 @@ impl Session {
         let tx_mode = cfg.default_transactions(&user);
         let pinned = cfg.pool.mode == PoolMode::Session;
         drop(cfg);
-        let cancel_slot = Arc::new(Mutex::new(None));
+        let cancel_slot = Arc::new(Mutex::new(CancelSlot::default()));
         let info = Arc::new(Mutex::new(ClientInfo {
             user: user.clone(),
             database: database.clone(),

@@ -706,7 +706,7 @@ impl Session {
             )
             .map_err(|e| RelayError::Client(e.into()))?,
         };
-        *self.cancel_slot.lock() = Some(CancelTarget {
+        self.cancel_slot.lock().set(CancelTarget {
             node: conn.endpoint.clone(),
             pid: conn.backend_pid,
             secret: conn.backend_secret,
@@ -793,7 +793,13 @@ impl Session {
         .await;
         give_spare(&EXP_SPARES, exp);
         give_spare(&OUT_SPARES, out);
-        *self.cancel_slot.lock() = None;
+        if self.cancel_slot.lock().clear() {
+            // A cancel for this unit is still on its way to the server: it could cancel
+            // whatever the connection runs next, so no other client gets it.
+            if let Some(a) = self.attached.as_mut() {
+                a.conn.conn.broken = true;
+            }
+        }
         self.info.lock().state = "idle";
         if let Ok(RelayOutcome::RetryOnPrimary(_)) = &r {
             // Drop the replica connection (it may be mid-response) and retry.
