@@ -329,3 +329,39 @@ async fn a_clients_search_path_cannot_stand_in_for_tidemarks_position_reads() {
     }
     exec(&replica, "SELECT pg_wal_replay_resume()").await;
 }
+
+/// A role that may not call the commit-position function (a cluster that revoked it from
+/// PUBLIC): every write's position read fails, pipelined and again on its own, and still no
+/// read-back is stale and the client sees none of those errors.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_role_that_cannot_read_the_commit_position_still_reads_its_writes() {
+    let env = start(&[None], |c| trust_user(c, "lim")).await;
+    let admin = env.node(0).await;
+    exec(
+        &admin,
+        "CREATE ROLE lim LOGIN PASSWORD 'pw'; \
+         CREATE TABLE rp (id int PRIMARY KEY, v text); GRANT SELECT, INSERT ON rp TO lim; \
+         REVOKE EXECUTE ON FUNCTION pg_current_wal_insert_lsn() FROM PUBLIC",
+    )
+    .await;
+    tokio::task::block_in_place(|| wait_all_replayed(&env.cluster));
+    // Replay paused: a read-back sent to the replica would miss its write.
+    let replica = connect(&env.cluster.dsn(1)).await;
+    exec(&replica, "SELECT pg_wal_replay_pause()").await;
+    let c = connect(&proxy_dsn_of(&env.proxy, "lim")).await;
+    let mut on_replica = 0;
+    for i in 0..30 {
+        exec(&c, &format!("INSERT INTO rp VALUES ({i}, 'x')")).await;
+        let r = rows(
+            &c.simple_query(&format!(
+                "SELECT count(*), pg_is_in_recovery() FROM rp WHERE id = {i}"
+            ))
+            .await
+            .expect("read-back"),
+        );
+        assert_eq!(r[0][0].as_deref(), Some("1"), "read-back of write {i}");
+        on_replica += usize::from(r[0][1].as_deref() == Some("t"));
+    }
+    println!("position unreadable: {on_replica} of 30 read-backs on the replica, none stale");
+    exec(&replica, "SELECT pg_wal_replay_resume()").await;
+}
