@@ -223,6 +223,24 @@ impl ErrorFields {
     }
 }
 
+/// The field `kind` of an ErrorResponse or NoticeResponse (`R`: the server routine that
+/// raised it, which unlike the message is never translated); `None` if absent or malformed.
+pub fn error_field(frame: &Frame, kind: u8) -> Option<&str> {
+    let tag = frame.tag();
+    let mut b = frame.body();
+    loop {
+        let (&k, rest) = b.split_first()?;
+        b = rest;
+        if k == 0 {
+            return None;
+        }
+        let v = read_cstr(&mut b, tag).ok()?;
+        if k == kind {
+            return Some(v);
+        }
+    }
+}
+
 pub fn ready_for_query(status: u8) -> Frame {
     Frame::new(b'Z', &[status])
 }
@@ -408,6 +426,23 @@ pub fn bool_data_row(v: bool, format: i16) -> Frame {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_error_field_is_found_by_its_kind() {
+        let f = Frame::new(
+            b'E',
+            b"SERROR\0C0A000\0Mcached plan must not change result type\0RRevalidateCachedQuery\0\0",
+        );
+        assert_eq!(error_field(&f, b'R'), Some("RevalidateCachedQuery"));
+        assert_eq!(error_field(&f, b'C'), Some("0A000"));
+        assert_eq!(error_field(&f, b'D'), None);
+        // Cut short or unterminated: nothing, never a panic.
+        assert_eq!(
+            error_field(&Frame::new(b'E', b"SERROR\0RRevalid"), b'R'),
+            None
+        );
+        assert_eq!(error_field(&Frame::new(b'E', b""), b'R'), None);
+    }
 
     #[test]
     fn error_round_trip() {

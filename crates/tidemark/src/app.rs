@@ -181,6 +181,10 @@ pub struct App {
     /// Replica positions checked in the same round trip as the read they gate: [caught up,
     /// behind] (also `tidemark_replica_checks_total`).
     pub replica_checks: [std::sync::atomic::AtomicU64; 2],
+    /// Shared statement names whose server copies went stale (see `retire_shared_name`): the
+    /// hash of the text, types and settings, and how many times its name was retired.
+    retired_names: Mutex<HashMap<u64, u32>>,
+    any_retired: std::sync::atomic::AtomicBool,
     pub keys: Arc<dyn KeyStore>,
     /// The highest commit position acknowledged to any client: `causal` reads depend on it.
     pub causal: tidemark_core::CausalFloor,
@@ -254,6 +258,8 @@ impl App {
             classifier,
             transactions: Default::default(),
             replica_checks: Default::default(),
+            retired_names: Mutex::new(HashMap::new()),
+            any_retired: Default::default(),
             keys,
             causal: tidemark_core::CausalFloor::new(),
             shared,
@@ -412,6 +418,54 @@ impl App {
             .get(node)
             .map(|n| n.name.clone())
             .unwrap_or_else(|| format!("node{node}"))
+    }
+
+    /// The name server connections know a client statement by: `tm_` and the hash of its
+    /// text, parameter types and session settings, shared by every client with the same ones;
+    /// with a suffix once that name was retired (the copies under it went stale).
+    pub fn shared_name(&self, hash: u64) -> String {
+        let epoch = if self.any_retired.load(Ordering::Relaxed) {
+            self.retired_names.lock().get(&hash).copied().unwrap_or(0)
+        } else {
+            0
+        };
+        match epoch {
+            0 => format!("tm_{hash:016x}"),
+            e => format!("tm_{hash:016x}_{e}"),
+        }
+    }
+
+    /// A server answered a statement under `name` with 0A000 "cached plan must not change
+    /// result type": its result shape changed since that server's copy was prepared, and every
+    /// copy prepared before the change is stale. Statements prepared from now on get a new
+    /// name (a fresh copy on each connection); clients holding the old name keep getting the
+    /// 0A000 they would get directly, until they prepare again. Retiring a name that was
+    /// already retired since does nothing. At most 65,536 texts are remembered.
+    pub fn retire_shared_name(&self, name: &str) {
+        let Some(rest) = name.strip_prefix("tm_") else {
+            return;
+        };
+        let (hex, epoch) = match rest.split_once('_') {
+            Some((h, e)) => (h, e.parse::<u32>().unwrap_or(0)),
+            None => (rest, 0),
+        };
+        let Ok(hash) = u64::from_str_radix(hex, 16) else {
+            return;
+        };
+        let mut m = self.retired_names.lock();
+        if m.len() >= 65_536 && !m.contains_key(&hash) {
+            tracing::warn!(
+                statement = name,
+                "too many retired statement names to remember one more"
+            );
+            return;
+        }
+        let e = m.entry(hash).or_insert(0);
+        if *e == epoch {
+            *e = epoch.saturating_add(1);
+            tracing::info!(statement = name, "a prepared statement's result shape changed on the server: statements prepared from now on get fresh server copies");
+        }
+        self.any_retired.store(true, Ordering::Relaxed);
     }
 
     /// Registers a client for cancel requests and signals; returns its (pid, secret).
@@ -607,6 +661,36 @@ mod tests {
             pid: 1,
             secret: 2,
         }
+    }
+
+    #[test]
+    fn a_retired_shared_name_is_replaced_once_per_retirement() {
+        let app = App::new(
+            crate::config::Config::parse(
+                "[[nodes]]\nname = \"p\"\nhost = \"127.0.0.1\"\nport = 5432\n",
+            )
+            .expect("config"),
+        )
+        .expect("app");
+        let n0 = app.shared_name(0xabc);
+        assert_eq!(n0, "tm_0000000000000abc");
+        assert_eq!(app.shared_name(0xdef), "tm_0000000000000def");
+        app.retire_shared_name(&n0);
+        let n1 = app.shared_name(0xabc);
+        assert_eq!(n1, "tm_0000000000000abc_1");
+        // Other texts keep their names.
+        assert_eq!(app.shared_name(0xdef), "tm_0000000000000def");
+        // Failures of copies under the old name (other connections, other clients) do not
+        // retire the new one.
+        app.retire_shared_name(&n0);
+        assert_eq!(app.shared_name(0xabc), n1);
+        app.retire_shared_name(&n1);
+        assert_eq!(app.shared_name(0xabc), "tm_0000000000000abc_2");
+        // Names that are not shared statement names are ignored.
+        for other in ["tm_capture", "s0", "tm_", "tm_zz", ""] {
+            app.retire_shared_name(other);
+        }
+        assert_eq!(app.shared_name(0xdef), "tm_0000000000000def");
     }
 
     #[test]

@@ -94,6 +94,10 @@ pub struct ServerConn {
     pub last_used: crate::clock::Coarse,
     /// Set when the connection must not go back to a pool.
     pub broken: bool,
+    /// The server refused a statement of the last unit because its plan's result shape
+    /// changed (0A000 from `RevalidateCachedQuery`): the session retires the unit's shared
+    /// statement names (see `App::retire_shared_name`).
+    pub stale_plan_seen: bool,
     /// What the server owes and whether it is idle, from every frame sent and received: a
     /// connection goes back to a pool only when this says idle (see `Pool::put_back`).
     pub proto: tidemark_wire::ServerState,
@@ -125,6 +129,7 @@ impl ServerConn {
             created: now,
             last_used: now,
             broken: false,
+            stale_plan_seen: false,
             proto: tidemark_wire::ServerState::default(),
         };
         let mut buf = BytesMut::new();

@@ -371,6 +371,11 @@ impl Relay<'_> {
                     };
                     return Ok(RelayOutcome::RetryOnPrimary(format!("{code} {}", f.message)));
                 }
+                if f.code == "0A000"
+                    && be::error_field(&frame, b'R') == Some("RevalidateCachedQuery")
+                {
+                    conn.stale_plan_seen = true;
+                }
                 if !behind {
                     crate::metrics::error(&f.code);
                 }
@@ -793,6 +798,14 @@ impl Session {
         .await;
         give_spare(&EXP_SPARES, exp);
         give_spare(&OUT_SPARES, out);
+        if let Some(a) = self
+            .attached
+            .as_mut()
+            .filter(|a| a.conn.conn.stale_plan_seen)
+        {
+            a.conn.conn.stale_plan_seen = false;
+            cold_retire_stale_names(&self.app, &self.statements, unit);
+        }
         if self.cancel_slot.lock().clear() {
             // A cancel for this unit is still on its way to the server: it could cancel
             // whatever the connection runs next, so no other client gets it.
@@ -822,4 +835,27 @@ thread_local! {
 /// have): undefined table, column, function, object (type, ...), schema.
 pub(super) fn not_replayed_yet(code: &str) -> bool {
     matches!(code, "42P01" | "42703" | "42883" | "42704" | "3F000")
+}
+
+/// A statement of `unit` was refused because its result shape changed since the server copy
+/// was prepared (a column added, dropped or retyped). The copies stay where they are: a
+/// client that prepared the statement before the change gets the same 0A000 from them, as it
+/// would directly. Statements prepared from now on get new shared names, so a client that
+/// prepares again (as drivers do after this error) gets a fresh copy instead of the stale
+/// one again on every connection that holds it.
+#[cold]
+fn cold_retire_stale_names(app: &App, statements: &Statements, unit: &Unit) {
+    for m in &unit.msgs {
+        let name = match &m.msg {
+            FrontendMessage::Bind { statement, .. } => statement,
+            FrontendMessage::Describe {
+                target: Target::Statement,
+                name,
+            } => name,
+            _ => continue,
+        };
+        if let Some(stmt) = statements.get(&**name).filter(|_| !name.is_empty()) {
+            app.retire_shared_name(&stmt.global);
+        }
+    }
 }

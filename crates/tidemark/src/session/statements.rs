@@ -192,7 +192,8 @@ impl Session {
                         None => classify(&self.app, query).await,
                     };
                     let global =
-                        format!("tm_{:016x}", hash_of(&(query, param_types, self.state_key)));
+                        self.app
+                            .shared_name(hash_of(&(query, param_types, self.state_key)));
                     parts.push(analysis.clone());
                     if !name.is_empty() {
                         new_named += 1;
@@ -260,7 +261,8 @@ impl Session {
                         .map_err(|e| ErrorFields::error("08P01", e.to_string()))?;
                     let analysis = opaque_analysis();
                     let global =
-                        format!("tm_{:016x}", hash_of(&(bytes, param_types, self.state_key)));
+                        self.app
+                            .shared_name(hash_of(&(bytes, param_types, self.state_key)));
                     parts.push(analysis.clone());
                     if !name.is_empty() {
                         new_named += 1;
