@@ -241,6 +241,33 @@ pub fn error_field(frame: &Frame, kind: u8) -> Option<&str> {
     }
 }
 
+/// A statement's result shape as a server described it: a RowDescription's column count and
+/// each column's name, type and type modifier (what PostgreSQL compares before it refuses a
+/// prepared statement with "cached plan must not change result type"), hashed; NoData (no
+/// result) has a shape of its own. `None` for other messages or a malformed description.
+pub fn row_shape(frame: &Frame) -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    match frame.tag() {
+        b'n' => return Some(0x6e),
+        b'T' => {}
+        _ => return None,
+    }
+    let mut b = frame.body();
+    let n = read_i16(&mut b, b'T').ok()?;
+    n.hash(&mut h);
+    for _ in 0..n {
+        read_cstr(&mut b, b'T').ok()?.hash(&mut h);
+        let _table = read_i32(&mut b, b'T').ok()?;
+        let _column = read_i16(&mut b, b'T').ok()?;
+        read_i32(&mut b, b'T').ok()?.hash(&mut h);
+        let _len = read_i16(&mut b, b'T').ok()?;
+        read_i32(&mut b, b'T').ok()?.hash(&mut h);
+        let _format = read_i16(&mut b, b'T').ok()?;
+    }
+    Some(h.finish())
+}
+
 pub fn ready_for_query(status: u8) -> Frame {
     Frame::new(b'Z', &[status])
 }
@@ -426,6 +453,44 @@ pub fn bool_data_row(v: bool, format: i16) -> Frame {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_row_shape_is_its_columns_names_types_and_modifiers() {
+        fn desc(cols: &[(&str, i32, i32, i16)]) -> Frame {
+            let mut b = Vec::new();
+            b.extend_from_slice(&(cols.len() as i16).to_be_bytes());
+            for (name, ty, typmod, format) in cols {
+                b.extend_from_slice(name.as_bytes());
+                b.push(0);
+                b.extend_from_slice(&16384i32.to_be_bytes());
+                b.extend_from_slice(&1i16.to_be_bytes());
+                b.extend_from_slice(&ty.to_be_bytes());
+                b.extend_from_slice(&4i16.to_be_bytes());
+                b.extend_from_slice(&typmod.to_be_bytes());
+                b.extend_from_slice(&format.to_be_bytes());
+            }
+            Frame::new(b'T', &b)
+        }
+        let base = row_shape(&desc(&[("id", 23, -1, 0), ("b", 23, -1, 0)]));
+        assert!(base.is_some());
+        // The result format is the portal's, not the statement's shape.
+        assert_eq!(
+            base,
+            row_shape(&desc(&[("id", 23, -1, 1), ("b", 23, -1, 0)]))
+        );
+        for other in [
+            desc(&[("id", 23, -1, 0)]),
+            desc(&[("id", 23, -1, 0), ("b", 20, -1, 0)]),
+            desc(&[("id", 23, -1, 0), ("c", 23, -1, 0)]),
+            desc(&[("id", 23, -1, 0), ("b", 23, 14, 0)]),
+            Frame::new(b'n', b""),
+        ] {
+            assert_ne!(row_shape(&other), base);
+        }
+        assert_eq!(row_shape(&Frame::new(b'n', b"")), Some(0x6e));
+        assert_eq!(row_shape(&Frame::new(b'T', b"\x00\x02id\x00")), None);
+        assert_eq!(row_shape(&Frame::new(b'1', b"")), None);
+    }
 
     #[test]
     fn an_error_field_is_found_by_its_kind() {

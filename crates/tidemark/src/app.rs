@@ -185,6 +185,9 @@ pub struct App {
     /// hash of the text, types and settings, and how many times its name was retired.
     retired_names: Mutex<HashMap<u64, u32>>,
     any_retired: std::sync::atomic::AtomicBool,
+    /// The result shape (`tidemark_wire::backend::row_shape`) clients were first given for
+    /// each shared statement name: a copy prepared later must have it (see `shape_of`).
+    shapes: Mutex<HashMap<String, u64>>,
     pub keys: Arc<dyn KeyStore>,
     /// The highest commit position acknowledged to any client: `causal` reads depend on it.
     pub causal: tidemark_core::CausalFloor,
@@ -260,6 +263,7 @@ impl App {
             replica_checks: Default::default(),
             retired_names: Mutex::new(HashMap::new()),
             any_retired: Default::default(),
+            shapes: Mutex::new(HashMap::new()),
             keys,
             causal: tidemark_core::CausalFloor::new(),
             shared,
@@ -466,6 +470,31 @@ impl App {
             tracing::info!(statement = name, "a prepared statement's result shape changed on the server: statements prepared from now on get fresh server copies");
         }
         self.any_retired.store(true, Ordering::Relaxed);
+    }
+
+    /// A server described the statement under shared name `name` to a client with result
+    /// shape `shape`. The first shape is kept: clients decode rows with it, and a copy of the
+    /// statement prepared later on another connection must have it. A different shape means
+    /// the statement's tables changed since: the name is retired, so statements prepared from
+    /// now on get fresh copies. At most 65,536 names are remembered.
+    pub fn note_described_shape(&self, name: &str, shape: u64) {
+        let mut m = self.shapes.lock();
+        match m.get(name) {
+            Some(&known) if known != shape => {
+                drop(m);
+                self.retire_shared_name(name);
+            }
+            Some(_) => {}
+            None if m.len() < 65_536 => {
+                m.insert(name.to_string(), shape);
+            }
+            None => {}
+        }
+    }
+
+    /// The result shape clients were given for shared statement name `name`, if known.
+    pub fn shape_of(&self, name: &str) -> Option<u64> {
+        self.shapes.lock().get(name).copied()
     }
 
     /// Registers a client for cancel requests and signals; returns its (pid, secret).

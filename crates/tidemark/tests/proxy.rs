@@ -1189,3 +1189,51 @@ async fn after_a_column_change_preparing_again_gets_a_fresh_statement() {
     let e = before.query(&old, &[&1i32]).await.unwrap_err();
     assert_eq!(e.code().map(|c| c.code()), Some("0A000"), "{e}");
 }
+
+/// A statement prepared before a table's columns change: directly, its next execution fails
+/// with 0A000 "cached plan must not change result type" (PostgreSQL never returns rows in a
+/// shape other than the one the statement was described with). Through tidemark the
+/// statement may next run on a server connection that has not prepared it yet, where
+/// tidemark prepares it anew, after the change: that must fail the same way, not return rows
+/// of the new shape to a client decoding the old one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_prepared_before_a_column_change_fails_as_directly() {
+    let env = start(&[None], |_| {}).await;
+    let admin = env.node(0).await;
+    exec(
+        &admin,
+        "CREATE TABLE shape (id int PRIMARY KEY, a text, b int); \
+         INSERT INTO shape VALUES (1, 'x', 7)",
+    )
+    .await;
+    tokio::task::block_in_place(|| wait_all_replayed(&env.cluster));
+    wait_view_caught_up(&env.proxy).await;
+    let sql = "SELECT * FROM shape WHERE id = $1";
+    // Directly on the primary: prepared, columns changed, executed.
+    let direct = env.node(0).await;
+    let d = direct.prepare(sql).await.unwrap();
+    // Through tidemark: prepared and run (a read: on the replica).
+    let c = env.client().await;
+    let st = c.prepare(sql).await.unwrap();
+    let r = c.query_one(&st, &[&1i32]).await.unwrap();
+    assert_eq!(r.get::<_, i32>(2), 7);
+    exec(&admin, "ALTER TABLE shape DROP COLUMN a").await;
+    tokio::task::block_in_place(|| wait_all_replayed(&env.cluster));
+    let e = direct.query(&d, &[&1i32]).await.unwrap_err();
+    assert_eq!(e.code().map(|c| c.code()), Some("0A000"), "directly: {e}");
+    // Now run where the statement was never prepared: on the primary.
+    exec(&c, "SET tidemark.consistency = 'strong'").await;
+    match c.query(&st, &[&1i32]).await {
+        Err(e) => assert_eq!(e.code().map(|c| c.code()), Some("0A000"), "{e}"),
+        Ok(rows) => panic!(
+            "rows of the new shape returned to a statement described with the old one: {} columns, statement has {}",
+            rows.first().map_or(0, |r| r.len()),
+            st.columns().len()
+        ),
+    }
+    // Prepared again (as a driver does after this error), it runs with the new shape.
+    let st = c.prepare(sql).await.unwrap();
+    let r = c.query_one(&st, &[&1i32]).await.unwrap();
+    assert_eq!(r.len(), 2);
+    assert_eq!(r.get::<_, i32>(1), 7);
+}

@@ -195,7 +195,7 @@ async fn replay_unit(
     watch: &NodeWatch<'_>,
 ) -> Result<(), String> {
     let mut last = Coarse::now();
-    let Rewritten { out, mut exp } = rewrite(
+    let Rewritten { out, mut exp, .. } = rewrite(
         &r.unit,
         &Prepared {
             statements: &r.stmts,
@@ -255,7 +255,7 @@ async fn replay_unit(
             }
             (Exp::Bind, B::BindComplete)
             | (Exp::Close, B::CloseComplete)
-            | (Exp::Describe, B::RowDescription | B::NoData)
+            | (Exp::Describe | Exp::DescribeStmt(_), B::RowDescription | B::NoData)
             | (Exp::Execute, B::CommandComplete | B::EmptyQueryResponse | B::PortalSuspended)
             | (Exp::Sync | Exp::Query | Exp::Func, B::ReadyForQuery) => true,
             (_, B::CopyInResponse) => {

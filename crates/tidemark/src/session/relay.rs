@@ -20,6 +20,9 @@ pub(super) enum Exp {
     },
     Bind,
     Describe,
+    /// A Describe of a client's named statement, by its shared name: the shape the server
+    /// gives is noted (`App::note_described_shape`).
+    DescribeStmt(String),
     Execute,
     Close,
     Sync,
@@ -417,6 +420,13 @@ impl Relay<'_> {
                 io.push(&frame);
                 pop = true;
             }
+            (Exp::DescribeStmt(g), B::RowDescription | B::NoData) => {
+                if let Some(shape) = be::row_shape(&frame) {
+                    watch.app.note_described_shape(g, shape);
+                }
+                io.push(&frame);
+                pop = true;
+            }
             (Exp::Execute, B::CommandComplete | B::EmptyQueryResponse | B::PortalSuspended) => {
                 io.push(&frame);
                 pop = true;
@@ -529,7 +539,7 @@ fn plain_step(exp: &mut VecDeque<Exp>, tag: u8) -> bool {
         (None | Some(Exp::Capture(_) | Exp::Check(_) | Exp::Synth(_)), _) => return false,
         (Some(_), b'D') => false,
         (Some(Exp::Query), b'T' | b'C' | b'I') => false,
-        (Some(Exp::Describe), b't') => false,
+        (Some(Exp::Describe | Exp::DescribeStmt(_)), b't') => false,
         (Some(Exp::Bind), b'2') | (Some(Exp::Close), b'3') => true,
         (Some(Exp::Describe), b'T' | b'n') => true,
         (Some(Exp::Execute), b'C' | b'I' | b's') => true,
@@ -691,7 +701,11 @@ impl Session {
             }
             _ => None,
         };
-        let Rewritten { mut out, mut exp } = match verbatim {
+        let Rewritten {
+            mut out,
+            mut exp,
+            prepares_copies,
+        } = match verbatim {
             Some(_) => Rewritten {
                 out: bytes::BytesMut::new(),
                 exp: {
@@ -699,6 +713,7 @@ impl Session {
                     exp.push_back(Exp::Query);
                     exp
                 },
+                prepares_copies: false,
             },
             None => rewrite(
                 unit,
@@ -711,6 +726,43 @@ impl Session {
             )
             .map_err(|e| RelayError::Client(e.into()))?,
         };
+        if prepares_copies && matches!(unit.end, UnitEnd::Sync) && conn.proto.is_idle() {
+            // Copies of client statements are prepared here for the first time: see that they
+            // have the shape the clients were given before the unit runs on them.
+            let stale = cold(prepare_copies_and_compare(
+                &self.app,
+                &self.statements,
+                unit,
+                conn,
+            ))
+            .await
+            .map_err(RelayError::Server)?;
+            give_spare(&EXP_SPARES, exp);
+            give_spare(&OUT_SPARES, out);
+            if let Some(e) = stale {
+                self.io.push(&e.to_error());
+                self.io.push(&be::ready_for_query(b'I'));
+                return Ok(RelayOutcome::Done {
+                    status: TxStatus::Idle,
+                    errored: true,
+                    captured: None,
+                    capture_lost: false,
+                });
+            }
+            // The copies are there now: rewrite for a connection that has them.
+            let r = rewrite(
+                unit,
+                &Prepared {
+                    statements: &self.statements,
+                    unnamed: self.unnamed.as_deref(),
+                    on_server: &conn.prepared,
+                },
+                skipping,
+            )
+            .map_err(|e| RelayError::Client(e.into()))?;
+            out = r.out;
+            exp = r.exp;
+        }
         self.cancel_slot.lock().set(CancelTarget {
             node: conn.endpoint.clone(),
             pid: conn.backend_pid,
@@ -858,4 +910,85 @@ fn cold_retire_stale_names(app: &App, statements: &Statements, unit: &Unit) {
             app.retire_shared_name(&stmt.global);
         }
     }
+}
+
+/// Prepares on `conn`, in a round trip of their own, the copies of the unit's client
+/// statements it lacks whose result shape clients were given (`App::shape_of`), and describes
+/// them. A copy prepared after the statement's tables changed has another shape, and running
+/// the unit on it would give the client rows it decodes with the old one; PostgreSQL refuses
+/// such a statement with 0A000 "cached plan must not change result type", and so does this
+/// (`Some`: the unit is answered with that error and not sent; the name is retired, so
+/// preparing again gets a fresh copy). The copies that were prepared are recorded on `conn`
+/// either way. Only on an idle connection (autocommit): the round trip's Sync ends nothing.
+async fn prepare_copies_and_compare(
+    app: &App,
+    statements: &Statements,
+    unit: &Unit,
+    conn: &mut crate::server::ServerConn,
+) -> Result<Option<ErrorFields>, ServerError> {
+    let mut copies: Vec<(&Stmt, u64)> = Vec::new();
+    for m in &unit.msgs {
+        let name = match &m.msg {
+            FrontendMessage::Bind { statement, .. } => statement,
+            FrontendMessage::Describe {
+                target: Target::Statement,
+                name,
+            } => name,
+            // A Parse in the unit makes the client's statement new: it is prepared as sent.
+            FrontendMessage::Parse { .. } | FrontendMessage::NonUtf8 { simple: false, .. } => {
+                return Ok(None)
+            }
+            _ => continue,
+        };
+        let Some(stmt) = statements.get(&**name).filter(|_| !name.is_empty()) else {
+            continue;
+        };
+        if conn.prepared.contains(&stmt.global)
+            || copies.iter().any(|(c, _)| c.global == stmt.global)
+        {
+            continue;
+        }
+        if let Some(shape) = app.shape_of(&stmt.global) {
+            copies.push((stmt, shape));
+        }
+    }
+    if copies.is_empty() {
+        return Ok(None);
+    }
+    let mut out = Vec::new();
+    for (stmt, _) in &copies {
+        out.extend_from_slice(stmt.parse_frame(&stmt.global).raw());
+        out.extend_from_slice(fe::describe_or_close(b'D', Target::Statement, &stmt.global).raw());
+    }
+    out.extend_from_slice(fe::sync().raw());
+    conn.send(&out).await?;
+    // Answers in order: per copy ParseComplete, ParameterDescription, RowDescription or
+    // NoData; after an error, nothing more until ReadyForQuery.
+    let mut parsed = 0;
+    let mut shapes = Vec::with_capacity(copies.len());
+    loop {
+        let f = conn.recv().await?;
+        match f.backend() {
+            BackendMessage::ParseComplete => parsed += 1,
+            BackendMessage::RowDescription | BackendMessage::NoData => {
+                shapes.push(be::row_shape(&f));
+            }
+            BackendMessage::ReadyForQuery => break,
+            _ => {}
+        }
+    }
+    for (stmt, _) in copies.iter().take(parsed) {
+        conn.prepared.insert(stmt.global.clone());
+    }
+    for ((stmt, known), now) in copies.iter().zip(&shapes) {
+        if now.is_some_and(|now| now != *known) {
+            tracing::info!(statement = %stmt.global, "a prepared statement's result shape changed since clients were given it: 0A000, as PostgreSQL answers");
+            app.retire_shared_name(&stmt.global);
+            return Ok(Some(ErrorFields::error(
+                "0A000",
+                "cached plan must not change result type",
+            )));
+        }
+    }
+    Ok(None)
 }

@@ -28,6 +28,8 @@ pub(super) struct Prepared<'a> {
 pub(super) struct Rewritten {
     pub(super) out: BytesMut,
     pub(super) exp: VecDeque<Exp>,
+    /// A client statement is prepared on the connection on the way (`ensure_prepared`).
+    pub(super) prepares_copies: bool,
 }
 
 /// Rewrites `unit` for a connection. `skipping`: after an error in an open unit the server
@@ -45,6 +47,7 @@ pub(super) fn rewrite(
     out.reserve(size + 64);
     let mut exp: VecDeque<Exp> = crate::recycled::take_spare(&super::relay::EXP_SPARES);
     exp.reserve(unit.msgs.len() + 1);
+    let mut prepares_copies = false;
     let push_exp = |e: Exp, exp: &mut VecDeque<Exp>| {
         if !skipping || matches!(e, Exp::Sync) {
             exp.push_back(e);
@@ -90,7 +93,8 @@ pub(super) fn rewrite(
                 };
                 match stmt {
                     Some(stmt) => {
-                        ensure_prepared(stmt, prepared.on_server, &mut out, &mut exp, skipping);
+                        prepares_copies |=
+                            ensure_prepared(stmt, prepared.on_server, &mut out, &mut exp, skipping);
                         fe::put_renamed_bind(&mut out, &m.frame, &stmt.global)?;
                     }
                     None => {
@@ -113,14 +117,19 @@ pub(super) fn rewrite(
             } if !name.is_empty() => {
                 match prepared.statements.get(&**name) {
                     Some(stmt) => {
-                        ensure_prepared(stmt, prepared.on_server, &mut out, &mut exp, skipping);
+                        prepares_copies |=
+                            ensure_prepared(stmt, prepared.on_server, &mut out, &mut exp, skipping);
                         out.extend_from_slice(
                             fe::describe_or_close(b'D', Target::Statement, &stmt.global).raw(),
                         );
+                        // The shape the client is given is noted (`App::note_described_shape`).
+                        push_exp(Exp::DescribeStmt(stmt.global.clone()), &mut exp);
                     }
-                    None => out.extend_from_slice(raw),
+                    None => {
+                        out.extend_from_slice(raw);
+                        push_exp(Exp::Describe, &mut exp);
+                    }
                 }
-                push_exp(Exp::Describe, &mut exp);
             }
             FrontendMessage::Close {
                 target: Target::Statement,
@@ -164,7 +173,11 @@ pub(super) fn rewrite(
             FrontendMessage::Terminate | FrontendMessage::Password => {}
         }
     }
-    Ok(Rewritten { out, exp })
+    Ok(Rewritten {
+        out,
+        exp,
+        prepares_copies,
+    })
 }
 
 /// Queues an invisible Parse of `stmt` under its shared name before a Bind or Describe of it,
@@ -175,12 +188,12 @@ fn ensure_prepared(
     out: &mut BytesMut,
     exp: &mut VecDeque<Exp>,
     skipping: bool,
-) {
+) -> bool {
     let queued = exp
         .iter()
         .any(|e| matches!(e, Exp::Parse { register: Some(g), .. } if *g == stmt.global));
     if on_server.contains(&stmt.global) || queued {
-        return;
+        return false;
     }
     out.extend_from_slice(stmt.parse_frame(&stmt.global).raw());
     // After an error the server skips to Sync: it owes nothing for this Parse.
@@ -190,6 +203,7 @@ fn ensure_prepared(
             register: Some(stmt.global.clone()),
         });
     }
+    true
 }
 
 fn unit_parses_unnamed(unit: &Unit) -> bool {
@@ -322,6 +336,8 @@ mod tests {
                 "Sync"
             ]
         );
+        // The relay then checks the copy's shape before the unit runs on it.
+        assert!(r.prepares_copies);
     }
 
     #[test]
@@ -358,6 +374,7 @@ mod tests {
             kinds(&r.exp),
             ["Synth(1)", "Bind", "Execute", "Synth(3)", "Sync"]
         );
+        assert!(!r.prepares_copies);
     }
 
     #[test]
