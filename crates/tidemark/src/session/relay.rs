@@ -729,37 +729,26 @@ impl Session {
         if prepares_copies && matches!(unit.end, UnitEnd::Sync) && conn.proto.is_idle() {
             // Copies of client statements are prepared here for the first time: see that they
             // have the shape the clients were given before the unit runs on them.
-            let stale = cold(prepare_copies_and_compare(
-                &self.app,
-                &self.statements,
-                unit,
-                conn,
-            ))
-            .await
-            .map_err(RelayError::Server)?;
             give_spare(&EXP_SPARES, exp);
             give_spare(&OUT_SPARES, out);
-            if let Some(e) = stale {
-                self.io.push(&e.to_error());
-                self.io.push(&be::ready_for_query(b'I'));
+            let checked = cold(recheck_copies(
+                &self.app,
+                &self.statements,
+                self.unnamed.as_deref(),
+                conn,
+                &mut self.io,
+                unit,
+                skipping,
+            ))
+            .await?;
+            let Some(r) = checked else {
                 return Ok(RelayOutcome::Done {
                     status: TxStatus::Idle,
                     errored: true,
                     captured: None,
                     capture_lost: false,
                 });
-            }
-            // The copies are there now: rewrite for a connection that has them.
-            let r = rewrite(
-                unit,
-                &Prepared {
-                    statements: &self.statements,
-                    unnamed: self.unnamed.as_deref(),
-                    on_server: &conn.prepared,
-                },
-                skipping,
-            )
-            .map_err(|e| RelayError::Client(e.into()))?;
+            };
             out = r.out;
             exp = r.exp;
         }
@@ -910,6 +899,39 @@ fn cold_retire_stale_names(app: &App, statements: &Statements, unit: &Unit) {
             app.retire_shared_name(&stmt.global);
         }
     }
+}
+
+/// [`prepare_copies_and_compare`], then the unit rewritten for the connection that now has
+/// the copies; `None` when a copy's shape refused the unit (its 0A000 and ReadyForQuery are
+/// queued for the client).
+async fn recheck_copies(
+    app: &App,
+    statements: &Statements,
+    unnamed: Option<&Stmt>,
+    conn: &mut crate::server::ServerConn,
+    io: &mut ClientIo,
+    unit: &Unit,
+    skipping: bool,
+) -> Result<Option<Rewritten>, RelayError> {
+    let stale = prepare_copies_and_compare(app, statements, unit, conn)
+        .await
+        .map_err(RelayError::Server)?;
+    if let Some(e) = stale {
+        io.push(&e.to_error());
+        io.push(&be::ready_for_query(b'I'));
+        return Ok(None);
+    }
+    rewrite(
+        unit,
+        &Prepared {
+            statements,
+            unnamed,
+            on_server: &conn.prepared,
+        },
+        skipping,
+    )
+    .map(Some)
+    .map_err(|e| RelayError::Client(e.into()))
 }
 
 /// Prepares on `conn`, in a round trip of their own, the copies of the unit's client
