@@ -1138,6 +1138,23 @@ async fn the_commit_position_read_is_prepared_once_and_survives_a_deallocate() {
     }
 }
 
+/// Creates `table (id int PRIMARY KEY, a text, b int)` with the row (1, 'x', 7) on the
+/// primary, waits until the replicas and tidemark's view have it; the primary's connection.
+async fn three_columns(env: &Env, table: &str) -> tokio_postgres::Client {
+    let admin = env.node(0).await;
+    exec(
+        &admin,
+        &format!(
+            "CREATE TABLE {table} (id int PRIMARY KEY, a text, b int); \
+             INSERT INTO {table} VALUES (1, 'x', 7)"
+        ),
+    )
+    .await;
+    tokio::task::block_in_place(|| wait_all_replayed(&env.cluster));
+    wait_view_caught_up(&env.proxy).await;
+    admin
+}
+
 /// A table's columns change while clients hold prepared statements on it (a migration under
 /// traffic). Directly, a statement prepared before the change fails with 0A000 "cached plan
 /// must not change result type" and one prepared after it works. Server copies of statements
@@ -1150,15 +1167,7 @@ async fn the_commit_position_read_is_prepared_once_and_survives_a_deallocate() {
 async fn after_a_column_change_preparing_again_gets_a_fresh_statement() {
     // One server connection per node: every client's statement runs on the same copy.
     let env = start(&[None], |c| c.pool.max_size = 1).await;
-    let admin = env.node(0).await;
-    exec(
-        &admin,
-        "CREATE TABLE shape2 (id int PRIMARY KEY, a text, b int); \
-         INSERT INTO shape2 VALUES (1, 'x', 7)",
-    )
-    .await;
-    tokio::task::block_in_place(|| wait_all_replayed(&env.cluster));
-    wait_view_caught_up(&env.proxy).await;
+    let admin = three_columns(&env, "shape2").await;
     let sql = "SELECT * FROM shape2 WHERE id = $1";
     let before = env.client().await;
     let old = before.prepare(sql).await.unwrap();
@@ -1199,15 +1208,7 @@ async fn after_a_column_change_preparing_again_gets_a_fresh_statement() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_statement_prepared_before_a_column_change_fails_as_directly() {
     let env = start(&[None], |_| {}).await;
-    let admin = env.node(0).await;
-    exec(
-        &admin,
-        "CREATE TABLE shape (id int PRIMARY KEY, a text, b int); \
-         INSERT INTO shape VALUES (1, 'x', 7)",
-    )
-    .await;
-    tokio::task::block_in_place(|| wait_all_replayed(&env.cluster));
-    wait_view_caught_up(&env.proxy).await;
+    let admin = three_columns(&env, "shape").await;
     let sql = "SELECT * FROM shape WHERE id = $1";
     // Directly on the primary: prepared, columns changed, executed.
     let direct = env.node(0).await;

@@ -878,6 +878,19 @@ pub(super) fn not_replayed_yet(code: &str) -> bool {
     matches!(code, "42P01" | "42703" | "42883" | "42704" | "3F000")
 }
 
+/// The named client statement a Bind or a Describe of a statement uses.
+fn used_statement(msg: &FrontendMessage) -> Option<&str> {
+    let name = match msg {
+        FrontendMessage::Bind { statement, .. } => statement,
+        FrontendMessage::Describe {
+            target: Target::Statement,
+            name,
+        } => name,
+        _ => return None,
+    };
+    Some(&**name).filter(|n| !n.is_empty())
+}
+
 /// A statement of `unit` was refused because its result shape changed since the server copy
 /// was prepared (a column added, dropped or retyped). The copies stay where they are: a
 /// client that prepared the statement before the change gets the same 0A000 from them, as it
@@ -887,15 +900,7 @@ pub(super) fn not_replayed_yet(code: &str) -> bool {
 #[cold]
 fn cold_retire_stale_names(app: &App, statements: &Statements, unit: &Unit) {
     for m in &unit.msgs {
-        let name = match &m.msg {
-            FrontendMessage::Bind { statement, .. } => statement,
-            FrontendMessage::Describe {
-                target: Target::Statement,
-                name,
-            } => name,
-            _ => continue,
-        };
-        if let Some(stmt) = statements.get(&**name).filter(|_| !name.is_empty()) {
+        if let Some(stmt) = used_statement(&m.msg).and_then(|n| statements.get(n)) {
             app.retire_shared_name(&stmt.global);
         }
     }
@@ -950,19 +955,14 @@ async fn prepare_copies_and_compare(
 ) -> Result<Option<ErrorFields>, ServerError> {
     let mut copies: Vec<(&Stmt, u64)> = Vec::new();
     for m in &unit.msgs {
-        let name = match &m.msg {
-            FrontendMessage::Bind { statement, .. } => statement,
-            FrontendMessage::Describe {
-                target: Target::Statement,
-                name,
-            } => name,
+        if matches!(
+            m.msg,
+            FrontendMessage::Parse { .. } | FrontendMessage::NonUtf8 { simple: false, .. }
+        ) {
             // A Parse in the unit makes the client's statement new: it is prepared as sent.
-            FrontendMessage::Parse { .. } | FrontendMessage::NonUtf8 { simple: false, .. } => {
-                return Ok(None)
-            }
-            _ => continue,
-        };
-        let Some(stmt) = statements.get(&**name).filter(|_| !name.is_empty()) else {
+            return Ok(None);
+        }
+        let Some(stmt) = used_statement(&m.msg).and_then(|n| statements.get(n)) else {
             continue;
         };
         if conn.prepared.contains(&stmt.global)
