@@ -1238,3 +1238,65 @@ async fn a_statement_prepared_before_a_column_change_fails_as_directly() {
     assert_eq!(r.len(), 2);
     assert_eq!(r.get::<_, i32>(1), 7);
 }
+
+/// The same as `a_statement_prepared_before_a_column_change_fails_as_directly`, in the
+/// messages libpq sends for `PQprepare` and `PQexecPrepared`: the statement is never
+/// described as a statement, only the portal bound to it is, at each execution.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_only_its_portals_were_described_for_fails_as_directly_after_a_column_change() {
+    use common::raw::{data_rows, sqlstate, Raw};
+    use postgres_protocol::message::frontend;
+    let env = start(&[None], |_| {}).await;
+    let admin = three_columns(&env, "shape3").await;
+    let mut raw = Raw::connect(env.proxy.addr, "postgres").await;
+    let exec_prepared = |buf: &mut bytes::BytesMut| {
+        frontend::bind(
+            "",
+            "s1",
+            std::iter::empty(),
+            std::iter::empty::<()>(),
+            |_, _| -> Result<postgres_protocol::IsNull, Box<dyn std::error::Error + Sync + Send>> {
+                Ok(postgres_protocol::IsNull::Yes)
+            },
+            Some(0),
+            buf,
+        )
+        .map_err(|_| ())
+        .expect("bind");
+        frontend::describe(b'P', "", buf).expect("describe");
+        frontend::execute("", 0, buf).expect("execute");
+        frontend::sync(buf);
+    };
+    let mut b = bytes::BytesMut::new();
+    frontend::parse(
+        "s1",
+        "SELECT * FROM shape3 WHERE id = 1",
+        std::iter::empty(),
+        &mut b,
+    )
+    .expect("parse");
+    frontend::sync(&mut b);
+    raw.send(&b).await;
+    raw.until_ready_ok().await;
+    let mut b = bytes::BytesMut::new();
+    exec_prepared(&mut b);
+    raw.send(&b).await;
+    let rows = data_rows(&raw.until_ready_ok().await);
+    assert_eq!(rows[0].len(), 3);
+    exec(&admin, "ALTER TABLE shape3 DROP COLUMN a").await;
+    tokio::task::block_in_place(|| wait_all_replayed(&env.cluster));
+    // Run where the statement has no copy yet: the primary.
+    raw.query_ok("SET tidemark.consistency = 'strong'").await;
+    let mut b = bytes::BytesMut::new();
+    exec_prepared(&mut b);
+    raw.send(&b).await;
+    let msgs = raw.until_ready().await;
+    let error = msgs.iter().find(|m| m.0 == b'E');
+    assert_eq!(
+        error.map(|(_, body)| sqlstate(body)).as_deref(),
+        Some("0A000"),
+        "rows instead of PostgreSQL's 0A000: {:?}",
+        data_rows(&msgs)
+    );
+    assert!(data_rows(&msgs).is_empty());
+}

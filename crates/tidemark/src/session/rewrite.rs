@@ -48,6 +48,8 @@ pub(super) fn rewrite(
     let mut exp: VecDeque<Exp> = crate::recycled::take_spare(&super::relay::EXP_SPARES);
     exp.reserve(unit.msgs.len() + 1);
     let mut prepares_copies = false;
+    // The portal the last Bind made, and the named statement it was bound to.
+    let mut bound: Option<(&str, &Stmt)> = None;
     let push_exp = |e: Exp, exp: &mut VecDeque<Exp>| {
         if !skipping || matches!(e, Exp::Sync) {
             exp.push_back(e);
@@ -85,12 +87,15 @@ pub(super) fn rewrite(
                     );
                 }
             },
-            FrontendMessage::Bind { statement, .. } => {
+            FrontendMessage::Bind {
+                portal, statement, ..
+            } => {
                 let stmt = if statement.is_empty() {
                     None
                 } else {
                     prepared.statements.get(&**statement)
                 };
+                bound = stmt.map(|s| (&**portal, &**s));
                 match stmt {
                     Some(stmt) => {
                         prepares_copies |=
@@ -114,23 +119,20 @@ pub(super) fn rewrite(
             FrontendMessage::Describe {
                 target: Target::Statement,
                 name,
-            } if !name.is_empty() => {
-                match prepared.statements.get(&**name) {
-                    Some(stmt) => {
-                        prepares_copies |=
-                            ensure_prepared(stmt, prepared.on_server, &mut out, &mut exp, skipping);
-                        out.extend_from_slice(
-                            fe::describe_or_close(b'D', Target::Statement, &stmt.global).raw(),
-                        );
-                        // The shape the client is given is noted (`App::note_described_shape`).
-                        push_exp(Exp::DescribeStmt(stmt.global.clone()), &mut exp);
-                    }
-                    None => {
-                        out.extend_from_slice(raw);
-                        push_exp(Exp::Describe, &mut exp);
-                    }
+            } if !name.is_empty() => match prepared.statements.get(&**name) {
+                Some(stmt) => {
+                    prepares_copies |=
+                        ensure_prepared(stmt, prepared.on_server, &mut out, &mut exp, skipping);
+                    out.extend_from_slice(
+                        fe::describe_or_close(b'D', Target::Statement, &stmt.global).raw(),
+                    );
+                    push_exp(describe_noting(stmt), &mut exp);
                 }
-            }
+                None => {
+                    out.extend_from_slice(raw);
+                    push_exp(Exp::Describe, &mut exp);
+                }
+            },
             FrontendMessage::Close {
                 target: Target::Statement,
                 name,
@@ -141,6 +143,20 @@ pub(super) fn rewrite(
             FrontendMessage::Parse { .. } | FrontendMessage::NonUtf8 { simple: false, .. } => {
                 out.extend_from_slice(raw);
                 push_exp(relayed(true), &mut exp);
+            }
+            FrontendMessage::Describe {
+                target: Target::Portal,
+                name,
+            } => {
+                out.extend_from_slice(raw);
+                // A portal bound in this unit to a named statement: its description is the
+                // statement's shape too (libpq's `PQexecPrepared` describes only the portal).
+                match bound {
+                    Some((portal, stmt)) if portal == &**name => {
+                        push_exp(describe_noting(stmt), &mut exp)
+                    }
+                    _ => push_exp(Exp::Describe, &mut exp),
+                }
             }
             FrontendMessage::Describe { .. } => {
                 out.extend_from_slice(raw);
@@ -182,6 +198,18 @@ pub(super) fn rewrite(
 
 /// Queues an invisible Parse of `stmt` under its shared name before a Bind or Describe of it,
 /// unless the server connection already has it or the unit parses it already.
+/// What a Describe of `stmt` (or of a portal bound to it) owes: noting the shape from its
+/// answer the first time (`App::note_described_shape`), a plain relay after that.
+fn describe_noting(stmt: &Stmt) -> Exp {
+    use std::sync::atomic::Ordering;
+    // A load first: the swap (an atomic write) only the first time.
+    if stmt.shape_noted.load(Ordering::Relaxed) || stmt.shape_noted.swap(true, Ordering::Relaxed) {
+        Exp::Describe
+    } else {
+        Exp::DescribeStmt(stmt.global.clone())
+    }
+}
+
 fn ensure_prepared(
     stmt: &Stmt,
     on_server: &crate::server::Names,
@@ -236,6 +264,7 @@ mod tests {
             analysis: opaque_analysis(),
             state_key: 0,
             generation: 0,
+            shape_noted: Default::default(),
         })
     }
 
@@ -338,6 +367,64 @@ mod tests {
         );
         // The relay then checks the copy's shape before the unit runs on it.
         assert!(r.prepares_copies);
+    }
+
+    #[test]
+    fn the_shape_of_a_statement_is_noted_from_its_first_describe_or_its_portals() {
+        let mut statements = Statements::default();
+        let s = stmt("select 4444");
+        statements.insert("s1".to_string(), s.clone());
+        let on_server: crate::server::Names = [s.global.clone()].into_iter().collect();
+        let p = Prepared {
+            statements: &statements,
+            unnamed: None,
+            on_server: &on_server,
+        };
+        let portal = |name: &str| fe::describe_or_close(b'D', Target::Portal, name);
+        let noting = format!("DescribeStmt({:?})", s.global);
+        // libpq's PQexecPrepared: Bind, Describe of the portal, Execute. The first time the
+        // answer is noted; after that it is relayed.
+        let u = unit(
+            &[bind("s1"), portal(""), execute(), fe::sync()],
+            UnitEnd::Sync,
+        );
+        let first = rewrite(&u, &p, false).unwrap();
+        assert_eq!(
+            kinds(&first.exp),
+            ["Bind", noting.as_str(), "Execute", "Sync"]
+        );
+        let again = rewrite(&u, &p, false).unwrap();
+        assert_eq!(kinds(&again.exp), ["Bind", "Describe", "Execute", "Sync"]);
+        // A portal bound to something else, or another portal: relayed.
+        let other = stmt("select 55555");
+        statements.insert("s2".to_string(), other.clone());
+        let p = Prepared {
+            statements: &statements,
+            unnamed: None,
+            on_server: &on_server,
+        };
+        let u = unit(&[bind("s1"), portal("p9"), fe::sync()], UnitEnd::Sync);
+        assert_eq!(
+            kinds(&rewrite(&u, &p, false).unwrap().exp),
+            ["Bind", "Describe", "Sync"]
+        );
+        // A Describe of the statement itself, the first time for that statement.
+        let u = unit(
+            &[
+                fe::describe_or_close(b'D', Target::Statement, "s2"),
+                fe::sync(),
+            ],
+            UnitEnd::Sync,
+        );
+        let r = rewrite(&u, &p, false).unwrap();
+        assert_eq!(
+            kinds(&r.exp),
+            [
+                "Parse(visible=false, true)".to_string(),
+                format!("DescribeStmt({:?})", other.global),
+                "Sync".to_string()
+            ]
+        );
     }
 
     #[test]

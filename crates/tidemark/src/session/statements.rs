@@ -19,6 +19,9 @@ pub(super) struct Stmt {
     /// with this statement only while both are unchanged (see `Session::analyse`).
     pub(super) state_key: u64,
     pub(super) generation: u64,
+    /// A Describe of it (or of a portal bound to it) has been sent with its answer to be
+    /// noted as the shape clients were given (`App::note_described_shape`): once is enough.
+    pub(super) shape_noted: std::sync::atomic::AtomicBool,
 }
 
 impl Stmt {
@@ -229,6 +232,7 @@ impl Session {
                             analysis,
                             state_key: self.state_key,
                             generation,
+                            shape_noted: Default::default(),
                         })),
                     ));
                 }
@@ -277,6 +281,7 @@ impl Session {
                             analysis,
                             state_key: self.state_key,
                             generation: self.app.classifier.generation(),
+                            shape_noted: Default::default(),
                         })),
                     ));
                 }
@@ -318,6 +323,7 @@ mod tests {
             analysis: opaque_analysis(),
             state_key: 7,
             generation: 2,
+            shape_noted: Default::default(),
         };
         assert!(s.same_unnamed("SELECT v FROM t WHERE id = $1", &[23], 7, 2));
         // Another text (even one byte, even a prefix), other parameter types, another
