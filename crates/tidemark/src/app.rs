@@ -680,11 +680,13 @@ pub fn config_path() -> Option<std::path::PathBuf> {
 mod tests {
     use super::*;
 
+    fn one_node() -> crate::config::Config {
+        crate::config::Config::parse("[[nodes]]\nname = \"p\"\nhost = \"127.0.0.1\"\nport = 5432\n")
+            .expect("config")
+    }
+
     fn target() -> CancelTarget {
-        let cfg = crate::config::Config::parse(
-            "[[nodes]]\nname = \"p\"\nhost = \"127.0.0.1\"\nport = 5432\n",
-        )
-        .expect("config");
+        let cfg = one_node();
         CancelTarget {
             node: Arc::new(crate::server_tls::NodeTls::build(&cfg, &cfg.nodes[0]).expect("tls")),
             pid: 1,
@@ -694,13 +696,7 @@ mod tests {
 
     #[test]
     fn a_retired_shared_name_is_replaced_once_per_retirement() {
-        let app = App::new(
-            crate::config::Config::parse(
-                "[[nodes]]\nname = \"p\"\nhost = \"127.0.0.1\"\nport = 5432\n",
-            )
-            .expect("config"),
-        )
-        .expect("app");
+        let app = App::new(one_node()).expect("app");
         let n0 = app.shared_name(0xabc);
         assert_eq!(n0, "tm_0000000000000abc");
         assert_eq!(app.shared_name(0xdef), "tm_0000000000000def");

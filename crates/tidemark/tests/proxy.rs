@@ -1244,25 +1244,13 @@ async fn a_statement_prepared_before_a_column_change_fails_as_directly() {
 /// described as a statement, only the portal bound to it is, at each execution.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_statement_only_its_portals_were_described_for_fails_as_directly_after_a_column_change() {
-    use common::raw::{data_rows, sqlstate, Raw};
+    use common::raw::{bind, data_rows, sqlstate, Raw};
     use postgres_protocol::message::frontend;
     let env = start(&[None], |_| {}).await;
     let admin = three_columns(&env, "shape3").await;
     let mut raw = Raw::connect(env.proxy.addr, "postgres").await;
     let exec_prepared = |buf: &mut bytes::BytesMut| {
-        frontend::bind(
-            "",
-            "s1",
-            std::iter::empty(),
-            std::iter::empty::<()>(),
-            |_, _| -> Result<postgres_protocol::IsNull, Box<dyn std::error::Error + Sync + Send>> {
-                Ok(postgres_protocol::IsNull::Yes)
-            },
-            Some(0),
-            buf,
-        )
-        .map_err(|_| ())
-        .expect("bind");
+        bind("s1", buf);
         frontend::describe(b'P', "", buf).expect("describe");
         frontend::execute("", 0, buf).expect("execute");
         frontend::sync(buf);

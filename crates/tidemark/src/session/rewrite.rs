@@ -268,6 +268,15 @@ mod tests {
         })
     }
 
+    /// A client's statement `s1` of `query`, and a server connection that has its copy.
+    fn s1_on_the_server(query: &str) -> (Statements, crate::server::Names, Arc<Stmt>) {
+        let s = stmt(query);
+        let mut statements = Statements::default();
+        statements.insert("s1".to_string(), s.clone());
+        let on_server = [s.global.clone()].into_iter().collect();
+        (statements, on_server, s)
+    }
+
     fn bind(statement: &str) -> Frame {
         let mut b = BytesMut::new();
         b.extend_from_slice(b"\0");
@@ -371,10 +380,7 @@ mod tests {
 
     #[test]
     fn the_shape_of_a_statement_is_noted_from_its_first_describe_or_its_portals() {
-        let mut statements = Statements::default();
-        let s = stmt("select 4444");
-        statements.insert("s1".to_string(), s.clone());
-        let on_server: crate::server::Names = [s.global.clone()].into_iter().collect();
+        let (mut statements, on_server, s) = s1_on_the_server("select 4444");
         let p = Prepared {
             statements: &statements,
             unnamed: None,
@@ -429,10 +435,7 @@ mod tests {
 
     #[test]
     fn a_statement_the_connection_has_is_not_parsed_again_and_its_parse_is_answered_here() {
-        let mut statements = Statements::default();
-        let s = stmt("select 22");
-        statements.insert("s1".to_string(), s.clone());
-        let on_server: crate::server::Names = [s.global.clone()].into_iter().collect();
+        let (statements, on_server, s) = s1_on_the_server("select 22");
         let p = Prepared {
             statements: &statements,
             unnamed: None,

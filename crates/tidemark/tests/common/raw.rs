@@ -161,9 +161,14 @@ pub fn unnamed_statement(sql: &str, describe: bool, buf: &mut BytesMut) {
 /// Parse (unnamed) and Bind (no parameters, text results) of `sql` into the unnamed portal.
 pub fn parse_bind(sql: &str, buf: &mut BytesMut) {
     frontend::parse("", sql, std::iter::empty(), buf).expect("parse");
+    bind("", buf);
+}
+
+/// Bind (no parameters, text results) of `statement` into the unnamed portal.
+pub fn bind(statement: &str, buf: &mut BytesMut) {
     frontend::bind(
         "",
-        "",
+        statement,
         std::iter::empty(),
         std::iter::empty::<()>(),
         |_, _| -> Result<postgres_protocol::IsNull, Box<dyn std::error::Error + Sync + Send>> {
