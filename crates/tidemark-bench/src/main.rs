@@ -10,6 +10,7 @@
 //! Shared pieces: [`procs`] (the processes we start) and [`report`] (tables, files, chart).
 
 mod pgbench;
+mod pipe;
 mod procs;
 mod report;
 mod ryw;
@@ -36,6 +37,10 @@ enum Cmd {
     Ryw(ryw::RywArgs),
     /// pgbench through tidemark, PgBouncer and Pgpool-II vs direct; memory per idle client.
     Pgbench(pgbench::PgbenchArgs),
+    /// A byte pipe to one server, one connection per client (the `pipe` target of
+    /// `pgbench`: what any proxy process costs on this machine).
+    #[command(hide = true)]
+    Pipe(pipe::PipeArgs),
 }
 
 /// Durations written as `200ms`, `2s`, `1m`; a bare `0` is zero.
@@ -86,6 +91,18 @@ pub(crate) fn workspace_path(rel: &str) -> PathBuf {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let cli = match cli.cmd {
+        Cmd::Pipe(a) => {
+            return match pipe::run(a) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("tidemark-bench pipe: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        cmd => Cli { cmd },
+    };
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -101,6 +118,7 @@ fn main() -> ExitCode {
             match cli.cmd {
                 Cmd::Ryw(a) => ryw::run(a).await,
                 Cmd::Pgbench(a) => pgbench::run(a).await,
+                Cmd::Pipe(_) => Err(anyhow::anyhow!("pipe runs without the benchmark runtime")),
             }
         };
         // On Ctrl-C the benchmark future is dropped, which stops every process it started.

@@ -337,6 +337,22 @@ pub async fn start_tidemark(
     Ok((guard, port))
 }
 
+/// Starts `tidemark-bench pipe` (this binary) on a free port, piping every client to the
+/// primary.
+pub async fn start_pipe(cluster: &Cluster, dir: &Path) -> Result<(ProcGuard, u16)> {
+    let port = free_port()?;
+    let exe = std::env::current_exe().context("locating tidemark-bench itself")?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("pipe")
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--server")
+        .arg(format!("{}:{}", cluster.host(), cluster.port(0)));
+    let mut guard = spawn("pipe", cmd, &dir.join("pipe.log"))?;
+    wait_connectable(port, Duration::from_secs(15), &mut guard).await?;
+    Ok((guard, port))
+}
+
 /// Starts PgBouncer (transaction pooling, primary only) on a free port, as the `postgres`
 /// account when we are root (PgBouncer refuses to run as root).
 pub async fn start_pgbouncer(

@@ -47,7 +47,8 @@ pub struct PgbenchArgs {
     #[arg(long, default_value_t = 10)]
     pub scale: u32,
     /// Targets: direct, tidemark-session, tidemark-eventual, tidemark-notrack, tidemark-strong
-    /// (every statement to the primary), tidemark-alt, pgbouncer, pgpool.
+    /// (every statement to the primary), tidemark-alt, pgbouncer, pgpool, pipe (a byte pipe:
+    /// what any proxy process costs here).
     #[arg(
         long,
         value_delimiter = ',',
@@ -93,6 +94,9 @@ enum Target {
     TidemarkAlt,
     Pgbouncer,
     Pgpool,
+    /// A byte pipe (`tidemark-bench pipe`): one server connection per client, bytes copied
+    /// both ways, nothing decoded. The ceiling of any proxy process on this machine.
+    Pipe,
 }
 
 impl Target {
@@ -106,9 +110,10 @@ impl Target {
             "tidemark-alt" => Target::TidemarkAlt,
             "pgbouncer" => Target::Pgbouncer,
             "pgpool" => Target::Pgpool,
+            "pipe" => Target::Pipe,
             _ => bail!(
                 "--targets: unknown target '{s}' (direct, tidemark-session, tidemark-eventual, \
-                 tidemark-notrack, tidemark-strong, tidemark-alt, pgbouncer, pgpool)"
+                 tidemark-notrack, tidemark-strong, tidemark-alt, pgbouncer, pgpool, pipe)"
             ),
         })
     }
@@ -123,6 +128,7 @@ impl Target {
             Target::TidemarkAlt => "tidemark (alt build, session)",
             Target::Pgbouncer => "PgBouncer (transaction)",
             Target::Pgpool => "Pgpool-II (SR + LB)",
+            Target::Pipe => "byte pipe (no proxy logic)",
         }
     }
 

@@ -185,6 +185,16 @@ pub(super) fn report_results(
             Target::Pgbouncer,
             "alt build vs PgBouncer",
         ),
+        (
+            Target::TidemarkSession,
+            Target::Pipe,
+            "tidemark (session) vs the byte pipe",
+        ),
+        (
+            Target::Pgbouncer,
+            Target::Pipe,
+            "PgBouncer vs the byte pipe",
+        ),
     ];
     for (a, b, label) in pairs {
         if !targets.contains(&a) || !targets.contains(&b) {

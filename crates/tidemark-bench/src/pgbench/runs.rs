@@ -144,6 +144,14 @@ async fn start_target(t: Target, cluster: &Cluster, bins: &Bins, dir: &Path) -> 
                 port,
             })
         }
+        Target::Pipe => {
+            let (g, port) = procs::start_pipe(cluster, dir).await?;
+            Ok(Running {
+                guard: Some(g),
+                _dir: None,
+                port,
+            })
+        }
         _ => bail!("unhandled target {t:?}"),
     }
 }
