@@ -973,11 +973,13 @@ async fn synchronous_commit_off_still_reads_its_writes() {
     );
 }
 
-/// The monitor polls at `monitor.idle_interval` while no WAL moves and at `monitor.interval`
-/// while it does, and a commit through tidemark wakes it at once: the view shows the replica
-/// at the commit's position long before the next idle poll would have.
+/// The monitor polls at `monitor.idle_interval` while no WAL moves, and also while WAL moves
+/// but no read may go to a replica (nothing it would learn is used); at `monitor.interval`
+/// while WAL moves and reads go to replicas, and a commit or such a read wakes it at once:
+/// the view shows the replica at the commit's position long before the next idle poll would
+/// have.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn monitor_slows_down_when_idle_and_wakes_on_a_commit() {
+async fn monitor_slows_down_when_idle_or_unread_and_wakes_on_a_commit() {
     let idle_interval = Duration::from_millis(2500);
     let env = start(&[None], |c| {
         c.monitor.interval = Duration::from_millis(5);
@@ -1019,8 +1021,24 @@ async fn monitor_slows_down_when_idle_and_wakes_on_a_commit() {
     // At the 5 ms pace this would be ~1,200.
     assert!(idle_polls <= 10, "{idle_polls} polls in 3 s while idle");
 
-    // A commit through tidemark: the monitor looks at once, and the view has the replica at
-    // the commit's position within milliseconds, not at the next idle poll (up to 2.5 s).
+    // Writes that no read follows to a replica: WAL moves, but the monitor keeps the idle
+    // pace (at the 5 ms pace, 1.5 s would be ~600 polls of 2 nodes).
+    let g0 = app.view.load().generation;
+    for i in 0..30 {
+        exec(&c, &format!("INSERT INTO pace VALUES ({i})")).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let unread = app.view.load().generation - g0;
+    println!("writes, no replica reads: {unread} polls of 2 nodes in 1.5 s");
+    assert!(
+        unread <= 10,
+        "{unread} polls in 1.5 s of writes nobody read"
+    );
+
+    // A read that may go to a replica, then a commit through tidemark: the monitor looks at
+    // once, and the view has the replica at the commit's position within milliseconds, not
+    // at the next idle poll (up to 2.5 s).
+    let _ = scalar(&c, "SELECT count(*)::text FROM pace").await;
     exec(&c, "INSERT INTO pace VALUES (1)").await;
     let commit: tidemark_core::Lsn = scalar(&c, "SHOW tidemark.commit_lsn")
         .await

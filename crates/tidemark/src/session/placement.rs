@@ -242,6 +242,15 @@ impl Session {
             Some(HintTarget::Replica) => TargetHint::Replica,
             None => TargetHint::Any,
         };
+        if read_only
+            && !self.pinned
+            && consistency != Consistency::Strong
+            && !matches!(hint, TargetHint::Primary)
+        {
+            // The replicas' positions matter to this read: the monitor keeps its fast pace
+            // while WAL moves (see `Pace`).
+            self.app.monitor_pace.demand();
+        }
         let wants_floor = read_only && consistency == Consistency::Causal;
         let mut causal_floor = if wants_floor {
             self.causal_floor().await
