@@ -1239,6 +1239,68 @@ async fn a_statement_prepared_before_a_column_change_fails_as_directly() {
     assert_eq!(r.get::<_, i32>(1), 7);
 }
 
+/// A prepared statement run inside a transaction block, as JDBC with autocommit off runs
+/// every statement: BEGIN, the statement, `SELECT 1`, ROLLBACK. The SQLSTATEs (or what ran).
+async fn run_in_a_block(c: &tokio_postgres::Client, st: &tokio_postgres::Statement) -> Vec<String> {
+    let code = |e: tokio_postgres::Error| {
+        e.code().map_or_else(
+            || format!("not a server error: {e}"),
+            |c| c.code().to_string(),
+        )
+    };
+    exec(c, "BEGIN").await;
+    let mut seen = vec![match c.query(st, &[&1i32]).await {
+        Ok(rows) => format!("rows of {} columns", rows.first().map_or(0, |r| r.len())),
+        Err(e) => code(e),
+    }];
+    seen.push(match c.simple_query("SELECT 1").await {
+        Ok(_) => "SELECT 1 ran".into(),
+        Err(e) => code(e),
+    });
+    exec(c, "ROLLBACK").await;
+    seen
+}
+
+/// `a_statement_prepared_before_a_column_change_fails_as_directly` inside a transaction block:
+/// the 0A000 fails the block, and the next statement gets 25P02 until ROLLBACK, as directly.
+/// And a statement whose table was dropped fails there with the server's own error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_prepared_before_a_column_change_fails_as_directly_in_a_transaction() {
+    let env = start(&[None], |_| {}).await;
+    let admin = three_columns(&env, "shape4").await;
+    exec(&admin, "CREATE TABLE gone4 (id int)").await;
+    tokio::task::block_in_place(|| wait_all_replayed(&env.cluster));
+    let sql = "SELECT * FROM shape4 WHERE id = $1";
+    let gone_sql = "SELECT id FROM gone4 WHERE id = $1";
+    let direct = env.node(0).await;
+    let d = direct.prepare(sql).await.unwrap();
+    let d_gone = direct.prepare(gone_sql).await.unwrap();
+    // Through tidemark: prepared and run (reads: on the replica).
+    let c = env.client().await;
+    let st = c.prepare(sql).await.unwrap();
+    assert_eq!(c.query_one(&st, &[&1i32]).await.unwrap().len(), 3);
+    let st_gone = c.prepare(gone_sql).await.unwrap();
+    assert!(c.query(&st_gone, &[&1i32]).await.unwrap().is_empty());
+    exec(&admin, "ALTER TABLE shape4 DROP COLUMN a; DROP TABLE gone4").await;
+    tokio::task::block_in_place(|| wait_all_replayed(&env.cluster));
+    let direct_seen = run_in_a_block(&direct, &d).await;
+    assert_eq!(direct_seen, ["0A000", "25P02"], "directly");
+    let direct_gone = run_in_a_block(&direct, &d_gone).await;
+    assert_eq!(direct_gone, ["42P01", "25P02"], "directly");
+    // Now in blocks on the primary, where the statements were never prepared.
+    exec(&c, "SET tidemark.consistency = 'strong'").await;
+    assert_eq!(run_in_a_block(&c, &st).await, direct_seen);
+    assert_eq!(run_in_a_block(&c, &st_gone).await, direct_gone);
+    // The session goes on: prepared again, the statement runs with the new shape, in a block
+    // too.
+    let st = c.prepare(sql).await.unwrap();
+    exec(&c, "BEGIN").await;
+    let r = c.query_one(&st, &[&1i32]).await.unwrap();
+    exec(&c, "COMMIT").await;
+    assert_eq!(r.len(), 2);
+    assert_eq!(r.get::<_, i32>(1), 7);
+}
+
 /// The same as `a_statement_prepared_before_a_column_change_fails_as_directly`, in the
 /// messages libpq sends for `PQprepare` and `PQexecPrepared`: the statement is never
 /// described as a statement, only the portal bound to it is, at each execution.

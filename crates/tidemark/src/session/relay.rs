@@ -726,7 +726,13 @@ impl Session {
             )
             .map_err(|e| RelayError::Client(e.into()))?,
         };
-        if prepares_copies && matches!(unit.end, UnitEnd::Sync) && conn.proto.is_idle() {
+        if prepares_copies
+            && matches!(unit.end, UnitEnd::Sync)
+            && matches!(
+                conn.proto.phase(),
+                tidemark_wire::Phase::Idle | tidemark_wire::Phase::InTransaction
+            )
+        {
             // Copies of client statements are prepared here for the first time: see that they
             // have the shape the clients were given before the unit runs on them.
             give_spare(&EXP_SPARES, exp);
@@ -741,13 +747,16 @@ impl Session {
                 skipping,
             ))
             .await?;
-            let Some(r) = checked else {
-                return Ok(RelayOutcome::Done {
-                    status: TxStatus::Idle,
-                    errored: true,
-                    captured: None,
-                    capture_lost: false,
-                });
+            let r = match checked {
+                Ok(r) => r,
+                Err(status) => {
+                    return Ok(RelayOutcome::Done {
+                        status,
+                        errored: true,
+                        captured: None,
+                        capture_lost: false,
+                    })
+                }
             };
             out = r.out;
             exp = r.exp;
@@ -907,8 +916,14 @@ fn cold_retire_stale_names(app: &App, statements: &Statements, unit: &Unit) {
 }
 
 /// [`prepare_copies_and_compare`], then the unit rewritten for the connection that now has
-/// the copies; `None` when a copy's shape refused the unit (its 0A000 and ReadyForQuery are
-/// queued for the client).
+/// the copies; `Err(status)` when the unit was refused and not sent (its error and
+/// ReadyForQuery, with that transaction status, are queued for the client):
+/// - a copy's shape differs: 0A000, as PostgreSQL answers. Inside a transaction block that
+///   error aborts the transaction there, so the server's transaction is made to fail too
+///   (see [`fail_transaction`]) and the client's next statements get the server's own 25P02;
+/// - inside a transaction block, preparing a copy failed (its table is gone, say): that
+///   error, which aborted the transaction as the client's statement would have. (Outside
+///   one the unit runs and meets the same error itself.)
 async fn recheck_copies(
     app: &App,
     statements: &Statements,
@@ -917,14 +932,30 @@ async fn recheck_copies(
     io: &mut ClientIo,
     unit: &Unit,
     skipping: bool,
-) -> Result<Option<Rewritten>, RelayError> {
-    let stale = prepare_copies_and_compare(app, statements, unit, conn)
+) -> Result<Result<Rewritten, TxStatus>, RelayError> {
+    let in_block = conn.proto.phase() == tidemark_wire::Phase::InTransaction;
+    match prepare_copies_and_compare(app, statements, unit, conn)
         .await
-        .map_err(RelayError::Server)?;
-    if let Some(e) = stale {
-        io.push(&e.to_error());
-        io.push(&be::ready_for_query(b'I'));
-        return Ok(None);
+        .map_err(RelayError::Server)?
+    {
+        CopyCheck::Fine => {}
+        CopyCheck::Stale(e) => {
+            let status = if in_block {
+                fail_transaction(conn).await.map_err(RelayError::Server)?;
+                TxStatus::Failed
+            } else {
+                TxStatus::Idle
+            };
+            io.push(&e.to_error());
+            io.push(&be::ready_for_query(status.byte()));
+            return Ok(Err(status));
+        }
+        CopyCheck::Failed(error) if in_block => {
+            io.push(&error);
+            io.push(&be::ready_for_query(TxStatus::Failed.byte()));
+            return Ok(Err(TxStatus::Failed));
+        }
+        CopyCheck::Failed(_) => {}
     }
     rewrite(
         unit,
@@ -935,8 +966,41 @@ async fn recheck_copies(
         },
         skipping,
     )
-    .map(Some)
+    .map(Ok)
     .map_err(|e| RelayError::Client(e.into()))
+}
+
+/// Makes the transaction block open on `conn` fail, as the client was told it did (a 0A000
+/// that tidemark found before the statement ran, where PostgreSQL finds it as the statement
+/// runs): a statement that is bound to fail (a cast whose message names the reason, for the
+/// server's log), answered here and not relayed. The block is then in the server's own failed
+/// state, so what follows (25P02 for statements, ROLLBACK, ROLLBACK TO SAVEPOINT) is the
+/// server's answer, as directly.
+async fn fail_transaction(conn: &mut crate::server::ServerConn) -> Result<(), ServerError> {
+    const FAIL: &str =
+        "SELECT 'tidemark: cached plan must not change result type (0A000)'::pg_catalog.int4";
+    conn.send(fe::query(FAIL).raw()).await?;
+    loop {
+        let f = conn.recv().await?;
+        if f.backend() == BackendMessage::ReadyForQuery {
+            return match be::ready_status(&f) {
+                Ok(b'E') => Ok(()),
+                _ => Err(ServerError::Protocol(
+                    "a statement meant to fail the transaction did not".into(),
+                )),
+            };
+        }
+    }
+}
+
+/// What [`prepare_copies_and_compare`] found.
+enum CopyCheck {
+    /// Nothing to prepare, or every copy has the shape clients were given.
+    Fine,
+    /// A copy's shape differs from what clients were given: PostgreSQL's 0A000.
+    Stale(ErrorFields),
+    /// Preparing a copy failed: the server's ErrorResponse.
+    Failed(Frame),
 }
 
 /// Prepares on `conn`, in a round trip of their own, the copies of the unit's client
@@ -946,13 +1010,15 @@ async fn recheck_copies(
 /// such a statement with 0A000 "cached plan must not change result type", and so does this
 /// (`Some`: the unit is answered with that error and not sent; the name is retired, so
 /// preparing again gets a fresh copy). The copies that were prepared are recorded on `conn`
-/// either way. Only on an idle connection (autocommit): the round trip's Sync ends nothing.
+/// either way. Only on a connection that owes nothing, outside a transaction block or inside
+/// one that has not failed: the round trip's Sync ends no transaction block (it ends the
+/// implicit transaction of its own messages outside one).
 async fn prepare_copies_and_compare(
     app: &App,
     statements: &Statements,
     unit: &Unit,
     conn: &mut crate::server::ServerConn,
-) -> Result<Option<ErrorFields>, ServerError> {
+) -> Result<CopyCheck, ServerError> {
     let mut copies: Vec<(&Stmt, u64)> = Vec::new();
     for m in &unit.msgs {
         if matches!(
@@ -960,7 +1026,7 @@ async fn prepare_copies_and_compare(
             FrontendMessage::Parse { .. } | FrontendMessage::NonUtf8 { simple: false, .. }
         ) {
             // A Parse in the unit makes the client's statement new: it is prepared as sent.
-            return Ok(None);
+            return Ok(CopyCheck::Fine);
         }
         let Some(stmt) = used_statement(&m.msg).and_then(|n| statements.get(n)) else {
             continue;
@@ -975,7 +1041,7 @@ async fn prepare_copies_and_compare(
         }
     }
     if copies.is_empty() {
-        return Ok(None);
+        return Ok(CopyCheck::Fine);
     }
     let mut out = Vec::new();
     for (stmt, _) in &copies {
@@ -988,6 +1054,7 @@ async fn prepare_copies_and_compare(
     // NoData; after an error, nothing more until ReadyForQuery.
     let mut parsed = 0;
     let mut shapes = Vec::with_capacity(copies.len());
+    let mut error = None;
     loop {
         let f = conn.recv().await?;
         match f.backend() {
@@ -995,6 +1062,7 @@ async fn prepare_copies_and_compare(
             BackendMessage::RowDescription | BackendMessage::NoData => {
                 shapes.push(be::row_shape(&f));
             }
+            BackendMessage::ErrorResponse => error = Some(f),
             BackendMessage::ReadyForQuery => break,
             _ => {}
         }
@@ -1006,11 +1074,11 @@ async fn prepare_copies_and_compare(
         if now.is_some_and(|now| now != *known) {
             tracing::info!(statement = %stmt.global, "a prepared statement's result shape changed since clients were given it: 0A000, as PostgreSQL answers");
             app.retire_shared_name(&stmt.global);
-            return Ok(Some(ErrorFields::error(
+            return Ok(CopyCheck::Stale(ErrorFields::error(
                 "0A000",
                 "cached plan must not change result type",
             )));
         }
     }
-    Ok(None)
+    Ok(error.map_or(CopyCheck::Fine, CopyCheck::Failed))
 }
