@@ -301,6 +301,17 @@ pub fn parameter_status(name: &str, value: &str) -> Frame {
     Frame::new(b'S', &b)
 }
 
+/// A ParameterStatus message appended to `out` as encoded bytes: no frame of its own (a
+/// login sends a dozen of them; building each as a frame showed in the per-login profile).
+pub fn put_parameter_status(out: &mut BytesMut, name: &str, value: &str) {
+    let len = 4 + name.len() + 1 + value.len() + 1;
+    out.reserve(1 + len);
+    out.extend_from_slice(&[b'S']);
+    out.extend_from_slice(&(len as i32).to_be_bytes());
+    put_cstr(out, name);
+    put_cstr(out, value);
+}
+
 pub fn parse_parameter_status(frame: &Frame) -> Result<(String, String), WireError> {
     let mut b = frame.body();
     let k = read_cstr(&mut b, b'S')?;
@@ -453,6 +464,22 @@ pub fn bool_data_row(v: bool, format: i16) -> Frame {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_parameter_status_appended_in_place_is_the_same_message() {
+        let mut out = BytesMut::from(&b"xyz"[..]);
+        put_parameter_status(&mut out, "application_name", "");
+        put_parameter_status(&mut out, "TimeZone", "Europe/Zürich");
+        let mut want = BytesMut::from(&b"xyz"[..]);
+        want.extend_from_slice(parameter_status("application_name", "").raw());
+        want.extend_from_slice(parameter_status("TimeZone", "Europe/Zürich").raw());
+        assert_eq!(out, want);
+        let f = Frame::new(b'S', &want[3 + 5..3 + 23]);
+        assert_eq!(
+            parse_parameter_status(&f).expect("parses"),
+            ("application_name".to_string(), String::new())
+        );
+    }
 
     #[test]
     fn a_row_shape_is_its_columns_names_types_and_modifiers() {

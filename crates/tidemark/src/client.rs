@@ -172,6 +172,14 @@ impl ClientIo {
         self.push_raw(f.raw());
     }
 
+    /// Queues a ParameterStatus, encoded straight into the output buffer.
+    pub fn push_parameter_status(&mut self, name: &str, value: &str) {
+        if self.out.capacity() == 0 {
+            self.out = buffers::take();
+        }
+        tidemark_wire::backend::put_parameter_status(&mut self.out, name, value);
+    }
+
     pub fn push_raw(&mut self, b: &[u8]) {
         if self.out.capacity() == 0 {
             self.out = buffers::take();

@@ -100,8 +100,11 @@ fn main() -> ExitCode {
             tracing_subscriber::EnvFilter::try_new(from_config.as_deref().unwrap_or("info"))
         })
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colours only for a terminal: a log file or journald gets plain text (escape codes there
+    // are noise, and formatting them was a third of a short session's cost).
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     if setting("log_format").as_deref() == Some("json") {
         logs.json().init();

@@ -384,7 +384,7 @@ impl Session {
             } else {
                 v.as_str()
             };
-            self.io.push(&be::parameter_status(k, v));
+            self.io.push_parameter_status(k, v);
         }
         let mut secret = secret;
         if session_mode {
