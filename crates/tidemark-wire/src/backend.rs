@@ -306,7 +306,7 @@ pub fn parameter_status(name: &str, value: &str) -> Frame {
 pub fn put_parameter_status(out: &mut BytesMut, name: &str, value: &str) {
     let len = 4 + name.len() + 1 + value.len() + 1;
     out.reserve(1 + len);
-    out.extend_from_slice(&[b'S']);
+    out.extend_from_slice(b"S");
     out.extend_from_slice(&(len as i32).to_be_bytes());
     put_cstr(out, name);
     put_cstr(out, value);
