@@ -507,17 +507,20 @@ async fn serve(
     io.set_max_message(cfg.max_message_size());
     io.push(&tidemark_wire::backend::auth_ok());
     let connected = std::time::Instant::now();
+    // The address is formatted once, for both lines and the session (formatting it, and the
+    // duration's Debug form, showed in the per-login profile).
+    let peer = peer.to_string();
     tracing::info!(user = %user, database = %database, client = %peer, "client connected");
     let log_user = user.clone();
     let log_database = database.clone();
+    let log_peer = peer.clone();
     let disconnected = move || {
         let duration = connected.elapsed();
         tracing::info!(
             user = %log_user,
             database = %log_database,
-            client = %peer,
+            client = %log_peer,
             duration_ms = duration.as_millis() as u64,
-            duration = ?duration,
             "client disconnected"
         );
     };
@@ -526,7 +529,7 @@ async fn serve(
         disconnected();
         return;
     }
-    let mut session = Session::new(app.clone(), io, user, database, startup, peer.to_string());
+    let mut session = Session::new(app.clone(), io, user, database, startup, peer);
     // The session runs as a task of its own, and the login task ends: a task's memory is sized
     // for the largest state of its future, and the login's states (TLS, SCRAM) are larger than
     // an idle session's. With `start` and each unit boxed (`Session::run_inner`), an idle

@@ -36,9 +36,10 @@ pub struct PgbenchArgs {
     #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
     pub clients: Vec<u32>,
     /// Protocols for `pgbench -S` (`-M`): simple, extended (unnamed Parse/Bind/Execute per
-    /// statement) and prepared (named statements, prepared once per connection).
+    /// statement) and prepared (named statements, prepared once per connection); `connect`
+    /// adds `-S -C` (simple, a new connection per transaction: the login's cost).
     #[arg(long, value_delimiter = ',', default_value = "simple,extended,prepared",
-          value_parser = ["simple", "extended", "prepared"])]
+          value_parser = ["simple", "extended", "prepared", "connect"])]
     pub protocols: Vec<String>,
     /// Clients for the TPC-B-like default script (0 to skip it).
     #[arg(long, default_value_t = 8)]
@@ -152,7 +153,7 @@ impl Target {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 struct Workload {
-    /// `select-simple`, `select-extended`, `select-prepared` or `tpcb`.
+    /// `select-simple`, `select-extended`, `select-prepared`, `select-connect` or `tpcb`.
     name: &'static str,
     clients: u32,
 }
@@ -163,6 +164,7 @@ impl Workload {
             "select-simple" => "-S -M simple".into(),
             "select-extended" => "-S -M extended".into(),
             "select-prepared" => "-S -M prepared".into(),
+            "select-connect" => "-S -C (connection per tx)".into(),
             _ => "TPC-B-like (default)".into(),
         }
     }
@@ -183,6 +185,9 @@ impl Workload {
             "select-simple" => a.extend(["-S".to_string(), "-M".into(), "simple".into()]),
             "select-extended" => a.extend(["-S".to_string(), "-M".into(), "extended".into()]),
             "select-prepared" => a.extend(["-S".to_string(), "-M".into(), "prepared".into()]),
+            "select-connect" => {
+                a.extend(["-S".to_string(), "-C".into(), "-M".into(), "simple".into()])
+            }
             _ => a.extend(["-M".to_string(), "simple".into()]),
         }
         a
@@ -333,6 +338,7 @@ fn workloads(args: &PgbenchArgs) -> Vec<Workload> {
         ("simple", "select-simple"),
         ("extended", "select-extended"),
         ("prepared", "select-prepared"),
+        ("connect", "select-connect"),
     ] {
         if !args.protocols.iter().any(|p| p == protocol) {
             continue;
