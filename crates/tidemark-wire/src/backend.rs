@@ -296,9 +296,8 @@ pub fn auth_ok() -> Frame {
 
 pub fn parameter_status(name: &str, value: &str) -> Frame {
     let mut b = BytesMut::new();
-    put_cstr(&mut b, name);
-    put_cstr(&mut b, value);
-    Frame::new(b'S', &b)
+    put_parameter_status(&mut b, name, value);
+    Frame::from_encoded(b.freeze())
 }
 
 /// A ParameterStatus message appended to `out` as encoded bytes: no frame of its own (a
@@ -474,6 +473,7 @@ mod tests {
         want.extend_from_slice(parameter_status("application_name", "").raw());
         want.extend_from_slice(parameter_status("TimeZone", "Europe/Zürich").raw());
         assert_eq!(out, want);
+        assert_eq!(&out[3..26], &b"S\0\0\0\x16application_name\0\0"[..]);
         let f = Frame::new(b'S', &want[3 + 5..3 + 23]);
         assert_eq!(
             parse_parameter_status(&f).expect("parses"),

@@ -174,17 +174,20 @@ impl ClientIo {
 
     /// Queues a ParameterStatus, encoded straight into the output buffer.
     pub fn push_parameter_status(&mut self, name: &str, value: &str) {
-        if self.out.capacity() == 0 {
-            self.out = buffers::take();
-        }
-        tidemark_wire::backend::put_parameter_status(&mut self.out, name, value);
+        tidemark_wire::backend::put_parameter_status(self.out_buf(), name, value);
     }
 
     pub fn push_raw(&mut self, b: &[u8]) {
+        self.out_buf().extend_from_slice(b);
+    }
+
+    /// The output buffer, taken from the spare buffers when the client had none (idle
+    /// clients hold no buffer).
+    fn out_buf(&mut self) -> &mut BytesMut {
         if self.out.capacity() == 0 {
             self.out = buffers::take();
         }
-        self.out.extend_from_slice(b);
+        &mut self.out
     }
 
     /// Drops output queued after `mark` (a held-back replica response being retried).
