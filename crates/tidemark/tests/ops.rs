@@ -149,6 +149,12 @@ async fn sighup_reloads_and_the_process_stays_up() {
         "{}",
         served.log()
     );
+    // stderr is a file here, not a terminal: plain text lines, no colour codes.
+    assert!(
+        !served.log().contains('\u{1b}'),
+        "colour codes in a log file:\n{}",
+        served.log()
+    );
 }
 
 /// The first ```toml block of README.md's "## Configuration" section.
