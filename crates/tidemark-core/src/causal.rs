@@ -8,7 +8,7 @@
 //! insert position then is at or past the lost commit): causal reads meanwhile go to the
 //! primary. Tickets order the two: [`CausalFloor::ticket`] is taken before such a read is sent.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use crate::lsn::Lsn;
 
@@ -19,6 +19,8 @@ pub struct CausalFloor {
     /// 0: known. Otherwise the ticket of the newest write whose position was lost.
     unknown: AtomicU64,
     tickets: AtomicU64,
+    /// A `causal` read has depended on the floor in this process (see [`CausalFloor::note_reader`]).
+    readers: AtomicBool,
 }
 
 impl CausalFloor {
@@ -48,6 +50,20 @@ impl CausalFloor {
     /// Whether the floor is unknown.
     pub fn is_unknown(&self) -> bool {
         self.unknown.load(Ordering::SeqCst) != 0
+    }
+
+    /// A `causal` read is being routed. Once one has been, writers keep every commit position
+    /// exact (they never leave the floor unknown to save a position read), so causal reads do
+    /// not each have to ask the primary. One relaxed load after the first.
+    pub fn note_reader(&self) {
+        if !self.readers.load(Ordering::Relaxed) {
+            self.readers.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether a `causal` read has been routed in this process.
+    pub fn has_readers(&self) -> bool {
+        self.readers.load(Ordering::Relaxed)
     }
 
     /// Take before sending a read of the primary's position that may resolve an unknown floor.
@@ -92,6 +108,17 @@ mod tests {
         f.raise(Lsn(100));
         f.raise(Lsn(50));
         assert_eq!(f.get(), Some(Lsn(100)));
+    }
+
+    #[test]
+    fn readers_are_noted_once_and_stay() {
+        let f = CausalFloor::new();
+        assert!(!f.has_readers());
+        f.note_reader();
+        f.note_reader();
+        assert!(f.has_readers());
+        // Noting a reader changes nothing about the floor.
+        assert_eq!(f.get(), Some(Lsn::ZERO));
     }
 
     #[test]

@@ -181,6 +181,9 @@ pub struct App {
     /// Replica positions checked in the same round trip as the read they gate: [caught up,
     /// behind] (also `tidemark_replica_checks_total`).
     pub replica_checks: [std::sync::atomic::AtomicU64; 2],
+    /// Writes whose commit position was left unread, nothing depending on it (see
+    /// `Session::may_leave_position_unread`; also `tidemark_commit_lsn_captures_skipped_total`).
+    pub captures_skipped: std::sync::atomic::AtomicU64,
     /// Shared statement names whose server copies went stale (see `retire_shared_name`): the
     /// hash of the text, types and settings, and how many times its name was retired.
     retired_names: Mutex<HashMap<u64, u32>>,
@@ -261,6 +264,7 @@ impl App {
             classifier,
             transactions: Default::default(),
             replica_checks: Default::default(),
+            captures_skipped: Default::default(),
             retired_names: Mutex::new(HashMap::new()),
             any_retired: Default::default(),
             shapes: Mutex::new(HashMap::new()),

@@ -125,6 +125,10 @@ fn describe() {
         "tidemark_commit_lsn_captures_total",
         "Commit LSNs captured after writes"
     );
+    describe_counter!(
+        "tidemark_commit_lsn_captures_skipped_total",
+        "Writes whose commit LSN was left unread: nothing depended on it (the session's next replica-eligible read asks the primary's position first)"
+    );
     describe_gauge!(
         "tidemark_replica_lag_seconds",
         "Replica replay lag in seconds (latest sample)"
@@ -491,6 +495,10 @@ pub fn shared_up(up: bool) {
 
 pub fn lsn_captured() {
     counter!("tidemark_commit_lsn_captures_total").increment(1);
+}
+
+pub fn lsn_capture_skipped() {
+    counter!("tidemark_commit_lsn_captures_skipped_total").increment(1);
 }
 
 /// One node's gauges and lag histograms as handles, made once: the monitor records them on

@@ -365,3 +365,146 @@ async fn a_role_that_cannot_read_the_commit_position_still_reads_its_writes() {
     println!("position unreadable: {on_replica} of 30 read-backs on the replica, none stale");
     exec(&replica, "SELECT pg_wal_replay_resume()").await;
 }
+
+/// Writes rows `ids` in turn as an autocommit INSERT (simple protocol), a prepared INSERT
+/// (extended protocol) and BEGIN / INSERT / COMMIT sent one by one, as the TPC-B script does.
+async fn write_rows(c: &tokio_postgres::Client, table: &str, ids: std::ops::Range<i64>) {
+    for id in ids {
+        match id % 3 {
+            0 => exec(c, &format!("INSERT INTO {table} VALUES ({id}, 'x')")).await,
+            1 => {
+                c.execute(&format!("INSERT INTO {table} VALUES ($1, 'x')"), &[&id])
+                    .await
+                    .expect("insert");
+            }
+            _ => {
+                exec(c, "BEGIN").await;
+                exec(c, &format!("INSERT INTO {table} VALUES ({id}, 'x')")).await;
+                exec(c, "COMMIT").await;
+            }
+        }
+    }
+}
+
+/// A session that writes many times without reading stops paying for its commit positions
+/// (after `UNREAD_BEFORE_SKIP` = 16 unread ones), and nothing goes stale by it. Each step: a
+/// run of writes the replica replays, then its replay is paused and the session writes once
+/// more — a write whose position is left unread. Then:
+/// - the session's own read: it learns the primary's position first, so the paused replica,
+///   which has every *earlier* position, does not serve it;
+/// - the token it shows (`SHOW tidemark.commit_lsn`) is at or past that write;
+/// - a `causal` read on another connection: the floor is unknown, so it too asks the primary;
+/// - keyed writes are never left unread: another connection with the key sees them.
+/// Without the lazy read the skip count stays 0; without the position learned at the read,
+/// the first read here is stale (the replica has replayed everything up to the write before).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_that_does_not_read_leaves_positions_unread_and_nothing_goes_stale() {
+    use std::sync::atomic::Ordering;
+    let env = start_rr(&[None], |_| {}).await;
+    let skipped = || env.proxy.app.captures_skipped.load(Ordering::Relaxed);
+    let replica = env.node(1).await;
+    let primary = env.node(0).await;
+    let w = env.client().await;
+    exec(&w, "CREATE TABLE lazy (id bigint PRIMARY KEY, v text)").await;
+    let read = |id: i64| format!("SELECT count(*), pg_is_in_recovery() FROM lazy WHERE id = {id}");
+    // Writes the replica has replayed, then replay paused and one more write.
+    let mut next = 1i64;
+    let mut run_then_pause = |n: i64| {
+        let ids = next..next + n;
+        next += n + 1;
+        (ids, next - 1)
+    };
+
+    // 1. Own reads.
+    let mut own = Tally::default();
+    for round in 0..4 {
+        let (ids, last) = run_then_pause(24);
+        write_rows(&w, "lazy", ids).await;
+        tokio::task::block_in_place(|| wait_all_replayed(&env.cluster));
+        exec(&replica, "SELECT pg_wal_replay_pause()").await;
+        let before = skipped();
+        write_rows(&w, "lazy", last..last + 1).await;
+        assert_eq!(
+            skipped(),
+            before + 1,
+            "round {round}: the write after 24 unread ones"
+        );
+        own.add(found_where(&w, &read(last)).await);
+        exec(&replica, "SELECT pg_wal_replay_resume()").await;
+    }
+    own.show("own reads after unread positions");
+    println!("positions left unread: {}", skipped());
+    assert_eq!(own.stale, 0, "a session missed its own write");
+
+    // 2. The token: at or past the write whose position was left unread.
+    let (ids, last) = run_then_pause(24);
+    write_rows(&w, "lazy", ids).await;
+    let floor: String = scalar(&primary, "SELECT pg_current_wal_insert_lsn()::text").await;
+    let before = skipped();
+    write_rows(&w, "lazy", last..last + 1).await;
+    assert_eq!(skipped(), before + 1);
+    let shown = scalar(&w, "SHOW tidemark.commit_lsn").await;
+    let past: String = scalar(
+        &primary,
+        &format!("SELECT ('{shown}'::pg_lsn > '{floor}'::pg_lsn)::text"),
+    )
+    .await;
+    println!("shown {shown}, the primary's position before the write {floor}");
+    assert_eq!(past, "true", "the token {shown} is not past {floor}");
+    // Having shown it, the session's positions are read from now on.
+    let before = skipped();
+    let (ids, _) = run_then_pause(20);
+    write_rows(&w, "lazy", ids).await;
+    assert_eq!(
+        skipped(),
+        before,
+        "positions left unread after SHOW tidemark.commit_lsn"
+    );
+
+    // 3. A causal reader on another connection, the first in this process.
+    let w2 = env.client().await;
+    let r = env.client().await;
+    exec(&r, "SET tidemark.consistency = causal").await;
+    let (ids, last) = run_then_pause(24);
+    write_rows(&w2, "lazy", ids).await;
+    tokio::task::block_in_place(|| wait_all_replayed(&env.cluster));
+    exec(&replica, "SELECT pg_wal_replay_pause()").await;
+    let before = skipped();
+    write_rows(&w2, "lazy", last..last + 1).await;
+    assert_eq!(skipped(), before + 1);
+    let (found, _) = found_where(&r, &read(last)).await;
+    exec(&replica, "SELECT pg_wal_replay_resume()").await;
+    assert!(found, "a causal read missed a write acknowledged before it");
+    // With causal readers about, no position is left unread.
+    let before = skipped();
+    let (ids, _) = run_then_pause(20);
+    write_rows(&w2, "lazy", ids).await;
+    assert_eq!(
+        skipped(),
+        before,
+        "positions left unread with causal readers about"
+    );
+
+    // 4. Keyed writes keep their positions (a fresh instance: no causal reader yet).
+    drop((w, w2, r));
+    let env2 = start_rr(&[None], |_| {}).await;
+    let skipped2 = || env2.proxy.app.captures_skipped.load(Ordering::Relaxed);
+    let kw = env2.client().await;
+    let kr = env2.client().await;
+    let replica2 = env2.node(1).await;
+    exec(&kw, "CREATE TABLE lazy_k (id bigint PRIMARY KEY, v text)").await;
+    exec(&kw, "SET tidemark.key = 'user-7'").await;
+    exec(&kr, "SET tidemark.key = 'user-7'").await;
+    write_rows(&kw, "lazy_k", 1..25).await;
+    tokio::task::block_in_place(|| wait_all_replayed(&env2.cluster));
+    exec(&replica2, "SELECT pg_wal_replay_pause()").await;
+    write_rows(&kw, "lazy_k", 25..26).await;
+    let (found, _) = found_where(
+        &kr,
+        "SELECT count(*), pg_is_in_recovery() FROM lazy_k WHERE id = 25",
+    )
+    .await;
+    exec(&replica2, "SELECT pg_wal_replay_resume()").await;
+    assert!(found, "a keyed read missed the key's last write");
+    assert_eq!(skipped2(), 0, "a keyed write's position was left unread");
+}

@@ -39,6 +39,12 @@ pub(super) fn capture_sql(app: &App) -> &'static str {
     capture_stmt(app).sql()
 }
 
+/// How many commit positions in a row a session's reads must not have depended on before its
+/// next ones may be left unread (see `Session::may_leave_position_unread`). A session that
+/// reads after fewer writes than this keeps every position; one that writes more between two
+/// reads pays one round trip to the primary at that read for the positions it did not read.
+pub(super) const UNREAD_BEFORE_SKIP: u32 = 16;
+
 /// The replica's replay position, asked ahead of a read it gates.
 pub(super) const REPLAY_CHECK_SQL: &str = "SELECT pg_catalog.pg_last_wal_replay_lsn()";
 
@@ -370,6 +376,11 @@ impl Session {
             }
             self.publish_shared().await;
             self.io.flush().await?;
+        } else if capture && self.may_leave_position_unread(analysis) {
+            self.leave_position_unread();
+            if !self.io.flush_now()? {
+                self.io.finish_flush().await?;
+            }
         } else if capture {
             // The client may ask for the token with the result, other connections depend on
             // it through a key or the causal floor: capture before ReadyForQuery.
@@ -419,12 +430,51 @@ impl Session {
         };
         // The configuration last: a read never needs it (its load showed in the
         // per-statement profile).
-        wanted && self.app.config.load().routing.track_writes
+        wanted
+            && !self.may_leave_position_unread(analysis)
+            && self.app.config.load().routing.track_writes
+    }
+
+    /// Whether this write's commit position may be left unread. Only this session's own
+    /// later reads could depend on it: no key (this unit's, the transaction's or the
+    /// session's), no shared store, no report or `SHOW` of the position, no `causal` read in
+    /// this process so far. And the last [`UNREAD_BEFORE_SKIP`] positions read for this
+    /// session were never depended on by one of its reads (a writer that does not read, such
+    /// as a batch job or the TPC-B script, whose reads are all inside its writing
+    /// transactions). The read costs the server a statement and tidemark a reply to take
+    /// apart on every commit (4.9 % of TPC-B, docs/benchmarks.md, stop 25).
+    ///
+    /// Nothing becomes stale by it: the write is marked unknown (`leave_position_unread`),
+    /// so the session's next read that may go to a replica first learns the primary's
+    /// current position (at or past this commit) in one round trip, and positions are read
+    /// again from then on; a `causal` read anywhere finds the floor unknown and does the same.
+    pub(super) fn may_leave_position_unread(&self, analysis: &Analysis) -> bool {
+        self.captures_unread >= UNREAD_BEFORE_SKIP
+            && !self.report_lsn
+            && !self.position_shown
+            && analysis.hints.key.is_none()
+            && self.tx_key.is_none()
+            && self.key.is_none()
+            && self.app.shared.is_none()
+            && !self.app.causal.has_readers()
+    }
+
+    /// A write committed and its position is left unread (see `may_leave_position_unread`);
+    /// done before the client's acknowledgement is flushed, as a read position would be.
+    fn leave_position_unread(&mut self) {
+        self.write_unknown = true;
+        self.applied = None;
+        self.last_write_at = Some(Instant::now());
+        self.app.causal.mark_unknown();
+        self.app.monitor_pace.wake();
+        self.app.captures_skipped.fetch_add(1, Ordering::Relaxed);
+        crate::metrics::lsn_capture_skipped();
     }
 
     pub(super) fn record_commit(&mut self, c: Captured) {
         let l = c.lsn.normalize_insert_position();
         crate::metrics::lsn_captured();
+        self.captures_unread = self.captures_unread.saturating_add(1);
         self.app.monitor_pace.wake();
         if l > self.last_write_lsn {
             self.last_write_lsn = l;

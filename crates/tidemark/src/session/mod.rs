@@ -97,6 +97,24 @@ thread_local! {
         const { crate::recycled::Spares::new() };
 }
 
+impl Unit {
+    /// Whether the unit runs a statement. A whole unit (Sync-ended, not the rest of one left
+    /// open by Flush) that only parses, describes, binds or closes writes nothing, even for an
+    /// INSERT: drivers that prepare before they execute (tokio-postgres, sqlx) send one
+    /// before every such write, and it needs no commit position read after it.
+    fn executes(&self) -> bool {
+        self.msgs.iter().any(|m| {
+            matches!(
+                m.msg,
+                FrontendMessage::Query(_)
+                    | FrontendMessage::Execute { .. }
+                    | FrontendMessage::FunctionCall
+                    | FrontendMessage::NonUtf8 { simple: true, .. }
+            )
+        })
+    }
+}
+
 impl Drop for Unit {
     fn drop(&mut self) {
         crate::recycled::give_spare(&UNIT_MSGS, std::mem::take(&mut self.msgs));
@@ -186,9 +204,15 @@ pub struct Session {
     tx_key: Option<String>,
     /// Session-state statements run inside the current transaction (applied at COMMIT).
     tx_session_state: Vec<Class>,
-    /// A write's commit position could not be read (the connection was lost after the
-    /// commit): the session's next read first learns the primary's current position.
+    /// A write's commit position is not known (the connection was lost after the commit, or
+    /// it was left unread: see `may_leave_position_unread`): the session's next read that may
+    /// go to a replica first learns the primary's current position.
     write_unknown: bool,
+    /// Commit positions read for this session since one of its reads last depended on one.
+    captures_unread: u32,
+    /// The client asked for its commit position (`SHOW tidemark.commit_lsn`): every write's
+    /// position is read from then on.
+    position_shown: bool,
     /// After tidemark itself failed a Flush-ended unit: ignore messages until Sync.
     skip_until_sync: bool,
     /// The last unit run on a server ended with an error (or did not end).
@@ -293,6 +317,8 @@ impl Session {
             tx_session_state: Vec::new(),
             skip_until_sync: false,
             write_unknown: false,
+            captures_unread: 0,
+            position_shown: false,
             conn_state_unknown: false,
             unit_clears_statements: false,
             unit_errored: false,
@@ -732,11 +758,12 @@ impl Session {
                 None,
             );
         }
-        let may_write = analysis.class.may_write()
+        let may_write = (analysis.class.may_write()
             || matches!(
                 analysis.class,
                 Class::Transaction(TxControl::CommitPrepared | TxControl::RollbackPrepared)
-            );
+            ))
+            && (self.unit_open || unit.end != UnitEnd::Sync || unit.executes());
         // The first unit of a transaction placed on a replica by a deferred BEGIN may be
         // retried too: the BEGIN is sent again on the primary first.
         let first_unit = self.first_unit_retry.take().filter(|_| {

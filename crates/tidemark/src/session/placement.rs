@@ -228,8 +228,10 @@ impl Session {
         speculate: bool,
     ) -> Result<(Checked, NodeId, Role, Reason), ErrorFields> {
         let consistency = analysis.hints.consistency.unwrap_or(self.consistency);
-        if read_only && self.write_unknown {
-            self.resolve_unknown_write().await;
+        // A pinned session's reads run on its primary connection, and a unit without
+        // statements (a driver's Close and Sync) reads nothing: they need no position.
+        if read_only && self.write_unknown && !self.pinned && !analysis.statements.is_empty() {
+            cold(self.resolve_unknown_write()).await;
         }
         let required = if read_only {
             self.required_lsn(analysis)
@@ -250,8 +252,16 @@ impl Session {
             // The replicas' positions matter to this read: the monitor keeps its fast pace
             // while WAL moves (see `Pace`).
             self.app.monitor_pace.demand();
+            if consistency != Consistency::Eventual && !analysis.statements.is_empty() {
+                // It depends on the session's commit positions: keep reading them. (A unit
+                // without statements, such as a driver's Close and Sync, depends on none.)
+                self.captures_unread = 0;
+            }
         }
         let wants_floor = read_only && consistency == Consistency::Causal;
+        if wants_floor {
+            self.app.causal.note_reader();
+        }
         let mut causal_floor = if wants_floor {
             self.causal_floor().await
         } else {

@@ -217,7 +217,24 @@ impl Session {
             }
             TidemarkCommand::Show { name } => {
                 let value = match name.as_str() {
-                    "commit_lsn" => self.last_write_lsn.to_string(),
+                    "commit_lsn" if self.write_unknown => {
+                        // The primary could not be asked for a position at or past the last
+                        // write (see `tidemark_command`): a lower one would be a token that
+                        // lets a reader see data older than that write.
+                        return Err(ErrorFields::error(
+                            "55000",
+                            "the commit position of this session's last write is not known",
+                        )
+                        .with_hint(
+                            "the primary could not be asked for its current position; try again",
+                        ));
+                    }
+                    "commit_lsn" => {
+                        // From now on every write's position is read (see
+                        // `may_leave_position_unread`).
+                        self.position_shown = true;
+                        self.last_write_lsn.to_string()
+                    }
                     "consistency" => self.consistency.to_string(),
                     "key" => self.key.clone().unwrap_or_default(),
                     "min_lsn" => self.token.to_string(),
@@ -237,8 +254,18 @@ impl Session {
         }
     }
 
+    /// Before a tidemark command (it may be `SHOW tidemark.commit_lsn`): a write whose position
+    /// was left unread, or lost, is resolved with the primary's current position. Tidemark
+    /// commands are rare; this costs a round trip only after such a write.
+    async fn know_last_write(&mut self) {
+        if self.write_unknown {
+            cold(self.resolve_unknown_write()).await;
+        }
+    }
+
     /// A tidemark command sent as a simple Query.
     pub(super) async fn tidemark_command(&mut self, cmd: TidemarkCommand) -> SResult<()> {
+        self.know_last_write().await;
         match self.run_tidemark(&cmd) {
             Ok(TidemarkAnswer::Tag(tag)) => self.io.push(&be::command_complete(tag)),
             Ok(TidemarkAnswer::Show { column, value }) => {
@@ -256,6 +283,7 @@ impl Session {
     /// run often): Parse/Bind/Describe/Execute/Close/Sync answered here, as PostgreSQL would
     /// answer a `SET`/`SHOW` (no parameters; SHOW describes one text column).
     pub(super) async fn tidemark_command_extended(&mut self, unit: &Unit) -> SResult<()> {
+        self.know_last_write().await;
         // Which command each statement and the unnamed portal hold, in message order.
         let mut parsed: HashMap<String, TidemarkCommand> = HashMap::new();
         let mut portal: Option<TidemarkCommand> = None;
