@@ -363,10 +363,23 @@ pub async fn start_pgbouncer(
 ) -> Result<(ProcGuard, u16)> {
     let port = free_port()?;
     let d = dir.display();
+    // Besides the primary's two names, one entry per node (`pgbouncer_node_db`): the ryw
+    // bench's `naive-pgbouncer` splits reads over the replicas' pools.
+    let nodes: String = (0..cluster.node_count())
+        .map(|i| {
+            format!(
+                "{} = host={} port={} dbname=postgres\n",
+                pgbouncer_node_db(i),
+                cluster.host(),
+                cluster.port(i)
+            )
+        })
+        .collect();
     let ini = format!(
         "[databases]\n\
          postgres = host={host} port={pport} dbname=postgres\n\
-         pgbench = host={host} port={pport} dbname=postgres\n\n\
+         pgbench = host={host} port={pport} dbname=postgres\n\
+         {nodes}\n\
          [pgbouncer]\n\
          listen_addr = 127.0.0.1\n\
          listen_port = {port}\n\
@@ -394,6 +407,11 @@ pub async fn start_pgbouncer(
     let mut guard = spawn("pgbouncer", cmd, &dir.join("pgbouncer.stderr"))?;
     wait_connectable(port, Duration::from_secs(15), &mut guard).await?;
     Ok((guard, port))
+}
+
+/// The database name of node `i`'s pool in the PgBouncer that `start_pgbouncer` configures.
+pub fn pgbouncer_node_db(i: usize) -> String {
+    format!("node{i}")
 }
 
 /// Number of Pgpool-II child processes (= the most concurrent clients it serves).

@@ -40,7 +40,12 @@ impl Statements {
     pub(super) fn for_mode(mode: Mode, unnamed: bool) -> Statements {
         // PgBouncer 1.18 in transaction pooling has no named statements either (a statement
         // prepared on one server connection is unknown on the next).
-        if unnamed || matches!(mode, Mode::Pgpool(_) | Mode::Pgbouncer) {
+        if unnamed
+            || matches!(
+                mode,
+                Mode::Pgpool(_) | Mode::Pgbouncer | Mode::NaivePgbouncer
+            )
+        {
             Statements::Unnamed
         } else {
             Statements::Prepared
@@ -142,20 +147,26 @@ impl Pg {
 }
 
 async fn connect(port: u16, key: Option<i32>, statements: Statements) -> Result<Pg> {
+    let pg = connect_db(port, "postgres", statements).await?;
+    if let Some(id) = key {
+        pg.client
+            .simple_query(&format!("SET tidemark.key = 'user:{id}'"))
+            .await
+            .map_err(|e| anyhow::anyhow!("SET tidemark.key: {}", pg_error(&e)))?;
+    }
+    Ok(pg)
+}
+
+/// A connection to database `db` on `port` (a node, a proxy, or one of PgBouncer's pools).
+async fn connect_db(port: u16, db: &str, statements: Statements) -> Result<Pg> {
     let conninfo =
-        format!("host=127.0.0.1 port={port} user=postgres dbname=postgres connect_timeout=10");
+        format!("host=127.0.0.1 port={port} user=postgres dbname={db} connect_timeout=10");
     let (client, conn) = tokio_postgres::connect(&conninfo, NoTls)
         .await
         .map_err(|e| anyhow::anyhow!("connecting to port {port}: {}", pg_error(&e)))?;
     tokio::spawn(async move {
         let _ = conn.await;
     });
-    if let Some(id) = key {
-        client
-            .simple_query(&format!("SET tidemark.key = 'user:{id}'"))
-            .await
-            .map_err(|e| anyhow::anyhow!("SET tidemark.key: {}", pg_error(&e)))?;
-    }
     let prepared = match statements {
         Statements::Unnamed => None,
         Statements::Prepared => {
@@ -263,7 +274,7 @@ async fn user_loop(
                 Mode::TidemarkCausal => u.reader.as_ref().unwrap_or(writer),
                 Mode::Primary => writer,
                 Mode::Pin(d) if wrote_at.elapsed() < d => writer,
-                Mode::Naive | Mode::Pin(_) => {
+                Mode::Naive | Mode::NaivePgbouncer | Mode::Pin(_) => {
                     rr += 1;
                     &u.replicas[rr % u.replicas.len()]
                 }
@@ -369,7 +380,7 @@ pub(super) async fn run_cell(
         proxy = Some(procs::start_pgpool(&bin, c, d.path(), owner, which).await?);
         _proxy_dir = Some(d);
     }
-    if mode == Mode::Pgbouncer {
+    if matches!(mode, Mode::Pgbouncer | Mode::NaivePgbouncer) {
         let (bin, owner, d) = peer("pgbouncer", "pgbouncer", "PgBouncer")?;
         proxy = Some(procs::start_pgbouncer(&bin, c, d.path(), owner).await?);
         _proxy_dir = Some(d);
@@ -404,6 +415,15 @@ pub(super) async fn run_cell(
                 u.primary = Some(connect(c.port(0), None, statements).await?);
                 for r in 1..c.node_count() {
                     u.replicas.push(connect(c.port(r), None, statements).await?);
+                }
+            }
+            Mode::NaivePgbouncer => {
+                // The pools PgBouncer keeps per node (`procs::start_pgbouncer`).
+                let port = proxy.as_ref().map(|p| p.1).context("no proxy port")?;
+                u.primary = Some(connect_db(port, "postgres", statements).await?);
+                for r in 1..c.node_count() {
+                    let db = procs::pgbouncer_node_db(r);
+                    u.replicas.push(connect_db(port, &db, statements).await?);
                 }
             }
         }

@@ -53,7 +53,9 @@ pub struct RywArgs {
     /// Modes: primary, naive, pin-<duration> (e.g. pin-2s), tidemark (`session` consistency,
     /// one connection and a key per user), tidemark-causal (`causal`, no key, each user's
     /// reads on a second connection: an application's pool), pgbouncer (everything through
-    /// PgBouncer to the primary: the cost of a forwarding hop), pgpool-<setting>.
+    /// PgBouncer to the primary: the cost of a forwarding hop), naive-pgbouncer (naive
+    /// splitting behind PgBouncer, one pool per node: what `naive` costs with a pooler in
+    /// between, as it is deployed), pgpool-<setting>.
     #[arg(
         long,
         value_delimiter = ',',
@@ -109,6 +111,10 @@ enum Mode {
     /// Everything through PgBouncer (transaction pooling) to the primary: what one proxy hop
     /// that only forwards costs in the loop (no routing, no replica), beside `primary`.
     Pgbouncer,
+    /// `naive` behind PgBouncer (transaction pooling, one database entry per node): writes to
+    /// the primary's pool, reads round-robin over the replicas' pools. The same proxy hop as
+    /// tidemark's, without read-your-writes: the like-for-like ceiling of the closed loop.
+    NaivePgbouncer,
     /// Through Pgpool-II (streaming replication, load balancing) with this
     /// `disable_load_balance_on_write` setting.
     Pgpool(&'static str),
@@ -127,6 +133,7 @@ fn parse_mode(s: &str) -> Result<Mode> {
         "tidemark" => Mode::Tidemark,
         "tidemark-causal" => Mode::TidemarkCausal,
         "pgbouncer" => Mode::Pgbouncer,
+        "naive-pgbouncer" => Mode::NaivePgbouncer,
         "pgpool-transaction" => Mode::Pgpool("transaction"),
         "pgpool-always" => Mode::Pgpool("always"),
         "pgpool-dml_adaptive" => Mode::Pgpool("dml_adaptive"),
@@ -137,7 +144,7 @@ fn parse_mode(s: &str) -> Result<Mode> {
             }
             None => bail!(
                 "--modes: unknown mode '{s}' (primary, naive, pin-2s, pin-5s, tidemark, tidemark-causal, \
-                 pgbouncer, pgpool-transaction, pgpool-always, pgpool-dml_adaptive, pgpool-off)"
+                 pgbouncer, naive-pgbouncer, pgpool-transaction, pgpool-always, pgpool-dml_adaptive, pgpool-off)"
             ),
         },
     })
@@ -355,6 +362,7 @@ mod tests {
         );
         assert_eq!(parse_mode("tidemark").unwrap(), Mode::Tidemark);
         assert_eq!(parse_mode("tidemark-causal").unwrap(), Mode::TidemarkCausal);
+        assert_eq!(parse_mode("naive-pgbouncer").unwrap(), Mode::NaivePgbouncer);
         assert!(parse_mode("fast").is_err());
         assert_eq!(parse_profile("0").unwrap(), Profile::Delay(Duration::ZERO));
         assert_eq!(parse_profile("paused").unwrap(), Profile::Paused);
