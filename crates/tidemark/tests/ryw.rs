@@ -508,3 +508,65 @@ async fn a_writer_that_does_not_read_leaves_positions_unread_and_nothing_goes_st
     assert!(found, "a keyed read missed the key's last write");
     assert_eq!(skipped2(), 0, "a keyed write's position was left unread");
 }
+
+/// A named portal bound in one unit of a transaction and executed in the next (what pgjdbc
+/// does with a fetch size): the unit with the Bind runs nothing, yet the transaction writes
+/// once its portal is executed, and the COMMIT must be followed by a position read. The
+/// replica has replayed the table and then paused: a read of the row served there is stale.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_portal_bound_in_one_unit_and_executed_in_the_next_is_a_write() {
+    use bytes::BytesMut;
+    use common::raw::{data_rows, Raw};
+    use postgres_protocol::message::frontend;
+    let env = start_rr(&[None], |_| {}).await;
+    let c = env.client().await;
+    let replica = env.node(1).await;
+    exec(&c, "CREATE TABLE portal_w (id int PRIMARY KEY, v text)").await;
+    tokio::task::block_in_place(|| wait_all_replayed(&env.cluster));
+    wait_view_caught_up(&env.proxy).await;
+    exec(&replica, "SELECT pg_wal_replay_pause()").await;
+    let mut raw = Raw::connect(env.proxy.addr, "postgres").await;
+    raw.query_ok("BEGIN").await;
+    let mut b = BytesMut::new();
+    frontend::parse(
+        "",
+        "INSERT INTO portal_w VALUES (1, 'x')",
+        std::iter::empty(),
+        &mut b,
+    )
+    .expect("parse");
+    frontend::bind(
+        "p",
+        "",
+        std::iter::empty(),
+        std::iter::empty::<()>(),
+        |_, _| -> Result<postgres_protocol::IsNull, Box<dyn std::error::Error + Sync + Send>> {
+            Ok(postgres_protocol::IsNull::Yes)
+        },
+        Some(0),
+        &mut b,
+    )
+    .map_err(|_| ())
+    .expect("bind");
+    frontend::sync(&mut b);
+    raw.send(&b).await;
+    raw.until_ready_ok().await;
+    let mut b = BytesMut::new();
+    frontend::execute("p", 0, &mut b).expect("execute");
+    frontend::sync(&mut b);
+    raw.send(&b).await;
+    let done = raw.until_ready_ok().await;
+    assert!(done.iter().any(|m| m.0 == b'C'), "the portal ran: {done:?}");
+    raw.query_ok("COMMIT").await;
+    let rows = data_rows(
+        &raw.query_ok("SELECT count(*), pg_is_in_recovery() FROM portal_w WHERE id = 1")
+            .await,
+    );
+    exec(&replica, "SELECT pg_wal_replay_resume()").await;
+    println!("read after the commit: {rows:?}");
+    assert_eq!(
+        rows[0][0].as_deref(),
+        Some("1"),
+        "the write through a portal executed in a later unit was not seen"
+    );
+}

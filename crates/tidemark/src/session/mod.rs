@@ -98,19 +98,21 @@ thread_local! {
 }
 
 impl Unit {
-    /// Whether the unit runs a statement. A whole unit (Sync-ended, not the rest of one left
-    /// open by Flush) that only parses, describes, binds or closes writes nothing, even for an
-    /// INSERT: drivers that prepare before they execute (tokio-postgres, sqlx) send one
-    /// before every such write, and it needs no commit position read after it.
+    /// Whether the unit runs a statement, or may have one run later. A whole unit (Sync-ended,
+    /// not the rest of one left open by Flush) that only parses, describes, binds the unnamed
+    /// portal or closes writes nothing, even for an INSERT: drivers that prepare before they
+    /// execute (tokio-postgres, sqlx) send one before every such write, and it needs no
+    /// commit position read after it. A named portal outlives its unit inside a transaction
+    /// and is executed by a later one, whose own analysis does not know the statement: its
+    /// Bind counts as the write (test `a_portal_bound_in_one_unit_and_executed_in_the_next_is_a_write`).
     fn executes(&self) -> bool {
-        self.msgs.iter().any(|m| {
-            matches!(
-                m.msg,
-                FrontendMessage::Query(_)
-                    | FrontendMessage::Execute { .. }
-                    | FrontendMessage::FunctionCall
-                    | FrontendMessage::NonUtf8 { simple: true, .. }
-            )
+        self.msgs.iter().any(|m| match &m.msg {
+            FrontendMessage::Query(_)
+            | FrontendMessage::Execute { .. }
+            | FrontendMessage::FunctionCall
+            | FrontendMessage::NonUtf8 { simple: true, .. } => true,
+            FrontendMessage::Bind { portal, .. } => !portal.is_empty(),
+            _ => false,
         })
     }
 }
