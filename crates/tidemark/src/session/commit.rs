@@ -249,6 +249,9 @@ impl Session {
     pub(super) async fn resolve_unknown_write(&mut self) {
         if let Some(l) = self.primary_position().await {
             self.last_write_lsn = self.last_write_lsn.max(l);
+            // The position may be newer than the write (a commit of another session): for
+            // the adaptive wait it is as young as a commit made now.
+            self.last_write_at = Some(Instant::now());
             self.applied = None;
             if let Some(k) = self.tx_key.as_ref().or(self.key.as_ref()) {
                 self.app.keys.record(k, l);
