@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use parking_lot::Mutex;
-use tidemark_core::{ClusterView, KeyStore, MemoryKeyStore, NodeId};
+use tidemark_core::{ClusterView, KeyStore, Lsn, MemoryKeyStore, NodeId};
 use tidemark_sql::{Classifier, FunctionPolicy};
 use tokio::sync::Notify;
 
@@ -184,6 +184,11 @@ pub struct App {
     /// Writes whose commit position was left unread, nothing depending on it (see
     /// `Session::may_leave_position_unread`; also `tidemark_commit_lsn_captures_skipped_total`).
     pub captures_skipped: std::sync::atomic::AtomicU64,
+    /// The current primary's position at its last successful poll, and when that poll was
+    /// sent: at or past every commit acknowledged before then (kept while the primary is down).
+    /// A session whose positions were left unread resolves them with it when the poll was sent
+    /// after its last such write (`Session::resolve_unknown_write`).
+    pub last_primary_poll: Mutex<Option<(Lsn, std::time::Instant)>>,
     /// Shared statement names whose server copies went stale (see `retire_shared_name`): the
     /// hash of the text, types and settings, and how many times its name was retired.
     retired_names: Mutex<HashMap<u64, u32>>,
@@ -265,6 +270,7 @@ impl App {
             transactions: Default::default(),
             replica_checks: Default::default(),
             captures_skipped: Default::default(),
+            last_primary_poll: Mutex::new(None),
             retired_names: Mutex::new(HashMap::new()),
             any_retired: Default::default(),
             shapes: Mutex::new(HashMap::new()),

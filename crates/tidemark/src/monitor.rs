@@ -61,6 +61,9 @@ struct Sample {
     /// Primaries: one entry per walsender.
     standbys: Vec<Standby>,
     at: Instant,
+    /// When the poll was sent: a primary's position is at or past every commit acknowledged
+    /// before then (see `App::last_primary_poll`).
+    asked: Instant,
     /// How long the poll's round trip took (the position query alone).
     rtt: Duration,
 }
@@ -239,12 +242,14 @@ impl Monitor {
             let mut prev_lsn: Option<Lsn> = None;
             let mut sync_read: Option<Instant> = None;
             let (mut remote_apply, mut standbys) = (false, Vec::new());
+            let mut was_primary = false;
             loop {
                 // A kick sent while this task polls is not waited for here: `Pace::wake`
                 // has already recorded the activity, so `next` is the fast pace.
                 tokio::select! {
                     _ = tokio::time::sleep_until(next) => {}
                     _ = self.app.monitor_pace.kick.notified() => {}
+                    _ = self.app.monitor_pace.kick_primary.notified(), if was_primary => {}
                 }
                 if !self.still_at(i, &node) {
                     break;
@@ -341,15 +346,19 @@ impl Monitor {
                         remote_apply,
                         standbys: standbys.clone(),
                         at: Instant::now(),
+                        asked: started.into_std(),
                         rtt,
                     },
                 );
                 let m = &self.app.config.load().monitor;
+                was_primary = role == Role::Primary;
+                let pace = &self.app.monitor_pace;
                 next = started
-                    + self
-                        .app
-                        .monitor_pace
-                        .next_after(m.interval, m.idle_interval);
+                    + if was_primary {
+                        pace.next_after_primary(started.elapsed(), m.interval, m.idle_interval)
+                    } else {
+                        pace.next_after(m.interval, m.idle_interval)
+                    };
             }
             self.backoff(i).await;
         }
@@ -515,6 +524,17 @@ impl Monitor {
                 if fresh == Some(st.id) || fresh.is_none() {
                     metrics_node(&mut t.metrics, st);
                 }
+            }
+        }
+        if let Some(s) = view_primary(&primary)
+            .and_then(|p| nodes.get(p))
+            .and_then(|t| t.sample.as_ref())
+            .filter(|s| s.ok && s.role == Role::Primary)
+        {
+            // Kept while the primary is down (nobody is promoted yet): its last position.
+            let mut last = self.app.last_primary_poll.lock();
+            if last.is_none_or(|(_, asked)| s.asked > asked) {
+                *last = Some((s.lsn, s.asked));
             }
         }
         let primary_latency = view_primary(&primary)

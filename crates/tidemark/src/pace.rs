@@ -37,6 +37,14 @@ pub struct Pace {
     /// Set while the monitor polls at the idle pace: only then does a commit need to wake it.
     quiet: AtomicBool,
     pub(crate) kick: tokio::sync::Notify,
+    /// When a write's commit position was last left unread ([`Pace::unread_write`]), in ms
+    /// since `epoch` plus one (0: never). A primary poll sent later covers it.
+    unread_ms: AtomicU64,
+    /// Set while the primary's poll waits the idle interval: only then does an unread write
+    /// need to wake it.
+    primary_quiet: AtomicBool,
+    /// Wakes the primary's poll alone.
+    pub(crate) kick_primary: tokio::sync::Notify,
 }
 
 impl Default for Pace {
@@ -48,6 +56,9 @@ impl Default for Pace {
             demanded: AtomicBool::new(false),
             quiet: AtomicBool::new(false),
             kick: tokio::sync::Notify::new(),
+            unread_ms: AtomicU64::new(0),
+            primary_quiet: AtomicBool::new(false),
+            kick_primary: tokio::sync::Notify::new(),
         }
     }
 }
@@ -111,6 +122,42 @@ impl Pace {
         if self.quiet.load(Ordering::Relaxed) && self.recent(&self.last_activity_ms, self.now_ms())
         {
             self.kick_now();
+        }
+    }
+
+    /// A write committed and its position was left unread (see
+    /// `Session::may_leave_position_unread`): the primary is polled within `monitor.interval`,
+    /// so a sample asked after the write soon stands in for its position (`App::last_primary_poll`:
+    /// the session's next read needs no round trip of its own, and a primary that dies right
+    /// after still leaves a position its reads can wait for on the replicas). Under a steady
+    /// stream of such writes that is one poll of the primary per interval (200/s at 5 ms),
+    /// where reading every position cost one per commit; sparse ones get one poll each.
+    pub fn unread_write(&self) {
+        self.unread_ms.store(self.now_ms() + 1, Ordering::Relaxed);
+        if self.primary_quiet.load(Ordering::Relaxed) {
+            self.primary_quiet.store(false, Ordering::Relaxed);
+            self.kick_primary.notify_waiters();
+        }
+    }
+
+    /// The time from the start of the primary's poll (sent `asked` ago) to its next: the fast
+    /// pace while a write left unread is not covered by a poll sent after it, else as
+    /// [`Pace::next_after`]. (A write in the poll's own millisecond counts as not covered.)
+    pub(crate) fn next_after_primary(
+        &self,
+        asked: Duration,
+        interval: Duration,
+        idle_interval: Duration,
+    ) -> Duration {
+        let asked_ms = self.now_ms().saturating_sub(asked.as_millis() as u64);
+        let unread = self.unread_ms.load(Ordering::Relaxed) > asked_ms;
+        let d = self.next_after(interval, idle_interval);
+        if unread {
+            self.primary_quiet.store(false, Ordering::Relaxed);
+            interval
+        } else {
+            self.primary_quiet.store(d > interval, Ordering::Relaxed);
+            d
         }
     }
 
@@ -258,5 +305,48 @@ mod tests {
         assert!(kicks(&p, |p| p.demand()).await, "the read did not wake it");
         assert!(!p.is_quiet());
         assert_eq!(p.next_after(FAST, IDLE), FAST);
+    }
+
+    /// Whether `kick_primary` wakes a waiter registered before `f` runs.
+    async fn kicks_primary(p: &Pace, f: impl FnOnce(&Pace)) -> bool {
+        let n = p.kick_primary.notified();
+        tokio::pin!(n);
+        n.as_mut().enable();
+        f(p);
+        tokio::time::timeout(Duration::from_millis(20), n)
+            .await
+            .is_ok()
+    }
+
+    #[tokio::test]
+    async fn an_unread_write_polls_the_primary_soon_and_only_the_primary() {
+        let ms = |n| Duration::from_millis(n);
+        let p = settled();
+        // Idle: nothing unread, the primary waits the idle interval.
+        assert_eq!(p.next_after_primary(ms(1), FAST, IDLE), IDLE);
+        // A write left unread wakes the primary's poll alone.
+        let mut all = false;
+        assert!(
+            kicks_primary(&p, |p| {
+                let n = p.kick.notified();
+                tokio::pin!(n);
+                all = n.as_mut().enable();
+                p.unread_write();
+            })
+            .await,
+            "the primary's poll was not woken"
+        );
+        assert!(!all, "the replicas' polls were woken too");
+        // A poll sent before the write (its answer came after it) is followed at the fast
+        // pace; one sent after it covers it, and the idle pace returns.
+        tokio::time::sleep(ms(3)).await;
+        assert_eq!(p.next_after_primary(ms(10), FAST, IDLE), FAST);
+        assert_eq!(p.next_after_primary(ms(1), FAST, IDLE), IDLE);
+        // Replicas keep the idle pace throughout.
+        p.unread_write();
+        assert_eq!(p.next_after(FAST, IDLE), IDLE);
+        // While the primary polls at the fast pace, an unread write wakes nothing.
+        assert_eq!(p.next_after_primary(ms(10), FAST, IDLE), FAST);
+        assert!(!kicks_primary(&p, |p| p.unread_write()).await);
     }
 }

@@ -187,6 +187,7 @@ impl Session {
             // Later reads (and keyed readers) must assume the write happened.
             let wrote = std::mem::take(&mut self.tx_wrote);
             self.write_unknown = true;
+            self.unread_since = None;
             if wrote {
                 // Causal readers cannot know whether to wait for it until it is resolved.
                 self.app.causal.mark_unknown();
@@ -247,7 +248,22 @@ impl Session {
     /// readers, wait for it. Leaves `write_unknown` set if the primary cannot be asked (the
     /// next read then goes to the primary).
     pub(super) async fn resolve_unknown_write(&mut self) {
-        if let Some(l) = self.primary_position().await {
+        // Positions left unread: a poll of the primary sent after the last of them read a
+        // position at or past it (the monitor polls the primary soon after such a write, see
+        // `Pace::unread_write`). No round trip, and it works while the primary is down.
+        let polled = self.unread_since.and_then(|since| {
+            self.app
+                .last_primary_poll
+                .lock()
+                .filter(|(_, asked)| *asked > since)
+                .map(|(l, _)| l)
+        });
+        let known = match polled {
+            Some(l) => Some(l),
+            None => self.primary_position().await,
+        };
+        if let Some(l) = known {
+            self.unread_since = None;
             self.last_write_lsn = self.last_write_lsn.max(l);
             // The position may be newer than the write (a commit of another session): for
             // the adaptive wait it is as young as a commit made now.
@@ -351,6 +367,7 @@ impl Session {
         if capture && capture_lost {
             // Committed, and the connection was lost before its position was read.
             self.write_unknown = true;
+            self.unread_since = None;
             self.applied = None;
             self.app.causal.mark_unknown();
             if self.app.shared.is_some() || self.tx_key.is_some() || self.key.is_some() {
@@ -465,11 +482,14 @@ impl Session {
     /// A write committed and its position is left unread (see `may_leave_position_unread`);
     /// done before the client's acknowledgement is flushed, as a read position would be.
     fn leave_position_unread(&mut self) {
+        let now = Instant::now();
         self.write_unknown = true;
+        self.unread_since = Some(now);
         self.applied = None;
-        self.last_write_at = Some(Instant::now());
+        self.last_write_at = Some(now);
         self.app.causal.mark_unknown();
         self.app.monitor_pace.wake();
+        self.app.monitor_pace.unread_write();
         self.app.captures_skipped.fetch_add(1, Ordering::Relaxed);
         crate::metrics::lsn_capture_skipped();
     }
@@ -548,6 +568,7 @@ impl Session {
                 tracing::warn!(error = %e, "could not read the commit LSN; using the primary's current position");
                 att.conn.conn.broken = true;
                 self.write_unknown = true;
+                self.unread_since = None;
                 self.app.causal.mark_unknown();
                 self.applied = None;
                 self.resolve_unknown_write().await;

@@ -212,6 +212,10 @@ pub struct Session {
     write_unknown: bool,
     /// Commit positions read for this session since one of its reads last depended on one.
     captures_unread: u32,
+    /// When the last write whose position was left unread was acknowledged; `None` when the
+    /// unknown position is a lost one (it is then asked of the primary, never taken from the
+    /// monitor's poll).
+    unread_since: Option<Instant>,
     /// The client asked for its commit position (`SHOW tidemark.commit_lsn`): every write's
     /// position is read from then on.
     position_shown: bool,
@@ -320,6 +324,7 @@ impl Session {
             skip_until_sync: false,
             write_unknown: false,
             captures_unread: 0,
+            unread_since: None,
             position_shown: false,
             conn_state_unknown: false,
             unit_clears_statements: false,
