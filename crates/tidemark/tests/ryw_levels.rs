@@ -1026,13 +1026,18 @@ async fn monitor_slows_down_when_idle_or_unread_and_wakes_on_a_commit() {
     // positions are left unread (after 16), each such write asks for one poll of the primary
     // (`Pace::unread_write`), and of the primary only.
     let g0 = app.view.load().generation;
-    let s0 = app.captures_skipped.load(std::sync::atomic::Ordering::Relaxed);
+    let s0 = app
+        .captures_skipped
+        .load(std::sync::atomic::Ordering::Relaxed);
     for i in 0..30 {
         exec(&c, &format!("INSERT INTO pace VALUES ({i})")).await;
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let unread = app.view.load().generation - g0;
-    let skipped = app.captures_skipped.load(std::sync::atomic::Ordering::Relaxed) - s0;
+    let skipped = app
+        .captures_skipped
+        .load(std::sync::atomic::Ordering::Relaxed)
+        - s0;
     println!(
         "writes, no replica reads: {unread} polls of 2 nodes in 1.5 s; {skipped} positions left unread"
     );
