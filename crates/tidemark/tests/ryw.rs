@@ -386,6 +386,40 @@ async fn write_rows(c: &tokio_postgres::Client, table: &str, ids: std::ops::Rang
     }
 }
 
+/// Writes rows `ids` into `lazy`, waits until the replica has replayed them and pauses its
+/// replay, then writes row `last`: a write whose commit position must be left unread.
+async fn one_unread_past_the_paused_replica(
+    env: &Env,
+    replica: &tokio_postgres::Client,
+    c: &tokio_postgres::Client,
+    ids: std::ops::Range<i64>,
+    last: i64,
+) {
+    use std::sync::atomic::Ordering;
+    write_rows(c, "lazy", ids).await;
+    tokio::task::block_in_place(|| wait_all_replayed(&env.cluster));
+    exec(replica, "SELECT pg_wal_replay_pause()").await;
+    let before = env.proxy.app.captures_skipped.load(Ordering::Relaxed);
+    write_rows(c, "lazy", last..last + 1).await;
+    let after = env.proxy.app.captures_skipped.load(Ordering::Relaxed);
+    assert_eq!(after, before + 1, "row {last}: the write after unread ones");
+}
+
+/// Writes rows `ids` into `lazy` (see `write_rows`) and checks that none of their commit
+/// positions was left unread.
+async fn none_left_unread(
+    env: &Env,
+    c: &tokio_postgres::Client,
+    ids: std::ops::Range<i64>,
+    when: &str,
+) {
+    use std::sync::atomic::Ordering;
+    let before = env.proxy.app.captures_skipped.load(Ordering::Relaxed);
+    write_rows(c, "lazy", ids).await;
+    let after = env.proxy.app.captures_skipped.load(Ordering::Relaxed);
+    assert_eq!(after, before, "positions left unread {when}");
+}
+
 /// A session that writes many times without reading stops paying for its commit positions
 /// (after `UNREAD_BEFORE_SKIP` = 16 unread ones), and nothing goes stale by it. Each step: a
 /// run of writes the replica replays, then its replay is paused and the session writes once
@@ -417,18 +451,9 @@ async fn a_writer_that_does_not_read_leaves_positions_unread_and_nothing_goes_st
 
     // 1. Own reads.
     let mut own = Tally::default();
-    for round in 0..4 {
+    for _ in 0..4 {
         let (ids, last) = run_then_pause(24);
-        write_rows(&w, "lazy", ids).await;
-        tokio::task::block_in_place(|| wait_all_replayed(&env.cluster));
-        exec(&replica, "SELECT pg_wal_replay_pause()").await;
-        let before = skipped();
-        write_rows(&w, "lazy", last..last + 1).await;
-        assert_eq!(
-            skipped(),
-            before + 1,
-            "round {round}: the write after 24 unread ones"
-        );
+        one_unread_past_the_paused_replica(&env, &replica, &w, ids, last).await;
         own.add(found_where(&w, &read(last)).await);
         exec(&replica, "SELECT pg_wal_replay_resume()").await;
     }
@@ -452,38 +477,21 @@ async fn a_writer_that_does_not_read_leaves_positions_unread_and_nothing_goes_st
     println!("shown {shown}, the primary's position before the write {floor}");
     assert_eq!(past, "true", "the token {shown} is not past {floor}");
     // Having shown it, the session's positions are read from now on.
-    let before = skipped();
     let (ids, _) = run_then_pause(20);
-    write_rows(&w, "lazy", ids).await;
-    assert_eq!(
-        skipped(),
-        before,
-        "positions left unread after SHOW tidemark.commit_lsn"
-    );
+    none_left_unread(&env, &w, ids, "after SHOW tidemark.commit_lsn").await;
 
     // 3. A causal reader on another connection, the first in this process.
     let w2 = env.client().await;
     let r = env.client().await;
     exec(&r, "SET tidemark.consistency = causal").await;
     let (ids, last) = run_then_pause(24);
-    write_rows(&w2, "lazy", ids).await;
-    tokio::task::block_in_place(|| wait_all_replayed(&env.cluster));
-    exec(&replica, "SELECT pg_wal_replay_pause()").await;
-    let before = skipped();
-    write_rows(&w2, "lazy", last..last + 1).await;
-    assert_eq!(skipped(), before + 1);
+    one_unread_past_the_paused_replica(&env, &replica, &w2, ids, last).await;
     let (found, _) = found_where(&r, &read(last)).await;
     exec(&replica, "SELECT pg_wal_replay_resume()").await;
     assert!(found, "a causal read missed a write acknowledged before it");
     // With causal readers about, no position is left unread.
-    let before = skipped();
     let (ids, _) = run_then_pause(20);
-    write_rows(&w2, "lazy", ids).await;
-    assert_eq!(
-        skipped(),
-        before,
-        "positions left unread with causal readers about"
-    );
+    none_left_unread(&env, &w2, ids, "with causal readers about").await;
 
     // 4. Keyed writes keep their positions (a fresh instance: no causal reader yet).
     drop((w, w2, r));
