@@ -186,8 +186,7 @@ impl Session {
         if unknown {
             // Later reads (and keyed readers) must assume the write happened.
             let wrote = std::mem::take(&mut self.tx_wrote);
-            self.write_unknown = true;
-            self.unread_since = None;
+            self.position_unknown(None);
             if wrote {
                 // Causal readers cannot know whether to wait for it until it is resolved.
                 self.app.causal.mark_unknown();
@@ -241,6 +240,18 @@ impl Session {
         } else {
             ends && (self.tx_wrote || may_write)
         }
+    }
+
+    /// A write committed and its position is not known: lost (`unread_since` `None`: only
+    /// the primary, asked from now on, can tell a position at or past it) or left unread at
+    /// `unread_since` (a monitor poll of the primary sent after then can too). Replicas the
+    /// primary reported at an earlier commit say nothing about it. The session's next read
+    /// that may go to a replica resolves it first (`resolve_unknown_write`); `causal` readers
+    /// are the caller's to tell (`CausalFloor::mark_unknown`).
+    fn position_unknown(&mut self, unread_since: Option<Instant>) {
+        self.write_unknown = true;
+        self.unread_since = unread_since;
+        self.applied = None;
     }
 
     /// After a write whose commit position is unknown: learns the primary's current position
@@ -366,9 +377,7 @@ impl Session {
         // the acknowledgement then waits for it.
         if capture && capture_lost {
             // Committed, and the connection was lost before its position was read.
-            self.write_unknown = true;
-            self.unread_since = None;
-            self.applied = None;
+            self.position_unknown(None);
             self.app.causal.mark_unknown();
             if self.app.shared.is_some() || self.tx_key.is_some() || self.key.is_some() {
                 // Other instances learn it only through the shared store, readers of the key
@@ -483,9 +492,7 @@ impl Session {
     /// done before the client's acknowledgement is flushed, as a read position would be.
     fn leave_position_unread(&mut self) {
         let now = Instant::now();
-        self.write_unknown = true;
-        self.unread_since = Some(now);
-        self.applied = None;
+        self.position_unknown(Some(now));
         self.last_write_at = Some(now);
         self.app.causal.mark_unknown();
         self.app.monitor_pace.wake();
@@ -567,10 +574,8 @@ impl Session {
                 // primary's current position instead (at or past the commit).
                 tracing::warn!(error = %e, "could not read the commit LSN; using the primary's current position");
                 att.conn.conn.broken = true;
-                self.write_unknown = true;
-                self.unread_since = None;
+                self.position_unknown(None);
                 self.app.causal.mark_unknown();
-                self.applied = None;
                 self.resolve_unknown_write().await;
             }
         }
