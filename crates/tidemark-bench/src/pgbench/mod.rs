@@ -47,13 +47,14 @@ pub struct PgbenchArgs {
     /// pgbench scale factor for `pgbench -i`.
     #[arg(long, default_value_t = 10)]
     pub scale: u32,
-    /// Targets: direct, tidemark-session, tidemark-eventual, tidemark-notrack, tidemark-strong
+    /// Targets: direct, direct-replicas (the clients split over the replicas, one pgbench
+    /// per replica, no proxy: where tidemark's `session` reads run, without a proxy), tidemark-session, tidemark-eventual, tidemark-notrack, tidemark-strong
     /// (every statement to the primary), tidemark-alt, pgbouncer, pgpool, pipe (a byte pipe:
     /// what any proxy process costs here).
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "direct,tidemark-session,tidemark-eventual,tidemark-notrack,pgbouncer,pgpool"
+        default_value = "direct,direct-replicas,tidemark-session,tidemark-eventual,tidemark-notrack,pgbouncer,pgpool"
     )]
     pub targets: Vec<String>,
     /// Idle client connections opened to each proxy for the memory figure (0 to skip).
@@ -85,6 +86,11 @@ pub struct PgbenchArgs {
 #[serde(rename_all = "kebab-case")]
 enum Target {
     Direct,
+    /// No proxy: the clients split over the replicas, one pgbench per replica, at once (read
+    /// workloads only). The servers' share of `tidemark-session`'s reads without a proxy:
+    /// on a machine whose cores the nodes share, several replicas cost more per statement
+    /// than one primary.
+    DirectReplicas,
     TidemarkSession,
     TidemarkEventual,
     TidemarkNotrack,
@@ -104,6 +110,7 @@ impl Target {
     fn parse(s: &str) -> Result<Target> {
         Ok(match s {
             "direct" => Target::Direct,
+            "direct-replicas" => Target::DirectReplicas,
             "tidemark-session" | "tidemark" => Target::TidemarkSession,
             "tidemark-eventual" => Target::TidemarkEventual,
             "tidemark-notrack" => Target::TidemarkNotrack,
@@ -113,7 +120,7 @@ impl Target {
             "pgpool" => Target::Pgpool,
             "pipe" => Target::Pipe,
             _ => bail!(
-                "--targets: unknown target '{s}' (direct, tidemark-session, tidemark-eventual, \
+                "--targets: unknown target '{s}' (direct, direct-replicas, tidemark-session, tidemark-eventual, \
                  tidemark-notrack, tidemark-strong, tidemark-alt, pgbouncer, pgpool, pipe)"
             ),
         })
@@ -122,6 +129,7 @@ impl Target {
     fn name(self) -> &'static str {
         match self {
             Target::Direct => "direct",
+            Target::DirectReplicas => "direct to the replicas (no proxy)",
             Target::TidemarkSession => "tidemark (session)",
             Target::TidemarkEventual => "tidemark (eventual)",
             Target::TidemarkNotrack => "tidemark (track_writes off)",
@@ -193,9 +201,10 @@ impl Workload {
         a
     }
 
-    /// The TPC-B-like script is only run where it means something different.
+    /// The TPC-B-like script is only run where it means something different (and writes
+    /// cannot run on a replica).
     fn applies_to(&self, t: Target) -> bool {
-        self.name != "tpcb" || t != Target::TidemarkEventual
+        self.name != "tpcb" || !matches!(t, Target::TidemarkEventual | Target::DirectReplicas)
     }
 }
 

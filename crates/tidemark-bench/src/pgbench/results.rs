@@ -195,6 +195,16 @@ pub(super) fn report_results(
             Target::Pipe,
             "PgBouncer vs the byte pipe",
         ),
+        (
+            Target::DirectReplicas,
+            Target::Direct,
+            "the replicas vs the primary, no proxy (the nodes share the cores)",
+        ),
+        (
+            Target::TidemarkSession,
+            Target::DirectReplicas,
+            "tidemark (session) vs direct to the replicas (same servers)",
+        ),
     ];
     for (a, b, label) in pairs {
         if !targets.contains(&a) || !targets.contains(&b) {

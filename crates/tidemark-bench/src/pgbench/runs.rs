@@ -13,18 +13,62 @@ use crate::procs::{self, ProcGuard, PGPOOL_CHILDREN};
 use crate::report::{f0, f2, percentile};
 
 /// Runs pgbench once and reads tps, average latency and (from the per-transaction log) p99.
+/// With several ports (target `direct-replicas`) one pgbench per port runs at the same time,
+/// the clients split between them: tps adds up, latency is weighted by each one's tps, p99 is
+/// taken over every transaction logged.
 async fn pgbench_once(
     pgbench: &Path,
-    port: u16,
+    ports: &[u16],
     w: &Workload,
     duration: Duration,
 ) -> Result<(f64, f64, f64)> {
+    let parts = split_clients(w.clients, ports.len());
+    // Two pgbench threads in all (one per core here), however many processes share them.
+    let threads = (2 / parts.len() as u32).max(1);
+    let mut runs = tokio::task::JoinSet::new();
+    for (&clients, &port) in parts.iter().zip(ports) {
+        let (pgbench, w) = (pgbench.to_path_buf(), w.clone());
+        let threads = threads.min(clients);
+        runs.spawn(
+            async move { pgbench_part(&pgbench, port, &w, clients, threads, duration).await },
+        );
+    }
+    let mut tps = 0.0;
+    let mut weighted = 0.0;
+    let mut lats: Vec<u32> = Vec::new();
+    while let Some(r) = runs.join_next().await {
+        let (t, lat, mut l) = r.context("a pgbench task panicked")??;
+        tps += t;
+        weighted += t * lat;
+        lats.append(&mut l);
+    }
+    lats.sort_unstable();
+    let lat = if tps > 0.0 { weighted / tps } else { f64::NAN };
+    Ok((tps, lat, percentile(&lats, 99.0) as f64 / 1000.0))
+}
+
+/// `clients` split as evenly as they go over `n` pgbench processes (none gets 0).
+pub(super) fn split_clients(clients: u32, n: usize) -> Vec<u32> {
+    let n = (n as u32).clamp(1, clients.max(1));
+    (0..n)
+        .map(|i| clients / n + u32::from(i < clients % n))
+        .collect()
+}
+
+/// One pgbench process: tps, average latency and every transaction's latency (µs).
+async fn pgbench_part(
+    pgbench: &Path,
+    port: u16,
+    w: &Workload,
+    clients: u32,
+    threads: u32,
+    duration: Duration,
+) -> Result<(f64, f64, Vec<u32>)> {
     let logdir = tempfile::Builder::new()
         .prefix("tidemark-bench-pgbench")
         .tempdir()
         .context("creating a log directory")?;
     let prefix = logdir.path().join("log");
-    let threads = if w.clients >= 2 { 2 } else { 1 };
     let out = tokio::process::Command::new(pgbench)
         .args(["-h", "127.0.0.1", "-U", "postgres", "-n"])
         .arg("-p")
@@ -32,7 +76,7 @@ async fn pgbench_once(
         .arg("-T")
         .arg(duration.as_secs().max(1).to_string())
         .arg("-c")
-        .arg(w.clients.to_string())
+        .arg(clients.to_string())
         .arg("-j")
         .arg(threads.to_string())
         .args(w.args())
@@ -85,8 +129,7 @@ async fn pgbench_once(
                 .filter_map(|l| l.split_whitespace().nth(2)?.parse::<u32>().ok()),
         );
     }
-    lats.sort_unstable();
-    Ok((tps, lat, percentile(&lats, 99.0) as f64 / 1000.0))
+    Ok((tps, lat, lats))
 }
 
 /// A running target: the process (none for direct) and its files. Fields drop in order: the
@@ -94,7 +137,8 @@ async fn pgbench_once(
 struct Running {
     guard: Option<ProcGuard>,
     _dir: Option<tempfile::TempDir>,
-    port: u16,
+    /// Where pgbench connects: one port, or (`direct-replicas`) one per replica.
+    ports: Vec<u16>,
 }
 
 /// Starts whatever serves `target`.
@@ -111,14 +155,19 @@ async fn start_target(t: Target, cluster: &Cluster, bins: &Bins, dir: &Path) -> 
         return Ok(Running {
             guard: Some(g),
             _dir: None,
-            port,
+            ports: vec![port],
         });
     }
     match t {
         Target::Direct => Ok(Running {
             guard: None,
             _dir: None,
-            port: cluster.port(0),
+            ports: vec![cluster.port(0)],
+        }),
+        Target::DirectReplicas => Ok(Running {
+            guard: None,
+            _dir: None,
+            ports: (1..cluster.node_count()).map(|i| cluster.port(i)).collect(),
         }),
         Target::Pgbouncer => {
             let bin = bins
@@ -130,7 +179,7 @@ async fn start_target(t: Target, cluster: &Cluster, bins: &Bins, dir: &Path) -> 
             Ok(Running {
                 guard: Some(g),
                 _dir: Some(d),
-                port,
+                ports: vec![port],
             })
         }
         Target::Pgpool => {
@@ -141,7 +190,7 @@ async fn start_target(t: Target, cluster: &Cluster, bins: &Bins, dir: &Path) -> 
             Ok(Running {
                 guard: Some(g),
                 _dir: Some(d),
-                port,
+                ports: vec![port],
             })
         }
         Target::Pipe => {
@@ -149,7 +198,7 @@ async fn start_target(t: Target, cluster: &Cluster, bins: &Bins, dir: &Path) -> 
             Ok(Running {
                 guard: Some(g),
                 _dir: None,
-                port,
+                ports: vec![port],
             })
         }
         _ => bail!("unhandled target {t:?}"),
@@ -211,16 +260,16 @@ pub(super) async fn run_all(
             let running = start_target(t, cluster, bins, scratch.path())
                 .await
                 .with_context(|| format!("starting {}", t.name()))?;
-            let port = running.port;
+            let ports = running.ports.clone();
             // The proxy's own CPU per statement (one process: tidemark, PgBouncer).
             let pid = match t {
-                Target::Direct | Target::Pgpool => None,
+                Target::Direct | Target::DirectReplicas | Target::Pgpool => None,
                 _ => running.guard.as_ref().map(|g| g.pid()),
             };
             for w in wl.iter().filter(|w| w.applies_to(t)) {
                 let cpu_before = pid.and_then(procs::cpu_us);
                 let machine_before = procs::machine_cpu_us();
-                let r = pgbench_once(&bins.pgbench, port, w, args.duration).await;
+                let r = pgbench_once(&bins.pgbench, &ports, w, args.duration).await;
                 let machine_after = procs::machine_cpu_us();
                 let cpu_after = pid.and_then(procs::cpu_us);
                 let rr = match r {
@@ -342,7 +391,7 @@ async fn measure_memory(
     n: usize,
 ) -> Result<Memory> {
     let running = start_target(t, cluster, bins, dir).await?;
-    let port = running.port;
+    let port = running.ports[0];
     let pid = running
         .guard
         .as_ref()
@@ -416,4 +465,19 @@ async fn measure_memory(
         kib_per_client: (after as f64 - before as f64) / n as f64,
         note,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_clients;
+
+    #[test]
+    fn clients_are_split_evenly_and_none_gets_zero() {
+        assert_eq!(split_clients(8, 2), vec![4, 4]);
+        assert_eq!(split_clients(9, 2), vec![5, 4]);
+        assert_eq!(split_clients(32, 3), vec![11, 11, 10]);
+        // Fewer clients than replicas: one each, not a pgbench with none.
+        assert_eq!(split_clients(1, 2), vec![1]);
+        assert_eq!(split_clients(8, 1), vec![8]);
+    }
 }
