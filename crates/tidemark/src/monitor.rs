@@ -526,8 +526,8 @@ impl Monitor {
                 }
             }
         }
-        if let Some(s) = view_primary(&primary)
-            .and_then(|p| nodes.get(p))
+        let primary_track = view_primary(&primary).and_then(|p| nodes.get(p));
+        if let Some(s) = primary_track
             .and_then(|t| t.sample.as_ref())
             .filter(|s| s.ok && s.role == Role::Primary)
         {
@@ -537,9 +537,7 @@ impl Monitor {
                 *last = Some((s.lsn, s.asked));
             }
         }
-        let primary_latency = view_primary(&primary)
-            .and_then(|p| nodes.get(p))
-            .and_then(|t| t.latency.get());
+        let primary_latency = primary_track.and_then(|t| t.latency.get());
         if let Some(d) =
             primary_latency.filter(|_| fresh.is_some() && fresh == view_primary(&primary))
         {

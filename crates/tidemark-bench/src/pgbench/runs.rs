@@ -48,7 +48,7 @@ async fn pgbench_once(
 }
 
 /// `clients` split as evenly as they go over `n` pgbench processes (none gets 0).
-pub(super) fn split_clients(clients: u32, n: usize) -> Vec<u32> {
+fn split_clients(clients: u32, n: usize) -> Vec<u32> {
     let n = (n as u32).clamp(1, clients.max(1));
     (0..n)
         .map(|i| clients / n + u32::from(i < clients % n))
