@@ -1001,6 +1001,88 @@ async fn rows_relayed_in_a_run_are_taken_back_when_the_read_moves_to_the_primary
     assert_eq!(d.query_ok(sql).await, msgs);
 }
 
+/// Units run by the short path for autocommit reads (`session::fast`) so far, process-wide.
+fn fast_reads() -> u64 {
+    tidemark::session::FAST_READS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// An autocommit read takes the short path (`session::fast`) whether it comes as a simple
+/// query, an unnamed extended statement or a named prepared one, and answers as the general
+/// path does: on the replica once it has what the session wrote, the session's own writes
+/// read back at once, an error answered with its SQLSTATE and the session usable after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn autocommit_reads_take_the_short_path_and_read_what_the_session_wrote() {
+    use tokio_postgres::types::Type;
+    let (env, c) = with_items().await;
+    c.batch_execute("INSERT INTO items VALUES (1, 'a')")
+        .await
+        .unwrap();
+    wait_all_replayed(&env.cluster);
+    wait_view_caught_up(&env.proxy).await;
+    let before = fast_reads();
+    let simple = rows(
+        &c.simple_query("SELECT name, pg_is_in_recovery() FROM items WHERE id = 1")
+            .await
+            .unwrap(),
+    );
+    assert_eq!(simple, vec![vec![Some("a".into()), Some("t".into())]]);
+    let read = "SELECT name, pg_is_in_recovery() FROM items WHERE id = $1";
+    let unnamed = c.query_typed(read, &[(&1i32, Type::INT4)]).await.unwrap();
+    assert_eq!(unnamed[0].get::<_, &str>(0), "a");
+    assert!(unnamed[0].get::<_, bool>(1), "on the replica");
+    let st = c.prepare(read).await.unwrap();
+    let prepared = c.query_one(&st, &[&1i32]).await.unwrap();
+    assert_eq!(prepared.get::<_, &str>(0), "a");
+    assert!(prepared.get::<_, bool>(1), "on the replica");
+    // (Other tests of this binary run beside this one: the count only grows.)
+    assert!(
+        fast_reads() >= before + 3,
+        "the three reads took the short path"
+    );
+    // Each write is read back by the next read, whichever path and node serve it.
+    for i in 0..30 {
+        let name = format!("v{i}");
+        c.execute("UPDATE items SET name = $1 WHERE id = 1", &[&name])
+            .await
+            .unwrap();
+        let r = c.query_one(&st, &[&1i32]).await.unwrap();
+        assert_eq!(
+            r.get::<_, &str>(0),
+            name,
+            "read {i} sees the write before it"
+        );
+        let r = rows(
+            &c.simple_query("SELECT name FROM items WHERE id = 1")
+                .await
+                .unwrap(),
+        );
+        assert_eq!(r[0][0].as_deref(), Some(name.as_str()));
+    }
+    // An error on the short path: the server's SQLSTATE, and the session goes on.
+    let e = c
+        .simple_query("SELECT name FROM no_such_table")
+        .await
+        .unwrap_err();
+    assert_eq!(
+        e.as_db_error().map(|d| d.code().code()),
+        Some("42P01"),
+        "{e:?}"
+    );
+    let e = c.query_one(&st, &[&1i32]).await.map(|_| ()).and(
+        c.query_typed("SELECT 1 / $1", &[(&0i32, Type::INT4)])
+            .await
+            .map(|_| ()),
+    );
+    let e = e.unwrap_err();
+    assert_eq!(
+        e.as_db_error().map(|d| d.code().code()),
+        Some("22012"),
+        "{e:?}"
+    );
+    let r = c.query_one(&st, &[&1i32]).await.unwrap();
+    assert_eq!(r.get::<_, &str>(0), "v29");
+}
+
 /// Runs of answers relayed as bytes so far (`session::relay::plain_step`), process-wide.
 fn relayed_runs() -> u64 {
     tidemark::session::RELAYED_RUNS.load(std::sync::atomic::Ordering::Relaxed)

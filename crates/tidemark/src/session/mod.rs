@@ -46,6 +46,7 @@ use crate::server::ServerError;
 mod abandon;
 mod commit;
 mod databases;
+mod fast;
 mod intake;
 mod optimistic;
 mod placement;
@@ -59,6 +60,8 @@ use crate::config::TxMode;
 use crate::tx_shapes::TxOutcome;
 use commit::*;
 use databases::*;
+use fast::Fast;
+pub use fast::FAST_READS;
 use optimistic::*;
 use placement::{CheckoutFailure, Speculation};
 pub use relay::RELAYED_RUNS;
@@ -131,6 +134,20 @@ struct Attached {
     role: Role,
 }
 
+/// What `execute` worked out about a unit before its relay, for what follows it
+/// (`Session::finish_unit`).
+#[derive(Clone, Copy)]
+struct RunFacts {
+    /// The unit may write (its commit position is recorded).
+    may_write: bool,
+    /// The unit may commit a transaction (a lost server then answers 08007).
+    may_commit: bool,
+    /// The commit-position read was pipelined behind it.
+    pipeline: bool,
+    /// A read nothing of reached the client may run again on the primary.
+    retryable: bool,
+}
+
 type SResult<T> = Result<T, ClientError>;
 
 /// A future behind a pointer to `dyn Future`, for the paths a unit rarely takes (errors,
@@ -183,6 +200,8 @@ pub struct Session {
     /// This session's spreading seed: sessions are spread over eligible replicas round-robin,
     /// and one session's reads stay on one replica while it stays eligible (see `decide`).
     balance: u64,
+    /// `routing.balance = "statement"`: the unit's draw, once made (see `route_request`).
+    unit_balance: Option<u64>,
     statements: Statements,
     unnamed: Option<Arc<Stmt>>,
     /// Unnamed statements before `unnamed`, newest first (see `Session::set_unnamed`).
@@ -306,6 +325,7 @@ impl Session {
             applied: None,
             last_route: None,
             balance,
+            unit_balance: None,
             statements: Statements::default(),
             unnamed: None,
             recent_unnamed: Default::default(),
@@ -526,8 +546,18 @@ impl Session {
         } else {
             unit
         };
+        self.unit_balance = None;
+        // The commonest unit, an autocommit read, takes the short way (see `fast`).
+        let classified = match self.fast_read(&unit) {
+            Fast::Run(f) => return self.run_fast(unit, f).await,
+            Fast::General(a) => a,
+        };
         // What is this unit?
-        let (analysis, stmt_updates) = match self.analyse(&unit).await {
+        let analysed = match classified {
+            Some(a) => a,
+            None => self.analyse(&unit).await,
+        };
+        let (analysis, stmt_updates) = match analysed {
             Ok(a) => a,
             Err(e) => return self.error_ready(e, unit.end).await,
         };
@@ -700,6 +730,19 @@ impl Session {
                 return Ok(false);
             }
         }
+        self.attach_now((conn, node, role, reason), class, read, count);
+        Ok(true)
+    }
+
+    /// The end of [`Session::attach`], for a connection already in the session's state.
+    #[inline]
+    fn attach_now(
+        &mut self,
+        (conn, node, role, reason): (Checked, NodeId, Role, Reason),
+        class: &'static str,
+        read: bool,
+        count: bool,
+    ) {
         if count {
             let target = if role == Role::Primary {
                 "primary"
@@ -715,7 +758,6 @@ impl Session {
         }
         self.last_route = Some((node, reason));
         self.attached = Some(Attached { conn, node, role });
-        Ok(true)
     }
 
     /// Decides where the unit goes and runs it there.
@@ -838,6 +880,32 @@ impl Session {
             }
         }
         self.optx_answered();
+        let facts = RunFacts {
+            may_write,
+            may_commit,
+            pipeline,
+            retryable,
+        };
+        self.finish_unit(unit, analysis, outcome, facts, first_unit)
+            .await
+    }
+
+    /// After a unit's relay: carries out how it ended (`settle`) and runs a read that a
+    /// replica could not answer, and that nothing of reached the client, again on the primary.
+    async fn finish_unit(
+        &mut self,
+        unit: Unit,
+        analysis: Arc<Analysis>,
+        outcome: Result<RelayOutcome, RelayError>,
+        facts: RunFacts,
+        first_unit: Option<String>,
+    ) -> SResult<()> {
+        let RunFacts {
+            may_write,
+            may_commit,
+            pipeline,
+            retryable,
+        } = facts;
         let Some(why) = self
             .settle(outcome, may_write, may_commit, &analysis)
             .await?

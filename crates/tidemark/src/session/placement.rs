@@ -217,6 +217,68 @@ impl Session {
         }
     }
 
+    /// The routing request for a unit, once what it depends on is known (`decide`, and
+    /// `fast_read` for the units that need nothing looked up first).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn route_request(
+        &mut self,
+        read_only: bool,
+        consistency: Consistency,
+        required: Lsn,
+        hint: TargetHint,
+        causal_floor: Option<Lsn>,
+        requirement_unknown: bool,
+        view: &tidemark_core::ClusterView,
+    ) -> RouteRequest {
+        // Only while the primary that reported it is still the primary.
+        let applied = self
+            .applied
+            .filter(|(_, p)| view.primary_id() == Some(*p))
+            .map(|(a, _)| a);
+        let matters = !matches!(consistency, Consistency::Strong | Consistency::Eventual)
+            && hint != TargetHint::Primary;
+        // Everything this read depends on was committed no later than the session's own last
+        // write when that is the newest of it: a replica needs that much less to catch up.
+        let commit_age = match self.last_write_at {
+            Some(at)
+                if read_only
+                    && matters
+                    && required <= self.last_write_lsn
+                    && causal_floor.is_some_and(|f| f <= self.last_write_lsn) =>
+            {
+                at.elapsed()
+            }
+            _ => Duration::ZERO,
+        };
+        let cfg = self.app.config.load();
+        let budget = wait_budget(
+            cfg.routing.wait.policy(),
+            cfg.routing.max_wait,
+            view.primary_latency,
+        );
+        RouteRequest {
+            read_only: read_only && !self.pinned,
+            pinned: None,
+            consistency,
+            required_lsn: required,
+            hint,
+            balance: match cfg.routing.balance {
+                Balance::Session => self.balance,
+                // Drawn once per unit: `fast_read` and `decide` may both route one unit, and
+                // a second draw would skip a replica every time.
+                Balance::Statement => *self
+                    .unit_balance
+                    .get_or_insert_with(|| self.app.balance.fetch_add(1, Ordering::Relaxed)),
+            },
+            applied,
+            max_wait: Some(budget),
+            commit_age,
+            lag_resolution: cfg.monitor.interval,
+            causal_floor,
+            requirement_unknown,
+        }
+    }
+
     /// Routes a unit that is not bound to a connection yet, waiting for a replica to
     /// catch up when needed. Returns the checked-out connection. `speculate`: a read that
     /// must check a replica's position may instead be answered with that replica, the check
@@ -294,48 +356,17 @@ impl Session {
             }
         }
         let view = self.app.view.load_full();
-        // Only while the primary that reported it is still the primary.
-        let applied = self
-            .applied
-            .filter(|(_, p)| view.primary_id() == Some(*p))
-            .map(|(a, _)| a);
-        let cfg = self.app.config.load();
-        let budget = wait_budget(
-            cfg.routing.wait.policy(),
-            cfg.routing.max_wait,
-            view.primary_latency,
-        );
-        // Everything this read depends on was committed no later than the session's own last
-        // write when that is the newest of it: a replica needs that much less to catch up.
-        let commit_age = match self.last_write_at {
-            Some(at)
-                if read_only
-                    && matters
-                    && required <= self.last_write_lsn
-                    && causal_floor.is_some_and(|f| f <= self.last_write_lsn) =>
-            {
-                at.elapsed()
-            }
-            _ => Duration::ZERO,
-        };
-        let req = RouteRequest {
-            read_only: read_only && !self.pinned,
-            pinned: None,
+        let req = self.route_request(
+            read_only,
             consistency,
-            required_lsn: required,
+            required,
             hint,
-            balance: match cfg.routing.balance {
-                Balance::Session => self.balance,
-                Balance::Statement => self.app.balance.fetch_add(1, Ordering::Relaxed),
-            },
-            applied,
-            max_wait: Some(budget),
-            commit_age,
-            lag_resolution: cfg.monitor.interval,
             causal_floor,
             requirement_unknown,
-        };
-        drop(cfg);
+            &view,
+        );
+        // How long a read may wait for a replica (`routing.wait`, `routing.max_wait`).
+        let budget = req.max_wait.unwrap_or_default();
         match route(&req, &view) {
             Route::Node { node, role, reason } => {
                 if read_only && role == Role::Primary {

@@ -49,6 +49,20 @@ impl Stmt {
     }
 }
 
+/// A unit's combined analysis and the prepared statements it defines or closes (see
+/// `Session::analyse`), or the error that refuses it.
+pub(super) type Analysed = Result<(Arc<Analysis>, StmtUpdates), ErrorFields>;
+
+/// Analyses of a unit's long texts, made on the blocking pool, by message index.
+pub(super) type LongTexts = smallvec::SmallVec<[(usize, Arc<Analysis>); 1]>;
+
+/// What [`Session::analyse_now`] made of a unit.
+pub(super) enum Analysing<'u> {
+    Done(Analysed),
+    /// The text of message `.0` must be classified on the blocking pool first.
+    Long(usize, &'u str),
+}
+
 /// Unnamed statements remembered besides the current one (see `Session::set_unnamed`).
 pub(super) const RECENT_UNNAMED: usize = 3;
 /// Longer unnamed texts are not remembered (memory per client stays small).
@@ -95,8 +109,21 @@ pub(super) async fn classify(app: &Arc<App>, sql: &str) -> Arc<Analysis> {
 
 /// [`classify`] for a text short enough to parse on the event loop, without a future (the
 /// per-statement case); `None` for a long one, which [`classify`] sends to the blocking pool.
-fn classify_inline(app: &App, sql: &str) -> Option<Arc<Analysis>> {
+pub(super) fn classify_inline(app: &App, sql: &str) -> Option<Arc<Analysis>> {
     (sql.len() <= tidemark_sql::INLINE_PARSE_LIMIT).then(|| app.classifier.classify(sql))
+}
+
+/// Whether a text runs `DISCARD ALL` or `DEALLOCATE ALL` (the server then drops every
+/// prepared statement of the connection).
+fn clears(a: &Analysis) -> bool {
+    a.statements.iter().any(|c| {
+        matches!(
+            c,
+            Class::SessionState(
+                SessionKind::Discard { all: true } | SessionKind::Deallocate { name: None }
+            )
+        )
+    })
 }
 
 impl Session {
@@ -135,33 +162,46 @@ impl Session {
     }
 
     /// Classifies a unit; returns its combined analysis and the prepared statements it
-    /// defines (`Some`) or closes (`None`).
-    #[allow(clippy::type_complexity)]
-    pub(super) async fn analyse(
-        &mut self,
-        unit: &Unit,
-    ) -> Result<(Arc<Analysis>, StmtUpdates), ErrorFields> {
+    /// defines (`Some`) or closes (`None`). Texts too long to parse on the event loop are
+    /// classified on the blocking pool first (see [`classify`]).
+    pub(super) async fn analyse(&mut self, unit: &Unit) -> Analysed {
+        let mut long = LongTexts::new();
+        loop {
+            match self.analyse_now(unit, &long) {
+                Analysing::Done(r) => return r,
+                Analysing::Long(i, text) => {
+                    let a = classify(&self.app, text).await;
+                    long.push((i, a));
+                }
+            }
+        }
+    }
+
+    /// [`Session::analyse`] without waiting: `Long` names the first text too long to parse
+    /// inline that `long` (texts classified on the blocking pool, by message index) lacks.
+    /// It changes nothing but `unit_clears_statements`, so it may run again.
+    pub(super) fn analyse_now<'u>(&mut self, unit: &'u Unit, long: &LongTexts) -> Analysing<'u> {
+        let classify_at =
+            |app: &App, i: usize, sql: &'u str| -> Result<Arc<Analysis>, Analysing<'u>> {
+                if let Some(a) = classify_inline(app, sql) {
+                    return Ok(a);
+                }
+                match long.iter().find(|(j, _)| *j == i) {
+                    Some((_, a)) => Ok(a.clone()),
+                    None => Err(Analysing::Long(i, sql)),
+                }
+            };
         // Inline: a unit of one statement (nearly all of them) allocates nothing for its parts.
         let mut parts: smallvec::SmallVec<[Arc<Analysis>; 4]> = smallvec::SmallVec::new();
         let mut updates = StmtUpdates::new();
         let mut new_named = 0usize;
-        let clears = |a: &Analysis| {
-            a.statements.iter().any(|c| {
-                matches!(
-                    c,
-                    Class::SessionState(
-                        SessionKind::Discard { all: true } | SessionKind::Deallocate { name: None }
-                    )
-                )
-            })
-        };
         self.unit_clears_statements = false;
-        for m in &unit.msgs {
+        for (i, m) in unit.msgs.iter().enumerate() {
             match &m.msg {
                 FrontendMessage::Query(sql) => {
-                    let a = match classify_inline(&self.app, sql) {
-                        Some(a) => a,
-                        None => classify(&self.app, sql).await,
+                    let a = match classify_at(&self.app, i, sql) {
+                        Ok(a) => a,
+                        Err(long) => return long,
                     };
                     self.unit_clears_statements |= clears(&a);
                     parts.push(a);
@@ -190,9 +230,9 @@ impl Session {
                             continue;
                         }
                     }
-                    let analysis = match classify_inline(&self.app, query) {
-                        Some(a) => a,
-                        None => classify(&self.app, query).await,
+                    let analysis = match classify_at(&self.app, i, query) {
+                        Ok(a) => a,
+                        Err(long) => return long,
                     };
                     let global =
                         self.app
@@ -203,23 +243,23 @@ impl Session {
                         let max_bytes = self.app.config.load().max_prepared_bytes();
                         let used: usize = self.statements.values().map(|s| s.query.len()).sum();
                         if used + query.len() > max_bytes {
-                            return Err(ErrorFields::error(
+                            return Analysing::Done(Err(ErrorFields::error(
                                 "54000",
                                 format!(
                                     "prepared statements of this connection would hold {} bytes of text, over the limit of {max_bytes} (limits.max_prepared_bytes_per_client)",
                                     used + query.len()
                                 ),
                             )
-                            .with_hint("Close (DEALLOCATE) statements you no longer use"));
+                            .with_hint("Close (DEALLOCATE) statements you no longer use")));
                         }
                         if self.statements.len() + new_named > self.max_prepared {
-                            return Err(ErrorFields::error(
+                            return Analysing::Done(Err(ErrorFields::error(
                                 "53400",
                                 format!(
                                     "too many prepared statements on this connection (limit {}, limits.max_prepared_per_client)",
                                     self.max_prepared
                                 ),
-                            ).with_hint("Close (DEALLOCATE) statements you no longer use"));
+                            ).with_hint("Close (DEALLOCATE) statements you no longer use")));
                         }
                     }
                     updates.push((
@@ -261,8 +301,12 @@ impl Session {
                 FrontendMessage::NonUtf8 {
                     name, param_types, ..
                 } => {
-                    let bytes = fe::parse_query_bytes(&m.frame)
-                        .map_err(|e| ErrorFields::error("08P01", e.to_string()))?;
+                    let bytes = match fe::parse_query_bytes(&m.frame) {
+                        Ok(b) => b,
+                        Err(e) => {
+                            return Analysing::Done(Err(ErrorFields::error("08P01", e.to_string())))
+                        }
+                    };
                     let analysis = opaque_analysis();
                     let global =
                         self.app
@@ -290,7 +334,7 @@ impl Session {
         }
         // One statement parsed, described and bound in the same unit counts once.
         parts.dedup_by(|a, b| Arc::ptr_eq(a, b));
-        Ok((Analysis::combine(&parts), updates))
+        Analysing::Done(Ok((Analysis::combine(&parts), updates)))
     }
 
     pub(super) fn lookup_stmt(
