@@ -110,9 +110,7 @@ impl Session {
         };
         // Committed to the fast path: the statements the unit defines or closes are the
         // client's from now on, as `run_unit` records them before it runs a unit.
-        if !updates.is_empty() {
-            self.apply_statement_updates(updates);
-        }
+        self.apply_statement_updates(updates);
         if role == Role::Primary {
             crate::metrics::fallback(reason.as_str());
             tracing::debug!(client = self.pid, reason = reason.as_str(), required_lsn = %required, "read routed to the primary");

@@ -555,7 +555,11 @@ impl Session {
         // What is this unit?
         let analysed = match classified {
             Some(a) => a,
-            None => self.analyse(&unit).await,
+            // Without a future unless a text must be classified on the blocking pool.
+            None => match self.analyse_now(&unit, &LongTexts::new()) {
+                Analysing::Done(a) => a,
+                Analysing::Long(..) => cold(self.analyse(&unit)).await,
+            },
         };
         let (analysis, stmt_updates) = match analysed {
             Ok(a) => a,
@@ -880,23 +884,49 @@ impl Session {
             }
         }
         self.optx_answered();
+        let Some(why) = self
+            .settle(outcome, may_write, may_commit, &analysis)
+            .await?
+        else {
+            return Ok(());
+        };
         let facts = RunFacts {
             may_write,
             may_commit,
             pipeline,
             retryable,
         };
-        self.finish_unit(unit, analysis, outcome, facts, first_unit)
-            .await
+        cold(self.read_again(unit, analysis, why, facts, first_unit)).await
     }
 
     /// After a unit's relay: carries out how it ended (`settle`) and runs a read that a
-    /// replica could not answer, and that nothing of reached the client, again on the primary.
+    /// replica could not answer again on the primary (`read_again`). `execute` does the same
+    /// inline.
     async fn finish_unit(
         &mut self,
         unit: Unit,
         analysis: Arc<Analysis>,
         outcome: Result<RelayOutcome, RelayError>,
+        facts: RunFacts,
+        first_unit: Option<String>,
+    ) -> SResult<()> {
+        let Some(why) = self
+            .settle(outcome, facts.may_write, facts.may_commit, &analysis)
+            .await?
+        else {
+            return Ok(());
+        };
+        self.read_again(unit, analysis, why, facts, first_unit)
+            .await
+    }
+
+    /// A read a replica could not answer, and that nothing of reached the client (`why`):
+    /// it runs again on the primary, when it may.
+    async fn read_again(
+        &mut self,
+        unit: Unit,
+        analysis: Arc<Analysis>,
+        why: String,
         facts: RunFacts,
         first_unit: Option<String>,
     ) -> SResult<()> {
@@ -906,15 +936,8 @@ impl Session {
             pipeline,
             retryable,
         } = facts;
-        let Some(why) = self
-            .settle(outcome, may_write, may_commit, &analysis)
-            .await?
-        else {
-            return Ok(());
-        };
-        // Nothing reached the client: run the unit again on the primary. A replica that
-        // refused a write (25006) proves the unit writes: its commit position is recorded like
-        // any write's.
+        // A replica that refused a write (25006) proves the unit writes: its commit position
+        // is recorded like any write's.
         tracing::info!(client = self.pid, reason = %why, "read retried on the primary");
         let may_write = may_write || why.starts_with("25006");
         let pipeline = pipeline || self.pipeline_capture(&analysis, may_write);
@@ -922,9 +945,9 @@ impl Session {
         if !retryable {
             return Ok(());
         }
-        cold(self.retry_on_primary(
+        self.retry_on_primary(
             unit, analysis, why, first_unit, may_write, may_commit, pipeline,
-        ))
+        )
         .await
     }
 
