@@ -1,11 +1,12 @@
 //! The per-statement path of the commonest unit (issue 18): an autocommit read (a simple
-//! query, or extended messages up to Sync, prepared or not) that depends on nothing to be looked up first (no key, no causal floor, no
-//! unknown write position), routed to a node without waiting and served from an idle pooled
-//! connection. It makes the same decisions as `run_unit` → `analyse` → `execute` →
-//! `decide` → `attach` → `settle`, with the same helpers (`route_request`, `attach`,
-//! `send_and_relay`), and skips only their steps that cannot apply to such a unit; what the
-//! relay ends with, unless it is the plain end of a read (an error, a retry on the primary,
-//! a lost server), is carried out by the general path (`Session::finish_unit`).
+//! query, or extended messages up to Sync, prepared or not) that depends on nothing to be
+//! looked up first (no key, no causal floor, no unknown write position), routed to a node
+//! without waiting and served from an idle pooled connection. It makes the same decisions
+//! as `run_unit` → `analyse` → `execute` → `decide` → `attach` → `settle`, with the same
+//! helpers (`analyse_now`, `route_request`, `attach_now`, `send_and_relay`), and skips only
+//! their steps that cannot apply to such a unit. How the relay ends, unless it is the plain
+//! end of a read (an error, a retry on the primary, a lost server), is carried out by the
+//! general path (`Session::finish_unit`).
 //!
 //! `fast_read` decides synchronously and changes nothing it would have to undo: a unit it
 //! declines runs the general path, with the analysis it made.
