@@ -800,7 +800,14 @@ async fn hysteresis_keeps_a_replica_hovering_at_max_lag_from_flapping() {
     // median lag measured first: the lag saw-tooths by a few ms around it with every write,
     // so such a gate must flap (a fixed 300 ms could sit just above or below the band).
     blocking(|| env.cluster.set_apply_delay(1, max_lag).unwrap());
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    // Until the lag has risen to the delay: a probe taken while it still rises gives the
+    // control a threshold the lag then leaves for good, and the control cannot flap (seen
+    // on a slow machine, where a fixed 800 ms was not enough).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while app.view.load().nodes[1].lag < max_lag * 9 / 10 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let probe_stop = Arc::new(AtomicBool::new(false));
     let probe = sample_view(app.clone(), 1, probe_stop.clone());
     tokio::time::sleep(Duration::from_millis(500)).await;
