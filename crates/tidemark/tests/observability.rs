@@ -211,6 +211,56 @@ async fn metrics_console_and_status_page_against_a_real_cluster() {
         50.0,
         "replica reads counter"
     );
+    // A session whose statements take more label sets than its handle cache keeps (autocommit
+    // writes and reads, then a transaction's write, read and end on the held connection):
+    // every statement is still counted under its own class.
+    let by_class =
+        |t: &str, class: &str| sample_sum(t, "tidemark_statements_total", &[("class", class)]);
+    for i in 0..3 {
+        r.simple_query(&format!("INSERT INTO obs VALUES ({}, 'y')", 5000 + i))
+            .await
+            .unwrap();
+        r.simple_query("SELECT v FROM obs WHERE id = 0")
+            .await
+            .unwrap();
+        r.simple_query("BEGIN").await.unwrap();
+        r.simple_query(&format!("UPDATE obs SET v = 'z' WHERE id = {}", 5000 + i))
+            .await
+            .unwrap();
+        r.simple_query("SELECT v FROM obs WHERE id = 1")
+            .await
+            .unwrap();
+        r.simple_query("COMMIT").await.unwrap();
+    }
+    let mixed = metrics(maddr).await;
+    assert_eq!(
+        by_class(&mixed, "write") - by_class(&after, "write"),
+        6.0,
+        "writes counted by class\n{mixed}"
+    );
+    assert_eq!(
+        by_class(&mixed, "read") - by_class(&after, "read"),
+        6.0,
+        "reads counted by class\n{mixed}"
+    );
+    assert!(
+        by_class(&mixed, "transaction") - by_class(&after, "transaction") >= 3.0,
+        "the COMMITs counted\n{mixed}"
+    );
+    for class in ["write", "read"] {
+        let held = |t: &str| {
+            sample_sum(
+                t,
+                "tidemark_statements_total",
+                &[("class", class), ("target", "pinned")],
+            )
+        };
+        assert_eq!(
+            held(&mixed) - held(&after),
+            3.0,
+            "{class}s on the transaction's connection\n{mixed}"
+        );
+    }
     assert!(
         sample_sum(
             &after,

@@ -430,15 +430,22 @@ impl Session {
             self.io.finish_flush().await?;
         }
         if status == TxStatus::Idle {
-            self.tx_wrote = false;
-            self.tx_key = None;
-            if !self.pinned {
-                if let Some(att) = self.attached.take() {
-                    att.conn.release();
-                }
-            }
+            self.out_of_transaction();
         }
         Ok(())
+    }
+
+    /// The end of a unit that leaves the session outside a transaction, once the client has
+    /// its answer: nothing written is pending, and the connection goes back to its pool
+    /// (unless the session is pinned to it). Also the end of `run_fast`.
+    pub(super) fn out_of_transaction(&mut self) {
+        self.tx_wrote = false;
+        self.tx_key = None;
+        if !self.pinned {
+            if let Some(att) = self.attached.take() {
+                att.conn.release();
+            }
+        }
     }
 
     /// Whether to pipeline the commit-LSN read right behind this unit: it ends a writing

@@ -28,8 +28,9 @@ pub(super) struct FastRead {
 /// What [`Session::fast_read`] made of a unit.
 pub(super) enum Fast {
     Run(FastRead),
-    /// The general path, with the unit's analysis when it was made here.
-    General(Option<Analysed>),
+    /// The general path, with the unit's analysis when it was made here, and its route when
+    /// that was computed too (`execute` then carries it out instead of routing again).
+    General(Option<Analysed>, Option<Routed>),
 }
 
 /// Whether an analysis is that of one plain read with nothing about it to act on.
@@ -74,15 +75,15 @@ impl Session {
         // A read runs on a replica only as a whole unit: a simple query, or extended messages
         // up to Sync (what follows a Flush may write on the same connection).
         if !matches!(unit.end, UnitEnd::Query | UnitEnd::Sync) || !self.fast_state() {
-            return Fast::General(None);
+            return Fast::General(None, None);
         }
         let (analysis, updates) = match self.analyse_now(unit, &LongTexts::new()) {
             Analysing::Done(Ok(a)) => a,
-            Analysing::Done(Err(e)) => return Fast::General(Some(Err(e))),
-            Analysing::Long(..) => return Fast::General(None),
+            Analysing::Done(Err(e)) => return Fast::General(Some(Err(e)), None),
+            Analysing::Long(..) => return Fast::General(None, None),
         };
         if !plain_read(&analysis) {
-            return Fast::General(Some(Ok((analysis, updates))));
+            return Fast::General(Some(Ok((analysis, updates))), None);
         }
         // As `decide` does for a read that depends on the session's own positions only.
         let consistency = self.consistency;
@@ -103,11 +104,19 @@ impl Session {
             false,
             &view,
         );
-        let Route::Node { node, role, reason } = route(&req, &view) else {
-            return Fast::General(Some(Ok((analysis, updates))));
+        let routed = |route| Routed {
+            route,
+            budget: req.max_wait.unwrap_or_default(),
+            view: view.clone(),
+            required,
+        };
+        let (node, role, reason) = match route(&req, &view) {
+            Route::Node { node, role, reason } => (node, role, reason),
+            other => return Fast::General(Some(Ok((analysis, updates))), Some(routed(other))),
         };
         let Some(conn) = self.try_checkout_idle(node) else {
-            return Fast::General(Some(Ok((analysis, updates))));
+            let other = Route::Node { node, role, reason };
+            return Fast::General(Some(Ok((analysis, updates))), Some(routed(other)));
         };
         // Committed to the fast path: the statements the unit defines or closes are the
         // client's from now on, as `run_unit` records them before it runs a unit.
@@ -150,10 +159,10 @@ impl Session {
             capture_lost: false,
         }) = outcome
         {
-            // What `settle` and `after_ready` do at the end of a read outside a transaction.
+            // What `settle` and `after_ready` do at the end of a read outside a transaction
+            // (no write, no session state changed, nothing to capture).
             self.unit_errored = false;
             self.unit_open = false;
-            self.tx_key = None;
             if self.tx_shape.is_some() {
                 self.optx_ended(false);
             }
@@ -163,9 +172,7 @@ impl Session {
             if !self.io.flush_now()? {
                 self.io.finish_flush().await?;
             }
-            if let Some(att) = self.attached.take() {
-                att.conn.release();
-            }
+            self.out_of_transaction();
             return Ok(());
         }
         let facts = RunFacts {

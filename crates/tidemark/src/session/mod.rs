@@ -63,7 +63,7 @@ use databases::*;
 use fast::Fast;
 pub use fast::FAST_READS;
 use optimistic::*;
-use placement::{CheckoutFailure, Speculation};
+use placement::{CheckoutFailure, Routed, Speculation};
 pub use relay::RELAYED_RUNS;
 use relay::*;
 use rewrite::*;
@@ -548,9 +548,9 @@ impl Session {
         };
         self.unit_balance = None;
         // The commonest unit, an autocommit read, takes the short way (see `fast`).
-        let classified = match self.fast_read(&unit) {
+        let (classified, routed) = match self.fast_read(&unit) {
             Fast::Run(f) => return self.run_fast(unit, f).await,
-            Fast::General(a) => a,
+            Fast::General(a, r) => (a, r),
         };
         // What is this unit?
         let analysed = match classified {
@@ -651,7 +651,7 @@ impl Session {
             // Until a server answers the unit (it may fail before it is sent).
             self.unit_errored = true;
         }
-        self.execute(unit, analysis).await?;
+        self.execute(unit, analysis, routed).await?;
         if let Some(SessionsOf::Database { name, force: true }) = &ends {
             if !self.unit_errored {
                 self.terminate_clients_of(name);
@@ -765,7 +765,14 @@ impl Session {
     }
 
     /// Decides where the unit goes and runs it there.
-    async fn execute(&mut self, unit: Unit, analysis: Arc<Analysis>) -> SResult<()> {
+    /// `routed`: the unit's route when `fast_read` computed it (an autocommit read it
+    /// declined), carried out here instead of routing again.
+    async fn execute(
+        &mut self,
+        unit: Unit,
+        analysis: Arc<Analysis>,
+        mut routed: Option<Routed>,
+    ) -> SResult<()> {
         // A deferred BEGIN, an optimistic transaction's placement, recording and move.
         if self.optx_concerns(&analysis)
             && matches!(
@@ -786,6 +793,8 @@ impl Session {
         if self.attached.is_none() {
             if self.app.is_paused() {
                 self.wait_while_paused().await;
+                // The cluster may have changed while the session waited.
+                routed = None;
             }
             // A read outside a transaction, ended by Sync or a simple query, may be sent to a
             // replica together with the check of its position (one round trip, not two).
@@ -794,7 +803,12 @@ impl Session {
                 && !self.unit_open
                 && !self.pinned
                 && !analysis.copy;
-            let decision = self.decide(&analysis, read_only, speculate).await;
+            let decision = match routed {
+                // What `decide` would compute: `fast_read` routes only an autocommit read
+                // that depends on the session's own positions, as `decide` would route it.
+                Some(r) if read_only && speculate => self.place(r, read_only, speculate).await,
+                _ => self.decide(&analysis, read_only, speculate).await,
+            };
             // (A speculative read is counted where it ends up.)
             let count = self.speculation.is_none();
             if !self

@@ -42,6 +42,17 @@ fn unavailable_error_fields(u: &Unavailable, app: &App) -> ErrorFields {
     }
 }
 
+/// A unit's route, as [`Session::decide`] computed it (or `fast_read`, which hands it over
+/// when it declines a unit it routed), with what [`Session::place`] needs to carry it out.
+pub(super) struct Routed {
+    pub(super) route: Route,
+    /// How long a read may wait for a replica.
+    pub(super) budget: Duration,
+    pub(super) view: Arc<tidemark_core::ClusterView>,
+    /// The position the read depends on (for the log line of a read sent to the primary).
+    pub(super) required: Lsn,
+}
+
 impl Session {
     /// The LSN this read depends on.
     pub(super) fn required_lsn(&self, analysis: &Analysis) -> Lsn {
@@ -365,9 +376,30 @@ impl Session {
             requirement_unknown,
             &view,
         );
-        // How long a read may wait for a replica (`routing.wait`, `routing.max_wait`).
-        let budget = req.max_wait.unwrap_or_default();
-        match route(&req, &view) {
+        let routed = Routed {
+            route: route(&req, &view),
+            // How long a read may wait for a replica (`routing.wait`, `routing.max_wait`).
+            budget: req.max_wait.unwrap_or_default(),
+            view,
+            required,
+        };
+        self.place(routed, read_only, speculate).await
+    }
+
+    /// The end of [`Session::decide`]: carries out a route (checks a connection out, moves a
+    /// read off an unreachable replica, waits for a replica or speculates).
+    pub(super) async fn place(
+        &mut self,
+        Routed {
+            route,
+            budget,
+            view,
+            required,
+        }: Routed,
+        read_only: bool,
+        speculate: bool,
+    ) -> Result<(Checked, NodeId, Role, Reason), ErrorFields> {
+        match route {
             Route::Node { node, role, reason } => {
                 if read_only && role == Role::Primary {
                     crate::metrics::fallback(reason.as_str());
