@@ -241,6 +241,42 @@ pub fn error_field(frame: &Frame, kind: u8) -> Option<&str> {
     }
 }
 
+/// An ErrorResponse or NoticeResponse with its statement position (field `P`, characters
+/// from 1) moved `by` characters back: the answer to a query text tidemark prefixed with
+/// `by` characters of its own, as the client's text alone would have it. Every other field
+/// is kept byte for byte. `None` when the frame has no position past the prefix (nothing to
+/// change) or is malformed.
+pub fn shift_position(frame: &Frame, by: u32) -> Option<Frame> {
+    let tag = frame.tag();
+    let mut out = Vec::with_capacity(frame.body().len());
+    let mut moved = false;
+    let mut b = frame.body();
+    loop {
+        let (&k, rest) = b.split_first()?;
+        b = rest;
+        out.push(k);
+        if k == 0 {
+            // (Fields are copied as bytes: messages in a client encoding other than UTF-8
+            // keep theirs.)
+            return moved.then(|| Frame::new(tag, &out));
+        }
+        let v = crate::frame::read_cbytes(&mut b, tag).ok()?;
+        let shifted = (k == b'P')
+            .then(|| std::str::from_utf8(v).ok()?.parse::<u32>().ok())
+            .flatten()
+            .and_then(|at| at.checked_sub(by))
+            .filter(|at| *at >= 1);
+        match shifted {
+            Some(at) => {
+                out.extend_from_slice(at.to_string().as_bytes());
+                moved = true;
+            }
+            None => out.extend_from_slice(v),
+        }
+        out.push(0);
+    }
+}
+
 /// A statement's result shape as a server described it: a RowDescription's column count and
 /// each column's name, type and type modifier (what PostgreSQL compares before it refuses a
 /// prepared statement with "cached plan must not change result type"), hashed; NoData (no
@@ -479,6 +515,27 @@ mod tests {
             parse_parameter_status(&f).expect("parses"),
             ("application_name".to_string(), String::new())
         );
+    }
+
+    #[test]
+    fn a_shifted_position_moves_only_the_position_field() {
+        let f = Frame::new(b'E', b"SERROR\0C42601\0Msyntax error\0P15\0Fscan.l\0\0");
+        let g = shift_position(&f, 6).expect("a position past the prefix");
+        assert_eq!(g.body(), b"SERROR\0C42601\0Msyntax error\0P9\0Fscan.l\0\0");
+        assert_eq!(g.tag(), b'E');
+        let n = Frame::new(b'N', b"SNOTICE\0P7\0\0");
+        assert_eq!(
+            shift_position(&n, 6).expect("shifted").body(),
+            b"SNOTICE\0P1\0\0"
+        );
+        // No position, or none past the prefix: nothing to change.
+        assert!(shift_position(&ErrorFields::error("22012", "x").to_error(), 6).is_none());
+        assert!(shift_position(&Frame::new(b'E', b"P6\0\0"), 6).is_none());
+        // A field that is not UTF-8 (a LATIN1 client) is copied as it is.
+        let g = shift_position(&Frame::new(b'E', b"SERROR\0Mcaf\xe9\0P12\0\0"), 6);
+        assert_eq!(g.expect("shifted").body(), b"SERROR\0Mcaf\xe9\0P6\0\0");
+        // Malformed (no terminator): left alone.
+        assert!(shift_position(&Frame::new(b'E', b"P12"), 6).is_none());
     }
 
     #[test]

@@ -212,8 +212,9 @@ async fn metrics_console_and_status_page_against_a_real_cluster() {
         "replica reads counter"
     );
     // A session whose statements take more label sets than its handle cache keeps (autocommit
-    // writes and reads, then a transaction's write, read and end on the held connection):
-    // every statement is still counted under its own class.
+    // writes and reads, then a transaction's first write, placed with its deferred BEGIN,
+    // and a read, a write and the end on the held connection): every statement is counted
+    // once, under its own class.
     let by_class =
         |t: &str, class: &str| sample_sum(t, "tidemark_statements_total", &[("class", class)]);
     for i in 0..3 {
@@ -230,12 +231,15 @@ async fn metrics_console_and_status_page_against_a_real_cluster() {
         r.simple_query("SELECT v FROM obs WHERE id = 1")
             .await
             .unwrap();
+        r.simple_query(&format!("UPDATE obs SET v = 'w' WHERE id = {}", 5000 + i))
+            .await
+            .unwrap();
         r.simple_query("COMMIT").await.unwrap();
     }
     let mixed = metrics(maddr).await;
     assert_eq!(
         by_class(&mixed, "write") - by_class(&after, "write"),
-        6.0,
+        9.0,
         "writes counted by class\n{mixed}"
     );
     assert_eq!(

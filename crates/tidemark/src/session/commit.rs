@@ -431,6 +431,14 @@ impl Session {
         }
         if status == TxStatus::Idle {
             self.out_of_transaction();
+            if std::mem::take(&mut self.begin_failed) {
+                // The first statement's text failed before the BEGIN in front of it ran (see
+                // `Session::begin_prefix`): the server is outside a transaction, and the
+                // connection went back to its pool; the client, told ReadyForQuery `E`, is in
+                // a failed transaction, answered here until it ends.
+                self.tx_status = TxStatus::Failed;
+                self.optx = Some(Optx::failed());
+            }
         }
         Ok(())
     }

@@ -64,8 +64,8 @@ use fast::Fast;
 pub use fast::FAST_READS;
 use optimistic::*;
 use placement::{CheckoutFailure, Routed, Speculation};
-pub use relay::RELAYED_RUNS;
 use relay::*;
+pub use relay::{BEGINS_CARRIED, RELAYED_RUNS};
 use rewrite::*;
 pub use settings::startup_to_sets;
 use settings::*;
@@ -177,6 +177,15 @@ pub struct Session {
     node_check: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
     /// The metric handles of this session's last routing (see `metrics::routed_cached`).
     routed_cache: crate::metrics::RoutedCache,
+    /// A deferred BEGIN that goes to the server in front of the transaction's first
+    /// statement, in the same query text (`BEGIN;<statement>`), set by `place_deferred` and
+    /// taken by `send_and_relay`: one round trip less per transaction. The relay drops the
+    /// BEGIN's CommandComplete, and moves error positions back to the client's text.
+    begin_prefix: Option<String>,
+    /// The text carrying `begin_prefix` failed before its BEGIN ran (a syntax error is found
+    /// before anything in the text runs): the server is outside a transaction, the client is
+    /// in a failed one, which `after_ready` then answers here (`Optx::failed`).
+    begin_failed: bool,
     /// Session pooling: the client was given its server's own pid and key.
     real_pid: bool,
     /// SET statements from the startup packet, then from the client, by parameter name.
@@ -311,6 +320,8 @@ impl Session {
             signal,
             node_check: None,
             routed_cache: Default::default(),
+            begin_prefix: None,
+            begin_failed: false,
             real_pid: false,
             startup_sets: startup.into_iter().map(|(_, s)| s).collect(),
             sets: Vec::new(),
@@ -773,6 +784,8 @@ impl Session {
         analysis: Arc<Analysis>,
         mut routed: Option<Routed>,
     ) -> SResult<()> {
+        // (A unit `place_deferred` attaches is counted where it is placed.)
+        let held_before = self.attached.is_some();
         // A deferred BEGIN, an optimistic transaction's placement, recording and move.
         if self.optx_concerns(&analysis)
             && matches!(
@@ -817,7 +830,7 @@ impl Session {
             {
                 return Ok(());
             }
-        } else {
+        } else if held_before {
             crate::metrics::routed_cached(
                 &mut self.routed_cache,
                 analysis.class.label(),

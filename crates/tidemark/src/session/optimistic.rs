@@ -56,6 +56,12 @@ pub(super) struct Optx {
     /// A unit was not recorded (over budget while failed on the replica): no replay possible.
     overflow: bool,
     pub(super) hash: u64,
+    /// Deferred only to go to the primary with its first statement (a plain BEGIN under
+    /// `routing.transactions = read_only`): never placed on a replica.
+    primary_only: bool,
+    /// The BEGIN rebuilt from its parsed modes, for sending in front of the first statement
+    /// in the same query text (see `Session::begin_prefix`); `None` when it cannot be.
+    canonical: Option<String>,
 }
 
 impl Optx {
@@ -69,8 +75,59 @@ impl Optx {
             declared,
             overflow: false,
             hash: HASH_START,
+            primary_only: false,
+            canonical: None,
         }
     }
+
+    /// A transaction that failed before any server held it, answered here until it ends.
+    pub(super) fn failed() -> Optx {
+        Optx::new(Phase::Failed, String::new(), String::new(), false)
+    }
+}
+
+/// `BEGIN` with the modes tidemark parsed from a client's BEGIN, from a fixed vocabulary
+/// (never the client's text: a trailing `--` comment in it would swallow the statement
+/// appended after it). `None` for an isolation level outside PostgreSQL's four.
+fn canonical_begin(
+    read_only: Option<bool>,
+    isolation: Option<&str>,
+    deferrable: bool,
+) -> Option<String> {
+    let mut b = String::from("BEGIN");
+    if let Some(i) = isolation {
+        let level = match i.to_ascii_lowercase().as_str() {
+            "serializable" => "SERIALIZABLE",
+            "repeatable read" => "REPEATABLE READ",
+            "read committed" => "READ COMMITTED",
+            "read uncommitted" => "READ UNCOMMITTED",
+            _ => return None,
+        };
+        b.push_str(" ISOLATION LEVEL ");
+        b.push_str(level);
+    }
+    match read_only {
+        Some(true) => b.push_str(" READ ONLY"),
+        Some(false) => b.push_str(" READ WRITE"),
+        None => {}
+    }
+    if deferrable {
+        b.push_str(" DEFERRABLE");
+    }
+    Some(b)
+}
+
+/// Whether a transaction's first unit can carry its deferred BEGIN in front of it, in one
+/// query text (`BEGIN;<the client's text>`): one simple query of one statement that neither
+/// controls the transaction nor copies. A server parses such a text as a whole before it runs
+/// any of it, and stops at the first error: the statement never runs outside the
+/// transaction.
+pub(super) fn carries_begin(unit: &Unit, a: &Analysis) -> bool {
+    unit.end == UnitEnd::Query
+        && matches!(unit.msgs.as_slice(), [m] if matches!(m.msg, FrontendMessage::Query(_)))
+        && a.statements.len() == 1
+        && !matches!(a.class, Class::Transaction(_))
+        && !a.copy
 }
 
 pub(super) enum OptStep {
@@ -555,12 +612,7 @@ impl Session {
     /// The session's transaction fails here (no server holds it): the client is told `e`
     /// and gets 25P02 until COMMIT/ROLLBACK.
     async fn optx_fail(&mut self, e: ErrorFields, end: UnitEnd) -> SResult<OptStep> {
-        self.optx = Some(Optx::new(
-            Phase::Failed,
-            String::new(),
-            String::new(),
-            false,
-        ));
+        self.optx = Some(Optx::failed());
         self.tx_status = TxStatus::Failed;
         self.send_error_ready(e, end).await?;
         Ok(OptStep::Handled)
@@ -800,13 +852,22 @@ impl Session {
             return None;
         }
         let tag = begin_tag(&sql);
+        let canonical = canonical_begin(read_only, isolation.as_deref(), deferrable);
         if read_only.unwrap_or(self.tx_defaults.read_only) {
             // Declared read-only: sent as it is, wherever it goes.
-            self.optx = Some(Optx::new(Phase::Deferred, sql.clone(), sql, true));
+            let mut o = Optx::new(Phase::Deferred, sql.clone(), sql, true);
+            o.canonical = canonical;
+            self.optx = Some(o);
             return Some(tag);
         }
         if !optimistic {
-            return None;
+            // It runs on the primary; deferred so that it travels with its first statement
+            // (one round trip less per transaction), and holds no connection until then.
+            let mut o = Optx::new(Phase::Deferred, sql.clone(), sql, false);
+            o.primary_only = true;
+            o.canonical = canonical;
+            self.optx = Some(o);
+            return Some(tag);
         }
         let mut replica_begin = String::from("BEGIN");
         if let Some(i) = isolation {
@@ -817,7 +878,9 @@ impl Session {
         if deferrable {
             replica_begin.push_str(" DEFERRABLE");
         }
-        self.optx = Some(Optx::new(Phase::Deferred, sql, replica_begin, false));
+        let mut o = Optx::new(Phase::Deferred, sql, replica_begin, false);
+        o.canonical = canonical;
+        self.optx = Some(o);
         Some(tag)
     }
 
@@ -842,8 +905,9 @@ impl Session {
             _ => {}
         }
         let declared = self.optx.as_ref().is_some_and(|o| o.declared);
+        let primary_only = self.optx.as_ref().is_some_and(|o| o.primary_only);
         let shape = self.shape_of(unit);
-        let reads = self.optx_reads(unit, a);
+        let reads = !primary_only && self.optx_reads(unit, a);
         let learned = reads && !declared && self.app.transactions.starts_on_primary(shape);
         let to_replica = reads && !learned;
         if self.app.is_paused() {
@@ -864,7 +928,14 @@ impl Session {
         let Some(o) = self.optx.as_mut() else {
             return Ok(OptStep::Normal);
         };
-        let begin = if role == Role::Replica {
+        if role == Role::Primary && carries_begin(unit, a) {
+            // The BEGIN goes in front of the statement, in one query text (see
+            // `Session::begin_prefix`), not in a round trip of its own.
+            self.begin_prefix = o.canonical.clone();
+        }
+        let begin = if self.begin_prefix.is_some() {
+            String::new()
+        } else if role == Role::Replica {
             o.replica_begin.clone()
         } else {
             o.begin_sql.clone()
@@ -895,7 +966,7 @@ impl Session {
         if role == Role::Replica {
             self.first_unit_retry = self.optx.as_ref().map(|o| o.begin_sql.clone());
         }
-        if declared {
+        if declared || primary_only {
             // Placed: from here on an ordinary transaction on that server.
             self.optx = None;
         } else if role == Role::Replica {

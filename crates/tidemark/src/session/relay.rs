@@ -38,6 +38,9 @@ pub(super) enum Exp {
     /// A response tidemark makes itself (e.g. ParseComplete for a statement the server
     /// connection already has), emitted in its place in the stream.
     Synth(Frame),
+    /// The CommandComplete of the BEGIN tidemark put in front of a transaction's first
+    /// statement (see `Session::begin_prefix`): read, never relayed.
+    Begin,
 }
 
 /// How a unit's relay ended.
@@ -103,6 +106,11 @@ pub(super) struct Relay<'a> {
     pub(super) check: std::pin::Pin<&'a mut tokio::time::Sleep>,
     /// An optimistic transaction on a replica: every answer relayed is folded into it.
     pub(super) hash: Option<&'a mut u64>,
+    /// Characters tidemark put in front of the client's query text (a deferred BEGIN):
+    /// error and notice positions are moved back by as many.
+    pub(super) shift: u32,
+    /// Set when that BEGIN did not run (see `Session::begin_failed`).
+    pub(super) begin_failed: &'a mut bool,
 }
 
 impl Relay<'_> {
@@ -125,6 +133,8 @@ impl Relay<'_> {
             notify_pid,
             mut check,
             mut hash,
+            shift,
+            begin_failed,
         } = self;
         let watch = &watch;
         let mut unit_ready_slot: Option<(TxStatus, bool)> = None;
@@ -178,7 +188,7 @@ impl Relay<'_> {
         // The unit's last answer right behind its run, a ReadyForQuery, goes as bytes too: the
         // common end of a unit without making a frame of it (what the `ReadyForQuery` arm
         // below does with it when it is the last thing owed).
-        if hash.is_none() && !behind && exp.len() == 1 {
+        if hash.is_none() && !behind && !*begin_failed && exp.len() == 1 {
             if let Some(Exp::Sync | Exp::Query) = exp.front() {
                 if let Some(status) = conn.take_ready(|b| io.push_raw(b)) {
                     exp.pop_front();
@@ -267,7 +277,10 @@ impl Relay<'_> {
         tracing::trace!(?kind, front = ?exp.front().map(|e| format!("{e:?}").chars().take(20).collect::<String>()), "server frame");
         match kind {
             BackendMessage::NoticeResponse => {
-                io.push(&frame);
+                match (shift > 0).then(|| be::shift_position(&frame, shift)).flatten() {
+                    Some(moved) => io.push(&moved),
+                    None => io.push(&frame),
+                }
                 continue;
             }
             BackendMessage::NotificationResponse => {
@@ -285,6 +298,26 @@ impl Relay<'_> {
                 continue;
             }
             _ => {}
+        }
+        if let Some(Exp::Begin) = exp.front() {
+            match kind {
+                BackendMessage::CommandComplete => {
+                    exp.pop_front();
+                    continue;
+                }
+                BackendMessage::ErrorResponse => {
+                    // Before the BEGIN ran: the text failed as a whole (PostgreSQL parses all
+                    // of it first), the server is outside a transaction. The error is the
+                    // client's statement's, relayed below.
+                    exp.pop_front();
+                    *begin_failed = true;
+                }
+                _ => {
+                    return Err(RelayError::Server(ServerError::Protocol(format!(
+                        "unexpected message {kind:?} from server in answer to BEGIN"
+                    ))))
+                }
+            }
         }
         if let Some(Exp::Check(required)) = exp.front() {
             // The replica's answer to the check, read before anything of the unit.
@@ -383,7 +416,10 @@ impl Relay<'_> {
                     crate::metrics::error(&f.code);
                 }
             }
-            io.push(&frame);
+            match (shift > 0).then(|| be::shift_position(&frame, shift)).flatten() {
+                Some(moved) => io.push(&moved),
+                None => io.push(&frame),
+            }
             errored = true;
             *copy_in = false;
             match exp.front() {
@@ -432,7 +468,13 @@ impl Relay<'_> {
                 pop = true;
             }
             (Exp::Sync | Exp::Query | Exp::Func, B::ReadyForQuery) => {
-                io.push(&frame);
+                if *begin_failed {
+                    // The client's BEGIN was answered and its first statement failed: a
+                    // failed transaction, as on a direct connection.
+                    io.push(&be::ready_for_query(b'E'));
+                } else {
+                    io.push(&frame);
+                }
                 exp.pop_front();
                 *skipping = false;
                 *copy_in = false;
@@ -536,7 +578,9 @@ fn retry_held_or_fail(
 fn plain_step(exp: &mut VecDeque<Exp>, tag: u8) -> bool {
     let pop = match (exp.front(), tag) {
         // tidemark's own exchanges are read, not relayed.
-        (None | Some(Exp::Capture(_) | Exp::Check(_) | Exp::Synth(_)), _) => return false,
+        (None | Some(Exp::Capture(_) | Exp::Check(_) | Exp::Synth(_) | Exp::Begin), _) => {
+            return false
+        }
         (Some(_), b'D') => false,
         (Some(Exp::Query), b'T' | b'C' | b'I') => false,
         (Some(Exp::Describe | Exp::DescribeStmt(_)), b't') => false,
@@ -688,10 +732,13 @@ impl Session {
         };
         let skipping = self.server_skipping;
         let conn = &mut att.conn.conn;
+        let begin = self.begin_prefix.take();
+        self.begin_failed = false;
         // A unit that is one simple query goes to the server as the client sent it, without
         // a rewrite buffer (what `rewrite` would make of it: the same bytes, one Query owed).
         let mut verbatim = match unit.msgs.as_slice() {
             [m] if !skipping
+                && begin.is_none()
                 && matches!(
                     m.msg,
                     FrontendMessage::Query(_) | FrontendMessage::NonUtf8 { simple: true, .. }
@@ -701,12 +748,47 @@ impl Session {
             }
             _ => None,
         };
+        // Characters put in front of the client's text: `<BEGIN>;`.
+        let shift = begin.as_ref().map_or(0, |b| b.len() as u32 + 1);
         let Rewritten {
             mut out,
             mut exp,
             prepares_copies,
-        } = match verbatim {
-            Some(_) => Rewritten {
+        } = match (verbatim, begin) {
+            (None, Some(begin)) => match unit.msgs.as_slice() {
+                // (`place_deferred` sets the prefix only for such a unit: see
+                // `carries_begin`. Anything else is refused rather than run outside the
+                // transaction.)
+                [m] if !skipping => match &m.msg {
+                    FrontendMessage::Query(q) => Rewritten {
+                        out: {
+                            BEGINS_CARRIED.fetch_add(1, Ordering::Relaxed);
+                            let mut out = take_spare(&OUT_SPARES);
+                            out.extend_from_slice(fe::query(&format!("{begin};{q}")).raw());
+                            out
+                        },
+                        exp: {
+                            let mut exp = take_spare(&EXP_SPARES);
+                            exp.push_back(Exp::Begin);
+                            exp.push_back(Exp::Query);
+                            exp
+                        },
+                        prepares_copies: false,
+                    },
+                    _ => {
+                        return Err(RelayError::Server(ServerError::Protocol(
+                            "a deferred BEGIN was to travel with a unit that cannot carry it"
+                                .into(),
+                        )))
+                    }
+                },
+                _ => {
+                    return Err(RelayError::Server(ServerError::Protocol(
+                        "a deferred BEGIN was to travel with a unit that cannot carry it".into(),
+                    )))
+                }
+            },
+            (Some(_), _) => Rewritten {
                 out: bytes::BytesMut::new(),
                 exp: {
                     let mut exp = take_spare(&EXP_SPARES);
@@ -715,7 +797,7 @@ impl Session {
                 },
                 prepares_copies: false,
             },
-            None => rewrite(
+            (None, None) => rewrite(
                 unit,
                 &Prepared {
                     statements: &self.statements,
@@ -843,6 +925,8 @@ impl Session {
                 .get_or_insert_with(|| Box::pin(tokio::time::sleep(NODE_CHECK_INTERVAL)))
                 .as_mut(),
             hash,
+            shift,
+            begin_failed: &mut self.begin_failed,
         }
         .run()
         .await;
@@ -873,6 +957,10 @@ impl Session {
         r
     }
 }
+
+/// Deferred BEGINs sent in front of their transaction's first statement (see
+/// `Session::begin_prefix`): visible to tests, which show the path is taken.
+pub static BEGINS_CARRIED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 thread_local! {
     /// Lists of expected answers and rewritten bytes of finished units, for the next ones
