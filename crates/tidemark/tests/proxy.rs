@@ -1534,10 +1534,15 @@ async fn a_deferred_begin_travels_with_the_first_statement_and_the_client_cannot
             let d: Vec<String> = d.iter().map(|s| s.replace("dbx_d", "dbx_p")).collect();
             assert_eq!(p, d, "{mode:?}: `{step}` through tidemark, then directly");
         }
-        // The transactions whose first statement writes (or fails to parse): their BEGIN
-        // travelled with it. (Other tests of this binary run beside this one.)
+        // Under `read_only`, every transaction above whose BEGIN was deferred and whose first
+        // statement is one simple statement: its BEGIN travelled with it (7: not the
+        // unparsable one, `START TRANSACTION READ WRITE`, sent at once, or the two-statement
+        // text). Under `optimistic`, at least those that start with a write (a read starts
+        // on the replica when it has caught up). Other tests of this binary run beside this
+        // one: the count only grows.
+        let least = if mode == TxMode::ReadOnly { 7 } else { 2 };
         assert!(
-            begins_carried() >= before + 6,
+            begins_carried() >= before + least,
             "{mode:?}: BEGINs carried: {}",
             begins_carried() - before
         );

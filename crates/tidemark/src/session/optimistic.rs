@@ -693,7 +693,7 @@ impl Session {
         let Some(tag) = self.defer_begin(sql, &class) else {
             return Ok(OptStep::Normal);
         };
-        crate::metrics::routed(a.class.label(), "deferred", None);
+        crate::metrics::routed_cached(&mut self.routed_cache, a.class.label(), "deferred", None);
         self.answer_here(unit, tag, None, TxStatus::InBlock).await
     }
 
@@ -805,7 +805,7 @@ impl Session {
         let Some(tag) = self.defer_begin(sql, &class) else {
             return unit;
         };
-        crate::metrics::routed(a.class.label(), "deferred", None);
+        crate::metrics::routed_cached(&mut self.routed_cache, a.class.label(), "deferred", None);
         self.tx_status = TxStatus::InBlock;
         self.io.push(&be::simple(be::PARSE_COMPLETE));
         self.io.push(&be::simple(be::BIND_COMPLETE));
@@ -863,7 +863,7 @@ impl Session {
         if !optimistic {
             // It runs on the primary; deferred so that it travels with its first statement
             // (one round trip less per transaction), and holds no connection until then.
-            let mut o = Optx::new(Phase::Deferred, sql.clone(), sql, false);
+            let mut o = Optx::new(Phase::Deferred, sql, String::new(), false);
             o.primary_only = true;
             o.canonical = canonical;
             self.optx = Some(o);
@@ -906,7 +906,9 @@ impl Session {
         }
         let declared = self.optx.as_ref().is_some_and(|o| o.declared);
         let primary_only = self.optx.as_ref().is_some_and(|o| o.primary_only);
-        let shape = self.shape_of(unit);
+        // (Shapes are learned for optimistic transactions only; hashing the text showed in
+        // the per-transaction profile.)
+        let shape = if primary_only { 0 } else { self.shape_of(unit) };
         let reads = !primary_only && self.optx_reads(unit, a);
         let learned = reads && !declared && self.app.transactions.starts_on_primary(shape);
         let to_replica = reads && !learned;
@@ -960,7 +962,12 @@ impl Session {
         } else {
             "replica"
         };
-        crate::metrics::routed(a.class.label(), target, to_replica.then(|| reason.as_str()));
+        crate::metrics::routed_cached(
+            &mut self.routed_cache,
+            a.class.label(),
+            target,
+            to_replica.then(|| reason.as_str()),
+        );
         self.last_route = Some((node, reason));
         self.attached = Some(Attached { conn, node, role });
         if role == Role::Replica {

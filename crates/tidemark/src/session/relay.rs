@@ -764,7 +764,15 @@ impl Session {
                         out: {
                             BEGINS_CARRIED.fetch_add(1, Ordering::Relaxed);
                             let mut out = take_spare(&OUT_SPARES);
-                            out.extend_from_slice(fe::query(&format!("{begin};{q}")).raw());
+                            // Q, length, `<begin>;<text>`, NUL.
+                            let len = 4 + begin.len() + 1 + q.len() + 1;
+                            out.reserve(1 + len);
+                            out.extend_from_slice(b"Q");
+                            out.extend_from_slice(&(len as i32).to_be_bytes());
+                            out.extend_from_slice(begin.as_bytes());
+                            out.extend_from_slice(b";");
+                            out.extend_from_slice(q.as_bytes());
+                            out.extend_from_slice(b"\0");
                             out
                         },
                         exp: {
