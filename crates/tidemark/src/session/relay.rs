@@ -755,47 +755,7 @@ impl Session {
             mut exp,
             prepares_copies,
         } = match (verbatim, begin) {
-            (None, Some(begin)) => match unit.msgs.as_slice() {
-                // (`place_deferred` sets the prefix only for such a unit: see
-                // `carries_begin`. Anything else is refused rather than run outside the
-                // transaction.)
-                [m] if !skipping => match &m.msg {
-                    FrontendMessage::Query(q) => Rewritten {
-                        out: {
-                            BEGINS_CARRIED.fetch_add(1, Ordering::Relaxed);
-                            let mut out = take_spare(&OUT_SPARES);
-                            // Q, length, `<begin>;<text>`, NUL.
-                            let len = 4 + begin.len() + 1 + q.len() + 1;
-                            out.reserve(1 + len);
-                            out.extend_from_slice(b"Q");
-                            out.extend_from_slice(&(len as i32).to_be_bytes());
-                            out.extend_from_slice(begin.as_bytes());
-                            out.extend_from_slice(b";");
-                            out.extend_from_slice(q.as_bytes());
-                            out.extend_from_slice(b"\0");
-                            out
-                        },
-                        exp: {
-                            let mut exp = take_spare(&EXP_SPARES);
-                            exp.push_back(Exp::Begin);
-                            exp.push_back(Exp::Query);
-                            exp
-                        },
-                        prepares_copies: false,
-                    },
-                    _ => {
-                        return Err(RelayError::Server(ServerError::Protocol(
-                            "a deferred BEGIN was to travel with a unit that cannot carry it"
-                                .into(),
-                        )))
-                    }
-                },
-                _ => {
-                    return Err(RelayError::Server(ServerError::Protocol(
-                        "a deferred BEGIN was to travel with a unit that cannot carry it".into(),
-                    )))
-                }
-            },
+            (None, Some(begin)) => carried_begin(&begin, unit, skipping)?,
             (Some(_), _) => Rewritten {
                 out: bytes::BytesMut::new(),
                 exp: {
@@ -964,6 +924,44 @@ impl Session {
         }
         r
     }
+}
+
+/// The first unit of a deferred transaction with its BEGIN in front of its text (see
+/// `Session::begin_prefix`): `<begin>;<text>` as one Query, the BEGIN's CommandComplete owed
+/// before the unit's own answers. `place_deferred` sets the prefix only for a unit that
+/// `carries_begin`; any other is refused rather than run outside its transaction.
+fn carried_begin(begin: &str, unit: &Unit, skipping: bool) -> Result<Rewritten, RelayError> {
+    let q = match (skipping, unit.msgs.as_slice()) {
+        (false, [m]) => match &m.msg {
+            FrontendMessage::Query(q) => Some(q),
+            _ => None,
+        },
+        _ => None,
+    };
+    let Some(q) = q else {
+        return Err(RelayError::Server(ServerError::Protocol(
+            "a deferred BEGIN was to travel with a unit that cannot carry it".into(),
+        )));
+    };
+    BEGINS_CARRIED.fetch_add(1, Ordering::Relaxed);
+    let mut out = take_spare(&OUT_SPARES);
+    // Q, length, `<begin>;<text>`, NUL.
+    let len = 4 + begin.len() + 1 + q.len() + 1;
+    out.reserve(1 + len);
+    out.extend_from_slice(b"Q");
+    out.extend_from_slice(&(len as i32).to_be_bytes());
+    out.extend_from_slice(begin.as_bytes());
+    out.extend_from_slice(b";");
+    out.extend_from_slice(q.as_bytes());
+    out.extend_from_slice(b"\0");
+    let mut exp = take_spare(&EXP_SPARES);
+    exp.push_back(Exp::Begin);
+    exp.push_back(Exp::Query);
+    Ok(Rewritten {
+        out,
+        exp,
+        prepares_copies: false,
+    })
 }
 
 /// Deferred BEGINs sent in front of their transaction's first statement (see
