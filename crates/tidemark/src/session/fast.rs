@@ -110,13 +110,13 @@ impl Session {
             view: view.clone(),
             required,
         };
-        let (node, role, reason) = match route(&req, &view) {
+        let route = route(&req, &view);
+        let (node, role, reason) = match route {
             Route::Node { node, role, reason } => (node, role, reason),
-            other => return Fast::General(Some(Ok((analysis, updates))), Some(routed(other))),
+            _ => return Fast::General(Some(Ok((analysis, updates))), Some(routed(route))),
         };
         let Some(conn) = self.try_checkout_idle(node) else {
-            let other = Route::Node { node, role, reason };
-            return Fast::General(Some(Ok((analysis, updates))), Some(routed(other)));
+            return Fast::General(Some(Ok((analysis, updates))), Some(routed(route)));
         };
         // Committed to the fast path: the statements the unit defines or closes are the
         // client's from now on, as `run_unit` records them before it runs a unit.

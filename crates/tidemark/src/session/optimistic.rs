@@ -869,15 +869,9 @@ impl Session {
             self.optx = Some(o);
             return Some(tag);
         }
-        let mut replica_begin = String::from("BEGIN");
-        if let Some(i) = isolation {
-            replica_begin.push_str(" ISOLATION LEVEL ");
-            replica_begin.push_str(&i.to_ascii_uppercase());
-        }
-        replica_begin.push_str(" READ ONLY");
-        if deferrable {
-            replica_begin.push_str(" DEFERRABLE");
-        }
+        // On a replica the same transaction, read-only. (The parser gives one of the four
+        // isolation levels; anything else is not deferred: the server answers it.)
+        let replica_begin = canonical_begin(Some(true), isolation.as_deref(), deferrable)?;
         let mut o = Optx::new(Phase::Deferred, sql, replica_begin, false);
         o.canonical = canonical;
         self.optx = Some(o);

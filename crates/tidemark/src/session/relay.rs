@@ -277,10 +277,7 @@ impl Relay<'_> {
         tracing::trace!(?kind, front = ?exp.front().map(|e| format!("{e:?}").chars().take(20).collect::<String>()), "server frame");
         match kind {
             BackendMessage::NoticeResponse => {
-                match (shift > 0).then(|| be::shift_position(&frame, shift)).flatten() {
-                    Some(moved) => io.push(&moved),
-                    None => io.push(&frame),
-                }
+                push_shifted(io, &frame, shift);
                 continue;
             }
             BackendMessage::NotificationResponse => {
@@ -416,10 +413,7 @@ impl Relay<'_> {
                     crate::metrics::error(&f.code);
                 }
             }
-            match (shift > 0).then(|| be::shift_position(&frame, shift)).flatten() {
-                Some(moved) => io.push(&moved),
-                None => io.push(&frame),
-            }
+            push_shifted(io, &frame, shift);
             errored = true;
             *copy_in = false;
             match exp.front() {
@@ -923,6 +917,18 @@ impl Session {
             self.copy_in = false;
         }
         r
+    }
+}
+
+/// Relays an error or notice, its position moved back by the `shift` characters tidemark put
+/// in front of the client's text (see `Relay::shift`).
+fn push_shifted(io: &mut ClientIo, frame: &Frame, shift: u32) {
+    match (shift > 0)
+        .then(|| be::shift_position(frame, shift))
+        .flatten()
+    {
+        Some(moved) => io.push(&moved),
+        None => io.push(frame),
     }
 }
 
